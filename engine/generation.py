@@ -1,0 +1,328 @@
+"""The generation service: typed requests, token streaming, per-request cancel, a fair queue.
+
+One worker thread runs one generation at a time on the loaded model, so two users never
+interleave tokens. Waiting requests are served round-robin by owner (a browser session, an API
+key), so one busy client cannot starve the others. Each request gets a ``GenerationHandle``: its
+events (queue position, start, text, finish) and its own ``cancel()``; cancelling one request
+never touches another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Protocol, Union
+
+from engine.chat import ChatMessage
+from engine.errors import BadRequestError, one_line
+from engine.loader_api import CancelToken, LoadedModel
+from engine.sampling import SEED_MAX, SamplingParams
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Either chat ``messages`` (the model's chat template is applied) or a raw ``prompt``."""
+
+    params: SamplingParams = field(default_factory=SamplingParams)
+    messages: tuple[ChatMessage, ...] = ()
+    prompt: str | None = None
+    owner: str = "local"  # who may cancel it and whose turn it is in the queue
+
+    def __post_init__(self) -> None:
+        if bool(self.messages) == (self.prompt is not None):
+            raise BadRequestError("a generation request needs either chat messages or a prompt, not both")
+        if self.prompt is not None and not self.prompt:
+            raise BadRequestError("the prompt is empty")
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int  # 1 = next to run
+
+
+@dataclass(frozen=True)
+class Started:
+    model: str
+    prompt: str
+    prompt_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seed: int | None = None
+    seconds: float = 0.0
+    error: str | None = None  # one line, when reason == "error"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+GenerationEvent = Union[Queued, Started, TextDelta, Finished]
+
+
+class ModelSlot(Protocol):
+    def use(self) -> AbstractContextManager[LoadedModel | None]:
+        """Hold the loaded model (or None) for the duration of one generation."""
+
+
+class GenerationHandle:
+    """One submitted request: iterate ``events()``, or call ``result()``; ``cancel()`` any time."""
+
+    def __init__(self, request: GenerationRequest, job_id: int, on_cancel: Callable[["GenerationHandle"], None]) -> None:
+        self.request = request
+        self.id = job_id
+        self._token = CancelToken()
+        self._events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        self._on_cancel = on_cancel
+        self._finished: Finished | None = None
+        self._last_position: int | None = None
+
+    @property
+    def owner(self) -> str:
+        return self.request.owner
+
+    @property
+    def cancel_token(self) -> CancelToken:
+        return self._token
+
+    @property
+    def cancelled(self) -> bool:
+        return self._token.cancelled
+
+    @property
+    def finished(self) -> Finished | None:
+        return self._finished
+
+    def cancel(self) -> None:
+        """Stop this request: dropped from the queue if waiting, stopped between tokens if running."""
+        if not self._token.cancelled and self._finished is None:
+            self._token.cancel()
+            self._on_cancel(self)
+
+    def events(self) -> Iterator[GenerationEvent]:
+        """Events in order, ending with exactly one ``Finished``."""
+        while True:
+            event = self._events.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def result(self) -> Finished:
+        """Wait for the end and return the ``Finished`` event (with the whole text)."""
+        for event in self.events():
+            if isinstance(event, Finished):
+                return event
+        raise AssertionError("unreachable")
+
+    # -- called by the service -----------------------------------------------------------------
+
+    def _emit(self, event: GenerationEvent) -> None:
+        if self._finished is not None:
+            return
+        if isinstance(event, Queued):
+            if event.position == self._last_position:
+                return
+            self._last_position = event.position
+        if isinstance(event, Finished):
+            self._finished = event
+        self._events.put(event)
+
+
+class GenerationService:
+    """Runs generation requests one at a time on the model held by ``slot``."""
+
+    def __init__(self, slot: ModelSlot) -> None:
+        self._slot = slot
+        self._cond = threading.Condition()
+        self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
+        self._running: GenerationHandle | None = None
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._ids = itertools.count(1)
+
+    # -- public --------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Queue ``request``; the handle's first event is its queue position."""
+        with self._cond:
+            if self._closed:
+                raise BadRequestError("the generation service is shut down")
+            handle = GenerationHandle(request, next(self._ids), self._cancelled)
+            self._waiting.setdefault(request.owner, deque()).append(handle)
+            self._start_worker()
+            self._announce_positions()
+            self._cond.notify_all()
+        return handle
+
+    def cancel_owner(self, owner: str) -> int:
+        """Cancel every waiting or running request of ``owner``; returns how many."""
+        with self._cond:
+            mine = list(self._waiting.get(owner, ()))
+            if self._running is not None and self._running.owner == owner:
+                mine.append(self._running)
+        for handle in mine:
+            handle.cancel()
+        return len(mine)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return sum(len(jobs) for jobs in self._waiting.values())
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._running is not None
+
+    def close(self) -> None:
+        """Cancel everything and stop the worker."""
+        with self._cond:
+            self._closed = True
+            pending = [h for jobs in self._waiting.values() for h in jobs]
+            running = self._running
+            self._cond.notify_all()
+        for handle in pending:
+            handle.cancel()
+        if running is not None:
+            running.cancel()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+
+    # -- queue ---------------------------------------------------------------------------------
+
+    def _service_order(self) -> list[GenerationHandle]:
+        """Waiting handles in the order they will run: round-robin over owners."""
+        queues = [list(jobs) for jobs in self._waiting.values()]
+        order = []
+        for round_ in itertools.count():
+            row = [jobs[round_] for jobs in queues if len(jobs) > round_]
+            if not row:
+                return order
+            order.extend(row)
+        return order
+
+    def _announce_positions(self) -> None:
+        for position, handle in enumerate(self._service_order(), start=1):
+            handle._emit(Queued(position))
+
+    def _cancelled(self, handle: GenerationHandle) -> None:
+        with self._cond:
+            jobs = self._waiting.get(handle.owner)
+            if jobs is None or handle not in jobs:
+                return  # running: the loader sees the token between tokens
+            jobs.remove(handle)
+            if not jobs:
+                del self._waiting[handle.owner]
+            self._announce_positions()
+        handle._emit(Finished(reason="cancelled", text=""))
+
+    def _next(self) -> GenerationHandle | None:
+        with self._cond:
+            while not self._closed and not self._waiting:
+                self._cond.wait()
+            if self._closed:
+                return None
+            owner, jobs = next(iter(self._waiting.items()))
+            handle = jobs.popleft()
+            del self._waiting[owner]
+            if jobs:  # this owner goes to the back of the line
+                self._waiting[owner] = jobs
+            self._running = handle
+            self._announce_positions()
+            return handle
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="loadstar-generation", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            handle = self._next()
+            if handle is None:
+                return
+            try:
+                self._run(handle)
+            except Exception as error:  # never let one request kill the worker
+                log.exception("generation %s failed", handle.id)
+                handle._emit(Finished(reason="error", text="", error=one_line(error)))
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _run(self, handle: GenerationHandle) -> None:
+        request = handle.request
+        if handle.cancelled:
+            handle._emit(Finished(reason="cancelled", text=""))
+            return
+        with self._slot.use() as model:
+            if model is None:
+                handle._emit(Finished(reason="error", text="", error="no model is loaded: load one first"))
+                return
+            prompt = request.prompt if request.prompt is not None else model.render_prompt(request.messages)
+            prompt_tokens = model.count_tokens(prompt)
+            seed = request.params.seed if request.params.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
+            handle._emit(Started(model=model.info.name, prompt=prompt, prompt_tokens=prompt_tokens, seed=seed))
+            started = time.perf_counter()
+            parts: list[str] = []
+            tokens = 0
+            try:
+                for piece in model.stream(prompt, request.params, handle.cancel_token, seed=seed):
+                    tokens += piece.tokens
+                    if piece.text:
+                        parts.append(piece.text)
+                        handle._emit(TextDelta(piece.text))
+                    if handle.cancelled:
+                        break
+            except Exception as error:
+                log.exception("generation %s failed in the model", handle.id)
+                handle._emit(
+                    Finished(
+                        reason="error",
+                        text="".join(parts),
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=tokens,
+                        seed=seed,
+                        seconds=time.perf_counter() - started,
+                        error=one_line(error),
+                    )
+                )
+                return
+            if handle.cancelled:
+                reason: FinishReason = "cancelled"
+            elif tokens >= request.params.max_new_tokens:
+                reason = "length"
+            else:
+                reason = "stop"
+            handle._emit(
+                Finished(
+                    reason=reason,
+                    text="".join(parts),
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=tokens,
+                    seed=seed,
+                    seconds=time.perf_counter() - started,
+                )
+            )

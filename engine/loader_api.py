@@ -1,0 +1,108 @@
+"""The contract between the engine and loader plugins.
+
+A loader answers three questions and does one thing:
+- ``availability()``: can it run on this machine at all (package installed, CUDA present)?
+- ``assess(folder)``: can it load this folder, with what priority, and why (or why not)?
+- ``Options``: the typed load options it accepts (unknown fields rejected).
+- ``load(folder, options)``: return a ``LoadedModel``.
+
+A ``LoadedModel`` is the one small interface the UI and the API use: render the chat prompt,
+count tokens, stream text for a prompt with a cancel handle, unload.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence, runtime_checkable
+
+from pydantic import BaseModel
+
+from engine.chat import ChatMessage
+from engine.model_folder import ModelFolder
+from engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str  # e.g. "transformers 5.23.0, CPU" or "exllamav2 is not installed"
+
+
+@dataclass(frozen=True)
+class Assessment:
+    can_load: bool
+    reason: str  # human words: "GGUF file, dequantized by transformers" / "8-bit: only 4-bit is supported"
+    priority: int = 0  # higher wins; 100 = made for this format, 50 = works, 10 = works if asked for
+
+
+@dataclass(frozen=True)
+class LoadedModelInfo:
+    """What is loaded, for status lines and the API's model list."""
+
+    name: str
+    loader: str
+    device: str
+    dtype: str
+    context_length: int | None
+    details: str = ""
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    """A piece of generated text and how many tokens it took."""
+
+    text: str
+    tokens: int
+
+
+class CancelToken:
+    """Set by whoever owns a generation; checked by the loader between tokens."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    info: LoadedModelInfo
+
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt text for a conversation, with the model's chat template and the assistant turn opened."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes in this model's tokenizer (as a prompt, special tokens included)."""
+
+    def stream(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int
+    ) -> Iterator[StreamPiece]:
+        """Generate from ``prompt`` and yield text as it comes; stop soon after ``cancel`` is set.
+
+        ``prompt`` is sent as it is (chat prompts already carry their special tokens). Stops at the
+        model's end-of-sequence token or after ``params.max_new_tokens`` tokens.
+        """
+
+    def unload(self) -> None:
+        """Free the model's memory (RAM and GPU). The object is unusable afterwards."""
+
+
+@runtime_checkable
+class Loader(Protocol):
+    name: str
+    Options: type[BaseModel]
+
+    def availability(self) -> Availability:
+        """Whether this loader can run on this machine; must not import heavy packages just to say no."""
+
+    def assess(self, folder: ModelFolder) -> Assessment:
+        """Whether this loader can load ``folder``, with a priority and a reason either way."""
+
+    def load(self, folder: ModelFolder, options: BaseModel) -> LoadedModel:
+        """Load the model; raise ``engine.errors.ModelLoadError`` with a one-line reason on failure."""

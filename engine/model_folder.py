@@ -1,0 +1,345 @@
+"""Model folder inspection: what a folder on disk holds, read without loading any weights.
+
+``inspect_model_folder`` returns one typed record (``ModelFolder``) that loaders use to decide
+whether they can load the folder, and that the UI shows. It reads only small files: JSON
+configs, safetensors headers, GGUF metadata (memory-mapped, the tensors are not read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.errors import BadModelFolderError, ModelNotFoundError
+
+WeightFormat = Literal["safetensors", "bin", "pt", "gguf"]
+
+_WEIGHT_SUFFIXES: dict[str, WeightFormat] = {
+    ".safetensors": "safetensors",
+    ".bin": "bin",
+    ".pt": "pt",
+    ".pth": "pt",
+    ".gguf": "gguf",
+}
+# Files with weight-like suffixes that are not model weights (training leftovers).
+_NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|scaler)\.(bin|pt|pth)$")
+# A folder name a user may give: one path component, no hidden or parent folders.
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
+_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    path: str  # relative to the model folder, with forward slashes
+    format: WeightFormat
+    size: int
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Quantization parameters as the folder declares them."""
+
+    method: str  # "gptq", "awq", "gguf", ...
+    source: str  # the file they came from
+    bits: int | None = None
+    group_size: int | None = None  # -1 means no grouping
+    desc_act: bool | None = None  # GPTQ act-order
+    sym: bool | None = None
+    checkpoint_format: str | None = None  # GPTQ: "gptq" (v1) or "gptq_v2"
+    model_file_base_name: str | None = None
+    gguf_type: str | None = None  # e.g. "Q4_1"
+
+    def describe(self) -> str:
+        if self.method == "gguf":
+            return f"GGUF {self.gguf_type or ''}".strip()
+        parts = [self.method.upper()]
+        if self.bits is not None:
+            parts.append(f"{self.bits}-bit")
+        if self.group_size is not None:
+            parts.append("no group" if self.group_size == -1 else f"group {self.group_size}")
+        if self.desc_act is not None:
+            parts.append("act-order" if self.desc_act else "no act-order")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """Everything Loadstar knows about a model folder before loading it."""
+
+    name: str
+    path: Path
+    weight_files: tuple[WeightFile, ...]
+    architecture: str | None = None  # e.g. "LlamaForCausalLM", or the GGUF architecture "llama"
+    model_type: str | None = None
+    quantization: Quantization | None = None
+    chat_template_source: str | None = None  # where the chat template was found, if anywhere
+    context_length: int | None = None
+    size_bytes: int = 0
+    has_config: bool = False
+    has_tokenizer: bool = False
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def formats(self) -> frozenset[WeightFormat]:
+        return frozenset(w.format for w in self.weight_files)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template_source is not None
+
+    def files_of(self, fmt: WeightFormat) -> list[WeightFile]:
+        return [w for w in self.weight_files if w.format == fmt]
+
+    def summary(self) -> str:
+        """One line for lists: architecture, format, quantization, size."""
+        bits = [self.architecture or "unknown architecture"]
+        bits.append("/".join(sorted(self.formats)) or "no weights")
+        if self.quantization:
+            bits.append(self.quantization.describe())
+        bits.append(format_size(self.size_bytes))
+        return ", ".join(bits)
+
+
+def format_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def list_model_folders(models_dir: Path) -> list[str]:
+    """Names of the model folders in ``models_dir``, sorted; hidden folders and partial downloads left out."""
+    if not models_dir.is_dir():
+        return []
+    names = []
+    for entry in models_dir.iterdir():
+        if entry.is_dir() and _FOLDER_NAME.match(entry.name) and not (entry / ".incomplete").exists():
+            names.append(entry.name)
+    return sorted(names, key=str.lower)
+
+
+def resolve_model_folder(models_dir: Path, name: str) -> Path:
+    """The folder for a user-supplied model name, checked to be a plain folder inside ``models_dir``."""
+    if not _FOLDER_NAME.match(name or ""):
+        raise ModelNotFoundError(
+            f"'{name}' is not a model folder name: use the folder's name inside {models_dir}, without slashes"
+        )
+    # The name is one plain path component, so it cannot climb out of models_dir. A folder that
+    # is a symlink placed there by the user (models kept on another disk) is the user's choice.
+    path = models_dir / name
+    if not path.is_dir():
+        available = list_model_folders(models_dir)
+        hint = f"available: {', '.join(available)}" if available else "the folder holds no models"
+        raise ModelNotFoundError(f"no model named '{name}' in {models_dir} ({hint})")
+    return path
+
+
+def inspect_model_folder(path: Path) -> ModelFolder:
+    """Read a model folder's configs and weight headers into a ``ModelFolder`` record.
+
+    Never raises for odd contents: anything unreadable becomes an entry in ``problems``.
+    Raises ``BadModelFolderError`` only when ``path`` is not a folder.
+    """
+    if not path.is_dir():
+        raise BadModelFolderError(f"{path} is not a folder")
+    problems: list[str] = []
+    config = _read_json(path / "config.json", problems)
+    tokenizer_config = _read_json(path / "tokenizer_config.json", problems)
+    weights = _weight_files(path)
+
+    architecture = model_type = None
+    context_length = None
+    if config:
+        archs = config.get("architectures") or []
+        architecture = archs[0] if archs and isinstance(archs[0], str) else None
+        model_type = config.get("model_type")
+        context_length = _int_or_none(config.get("max_position_embeddings"))
+
+    quantization = _quantization(path, config, problems)
+    chat_template_source = _chat_template_source(path, tokenizer_config)
+
+    for weight in weights:
+        if weight.format == "safetensors":
+            problem = _check_safetensors_header(path / weight.path)
+            if problem:
+                problems.append(problem)
+
+    gguf_files = [w for w in weights if w.format == "gguf"]
+    if gguf_files:
+        meta = _gguf_metadata(path / gguf_files[0].path, problems)
+        if meta:
+            architecture = architecture or meta.get("architecture")
+            model_type = model_type or meta.get("architecture")
+            context_length = context_length or meta.get("context_length")
+            if meta.get("chat_template") and chat_template_source is None:
+                chat_template_source = gguf_files[0].path
+            if quantization is None:
+                quantization = Quantization(method="gguf", source=gguf_files[0].path, gguf_type=meta.get("file_type"))
+
+    has_tokenizer = any(
+        (path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ) or any(p.suffix == ".tiktoken" for p in path.iterdir()) or bool(gguf_files)
+
+    return ModelFolder(
+        name=path.name,
+        path=path,
+        weight_files=tuple(weights),
+        architecture=architecture,
+        model_type=model_type,
+        quantization=quantization,
+        chat_template_source=chat_template_source,
+        context_length=context_length,
+        size_bytes=_folder_size(path),
+        has_config=config is not None,
+        has_tokenizer=has_tokenizer,
+        problems=tuple(problems),
+    )
+
+
+def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problems.append(f"{path.name} is not valid JSON ({error.__class__.__name__})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} does not hold a JSON object")
+        return None
+    return data
+
+
+def _weight_files(path: Path) -> list[WeightFile]:
+    # Only top-level files count: subfolders (e.g. "original/") hold other formats of the same model.
+    found = []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name):
+        fmt = _WEIGHT_SUFFIXES.get(entry.suffix.lower())
+        if fmt is None or not entry.is_file() or _NOT_WEIGHTS.match(entry.name):
+            continue
+        found.append(WeightFile(path=entry.name, format=fmt, size=entry.stat().st_size))
+    return found
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _bool_or_none(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _quantization(path: Path, config: dict[str, Any] | None, problems: list[str]) -> Quantization | None:
+    """GPTQ-style parameters: ``quantize_config.json`` first (the model cards name it), then config.json."""
+    declared: list[Quantization] = []
+    quantize_config = _read_json(path / "quantize_config.json", problems)
+    if quantize_config is not None:
+        declared.append(_quantization_from(quantize_config, "quantize_config.json", default_method="gptq"))
+    if config and isinstance(config.get("quantization_config"), dict):
+        declared.append(_quantization_from(config["quantization_config"], "config.json", default_method=None))
+    if not declared:
+        return None
+    first = declared[0]
+    for other in declared[1:]:
+        for name in ("bits", "group_size", "desc_act"):
+            a, b = getattr(first, name), getattr(other, name)
+            if a is not None and b is not None and a != b:
+                problems.append(f"{first.source} says {name}={a} but {other.source} says {name}={b}")
+    return first
+
+
+def _quantization_from(data: dict[str, Any], source: str, default_method: str | None) -> Quantization:
+    method = data.get("quant_method") or default_method or "unknown"
+    return Quantization(
+        method=str(method).lower(),
+        source=source,
+        bits=_int_or_none(data.get("bits")),
+        group_size=_int_or_none(data.get("group_size")),
+        desc_act=_bool_or_none(data.get("desc_act")),
+        sym=_bool_or_none(data.get("sym")),
+        checkpoint_format=data.get("checkpoint_format") if isinstance(data.get("checkpoint_format"), str) else None,
+        model_file_base_name=data.get("model_file_base_name")
+        if isinstance(data.get("model_file_base_name"), str)
+        else None,
+    )
+
+
+def _chat_template_source(path: Path, tokenizer_config: dict[str, Any] | None) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return "chat_template.jinja"
+    if tokenizer_config and tokenizer_config.get("chat_template"):
+        return "tokenizer_config.json"
+    if (path / "chat_template.json").is_file():
+        return "chat_template.json"
+    return None
+
+
+def _check_safetensors_header(path: Path) -> str | None:
+    """A short problem description if the safetensors header cannot be read, else None."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{path.name} is truncated (no safetensors header)"
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, _SAFETENSORS_MAX_HEADER):
+                return f"{path.name} has a corrupt safetensors header (length {header_len} for a {size}-byte file)"
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError) as error:
+        return f"{path.name} has a corrupt safetensors header ({error.__class__.__name__})"
+    if not isinstance(header, dict):
+        return f"{path.name} has a corrupt safetensors header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        return f"{path.name} is truncated ({size} bytes, header promises {8 + header_len + end})"
+    return None
+
+
+def _gguf_metadata(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    """Architecture, context length, file type and chat template from a GGUF header."""
+    try:
+        from gguf import GGUFReader, LlamaFileType
+
+        reader = GGUFReader(str(path), "r")
+    except Exception as error:  # gguf raises ValueError, struct.error, ... on bad files
+        problems.append(f"{path.name} is not a readable GGUF file ({error.__class__.__name__})")
+        return None
+
+    def value(key: str) -> Any:
+        field_ = reader.fields.get(key)
+        return None if field_ is None else field_.contents()
+
+    architecture = value("general.architecture")
+    file_type = value("general.file_type")
+    try:
+        file_type_name = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+    except ValueError:
+        file_type_name = None
+    if file_type_name is None:
+        match = re.search(r"(?i)\b(q\d(?:_[a-z0-9]+)*|f16|f32|bf16)\b", path.stem.replace(".", " "))
+        file_type_name = match.group(1).upper() if match else None
+    return {
+        "architecture": architecture,
+        "context_length": _int_or_none(value(f"{architecture}.context_length")) if architecture else None,
+        "file_type": file_type_name,
+        "chat_template": value("tokenizer.chat_template"),
+    }
+
+
+def _folder_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += (Path(root) / name).stat().st_size
+            except OSError:
+                continue
+    return total

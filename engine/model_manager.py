@@ -1,0 +1,110 @@
+"""The model manager: lists local models, loads one with the chosen loader, swaps and unloads.
+
+A load builds the new model first and only then swaps it in, so a failed load leaves the
+previously loaded model in place. Generation holds the model through ``use()``; a swap waits
+for the running generation to finish.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import ValidationError
+
+from engine.errors import LoadstarError, ModelLoadError, one_line
+from engine.loader_api import LoadedModel, LoadedModelInfo
+from engine.loader_choice import LoaderCandidate, choose_loader, rank_loaders
+from engine.model_folder import ModelFolder, inspect_model_folder, list_model_folders, resolve_model_folder
+from engine.plugins import PluginHost
+from engine.settings import Device
+
+log = logging.getLogger(__name__)
+
+
+class ModelManager:
+    def __init__(self, models_dir: Path, plugins: PluginHost, *, device: Device = "auto") -> None:
+        self.models_dir = models_dir
+        self._plugins = plugins
+        self._device = device
+        self._current: LoadedModel | None = None
+        self._use_lock = threading.RLock()  # held while a generation runs, and for a swap
+        self._load_lock = threading.Lock()  # one load at a time
+
+    # -- what is on disk -----------------------------------------------------------------------
+
+    def list_models(self) -> list[str]:
+        return list_model_folders(self.models_dir)
+
+    def inspect(self, name: str) -> ModelFolder:
+        return inspect_model_folder(resolve_model_folder(self.models_dir, name))
+
+    def candidates(self, name: str, pinned: str | None = None) -> list[LoaderCandidate]:
+        """Every loader's verdict on model ``name``, best first (for the UI)."""
+        return rank_loaders(self.inspect(name), self._plugins.loaders(), pinned)
+
+    def loader_names(self) -> list[str]:
+        return sorted(self._plugins.loaders(), key=str.lower)
+
+    # -- what is loaded ------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> LoadedModelInfo | None:
+        current = self._current
+        return current.info if current is not None else None
+
+    @contextmanager
+    def use(self) -> Iterator[LoadedModel | None]:
+        with self._use_lock:
+            yield self._current
+
+    def load(self, name: str, loader: str | None = None, options: dict[str, Any] | None = None) -> LoadedModelInfo:
+        """Load model ``name`` (the pinned ``loader`` or the best one) and make it current.
+
+        Raises a ``LoadstarError`` with a one-line reason; the previous model stays loaded then.
+        """
+        with self._load_lock:
+            folder = self.inspect(name)
+            loaders = self._plugins.loaders()
+            chosen = choose_loader(folder, loaders, loader)
+            plugin = loaders[chosen.loader]
+            merged = dict(options or {})
+            if "device" in plugin.Options.model_fields:
+                merged.setdefault("device", self._device)
+            try:
+                validated = plugin.Options.model_validate(merged)
+            except ValidationError as error:
+                problem = error.errors()[0]
+                where = ".".join(str(p) for p in problem["loc"]) or "options"
+                raise ModelLoadError(f"{chosen.loader} option {where}: {problem['msg']}") from None
+            log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
+            try:
+                model = plugin.load(folder, validated)
+            except LoadstarError:
+                raise
+            except Exception as error:
+                log.exception("%s failed to load %s", chosen.loader, name)
+                raise ModelLoadError(f"{chosen.loader} could not load {name}: {one_line(error)}") from error
+            self._swap(model)
+            return model.info
+
+    def unload(self) -> bool:
+        """Unload the current model; False if none was loaded."""
+        with self._load_lock:
+            return self._swap(None)
+
+    def _swap(self, model: LoadedModel | None) -> bool:
+        with self._use_lock:
+            old, self._current = self._current, model
+        if old is None:
+            return False
+        try:
+            old.unload()
+        except Exception:
+            log.exception("unloading %s failed", old.info.name)
+        gc.collect()
+        return True

@@ -1,0 +1,52 @@
+"""Application settings: built once by server.py from flags and environment, passed down."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models_dir: Path = Field(Path("models"), description="Folder that holds one sub-folder per model.")
+    data_dir: Path = Field(Path("user_data"), description="Folder for remembered settings and logs.")
+    model: str | None = Field(None, description="Model folder to load at start (default: last used, else the embedded model).")
+    loader: str | None = Field(None, description="Pin this loader instead of the automatic choice.")
+    load_model: bool = Field(True, description="Load a model at start.")
+    device: Device = Field("auto", description="Where loaders put the model: CUDA when present, else CPU.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(7860, ge=1, le=65535, description="Port to listen on.")
+    auth: tuple[tuple[str, str], ...] = Field((), description="(user, password) pairs for the web UI.")
+    third_party_plugins: bool = Field(True, description="Load plugins from other packages (off = only built-ins).")
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+    @property
+    def settings_file(self) -> Path:
+        return self.data_dir / "settings.json"
+
+    @model_validator(mode="after")
+    def _wide_listening_needs_auth(self) -> "Settings":
+        if not self.is_loopback and not self.auth:
+            raise ValueError(
+                f"refusing to listen on {self.host} without authentication: "
+                f"add --auth USER:PASSWORD or --auth-file FILE, or use --host 127.0.0.1"
+            )
+        return self
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere

@@ -1,0 +1,45 @@
+"""What the app remembers between runs (the last model loaded and with which loader)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engine.atomic import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+class UserSettings(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    last_model: str | None = None
+    last_loader: str | None = None
+
+
+class UserSettingsStore:
+    """Reads and atomically writes ``settings.json`` in the data folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> UserSettings:
+        try:
+            return UserSettings.model_validate(json.loads(self.path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return UserSettings()
+        except (OSError, ValueError, ValidationError) as error:
+            # A damaged file must not stop the app; say so and start from defaults.
+            log.warning("ignoring unreadable %s: %s", self.path, error.__class__.__name__)
+            return UserSettings()
+
+    def write(self, settings: UserSettings) -> None:
+        write_atomic(self.path, settings.model_dump_json(indent=2).encode("utf-8"))
+
+    def update(self, **changes: object) -> UserSettings:
+        updated = self.read().model_copy(update=changes)
+        self.write(updated)
+        return updated

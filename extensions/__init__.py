@@ -1,0 +1,1 @@
+"""Optional plugins shipped with Loadstar (one folder each)."""

@@ -1,0 +1,1 @@
+"""Loader plugins, one module each, registered through the `loadstar` entry-point group."""

@@ -1,0 +1,171 @@
+"""The Transformers loader: unquantized Hugging Face folders (safetensors, or .bin read with
+``weights_only``) and GGUF files, which transformers dequantizes on load.
+
+CPU by default, CUDA when present. dtype, measured on our CPU machines: GGUF runs faster in
+float32 (transformers keeps the packed weights and computes in float32 either way), other
+checkpoints load in bfloat16 on CPU; on CUDA bfloat16 where supported, else float16.
+No ``trust_remote_code``: architectures must be built into transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from functools import lru_cache
+from importlib.metadata import version
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.errors import ModelLoadError
+from engine.hookspecs import hookimpl
+from engine.loader_api import Assessment, Availability, LoadedModelInfo
+from engine.model_folder import ModelFolder
+from loaders.hf_causal_lm import HFCausalLM
+
+log = logging.getLogger(__name__)
+
+
+class TransformersOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto = float32 for GGUF on CPU, bfloat16 otherwise (float16 on GPUs without bf16)."
+    )
+    gguf_file: str | None = Field(None, description="Which .gguf file to load when the folder has several.")
+
+
+class TransformersLoader:
+    name = "Transformers"
+    Options = TransformersOptions
+
+    def availability(self) -> Availability:
+        missing = [p for p in ("torch", "transformers") if importlib.util.find_spec(p) is None]
+        if missing:
+            return Availability(False, f"{' and '.join(missing)} not installed")
+        return Availability(True, f"transformers {version('transformers')}, {_device_description()}")
+
+    def assess(self, folder: ModelFolder) -> Assessment:
+        if not folder.weight_files:
+            return Assessment(False, "no weight files (.safetensors, .bin, .gguf) in the folder")
+        quant = folder.quantization
+        if quant is not None and quant.method != "gguf":
+            return Assessment(False, f"{quant.describe()} weights need a quantization loader")
+        if "gguf" in folder.formats:
+            arch = folder.architecture or "unknown"
+            if arch not in _gguf_architectures():
+                return Assessment(False, f"GGUF architecture '{arch}' is not supported by transformers")
+            many = len(folder.files_of("gguf"))
+            which = f"{many} GGUF files, choose one" if many > 1 else "GGUF file"
+            kind = quant.gguf_type if quant and quant.gguf_type else "GGUF"
+            return Assessment(True, f"{which} ({kind}), dequantized by transformers on load", priority=50)
+        if not folder.has_config:
+            return Assessment(False, "no config.json next to the weights")
+        if folder.architecture and folder.architecture not in _causal_lm_architectures():
+            return Assessment(
+                False, f"architecture {folder.architecture} is not built into transformers (remote code is off)"
+            )
+        if "safetensors" in folder.formats:
+            return Assessment(True, f"unquantized safetensors weights ({folder.architecture or 'unknown'})", 100)
+        if "bin" in folder.formats:
+            return Assessment(True, "unquantized .bin weights, read with torch weights_only (no pickled code runs)", 90)
+        return Assessment(False, "only .pt files: not a transformers checkpoint")
+
+    def load(self, folder: ModelFolder, options: BaseModel) -> HFCausalLM:
+        assert isinstance(options, TransformersOptions)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = _pick_device(options.device)
+        gguf_file = _pick_gguf(folder, options.gguf_file)
+        dtype = _pick_dtype(options.dtype, device, gguf=gguf_file is not None)
+        common = {"trust_remote_code": False}
+        if gguf_file is not None:
+            common["gguf_file"] = gguf_file
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder.path, **common)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder.path,
+                dtype=getattr(torch, dtype),
+                device_map=device,
+                use_safetensors=True if "safetensors" in folder.formats and gguf_file is None else None,
+                weights_only=True,
+                **common,
+            )
+        except (OSError, ValueError, RuntimeError) as error:
+            what = gguf_file or ", ".join(w.path for w in folder.weight_files[:3])
+            raise ModelLoadError(f"Transformers could not load {folder.name} ({what}): {_first_line(error)}") from error
+        model.eval()
+        info = LoadedModelInfo(
+            name=folder.name,
+            loader=self.name,
+            device=device,
+            dtype=dtype,
+            context_length=folder.context_length,
+            details=gguf_file or "",
+        )
+        return HFCausalLM(model, tokenizer, info)
+
+
+@hookimpl
+def register_loaders(register) -> None:
+    register(TransformersLoader())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device_description() -> str:
+    return "CUDA" if _cuda_available() else "CPU"
+
+
+def _pick_device(requested: str) -> str:
+    if requested == "cuda" and not _cuda_available():
+        raise ModelLoadError("device cuda was asked for but no CUDA device is available")
+    if requested == "auto":
+        return "cuda" if _cuda_available() else "cpu"
+    return requested
+
+
+def _pick_dtype(requested: str, device: str, *, gguf: bool) -> str:
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32" if gguf else "bfloat16"
+
+
+def _pick_gguf(folder: ModelFolder, requested: str | None) -> str | None:
+    ggufs = [w.path for w in folder.files_of("gguf")]
+    if requested is not None:
+        if requested not in ggufs:
+            raise ModelLoadError(f"{folder.name} has no GGUF file named {requested} (it has: {', '.join(ggufs) or 'none'})")
+        return requested
+    if not ggufs or folder.formats - {"gguf"}:
+        return None  # an HF folder that also carries a GGUF: load the HF weights
+    return ggufs[0]
+
+
+@lru_cache(maxsize=1)
+def _gguf_architectures() -> frozenset[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return frozenset(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+@lru_cache(maxsize=1)
+def _causal_lm_architectures() -> frozenset[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
