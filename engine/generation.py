@@ -186,6 +186,12 @@ class GenerationService:
             handle.cancel()
         return len(mine)
 
+    def has_work(self, owner: str) -> bool:
+        """Whether ``owner`` has a request waiting or running."""
+        with self._cond:
+            running = self._running is not None and self._running.owner == owner and self._running.finished is None
+            return running or bool(self._waiting.get(owner))
+
     @property
     def waiting(self) -> int:
         with self._cond:

@@ -138,7 +138,7 @@ class PluginHost:
                 def register(loader: Loader) -> None:
                     if not isinstance(getattr(loader, "name", None), str) or not loader.name:
                         raise TypeError(f"loader {loader!r} has no name")
-                    if loader.name in found or loader.name in mine:
+                    if any(loader.name in registered for registered in pending.values()):
                         raise ValueError(f"a loader named '{loader.name}' is already registered")
                     mine[loader.name] = loader
 

@@ -1,0 +1,199 @@
+"""Loadstar's one entry point: parse flags, build the settings and the app, launch it.
+
+This is the only module that reads argv or the environment; everything below gets a
+``Settings`` object. Errors the user can fix are printed as one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+DEFAULT_MODELS_DIR = Path("models")
+NO_THIRD_PARTY_ENV = "LOADSTAR_NO_THIRD_PARTY_PLUGINS"
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+class UserError(Exception):
+    """A problem with the user's input or machine, shown as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        description="Loadstar: chat with local models in the browser. Starts the web UI with a model loaded.",
+        epilog=(
+            "Security: the UI listens on 127.0.0.1 only. To listen on another address, give --auth or --auth-file. "
+            f"Set {NO_THIRD_PARTY_ENV}=1 to load only built-in plugins (the way out of a broken plugin)."
+        ),
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", metavar="NAME", help="model folder (inside --models-dir) to load at start; "
+                       "default: the one used last time, else the embedded SmolLM2-135M-Instruct")
+    model.add_argument("--loader", metavar="NAME", help="pin this loader (e.g. Transformers) instead of the automatic choice")
+    model.add_argument("--models-dir", metavar="DIR", type=Path, default=DEFAULT_MODELS_DIR,
+                       help="folder holding one sub-folder per model (default: %(default)s)")
+    model.add_argument("--no-model", action="store_true", help="start without loading a model")
+    model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where to run the model (default: CUDA when present, else CPU)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    server.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    server.add_argument("--auth", metavar="USER:PASSWORD", action="append", default=[],
+                        help="require this login for the web UI (may be repeated)")
+    server.add_argument("--auth-file", metavar="FILE", type=Path,
+                        help="file with one USER:PASSWORD per line ('#' starts a comment)")
+    server.add_argument("--data-dir", metavar="DIR", type=Path, default=Path("user_data"),
+                        help="folder for remembered choices (default: %(default)s)")
+    tools = parser.add_argument_group("maintenance")
+    tools.add_argument("--list-plugins", action="store_true", help="print each plugin, its version and hooks, then exit")
+    tools.add_argument("--place-default-model", action="store_true",
+                       help="put the embedded default model into --models-dir, then exit (part of `make install`)")
+    tools.add_argument("--verbose", action="store_true", help="log debug details")
+    return parser
+
+
+def parse_auth(pairs: list[str], auth_file: Path | None) -> tuple[tuple[str, str], ...]:
+    entries = list(pairs)
+    if auth_file is not None:
+        try:
+            text = auth_file.read_text(encoding="utf-8")
+        except OSError as error:
+            raise UserError(f"cannot read --auth-file {auth_file}: {error.strerror or error}") from None
+        entries += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    result = []
+    for entry in entries:
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise UserError("each login must look like USER:PASSWORD with neither part empty")
+        result.append((user, password))
+    return tuple(result)
+
+
+def build_settings(args: argparse.Namespace, environ: dict[str, str]):
+    from pydantic import ValidationError
+
+    from engine.settings import Settings
+
+    try:
+        return Settings(
+            models_dir=args.models_dir,
+            data_dir=args.data_dir,
+            model=args.model,
+            loader=args.loader,
+            load_model=not args.no_model,
+            device=args.device,
+            host=args.host,
+            port=args.port,
+            auth=parse_auth(args.auth, args.auth_file),
+            third_party_plugins=environ.get(NO_THIRD_PARTY_ENV, "") not in ("1", "true", "yes"),
+        )
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = ".".join(str(p) for p in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        raise UserError(f"{field}: {message}" if field else message) from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail early, in one line, if the port is taken (uvicorn would print a traceback-like log)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+                raise UserError(f"port {port} on {host} is already in use: stop the other server or pick --port") from None
+            raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def set_library_environment(environ: dict[str, str]) -> None:
+    """Quiet third-party libraries before they are imported: no telemetry, no analytics."""
+    environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def list_plugins(settings) -> int:
+    from engine.plugins import PluginHost
+
+    host = PluginHost(third_party=settings.third_party_plugins)
+    for plugin in host.plugins:
+        origin = "built-in" if plugin.built_in else plugin.distribution
+        print(f"{plugin.name} {plugin.version} ({origin}): {', '.join(plugin.hooks)}")
+    for problem in host.problems:
+        print(f"error: {problem.describe()}", file=sys.stderr)
+    return EXIT_ERROR if host.problems else 0
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    set_library_environment(os.environ)
+    settings = build_settings(args, dict(os.environ))
+
+    from engine.default_model import place_default_model
+    from engine.errors import LoadstarError
+
+    if args.place_default_model:
+        print(f"default model in {place_default_model(settings.models_dir)}")
+        return 0
+    if args.list_plugins:
+        return list_plugins(settings)
+
+    if not settings.models_dir.is_dir() and settings.models_dir != DEFAULT_MODELS_DIR:
+        raise UserError(f"--models-dir {settings.models_dir} is not a folder")
+    if settings.models_dir == DEFAULT_MODELS_DIR:
+        try:
+            place_default_model(settings.models_dir)  # quick no-op when it is already there
+        except LoadstarError as error:
+            logging.getLogger("loadstar").warning("%s", error)
+    check_port_free(settings.host, settings.port)
+
+    from engine.engine import Engine
+
+    engine = Engine(settings)
+    for problem in engine.plugins.problems:
+        logging.getLogger("loadstar").error("%s", problem.describe())
+    info = engine.load_startup_model()  # one-line errors for unknown --model, empty folder, bad weights
+
+    import uvicorn
+
+    from webui.asgi import build_app
+
+    app = build_app(engine)
+    where = f"http://{settings.host}:{settings.port}"
+    loaded = f"{info.name} ({info.loader}, {info.device})" if info else "no model"
+    print(f"Loadstar is running at {where} with {loaded}. Press Ctrl+C to stop.", flush=True)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0
+
+
+def main() -> None:
+    from engine.errors import LoadstarError
+
+    try:
+        code = run(sys.argv[1:])
+    except (UserError, LoadstarError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_USAGE if isinstance(error, UserError) else EXIT_ERROR
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

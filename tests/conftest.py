@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Libraries read these at import time; the app sets them in server.py, tests here.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def default_models_dir(tmp_path_factory) -> Path:
+    """A models folder holding only the embedded default model (hard-linked, no copy)."""
+    from engine.default_model import place_default_model
+
+    models = tmp_path_factory.mktemp("models")
+    place_default_model(models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def real_engine(default_models_dir, tmp_path_factory):
+    """An engine with the real embedded default model loaded (shared: loading takes ~10 s)."""
+    from engine.engine import Engine
+    from engine.settings import Settings
+
+    engine = Engine(Settings(models_dir=default_models_dir, data_dir=tmp_path_factory.mktemp("data")))
+    info = engine.load_startup_model()
+    assert info is not None and info.name == "SmolLM2-135M-Instruct"
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_cache() -> Path:
+    """Where heavy test checkpoints are kept between runs, keyed by their recipe."""
+    root = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root

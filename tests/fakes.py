@@ -1,0 +1,86 @@
+"""A fake model and loaders for engine unit tests (the real model is tested elsewhere)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from engine.chat import ChatMessage
+from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from engine.model_folder import ModelFolder
+from engine.sampling import SamplingParams
+
+
+class FakeModel:
+    """Replies with the words of ``reply`` (or ``<prompt> reply``), one token each, with a delay."""
+
+    def __init__(self, name: str = "fake", reply: str | None = None, delay: float = 0.0, fail_after: int | None = None):
+        self.info = LoadedModelInfo(name=name, loader="Fake", device="cpu", dtype="none", context_length=100)
+        self.reply = reply
+        self.delay = delay
+        self.fail_after = fail_after
+        self.unloaded = False
+        self.started = threading.Event()
+        self.seeds: list[int] = []
+
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        return "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+        self.seeds.append(seed)
+        self.started.set()
+        words = (self.reply or prompt).split()[: params.max_new_tokens]
+        for i, word in enumerate(words):
+            if cancel.cancelled:
+                return
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("the fake model broke")
+            if self.delay:
+                time.sleep(self.delay)
+            yield StreamPiece(word + " ", 1)
+
+    def unload(self) -> None:
+        self.unloaded = True
+
+
+class FakeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: str = "auto"
+
+
+class FakeLoader:
+    """A loader whose verdicts are set by the test."""
+
+    Options = FakeOptions
+
+    def __init__(self, name: str, *, available: bool = True, can_load: bool = True, priority: int = 50,
+                 reason: str = "fake reason", fail_load: bool = False, raise_in_assess: bool = False):
+        self.name = name
+        self._available = available
+        self._can_load = can_load
+        self._priority = priority
+        self._reason = reason
+        self._fail_load = fail_load
+        self._raise_in_assess = raise_in_assess
+        self.loaded: list[FakeModel] = []
+
+    def availability(self) -> Availability:
+        return Availability(self._available, "fake available" if self._available else "fake package missing")
+
+    def assess(self, folder: ModelFolder) -> Assessment:
+        if self._raise_in_assess:
+            raise RuntimeError("assess exploded")
+        return Assessment(self._can_load, self._reason, self._priority)
+
+    def load(self, folder: ModelFolder, options: BaseModel) -> FakeModel:
+        if self._fail_load:
+            raise RuntimeError(f"cannot read {folder.weight_files[0].path}")
+        model = FakeModel(name=folder.name)
+        self.loaded.append(model)
+        return model

@@ -1,0 +1,1 @@
+"""Small plugin modules that tests register through real EntryPoint objects."""

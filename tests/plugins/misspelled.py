@@ -1,0 +1,6 @@
+from engine.hookspecs import hookimpl
+
+
+@hookimpl
+def register_loader(register):  # typo: the hook is register_loaders
+    pass

@@ -1,0 +1,8 @@
+from engine.hookspecs import hookimpl
+from tests.fakes import FakeLoader
+
+
+@hookimpl
+def register_loaders(register):
+    register(FakeLoader("HalfRegistered"))
+    raise RuntimeError("boom while registering")

@@ -1,0 +1,124 @@
+import json
+
+import pytest
+
+from engine.default_model import DEFAULT_MODEL_NAME, place_default_model
+from engine.engine import Engine
+from engine.errors import ModelLoadError, ModelNotFoundError, NoLoaderError
+from engine.plugins import PluginHost
+from engine.settings import Settings
+from tests.fakes import FakeLoader
+from tests.folders import hf_folder
+
+
+def engine_with(tmp_path, *loaders, **settings):
+    host = PluginHost([])
+    for loader in loaders:
+        class Plugin:
+            from engine.hookspecs import hookimpl
+
+            @hookimpl
+            def register_loaders(self, register, _loader=loader):
+                register(_loader)
+
+        assert host.register(Plugin(), name=loader.name)
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    return Engine(Settings(models_dir=models, data_dir=tmp_path / "data", **settings), plugins=host)
+
+
+def test_failed_load_keeps_the_previous_model(tmp_path):
+    good = FakeLoader("Good")
+    engine = engine_with(tmp_path, good, FakeLoader("Bad", fail_load=True, priority=1))
+    hf_folder(engine.settings.models_dir, "first")
+    hf_folder(engine.settings.models_dir, "second")
+    engine.load_model("first")
+    with pytest.raises(ModelLoadError, match="Bad could not load second: RuntimeError: cannot read model.safetensors"):
+        engine.load_model("second", "Bad")
+    assert engine.models.loaded.name == "first"
+    assert not good.loaded[0].unloaded
+
+
+def test_swapping_models_unloads_the_old_one(tmp_path):
+    loader = FakeLoader("Good")
+    engine = engine_with(tmp_path, loader)
+    hf_folder(engine.settings.models_dir, "first")
+    hf_folder(engine.settings.models_dir, "second")
+    engine.load_model("first")
+    engine.load_model("second")
+    assert loader.loaded[0].unloaded and not loader.loaded[1].unloaded
+    assert engine.unload_model() is True
+    assert engine.models.loaded is None and loader.loaded[1].unloaded
+    assert engine.unload_model() is False
+
+
+def test_folder_without_weights_is_a_one_line_error(tmp_path):
+    engine = engine_with(tmp_path, FakeLoader("Good", can_load=False, reason="no weight files"))
+    hf_folder(engine.settings.models_dir, "empty", weights=())
+    with pytest.raises(NoLoaderError, match="empty holds no weight files"):
+        engine.load_model("empty")
+
+
+def test_bad_loader_options_are_one_line_errors(tmp_path):
+    engine = engine_with(tmp_path, FakeLoader("Good"))
+    hf_folder(engine.settings.models_dir, "m")
+    with pytest.raises(ModelLoadError, match="Good option bogus: Extra inputs are not permitted"):
+        engine.models.load("m", options={"bogus": 1})
+
+
+def test_startup_prefers_cli_then_last_used_then_default(tmp_path):
+    engine = engine_with(tmp_path, FakeLoader("Good"))
+    models = engine.settings.models_dir
+    hf_folder(models, "aaa")
+    hf_folder(models, DEFAULT_MODEL_NAME)
+    hf_folder(models, "zzz")
+    assert engine.startup_choice().model == DEFAULT_MODEL_NAME
+    engine.load_model("zzz", "Good")
+    remembered = json.loads(engine.settings.settings_file.read_text())
+    assert remembered == {"last_model": "zzz", "last_loader": "Good"}
+    again = engine_with(tmp_path, FakeLoader("Good"))
+    choice = again.startup_choice()
+    assert (choice.model, choice.loader) == ("zzz", "Good")
+    pinned = engine_with(tmp_path, FakeLoader("Good"), model="aaa")
+    assert pinned.startup_choice().model == "aaa"
+
+
+def test_unknown_model_and_empty_models_dir_are_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no model named 'nope'"):
+        engine_with(tmp_path, FakeLoader("Good"), model="nope").startup_choice()
+    with pytest.raises(ModelNotFoundError, match="no models in .*--no-model"):
+        engine_with(tmp_path, FakeLoader("Good")).startup_choice()
+
+
+def test_damaged_settings_file_is_ignored(tmp_path):
+    engine = engine_with(tmp_path, FakeLoader("Good"))
+    hf_folder(engine.settings.models_dir, "only")
+    engine.settings.settings_file.parent.mkdir(parents=True)
+    engine.settings.settings_file.write_text("{broken")
+    assert engine.startup_choice().model == "only"
+
+
+def test_stop_reaches_only_the_owner(tmp_path):
+    engine = engine_with(tmp_path, FakeLoader("Good"))
+    assert engine.stop("nobody") == 0
+
+
+def test_default_model_placement_is_idempotent_and_atomic(tmp_path):
+    first = place_default_model(tmp_path)
+    gguf = next(first.glob("*.gguf"))
+    inode = gguf.stat().st_ino
+    assert place_default_model(tmp_path) == first
+    assert gguf.stat().st_ino == inode  # not re-copied
+    assert [p.name for p in first.iterdir()] == [gguf.name]  # no partial files left
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.com", "::"])
+def test_listening_wider_than_loopback_needs_auth(host):
+    with pytest.raises(ValueError, match=f"refusing to listen on {host} without authentication"):
+        Settings(host=host)
+    assert Settings(host=host, auth=(("u", "p"),)).host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_loopback_needs_no_auth(host):
+    assert Settings(host=host).is_loopback

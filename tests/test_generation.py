@@ -1,0 +1,194 @@
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from engine.chat import ChatMessage
+from engine.errors import BadRequestError
+from engine.generation import Finished, GenerationRequest, GenerationService, Queued, Started, TextDelta
+from engine.sampling import SamplingParams
+from tests.fakes import FakeModel
+
+
+class Slot:
+    def __init__(self, model):
+        self.model = model
+
+    @contextmanager
+    def use(self):
+        yield self.model
+
+
+@pytest.fixture
+def service_for():
+    services = []
+
+    def make(model):
+        service = GenerationService(Slot(model))
+        services.append(service)
+        return service
+
+    yield make
+    for service in services:
+        service.close()
+
+
+def prompt_request(prompt, owner="a", **params):
+    return GenerationRequest(prompt=prompt, owner=owner, params=SamplingParams(**params))
+
+
+def test_streams_events_in_order(service_for):
+    service = service_for(FakeModel(reply="one two three"))
+    events = list(service.submit(prompt_request("hi", seed=7)).events())
+    assert isinstance(events[0], Queued) and events[0].position == 1
+    started = next(e for e in events if isinstance(e, Started))
+    assert started.seed == 7 and started.prompt == "hi" and started.prompt_tokens == 1
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert deltas == ["one ", "two ", "three "]
+    final = events[-1]
+    assert isinstance(final, Finished)
+    assert (final.reason, final.text, final.completion_tokens) == ("stop", "one two three ", 3)
+
+
+def test_chat_messages_go_through_the_models_template(service_for):
+    service = service_for(FakeModel())
+    request = GenerationRequest(messages=(ChatMessage(role="user", content="hello"),))
+    assert service.submit(request).result().text == "<user>hello<assistant> "
+
+
+def test_max_new_tokens_gives_reason_length(service_for):
+    service = service_for(FakeModel(reply="a b c d e"))
+    result = service.submit(prompt_request("x", max_new_tokens=2)).result()
+    assert (result.reason, result.text) == ("length", "a b ")
+
+
+def test_random_seed_is_drawn_and_reported(service_for):
+    model = FakeModel(reply="a")
+    service = service_for(model)
+    result = service.submit(prompt_request("x", seed=-1)).result()
+    assert result.seed is not None and 0 <= result.seed and model.seeds == [result.seed]
+
+
+def test_cancel_running_request_stops_it(service_for):
+    model = FakeModel(reply=" ".join(["word"] * 1000), delay=0.005)
+    service = service_for(model)
+    handle = service.submit(prompt_request("x", max_new_tokens=1000))
+    assert model.started.wait(5)
+    handle.cancel()
+    result = handle.result()
+    assert result.reason == "cancelled"
+    assert result.completion_tokens < 1000
+
+
+def test_two_concurrent_requests_never_interleave(service_for):
+    service = service_for(FakeModel(delay=0.002))
+    first_words = " ".join(f"a{i}" for i in range(50))
+    second_words = " ".join(f"b{i}" for i in range(50))
+    results = {}
+
+    def run(name, prompt, owner):
+        results[name] = service.submit(prompt_request(prompt, owner=owner)).result().text
+
+    threads = [threading.Thread(target=run, args=("a", first_words, "alice")),
+               threading.Thread(target=run, args=("b", second_words, "bob"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results["a"].split() == first_words.split()
+    assert results["b"].split() == second_words.split()
+
+
+def test_stop_cancels_only_the_owners_requests(service_for):
+    model = FakeModel(reply=" ".join(["w"] * 200), delay=0.005)
+    service = service_for(model)
+    alice = service.submit(prompt_request("x", owner="alice", max_new_tokens=200))
+    assert model.started.wait(5)
+    bob = service.submit(prompt_request("x", owner="bob", max_new_tokens=20))
+    assert service.cancel_owner("alice") == 1
+    assert alice.result().reason == "cancelled"
+    bob_result = bob.result()
+    assert bob_result.reason == "length" and bob_result.completion_tokens == 20
+
+
+def test_cancelling_a_waiting_request_removes_it_and_updates_positions(service_for):
+    model = FakeModel(reply=" ".join(["w"] * 100), delay=0.005)
+    service = service_for(model)
+    running = service.submit(prompt_request("x", owner="a", max_new_tokens=100))
+    assert model.started.wait(5)
+    second = service.submit(prompt_request("x", owner="b"))
+    third = service.submit(prompt_request("x", owner="c"))
+    second.cancel()
+    assert second.result().reason == "cancelled"
+    positions = []
+    for event in third.events():
+        if isinstance(event, Queued):
+            positions.append(event.position)
+    assert positions[:2] == [2, 1]
+    running.cancel()
+
+
+def test_positions_reflect_round_robin(service_for):
+    model = FakeModel(reply="w", delay=0.05)
+    service = service_for(model)
+    blocker = service.submit(prompt_request("x", owner="z"))
+    assert model.started.wait(5)
+    a1 = service.submit(prompt_request("a1", owner="a"))
+    a2 = service.submit(prompt_request("a2", owner="a"))
+    b1 = service.submit(prompt_request("b1", owner="b"))
+    first_position = {name: next(e.position for e in h.events() if isinstance(e, Queued))
+                      for name, h in (("a1", a1), ("a2", a2), ("b1", b1))}
+    # b1 arrived last but overtakes a's second request
+    assert first_position == {"a1": 1, "a2": 2, "b1": 2}
+    finish_order = []
+    lock = threading.Lock()
+
+    def wait(name, handle):
+        handle.result()
+        with lock:
+            finish_order.append(name)
+
+    threads = [threading.Thread(target=wait, args=(n, h)) for n, h in (("a1", a1), ("a2", a2), ("b1", b1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    blocker.result()
+    assert finish_order == ["a1", "b1", "a2"]
+
+
+def test_model_error_finishes_with_error_and_the_worker_survives(service_for):
+    broken = FakeModel(reply="a b c d", fail_after=2)
+    service = service_for(broken)
+    failed = service.submit(prompt_request("x")).result()
+    assert failed.reason == "error" and failed.error == "RuntimeError: the fake model broke"
+    assert failed.text == "a b "  # what came before the error is kept
+    broken.fail_after = None
+    assert service.submit(prompt_request("x")).result().reason == "stop"
+
+
+def test_no_model_loaded_is_a_clear_error(service_for):
+    service = service_for(None)
+    result = service.submit(prompt_request("x")).result()
+    assert result.reason == "error" and "no model is loaded" in result.error
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"prompt": ""}, {"prompt": "x", "messages": (ChatMessage(role="user", content="y"),)}])
+def test_malformed_requests_are_rejected(kwargs):
+    with pytest.raises(BadRequestError):
+        GenerationRequest(**kwargs)
+
+
+def test_close_cancels_pending_work(service_for):
+    model = FakeModel(reply=" ".join(["w"] * 500), delay=0.01)
+    service = service_for(model)
+    running = service.submit(prompt_request("x", max_new_tokens=500))
+    waiting = service.submit(prompt_request("y", owner="b"))
+    assert model.started.wait(5)
+    started = time.monotonic()
+    service.close()
+    assert running.result().reason == "cancelled" and waiting.result().reason == "cancelled"
+    assert time.monotonic() - started < 5
+    with pytest.raises(BadRequestError):
+        service.submit(prompt_request("z"))

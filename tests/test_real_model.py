@@ -1,0 +1,155 @@
+"""The engine and the Transformers loader with real weights (the embedded SmolLM2-135M-Instruct)."""
+
+import pickle
+import shutil
+import threading
+
+import pytest
+
+from engine.chat import ChatMessage
+from engine.engine import Engine
+from engine.errors import ModelLoadError
+from engine.generation import GenerationRequest, Started, TextDelta
+from engine.sampling import SamplingParams
+from engine.settings import Settings
+from tests.checkpoints import cached, smollm2_safetensors, tiny_random_llama_bin
+
+pytestmark = pytest.mark.slow
+
+QUESTION = (ChatMessage(role="user", content="What is the capital of France?"),)
+GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
+
+
+def ask(engine, messages=QUESTION, params=GREEDY, owner="test"):
+    return engine.submit(GenerationRequest(messages=messages, params=params, owner=owner)).result()
+
+
+def test_greedy_answer_names_paris(real_engine):
+    result = ask(real_engine)
+    assert result.reason == "stop", result
+    assert "Paris" in result.text
+    info = real_engine.models.loaded
+    assert (info.loader, info.device, info.dtype) == ("Transformers", "cpu", "float32")
+
+
+def test_engine_stream_equals_raw_generate_token_for_token(real_engine):
+    import torch
+
+    handle = real_engine.submit(GenerationRequest(messages=QUESTION, params=GREEDY))
+    events = list(handle.events())
+    prompt = next(e for e in events if isinstance(e, Started)).prompt
+    streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
+    with real_engine.models.use() as model:
+        ids = torch.tensor([model.encode(prompt)])
+        raw = model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
+        raw_text = model.tokenizer.decode(raw[0, ids.shape[1]:], skip_special_tokens=True)
+    assert streamed == raw_text
+    assert len([e for e in events if isinstance(e, TextDelta)]) > 3  # it streamed, piece by piece
+
+
+def test_same_seed_same_sample(real_engine):
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, seed=1234, max_new_tokens=20)
+    first, second = ask(real_engine, params=params), ask(real_engine, params=params)
+    assert first.text == second.text and first.seed == second.seed == 1234
+
+
+def test_cancel_stops_a_real_generation_early(real_engine):
+    params = SamplingParams(temperature=0, max_new_tokens=400)
+    story = (ChatMessage(role="user", content="Write a very long story about a dragon."),)
+    handle = real_engine.submit(GenerationRequest(messages=story, params=params, owner="canceller"))
+    for event in handle.events():
+        if isinstance(event, TextDelta):
+            real_engine.stop("canceller")
+            break
+    result = handle.result()
+    assert result.reason == "cancelled"
+    assert result.completion_tokens < 50
+
+
+def test_two_users_at_once_get_their_own_answers(real_engine):
+    questions = {
+        "alice": (ChatMessage(role="user", content="What is the capital of France?"),),
+        "bob": (ChatMessage(role="user", content="Name three colours."),),
+    }
+    alone = {owner: ask(real_engine, messages).text for owner, messages in questions.items()}
+    together = {}
+
+    def run(owner):
+        together[owner] = ask(real_engine, questions[owner], owner=owner).text
+
+    threads = [threading.Thread(target=run, args=(owner,)) for owner in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone
+
+
+def test_usage_counts_match_the_tokenizer(real_engine):
+    result = ask(real_engine)
+    with real_engine.models.use() as model:
+        prompt = model.render_prompt(QUESTION)
+        assert result.prompt_tokens == len(model.encode(prompt))
+        assert result.completion_tokens >= len(model.tokenizer(result.text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def safetensors_checkpoint(checkpoint_cache):
+    return cached(checkpoint_cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors)
+
+
+def test_safetensors_checkpoint_loads_in_bf16_and_answers(safetensors_checkpoint, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "smol-st").symlink_to(safetensors_checkpoint, target_is_directory=True)
+    engine = Engine(Settings(models_dir=models, data_dir=tmp_path / "data"))
+    try:
+        [best, *_] = engine.models.candidates("smol-st")
+        assert best.loader == "Transformers" and best.priority == 100 and "safetensors" in best.reason
+        info = engine.load_model("smol-st")
+        assert (info.dtype, info.device) == ("bfloat16", "cpu")
+        assert "Paris" in ask(engine).text
+    finally:
+        engine.close()
+
+
+def test_bin_checkpoint_loads_with_weights_only(checkpoint_cache, tmp_path):
+    folder = cached(checkpoint_cache, "tiny-random-llama-bin", tiny_random_llama_bin)
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / "tiny-bin")
+    engine = Engine(Settings(models_dir=models, data_dir=tmp_path / "data"))
+    try:
+        [best, *_] = engine.models.candidates("tiny-bin")
+        assert "weights_only" in best.reason
+        engine.load_model("tiny-bin")
+        result = ask(engine, params=SamplingParams(temperature=0, max_new_tokens=5))
+        assert result.reason in ("stop", "length") and result.completion_tokens > 0
+    finally:
+        engine.close()
+
+
+class _RunsCode:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_in_a_bin_file_never_runs(checkpoint_cache, tmp_path):
+    folder = cached(checkpoint_cache, "tiny-random-llama-bin", tiny_random_llama_bin)
+    models = tmp_path / "models"
+    evil = models / "evil"
+    shutil.copytree(folder, evil)
+    marker = tmp_path / "pwned"
+    with (evil / "pytorch_model.bin").open("wb") as handle:
+        pickle.dump({"model.embed_tokens.weight": _RunsCode(marker)}, handle)
+    engine = Engine(Settings(models_dir=models, data_dir=tmp_path / "data"))
+    try:
+        with pytest.raises(ModelLoadError, match="evil"):
+            engine.load_model("evil")
+        assert not marker.exists()
+    finally:
+        engine.close()

@@ -1,0 +1,89 @@
+"""server.py as a user meets it: flags, and one-line errors with non-zero exit codes."""
+
+import socket
+
+import pytest
+
+from tests.folders import hf_folder
+from tests.helpers import free_port, run_server
+
+
+def assert_one_line_error(result, expected: str, code: int | None = None):
+    assert result.returncode != 0, result.stdout + result.stderr
+    if code is not None:
+        assert result.returncode == code
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_help_documents_every_flag():
+    result = run_server("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--loader", "--models-dir", "--host", "--port", "--auth", "--auth-file",
+                 "--no-model", "--device", "--list-plugins", "LOADSTAR_NO_THIRD_PARTY_PLUGINS"):
+        assert flag in result.stdout
+
+
+def test_unknown_model(default_models_dir, tmp_path):
+    result = run_server("--models-dir", str(default_models_dir), "--data-dir", str(tmp_path),
+                        "--model", "nope", "--port", str(free_port()))
+    assert_one_line_error(result, "no model named 'nope'", 1)
+    assert "available: SmolLM2-135M-Instruct" in result.stderr
+
+
+def test_empty_models_dir(tmp_path):
+    empty = tmp_path / "models"
+    empty.mkdir()
+    result = run_server("--models-dir", str(empty), "--data-dir", str(tmp_path), "--port", str(free_port()))
+    assert_one_line_error(result, f"no models in {empty}", 1)
+
+
+def test_missing_models_dir(tmp_path):
+    result = run_server("--models-dir", str(tmp_path / "missing"), "--port", str(free_port()))
+    assert_one_line_error(result, "is not a folder", 2)
+
+
+def test_folder_with_no_weights(tmp_path):
+    models = tmp_path / "models"
+    hf_folder(models, "hollow", weights=())
+    result = run_server("--models-dir", str(models), "--data-dir", str(tmp_path), "--model", "hollow",
+                        "--port", str(free_port()))
+    assert_one_line_error(result, "hollow holds no weight files", 1)
+
+
+def test_port_in_use(default_models_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_server("--models-dir", str(default_models_dir), "--data-dir", str(tmp_path), "--port", str(port))
+    assert_one_line_error(result, f"port {port} on 127.0.0.1 is already in use", 2)
+
+
+def test_wide_listening_without_auth_is_refused():
+    result = run_server("--host", "0.0.0.0", "--no-model")
+    assert_one_line_error(result, "refusing to listen on 0.0.0.0 without authentication", 2)
+
+
+@pytest.mark.parametrize("auth", ["nocolon", ":password", "user:"])
+def test_malformed_auth(auth):
+    result = run_server("--auth", auth, "--no-model")
+    assert_one_line_error(result, "USER:PASSWORD", 2)
+
+
+def test_missing_auth_file(tmp_path):
+    result = run_server("--auth-file", str(tmp_path / "nope.txt"), "--no-model")
+    assert_one_line_error(result, "cannot read --auth-file", 2)
+
+
+def test_bad_port_number():
+    result = run_server("--port", "70000", "--no-model")
+    assert_one_line_error(result, "port", 2)
+
+
+def test_list_plugins_shows_the_builtin_loader():
+    result = run_server("--list-plugins")
+    assert result.returncode == 0, result.stderr
+    assert "transformers 0.1.0 (built-in): register_loaders" in result.stdout

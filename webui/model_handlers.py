@@ -1,0 +1,91 @@
+"""Model tab handlers: list, inspect, rank loaders, load, unload. Plain functions over the engine."""
+
+from __future__ import annotations
+
+from engine.engine import Engine
+from engine.errors import LoadstarError
+from engine.loader_choice import LoaderCandidate
+from engine.model_folder import ModelFolder, format_size
+
+AUTO_LOADER = "auto"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def candidates_table(candidates: list[LoaderCandidate]) -> str:
+    """Markdown table of every loader's verdict, best first."""
+    if not candidates:
+        return "No loaders are registered."
+    rows = ["| Loader | Verdict | Priority | Reason |", "|---|---|---|---|"]
+    for c in candidates:
+        verdict = c.verdict + (" (pinned)" if c.pinned else "")
+        priority = str(c.priority) if c.usable else "–"
+        rows.append(f"| {_escape(c.loader)} | {verdict} | {priority} | {_escape(c.reason)} |")
+    return "\n".join(rows)
+
+
+def folder_details(folder: ModelFolder) -> str:
+    lines = [
+        f"**{folder.name}** — {folder.summary()}",
+        f"- Weights: {', '.join(f'{w.path} ({format_size(w.size)})' for w in folder.weight_files) or 'none'}",
+        f"- Chat template: {folder.chat_template_source or 'none'}",
+        f"- Context length: {folder.context_length or 'unknown'}",
+    ]
+    if folder.quantization:
+        lines.append(f"- Quantization: {folder.quantization.describe()} (from {folder.quantization.source})")
+    lines.extend(f"- ⚠️ {problem}" for problem in folder.problems)
+    return "\n".join(lines)
+
+
+class ModelHandlers:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def model_names(self) -> list[str]:
+        return self.engine.models.list_models()
+
+    def loader_choices(self) -> list[str]:
+        return [AUTO_LOADER, *self.engine.models.loader_names()]
+
+    def loaded_status(self) -> str:
+        info = self.engine.models.loaded
+        if info is None:
+            return "No model is loaded."
+        extra = f", {info.details}" if info.details else ""
+        return f"Loaded: **{info.name}** with {info.loader} on {info.device} ({info.dtype}{extra})."
+
+    def initial_model(self) -> str | None:
+        loaded = self.engine.models.loaded
+        names = self.model_names()
+        if loaded is not None and loaded.name in names:
+            return loaded.name
+        return names[0] if names else None
+
+    def describe(self, name: str | None, loader: str | None) -> tuple[str, str]:
+        """(folder details, loader candidates table) for the model picked in the dropdown."""
+        if not name:
+            return "No model selected. Put model folders into the models folder and press Refresh.", ""
+        pinned = None if loader in (None, AUTO_LOADER) else loader
+        try:
+            folder = self.engine.models.inspect(name)
+            candidates = self.engine.models.candidates(name, pinned)
+        except LoadstarError as error:
+            return f"⚠️ {error}", ""
+        return folder_details(folder), candidates_table(candidates)
+
+    def load(self, name: str | None, loader: str | None) -> str:
+        if not name:
+            return "⚠️ Pick a model first."
+        pinned = None if loader in (None, AUTO_LOADER) else loader
+        try:
+            self.engine.load_model(name, pinned)
+        except LoadstarError as error:
+            previous = self.loaded_status()
+            return f"⚠️ {error}\n\n{previous}"
+        return self.loaded_status()
+
+    def unload(self) -> str:
+        unloaded = self.engine.unload_model()
+        return "Model unloaded." if unloaded else "No model was loaded."
