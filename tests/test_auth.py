@@ -1,0 +1,51 @@
+"""Logins: the UI asks for one when --auth is given, and refuses wrong passwords."""
+
+import time
+
+import pytest
+
+from tests.helpers import free_port, start_server, stop_server, wait_for_health
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auth")
+    auth_file = root / "logins.txt"
+    auth_file.write_text("# users\nalice:s3cret:with:colons\n")
+    port = free_port()
+    log = root / "server.log"
+    process = start_server("--no-model", "--auth-file", str(auth_file), "--port", str(port),
+                           "--data-dir", str(root / "data"), log=log)
+    try:
+        wait_for_health(port, process, log)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        stop_server(process)
+
+
+def test_login_is_required_and_checked(auth_server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(auth_server)
+        assert page.locator("#chat-input").count() == 0
+        page.get_by_label("username").fill("alice")
+        page.get_by_label("password").fill("wrong")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_text("Incorrect Credentials").wait_for()
+        page.get_by_label("username").fill("alice")
+        page.get_by_label("password").fill("s3cret:with:colons")
+        page.get_by_role("button", name="Login").click()
+        page.locator("#chat-input textarea").wait_for()
+        page.get_by_role("tab", name="Model").click()
+        deadline = time.monotonic() + 30
+        while "No model is loaded" not in page.locator("#model-status").inner_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        browser.close()

@@ -1,0 +1,188 @@
+"""The real UI in real Chromium against a real server.py with the real default model."""
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from engine.default_model import place_default_model
+from tests.folders import hf_folder
+from tests.helpers import free_port, start_server, stop_server, wait_for_health
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui")
+    models = root / "models"
+    models.mkdir()
+    place_default_model(models)
+    hf_folder(models, "hollow", weights=())  # bad input: a folder without weights
+    port = free_port()
+    log = root / "server.log"
+    process = start_server("--models-dir", str(models), "--data-dir", str(root / "data"), "--port", str(port), log=log)
+    try:
+        wait_for_health(port, process, log)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
+        pytest.fail("Debian chromium is missing: `make test` installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#chat-input textarea").wait_for()
+    yield page
+    context.close()
+
+
+def set_parameter(page, name: str, value) -> None:
+    page.get_by_role("tab", name="Parameters").click()
+    box = page.locator(f"#param-{name} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+    page.get_by_role("tab", name="Chat").click()
+
+
+def send(page, text: str) -> None:
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#send").click()
+
+
+def bot_messages(page):
+    return page.locator('#chatbot [data-testid="bot"]')
+
+
+def wait_for_status(page, pattern: str, timeout: float = 120) -> str:
+    status = page.locator("#chat-status")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = status.inner_text()
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"status never matched {pattern!r}; last: {status.inner_text()!r}")
+
+
+def test_chat_streams_a_greedy_answer_naming_paris(page):
+    set_parameter(page, "temperature", 0)
+    send(page, "What is the capital of France?")
+    seen = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if bot_messages(page).count():
+            seen.add(bot_messages(page).last.inner_text())
+        if page.locator("#chat-status").inner_text().startswith("Done"):
+            break
+        time.sleep(0.03)
+    final = bot_messages(page).last.inner_text()
+    assert "Paris" in final
+    partial = {text for text in seen if text and text != final}
+    assert partial, "the reply appeared all at once instead of streaming"
+    assert re.search(r"Done \(\d+ tokens, [\d.]+ tokens/s, seed \d+\)", page.locator("#chat-status").inner_text())
+    assert page.locator('#chatbot [data-testid="user"]').last.inner_text() == "What is the capital of France?"
+
+
+def test_stop_mid_stream_stops_the_stream(page):
+    set_parameter(page, "temperature", 0)
+    set_parameter(page, "max_new_tokens", 600)
+    send(page, "Write a very long story about a dragon who learns to bake bread.")
+    bot = bot_messages(page)
+    deadline = time.monotonic() + 120
+    while not (bot.count() and len(bot.last.inner_text()) > 5):
+        assert time.monotonic() < deadline, "no reply started"
+        time.sleep(0.05)
+    page.locator("#stop").click()
+    status = wait_for_status(page, r"^Stopped")
+    stopped_text = bot.last.inner_text()
+    time.sleep(2)
+    assert bot.last.inner_text() == stopped_text, "text kept growing after Stop"
+    tokens = int(re.search(r"(\d+) tokens", status).group(1))
+    assert tokens < 300  # far from the 600 it would have written
+
+
+def test_regenerate_and_clear(page):
+    set_parameter(page, "temperature", 0)
+    set_parameter(page, "max_new_tokens", 20)
+    send(page, "Say hello.")
+    wait_for_status(page, r"^(Done|Reached)")
+    first = bot_messages(page).last.inner_text()
+    page.locator("#regenerate").click()
+    wait_for_status(page, r"^(Done|Reached)")
+    assert bot_messages(page).count() == 1  # replaced, not appended
+    assert bot_messages(page).last.inner_text() == first  # greedy: the same reply again
+    page.locator("#clear").click()
+    deadline = time.monotonic() + 30
+    while bot_messages(page).count() or page.locator('#chatbot [data-testid="user"]').count():
+        assert time.monotonic() < deadline, "Clear did not empty the chat"
+        time.sleep(0.1)
+
+
+def test_empty_message_is_refused_politely(page):
+    send(page, "   ")
+    wait_for_status(page, "Type a message first")
+    assert bot_messages(page).count() == 0
+
+
+def test_model_tab_lists_the_default_model_and_the_transformers_reason(page):
+    page.get_by_role("tab", name="Model").click()
+    status = page.locator("#model-status")
+    status.wait_for()
+    assert f"Loaded: {MODEL} with Transformers on cpu" in status.inner_text()
+    assert page.locator("#model-choice input").input_value() == MODEL
+    candidates = page.locator("#loader-candidates")
+    deadline = time.monotonic() + 60
+    while "Transformers" not in candidates.inner_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    table = candidates.inner_text()
+    assert re.search(r"Transformers\s+can load\s+50\s+GGUF file \(Q4_1\), dequantized by transformers", table)
+    page.locator("#model-choice input").click()
+    options = page.locator("li[role=option]").all_inner_texts()
+    assert any(MODEL in option for option in options) and any("hollow" in option for option in options)
+
+
+def test_loading_a_folder_without_weights_says_why_and_keeps_the_model(page):
+    page.get_by_role("tab", name="Model").click()
+    page.locator("#model-choice input").click()
+    page.locator('li[role=option][aria-label="hollow"]').click()
+    details = page.locator("#model-details")
+    deadline = time.monotonic() + 60
+    while "hollow" not in details.inner_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    page.locator("#load-model").click()
+    status = page.locator("#model-status")
+    deadline = time.monotonic() + 60
+    while "hollow holds no weight files" not in status.inner_text():
+        assert time.monotonic() < deadline, status.inner_text()
+        time.sleep(0.1)
+    assert f"Loaded: {MODEL}" in status.inner_text()  # the previous model is still there
+    page.get_by_role("tab", name="Chat").click()
+    set_parameter(page, "temperature", 0)
+    send(page, "What is the capital of France?")
+    wait_for_status(page, r"^Done")
+    assert "Paris" in bot_messages(page).last.inner_text()
