@@ -76,6 +76,8 @@ class FakeLoader:
     def assess(self, folder: ModelFolder) -> Assessment:
         if self._raise_in_assess:
             raise RuntimeError("assess exploded")
+        if not folder.weight_files:
+            return Assessment(False, "no weight files")
         return Assessment(self._can_load, self._reason, self._priority)
 
     def load(self, folder: ModelFolder, options: BaseModel) -> FakeModel:

@@ -160,6 +160,11 @@ def test_model_tab_lists_the_default_model_and_the_transformers_reason(page):
         time.sleep(0.1)
     table = candidates.inner_text()
     assert re.search(r"Transformers\s+can load\s+50\s+GGUF file \(Q4_1\), dequantized by transformers", table)
+    page.locator("#loader-choice input").click()
+    loader_options = page.locator("li[role=option]").all_inner_texts()
+    assert any("auto → Transformers" in option for option in loader_options), loader_options
+    assert any("Transformers: can load (priority 50), GGUF file" in option for option in loader_options)
+    page.keyboard.press("Escape")
     page.locator("#model-choice input").click()
     options = page.locator("li[role=option]").all_inner_texts()
     assert any(MODEL in option for option in options) and any("hollow" in option for option in options)
@@ -186,3 +191,33 @@ def test_loading_a_folder_without_weights_says_why_and_keeps_the_model(page):
     send(page, "What is the capital of France?")
     wait_for_status(page, r"^Done")
     assert "Paris" in bot_messages(page).last.inner_text()
+
+
+def test_two_users_chat_at_once_and_each_stop_is_their_own(browser, server):
+    pages = []
+    for _ in range(2):
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(server)
+        page.locator("#chat-input textarea").wait_for()
+        set_parameter(page, "temperature", 0)
+        pages.append(page)
+    alice, bob = pages
+    try:
+        set_parameter(alice, "max_new_tokens", 600)
+        send(alice, "Write a very long story about a lighthouse keeper.")
+        set_parameter(bob, "max_new_tokens", 60)
+        send(bob, "What is the capital of France?")
+        # Bob waits behind Alice, and sees his place in the queue or his reply start.
+        wait_for_status(bob, r"Waiting in the queue: position 1|Generating|Done")
+        while not (bot_messages(alice).count() and bot_messages(alice).last.inner_text()):
+            time.sleep(0.05)
+        alice.locator("#stop").click()
+        wait_for_status(alice, r"^Stopped")
+        bob_status = wait_for_status(bob, r"^(Done|Reached)")
+        assert "Paris" in bot_messages(bob).last.inner_text(), bob_status
+        assert "Stopped" not in bob_status
+    finally:
+        for page in pages:
+            page.context.close()

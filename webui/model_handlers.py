@@ -63,17 +63,24 @@ class ModelHandlers:
             return loaded.name
         return names[0] if names else None
 
-    def describe(self, name: str | None, loader: str | None) -> tuple[str, str]:
-        """(folder details, loader candidates table) for the model picked in the dropdown."""
+    def describe(self, name: str | None, loader: str | None) -> tuple[str, str, list[tuple[str, str]]]:
+        """(folder details, loader candidates table, loader dropdown choices) for the picked model.
+
+        Each dropdown choice is (label, loader name); the label carries the verdict and reason.
+        """
+        plain_choices = [(name_, name_) for name_ in self.loader_choices()]
         if not name:
-            return "No model selected. Put model folders into the models folder and press Refresh.", ""
+            return "No model selected. Put model folders into the models folder and press Refresh.", "", plain_choices
         pinned = None if loader in (None, AUTO_LOADER) else loader
         try:
             folder = self.engine.models.inspect(name)
             candidates = self.engine.models.candidates(name, pinned)
         except LoadstarError as error:
-            return f"⚠️ {error}", ""
-        return folder_details(folder), candidates_table(candidates)
+            return f"⚠️ {error}", "", plain_choices
+        best = next((c for c in candidates if c.usable), None)
+        auto_label = f"auto → {best.loader}" if best else "auto (no loader can load this)"
+        choices = [(auto_label, AUTO_LOADER)] + [(c.describe(), c.loader) for c in candidates]
+        return folder_details(folder), candidates_table(candidates), choices
 
     def load(self, name: str | None, loader: str | None) -> str:
         if not name:

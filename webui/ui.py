@@ -109,14 +109,16 @@ def build_ui(engine: Engine) -> gr.Blocks:
             current = models.initial_model()
             return gr.update(choices=names, value=current), models.loaded_status()
 
-        refresh_button.click(refresh, None, [model_choice, loaded]).then(
-            models.describe, [model_choice, loader_choice], [details, candidates]
-        )
-        model_choice.change(models.describe, [model_choice, loader_choice], [details, candidates])
-        loader_choice.change(models.describe, [model_choice, loader_choice], [details, candidates])
+        def describe(name, loader):
+            folder, table, choices = models.describe(name, loader)
+            value = loader if loader in {value for _, value in choices} else AUTO_LOADER
+            return folder, table, gr.update(choices=choices, value=value)
+
+        describe_io = ([model_choice, loader_choice], [details, candidates, loader_choice])
+        refresh_button.click(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
+        model_choice.change(describe, *describe_io)
+        loader_choice.input(describe, *describe_io)  # .input: user choices only, no update loop
         load_button.click(models.load, [model_choice, loader_choice], loaded)
         unload_button.click(models.unload, None, loaded)
-        demo.load(models.describe, [model_choice, loader_choice], [details, candidates]).then(
-            models.loaded_status, None, loaded
-        )
+        demo.load(describe, *describe_io).then(models.loaded_status, None, loaded)
     return demo
