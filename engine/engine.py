@@ -28,7 +28,15 @@ class Engine:
     def __init__(self, settings: Settings, plugins: PluginHost | None = None) -> None:
         self.settings = settings
         self.plugins = plugins or PluginHost(third_party=settings.third_party_plugins)
-        self.models = ModelManager(settings.models_dir, self.plugins, device=settings.device)
+        self.models = ModelManager(
+            settings.models_dir,
+            self.plugins,
+            load_defaults={
+                "device": settings.device,
+                "scratch_dir": settings.data_dir / "derived",
+                "allow_pt": settings.allow_pt,
+            },
+        )
         self.generation = GenerationService(self.models)
         self.remembered = UserSettingsStore(settings.settings_file)
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from engine.errors import BadModelFolderError, ModelNotFoundError
+from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors, read_safetensors_header
 
 WeightFormat = Literal["safetensors", "bin", "pt", "gguf"]
 
@@ -30,7 +30,6 @@ _WEIGHT_SUFFIXES: dict[str, WeightFormat] = {
 _NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|scaler)\.(bin|pt|pth)$")
 # A folder name a user may give: one path component, no hidden or parent folders.
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
-_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,21 @@ class ModelFolder:
     size_bytes: int = 0
     has_config: bool = False
     has_tokenizer: bool = False
-    problems: tuple[str, ...] = field(default=())
+    tensor_gptq: TensorGPTQ | None = None  # GPTQ layout read from the tensors themselves
+    problems: tuple[str, ...] = field(default=())  # everything odd, including the two below
+    corrupt_weights: tuple[str, ...] = field(default=())  # truncated or unreadable weight files
+    gptq_conflicts: tuple[str, ...] = field(default=())  # declared GPTQ parameters the tensors contradict
+
+    @property
+    def gptq(self) -> Quantization | None:
+        """The GPTQ parameters to load with: declared ones, else those read from the tensors."""
+        if self.quantization is not None and self.quantization.method == "gptq":
+            return self.quantization
+        if self.tensor_gptq is not None:
+            t = self.tensor_gptq
+            return Quantization(method="gptq", source=f"tensor shapes in {t.file}", bits=t.bits,
+                                group_size=t.group_size, desc_act=t.desc_act, checkpoint_format="gptq")
+        return None
 
     @property
     def formats(self) -> frozenset[WeightFormat]:
@@ -165,11 +178,17 @@ def inspect_model_folder(path: Path) -> ModelFolder:
     quantization = _quantization(path, config, problems)
     chat_template_source = _chat_template_source(path, tokenizer_config)
 
+    tensor_gptq = None
+    corrupt: list[str] = []
     for weight in weights:
         if weight.format == "safetensors":
             problem = _check_safetensors_header(path / weight.path)
             if problem:
-                problems.append(problem)
+                corrupt.append(problem)
+            elif tensor_gptq is None:
+                tensor_gptq = _tensor_gptq(path / weight.path, problems)
+    conflicts = _gptq_disagreements(quantization, tensor_gptq) if tensor_gptq is not None else []
+    problems.extend(corrupt + conflicts)
 
     gguf_files = [w for w in weights if w.format == "gguf"]
     if gguf_files:
@@ -199,7 +218,10 @@ def inspect_model_folder(path: Path) -> ModelFolder:
         size_bytes=_folder_size(path),
         has_config=config is not None,
         has_tokenizer=has_tokenizer,
+        tensor_gptq=tensor_gptq,
         problems=tuple(problems),
+        corrupt_weights=tuple(corrupt),
+        gptq_conflicts=tuple(conflicts),
     )
 
 
@@ -281,25 +303,38 @@ def _chat_template_source(path: Path, tokenizer_config: dict[str, Any] | None) -
     return None
 
 
+def _tensor_gptq(path: Path, problems: list[str]) -> TensorGPTQ | None:
+    try:
+        return infer_gptq_from_safetensors(path)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        problems.append(str(error) if isinstance(error, ValueError) else f"{path.name}: unreadable GPTQ tensors")
+        return None
+
+
+def _gptq_disagreements(declared: Quantization | None, tensors: TensorGPTQ) -> list[str]:
+    """Where quantize_config/config.json or the file name contradict the tensor shapes."""
+    problems = []
+    if declared is not None and declared.method == "gptq":
+        for name, actual in (("bits", tensors.bits), ("group_size", tensors.group_size)):
+            said = getattr(declared, name)
+            if said is not None and said != actual:
+                problems.append(
+                    f"{declared.source} says {name}={said} but the tensors in {tensors.file} have {name}={actual}"
+                )
+    bits, group = filename_hint(tensors.file)
+    if bits is not None and bits != tensors.bits:
+        problems.append(f"the file name {tensors.file} says {bits}-bit but its tensors are {tensors.bits}-bit")
+    if group is not None and group != tensors.group_size:
+        problems.append(f"the file name {tensors.file} says group {group} but its tensors have group {tensors.group_size}")
+    return problems
+
+
 def _check_safetensors_header(path: Path) -> str | None:
     """A short problem description if the safetensors header cannot be read, else None."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                return f"{path.name} is truncated (no safetensors header)"
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, _SAFETENSORS_MAX_HEADER):
-                return f"{path.name} has a corrupt safetensors header (length {header_len} for a {size}-byte file)"
-            header = json.loads(handle.read(header_len))
+        read_safetensors_header(path)
     except (OSError, ValueError) as error:
-        return f"{path.name} has a corrupt safetensors header ({error.__class__.__name__})"
-    if not isinstance(header, dict):
-        return f"{path.name} has a corrupt safetensors header"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        return f"{path.name} is truncated ({size} bytes, header promises {8 + header_len + end})"
+        return str(error)
     return None
 
 

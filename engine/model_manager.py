@@ -21,16 +21,17 @@ from engine.loader_api import LoadedModel, LoadedModelInfo
 from engine.loader_choice import LoaderCandidate, choose_loader, rank_loaders
 from engine.model_folder import ModelFolder, inspect_model_folder, list_model_folders, resolve_model_folder
 from engine.plugins import PluginHost
-from engine.settings import Device
 
 log = logging.getLogger(__name__)
 
 
 class ModelManager:
-    def __init__(self, models_dir: Path, plugins: PluginHost, *, device: Device = "auto") -> None:
+    def __init__(self, models_dir: Path, plugins: PluginHost, *, load_defaults: dict[str, Any] | None = None) -> None:
+        """``load_defaults`` fill loader options of the same name the user did not set
+        (``device``, ``scratch_dir``, ``allow_pt``), whichever a loader's Options declare."""
         self.models_dir = models_dir
         self._plugins = plugins
-        self._device = device
+        self._load_defaults = dict(load_defaults or {})
         self._current: LoadedModel | None = None
         self._use_lock = threading.RLock()  # held while a generation runs, and for a swap
         self._load_lock = threading.Lock()  # one load at a time
@@ -73,8 +74,9 @@ class ModelManager:
             chosen = choose_loader(folder, loaders, loader)
             plugin = loaders[chosen.loader]
             merged = dict(options or {})
-            if "device" in plugin.Options.model_fields:
-                merged.setdefault("device", self._device)
+            for key, value in self._load_defaults.items():
+                if key in plugin.Options.model_fields:
+                    merged.setdefault(key, value)
             try:
                 validated = plugin.Options.model_validate(merged)
             except ValidationError as error:

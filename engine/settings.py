@@ -23,6 +23,7 @@ class Settings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(7860, ge=1, le=65535, description="Port to listen on.")
     auth: tuple[tuple[str, str], ...] = Field((), description="(user, password) pairs for the web UI.")
+    allow_pt: bool = Field(False, description="Allow pickled .pt weights (read with torch weights_only) when no safetensors exist.")
     third_party_plugins: bool = Field(True, description="Load plugins from other packages (off = only built-ins).")
 
     @property

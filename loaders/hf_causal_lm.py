@@ -19,10 +19,12 @@ _DONE = object()
 
 
 class HFCausalLM:
-    def __init__(self, model: Any, tokenizer: Any, info: LoadedModelInfo) -> None:
+    def __init__(self, model: Any, tokenizer: Any, info: LoadedModelInfo, *, keepalive: Any = None) -> None:
+        """``keepalive``: an object that owns the model (e.g. a gptqmodel wrapper), freed on unload."""
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
+        self._keepalive = keepalive
 
     # -- prompts -------------------------------------------------------------------------------
 
@@ -99,6 +101,7 @@ class HFCausalLM:
         device = str(getattr(self.model, "device", "cpu"))
         self.model = None
         self.tokenizer = None
+        self._keepalive = None
         gc.collect()
         if device.startswith("cuda"):
             import torch

@@ -1,0 +1,169 @@
+"""GPTQ parameters read from the tensors themselves, for folders with no (or a doubtful) quantize_config.
+
+GPTQ packs ``32 // bits`` weights into each int32. For a linear layer with ``in_features`` inputs,
+``out_features`` outputs and ``n_groups`` groups:
+
+- ``qweight``: int32 ``[in_features * bits / 32, out_features]``
+- ``qzeros``:  int32 ``[n_groups, out_features * bits / 32]``
+- ``scales``:  float ``[n_groups, out_features]``
+- ``g_idx``:   int32 ``[in_features]``, the group of each input row; with act-order (``desc_act``)
+  the rows are permuted, so ``g_idx`` is not ``arange(in_features) // group_size``.
+
+So ``bits = 32 * qzeros.cols / scales.cols``, ``in_features = qweight.rows * 32 / bits``, and
+``group_size = in_features / n_groups`` (one group spanning all inputs means no grouping, -1).
+Only the safetensors header and the small ``g_idx`` tensors are read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_MAX_HEADER = 100 * 1024 * 1024
+_FILENAME_BITS = re.compile(r"(?i)(\d)-?bits?")
+_FILENAME_GROUP = re.compile(r"(?i)(?<![a-z0-9])(\d+)g(?![a-z])")
+
+
+@dataclass(frozen=True)
+class TensorGPTQ:
+    bits: int
+    group_size: int  # -1 = no grouping
+    desc_act: bool
+    layers: int  # quantized linear layers seen
+    file: str
+    in_features: tuple[int, ...] = ()  # the distinct input widths of the quantized layers
+    sym: bool | None = None  # symmetric quantization (all zero points at the middle), if it shows
+
+    def group_divides_inputs(self) -> bool:
+        """Whether every layer's input width is a whole number of groups (some kernels need it)."""
+        return self.group_size == -1 or all(width % self.group_size == 0 for width in self.in_features)
+
+    def describe(self) -> str:
+        group = "no group" if self.group_size == -1 else f"group {self.group_size}"
+        order = "act-order" if self.desc_act else "no act-order"
+        return f"{self.bits}-bit {group} {order}"
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where tensor data starts.
+
+    Raises ValueError with a short reason for a truncated or corrupt file.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path.name} is truncated (no safetensors header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{path.name} has a corrupt safetensors header (length {header_len} for a {size}-byte file)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError:
+            raise ValueError(f"{path.name} has a corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} has a corrupt safetensors header")
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ValueError(f"{path.name} is truncated ({size} bytes, its header promises {8 + header_len + end})")
+    return header, 8 + header_len
+
+
+def filename_hint(name: str) -> tuple[int | None, int | None]:
+    """(bits, group size) from names like ``vicuna-13B-GPTQ-4bit-128g.safetensors``."""
+    bits = _FILENAME_BITS.search(name)
+    group = _FILENAME_GROUP.search(name)
+    return (int(bits.group(1)) if bits else None, int(group.group(1)) if group else None)
+
+
+def infer_gptq_from_safetensors(path: Path) -> TensorGPTQ | None:
+    """GPTQ parameters from a safetensors file's GPTQ tensors; None if it holds none.
+
+    Raises ValueError when the file is unreadable or its layers disagree with each other.
+    """
+    header, data_start = read_safetensors_header(path)
+    shapes = {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+    prefixes = sorted(name[: -len(".qweight")] for name in shapes if name.endswith(".qweight"))
+    if not prefixes:
+        return None
+    bit_widths: set[int] = set()
+    widths: set[int] = set()
+    # Each layer allows the group sizes g with ceil(in_features / g) == n_groups: an interval.
+    # The checkpoint's group size lies in every layer's interval.
+    low, high = 1, 1 << 62
+    all_one_group = True
+    for prefix in prefixes:
+        try:
+            qweight, qzeros, scales = (shapes[f"{prefix}.{part}"] for part in ("qweight", "qzeros", "scales"))
+        except KeyError as missing:
+            raise ValueError(f"{path.name}: {prefix} has qweight but no {missing.args[0].rsplit('.', 1)[1]}") from None
+        out_features = scales[1]
+        bits, remainder = divmod(32 * qzeros[1], out_features)
+        if remainder or bits not in (2, 3, 4, 8):
+            raise ValueError(f"{path.name}: {prefix} has shapes that fit no GPTQ bit width")
+        bit_widths.add(bits)
+        in_features = qweight[0] * 32 // bits
+        widths.add(in_features)
+        n_groups = scales[0]
+        if n_groups < 1 or n_groups > in_features:
+            raise ValueError(f"{path.name}: {prefix} has {n_groups} groups for {in_features} inputs")
+        all_one_group &= n_groups == 1
+        low = max(low, -(-in_features // n_groups))
+        if n_groups > 1:
+            high = min(high, (in_features - 1) // (n_groups - 1))
+    if len(bit_widths) > 1:
+        raise ValueError(f"{path.name} mixes GPTQ bit widths ({', '.join(map(str, sorted(bit_widths)))}); Loadstar expects one")
+    bits = bit_widths.pop()
+    if all_one_group:
+        group_size = -1
+    elif low > high:
+        raise ValueError(f"{path.name}: the layers' group counts fit no single group size")
+    else:
+        powers = [1 << k for k in range(4, 16) if low <= 1 << k <= high]
+        group_size = powers[0] if powers else low  # GPTQ group sizes are powers of two in practice
+    desc_act = _has_act_order(path, header, data_start, prefixes[0], group_size)
+    sym = _is_symmetric(path, header, data_start, prefixes[0], bits)
+    return TensorGPTQ(bits=bits, group_size=group_size, desc_act=desc_act, layers=len(prefixes), file=path.name,
+                      in_features=tuple(sorted(widths)), sym=sym)
+
+
+def _read_tensor(path: Path, header: dict[str, Any], data_start: int, name: str) -> Any:
+    import numpy as np
+
+    info = header[name]
+    dtypes = {"I32": np.int32, "I64": np.int64, "I16": np.int16, "U8": np.uint8}
+    if info["dtype"] not in dtypes:
+        raise ValueError(f"{path.name}: {name} has dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    with path.open("rb") as handle:
+        handle.seek(data_start + start)
+        raw = handle.read(end - start)
+    return np.frombuffer(raw, dtype=dtypes[info["dtype"]])
+
+
+def _is_symmetric(path: Path, header: dict[str, Any], data_start: int, prefix: str, bits: int) -> bool | None:
+    """Symmetric GPTQ stores every zero point at the middle: 2**(bits-1), minus one in the v1 format."""
+    if 32 % bits:
+        return None  # 3-bit zeros straddle int32 words; not worth decoding for a flag
+    import numpy as np
+
+    packed = _read_tensor(path, header, data_start, f"{prefix}.qzeros").astype(np.uint32)
+    mask = (1 << bits) - 1
+    zeros = np.stack([(packed >> (bits * k)) & mask for k in range(32 // bits)])
+    middle = 1 << (bits - 1)
+    return bool(np.all(zeros == middle - 1) or np.all(zeros == middle))
+
+
+def _has_act_order(path: Path, header: dict[str, Any], data_start: int, prefix: str, group_size: int) -> bool:
+    """Act-order permutes input rows: g_idx then differs from arange(in_features) // group_size."""
+    info = header.get(f"{prefix}.g_idx")
+    if info is None or group_size == -1:
+        return False  # old GPTQ-for-LLaMa files have no g_idx, and without groups order cannot show
+    import numpy as np
+
+    g_idx = _read_tensor(path, header, data_start, f"{prefix}.g_idx")
+    return not np.array_equal(g_idx, np.arange(g_idx.size) // group_size)

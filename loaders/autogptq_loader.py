@@ -1,0 +1,277 @@
+"""The AutoGPTQ loader, backed by gptqmodel (the maintained successor of AutoGPTQ).
+
+Loads GPTQ checkpoints of 2/3/4/8 bits, any group size (including none, -1), act-order or not,
+sym or asym, formats ``gptq`` and ``gptq_v2``, on CPU and CUDA. GPTQ parameters come from
+``quantize_config.json`` / ``config.json``; for legacy GPTQ-for-LLaMa folders without them they
+are read from the tensor shapes (see ``engine.gptq_tensors``), and the files gptqmodel needs are
+put in a derived folder under Loadstar's data folder: the user's model folder is never written.
+
+CPU kernels, chosen for the model's shapes (measured on SmolLM2-135M, 2 cores):
+- 4-bit whose group size divides every layer's input width: the ATen int4 kernel (41 tok/s);
+- 4-bit otherwise (e.g. group 128 with 576 inputs): the ATen kernel crashes, so the torch kernel;
+- 8-bit: the int8 kernel, with float32 activations; in bfloat16 it is 2.5x faster but rounds
+  near-tie logits differently (SmolLM2 then answers "L'Étoile" instead of "Paris"), so bfloat16
+  is the user's choice (``dtype``), not our default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.errors import ModelLoadError, one_line
+from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors
+from engine.hookspecs import hookimpl
+from engine.loader_api import Assessment, Availability, LoadedModelInfo
+from engine.model_folder import ModelFolder, Quantization
+from loaders.hf_causal_lm import HFCausalLM
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+# Weight file names gptqmodel finds on its own; anything else is linked under one of these.
+_STANDARD_WEIGHTS = ("model.safetensors",)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+Backend = Literal[
+    "auto", "gptq_torch", "gptq_torch_int8", "gptq_torch_aten", "gptq_torch_fused",
+    "gptq_triton", "gptq_exllama_v2", "gptq_marlin",
+]
+
+
+class AutoGPTQOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
+    backend: Backend = Field("auto", description="gptqmodel kernel; auto = the fastest that works for the model's shapes.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Activation dtype; auto = float16 on CUDA, on CPU float32 for 8-bit and bfloat16 otherwise."
+    )
+    allow_pt: bool = Field(False, description="Allow a pickled .pt weights file (read with torch weights_only).")
+    scratch_dir: Path | None = Field(None, description="Where derived files go (set by Loadstar to its data folder).")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    backend: str
+    dtype: str
+    why: str
+
+
+def choose_kernel(gptq: Quantization, tensors: TensorGPTQ | None, device: str) -> KernelChoice:
+    """The fastest gptqmodel kernel that works for these shapes on ``device``."""
+    if device == "cuda":
+        return KernelChoice("auto", "float16", "CUDA: gptqmodel picks the kernel")
+    if gptq.bits == 8:
+        return KernelChoice("gptq_torch_int8", "float32", "8-bit: int8 kernel, float32 activations")
+    if gptq.bits == 4 and tensors is not None and tensors.group_divides_inputs():
+        return KernelChoice("gptq_torch_aten", "bfloat16", "4-bit: ATen int4 kernel")
+    if gptq.bits == 4 and tensors is not None:
+        width = next(w for w in tensors.in_features if w % tensors.group_size)
+        return KernelChoice(
+            "gptq_torch", "bfloat16", f"4-bit: group {tensors.group_size} does not divide input width {width}, torch kernel"
+        )
+    return KernelChoice("gptq_torch", "bfloat16", f"{gptq.bits}-bit: torch kernel")
+
+
+class AutoGPTQLoader:
+    name = "AutoGPTQ"
+    Options = AutoGPTQOptions
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("gptqmodel") is None:
+            return Availability(False, "gptqmodel is not installed")
+        return Availability(True, f"gptqmodel {version('gptqmodel')}")
+
+    def assess(self, folder: ModelFolder) -> Assessment:
+        gptq = folder.gptq
+        if gptq is None:
+            return Assessment(False, "not a GPTQ model (no quantize_config.json, no GPTQ tensors)")
+        if folder.gptq_conflicts:
+            return Assessment(False, folder.gptq_conflicts[0])
+        if folder.corrupt_weights:
+            return Assessment(False, folder.corrupt_weights[0])
+        if gptq.bits not in SUPPORTED_BITS:
+            return Assessment(False, f"{gptq.bits}-bit GPTQ is not supported (2, 3, 4 or 8)")
+        notes = [gptq.describe()]
+        if gptq.source.startswith("tensor shapes"):
+            notes.append(f"parameters read from the {gptq.source}")
+        if "safetensors" not in folder.formats:
+            if "pt" not in folder.formats:
+                return Assessment(False, "no .safetensors or .pt GPTQ weights")
+            notes.append("only a pickled .pt file: needs the .pt opt-in")
+        priority = 100 if gptq.bits == 8 else 80  # 4-bit: ExLlamaV2 is faster where it runs
+        return Assessment(True, ", ".join(notes), priority)
+
+    def load(self, folder: ModelFolder, options: BaseModel) -> HFCausalLM:
+        assert isinstance(options, AutoGPTQOptions)
+        import torch
+
+        device = _pick_device(options.device, torch)
+        staged, gptq, tensors, notes = stage_gptq_folder(folder, options)
+        kernel = choose_kernel(gptq, tensors, device)
+        backend = kernel.backend if options.backend == "auto" else options.backend
+        dtype = kernel.dtype if options.dtype == "auto" else options.dtype
+        weights = ", ".join(w.path for w in folder.weight_files if w.format in ("safetensors", "pt"))
+        try:
+            from gptqmodel import BACKEND, GPTQModel
+            from transformers import AutoTokenizer
+
+            wrapper = GPTQModel.load(
+                str(staged), device=device, backend=BACKEND(backend), dtype=getattr(torch, dtype), trust_remote_code=False
+            )
+            tokenizer = AutoTokenizer.from_pretrained(staged, trust_remote_code=False)
+        except ModelLoadError:
+            raise
+        except Exception as error:
+            log.exception("gptqmodel failed on %s", staged)
+            raise ModelLoadError(f"AutoGPTQ could not load {folder.name} ({weights}): {one_line(error)}") from error
+        model = wrapper.model
+        model.eval()
+        kernels = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Linear")} - {"Linear"})
+        details = f"{gptq.describe()}, {backend} kernel ({', '.join(kernels)})"
+        if notes:
+            details += "; " + "; ".join(notes)
+        info = LoadedModelInfo(
+            name=folder.name, loader=self.name, device=device, dtype=dtype,
+            context_length=folder.context_length, details=details,
+        )
+        return HFCausalLM(model, tokenizer, info, keepalive=wrapper)
+
+
+@hookimpl
+def register_loaders(register) -> None:
+    register(AutoGPTQLoader())
+
+
+def _pick_device(requested: str, torch) -> str:
+    cuda = torch.cuda.is_available()
+    if requested == "cuda" and not cuda:
+        raise ModelLoadError("device cuda was asked for but no CUDA device is available")
+    if requested == "auto":
+        return "cuda" if cuda else "cpu"
+    return requested
+
+
+def stage_gptq_folder(
+    folder: ModelFolder, options: AutoGPTQOptions
+) -> tuple[Path, Quantization, TensorGPTQ | None, list[str]]:
+    """The folder gptqmodel should load, with the GPTQ parameters and notes for the user.
+
+    A folder with ``quantize_config.json`` and standard safetensors names loads as it is.
+    Otherwise a derived folder is built under ``scratch_dir``: links to the user's files, the
+    weights under a standard name (a .pt converted to safetensors, with the user's opt-in), and
+    a ``quantize_config.json`` written from the tensor shapes. The user's folder is not touched.
+    """
+    gptq = folder.gptq
+    if gptq is None:
+        raise ModelLoadError(f"{folder.name} is not a GPTQ model")
+    safetensors = [w.path for w in folder.files_of("safetensors")]
+    declared = (folder.path / "quantize_config.json").is_file()
+    if declared and safetensors and all(name in _STANDARD_WEIGHTS or name.startswith("model-") for name in safetensors):
+        return folder.path, gptq, folder.tensor_gptq, []
+
+    if safetensors:
+        if len(safetensors) > 1:
+            raise ModelLoadError(f"{folder.name} has several .safetensors files but no quantize_config.json naming one")
+        source = folder.path / safetensors[0]
+    else:
+        pt_files = [w.path for w in folder.files_of("pt")]
+        if not pt_files:
+            raise ModelLoadError(f"{folder.name} has no .safetensors or .pt GPTQ weights")
+        if not options.allow_pt:
+            raise ModelLoadError(
+                f"{folder.name}: {pt_files[0]} is a pickled .pt file; load it only if you trust its source, "
+                f"with --allow-pt (or 'Allow .pt weights' in the Model tab); it is then read with torch weights_only"
+            )
+        source = folder.path / pt_files[0]
+    if options.scratch_dir is None:
+        raise ModelLoadError(f"{folder.name} needs derived files but no scratch folder is set")
+
+    stat = source.stat()
+    fingerprint = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|v1".encode()).hexdigest()[:12]
+    target = options.scratch_dir / "gptq" / f"{folder.name}-{fingerprint}"
+    notes = [f"derived files in {target} (your model folder is unchanged)"]
+    if not (target / "quantize_config.json").is_file():
+        _build_derived_folder(folder, source, target, declared)
+    tensors = infer_gptq_from_safetensors(target / "model.safetensors")
+    if tensors is None:
+        raise ModelLoadError(f"{folder.name}: {source.name} holds no GPTQ tensors (qweight, qzeros, scales)")
+    written = json.loads((target / "quantize_config.json").read_text())
+    if not declared:
+        notes.insert(0, f"no quantize_config.json: {tensors.describe()} read from the tensor shapes")
+        hint_bits, hint_group = filename_hint(source.name)
+        if (hint_bits, hint_group) != (None, None) and (hint_bits in (None, tensors.bits)) and (
+            hint_group in (None, tensors.group_size)
+        ):
+            notes.insert(1, f"matches the file name's {hint_bits or tensors.bits}-bit/{hint_group or tensors.group_size}g")
+        elif (hint_bits, hint_group) != (None, None):
+            raise ModelLoadError(
+                f"{folder.name}: the file name {source.name} says {hint_bits}-bit/{hint_group}g but its tensors are "
+                f"{tensors.bits}-bit group {tensors.group_size}"
+            )
+    gptq = Quantization(
+        method="gptq", source="quantize_config.json" if declared else f"tensor shapes in {source.name}",
+        bits=written["bits"], group_size=written["group_size"], desc_act=written["desc_act"], sym=written.get("sym"),
+        checkpoint_format=written.get("checkpoint_format"),
+    )
+    return target, gptq, tensors, notes
+
+
+def _build_derived_folder(folder: ModelFolder, source: Path, target: Path, declared: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        for entry in folder.path.iterdir():
+            if entry.suffix in _WEIGHT_SUFFIXES or entry.name.startswith("."):
+                continue
+            os.symlink(entry.resolve(), build / entry.name)
+        weights = build / "model.safetensors"
+        if source.suffix == ".safetensors":
+            os.symlink(source.resolve(), weights)
+        else:
+            _convert_pt(source, weights)
+        if not declared:
+            tensors = infer_gptq_from_safetensors(weights)
+            if tensors is None:
+                raise ModelLoadError(f"{folder.name}: {source.name} holds no GPTQ tensors (qweight, qzeros, scales)")
+            config = {
+                "bits": tensors.bits,
+                "group_size": tensors.group_size,
+                "desc_act": tensors.desc_act,
+                "sym": True if tensors.sym is None else tensors.sym,
+                "quant_method": "gptq",
+                "checkpoint_format": "gptq",  # GPTQ-for-LLaMa wrote the v1 zero-point format
+            }
+            (build / "quantize_config.json").write_text(json.dumps(config, indent=2))
+        os.replace(build, target)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+
+
+def _convert_pt(source: Path, target: Path) -> None:
+    """Read a .pt state dict with weights_only (no pickled code runs) and save it as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"{source.name} could not be read safely (weights_only): {one_line(error)}") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{source.name} is not a plain dictionary of tensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
