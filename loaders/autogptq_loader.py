@@ -21,7 +21,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -35,6 +34,7 @@ from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safet
 from engine.hookspecs import hookimpl
 from engine.loader_api import Assessment, Availability, LoadedModelInfo
 from engine.model_folder import ModelFolder, Quantization
+from loaders.derived_folder import derived_folder
 from loaders.hf_causal_lm import HFCausalLM
 
 log = logging.getLogger(__name__)
@@ -199,28 +199,37 @@ def stage_gptq_folder(
     if options.scratch_dir is None:
         raise ModelLoadError(f"{folder.name} needs derived files but no scratch folder is set")
 
-    stat = source.stat()
-    fingerprint = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|v1".encode()).hexdigest()[:12]
-    target = options.scratch_dir / "gptq" / f"{folder.name}-{fingerprint}"
-    notes = [f"derived files in {target} (your model folder is unchanged)"]
-    if not (target / "quantize_config.json").is_file():
-        _build_derived_folder(folder, source, target, declared)
-    tensors = infer_gptq_from_safetensors(target / "model.safetensors")
+    weights = source if source.suffix == ".safetensors" else _converted_pt(source, options.scratch_dir / "converted")
+    tensors = folder.tensor_gptq if source.suffix == ".safetensors" else infer_gptq_from_safetensors(weights)
     if tensors is None:
         raise ModelLoadError(f"{folder.name}: {source.name} holds no GPTQ tensors (qweight, qzeros, scales)")
-    written = json.loads((target / "quantize_config.json").read_text())
-    if not declared:
-        notes.insert(0, f"no quantize_config.json: {tensors.describe()} read from the tensor shapes")
+    entries: dict[str, bytes | Path] = {"model.safetensors": weights}
+    notes = []
+    if declared:
+        written = json.loads((folder.path / "quantize_config.json").read_text())
+    else:
+        written = {
+            "bits": tensors.bits,
+            "group_size": tensors.group_size,
+            "desc_act": tensors.desc_act,
+            "sym": True if tensors.sym is None else tensors.sym,
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq",  # GPTQ-for-LLaMa wrote the v1 zero-point format
+        }
+        entries["quantize_config.json"] = json.dumps(written, indent=2).encode()
+        notes.append(f"no quantize_config.json: {tensors.describe()} read from the tensor shapes")
         hint_bits, hint_group = filename_hint(source.name)
-        if (hint_bits, hint_group) != (None, None) and (hint_bits in (None, tensors.bits)) and (
-            hint_group in (None, tensors.group_size)
-        ):
-            notes.insert(1, f"matches the file name's {hint_bits or tensors.bits}-bit/{hint_group or tensors.group_size}g")
-        elif (hint_bits, hint_group) != (None, None):
+        if hint_bits not in (None, tensors.bits) or hint_group not in (None, tensors.group_size):
             raise ModelLoadError(
                 f"{folder.name}: the file name {source.name} says {hint_bits}-bit/{hint_group}g but its tensors are "
                 f"{tensors.bits}-bit group {tensors.group_size}"
             )
+        if (hint_bits, hint_group) != (None, None):
+            notes.append(f"agrees with the file name ({source.name})")
+    target = derived_folder(
+        folder.path, options.scratch_dir / "gptq", entries, skip=lambda name: name.endswith(_WEIGHT_SUFFIXES)
+    )
+    notes.append(f"derived files in {target} (your model folder is unchanged)")
     gptq = Quantization(
         method="gptq", source="quantize_config.json" if declared else f"tensor shapes in {source.name}",
         bits=written["bits"], group_size=written["group_size"], desc_act=written["desc_act"], sym=written.get("sym"),
@@ -229,36 +238,23 @@ def stage_gptq_folder(
     return target, gptq, tensors, notes
 
 
-def _build_derived_folder(folder: ModelFolder, source: Path, target: Path, declared: bool) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+def _converted_pt(source: Path, root: Path) -> Path:
+    """``source`` (.pt) converted to safetensors under ``root``, once per version of the file."""
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = root / f"{source.stem}-{key}.safetensors"
+    if target.is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{target.name}-")
+    os.close(fd)
     try:
-        for entry in folder.path.iterdir():
-            if entry.suffix in _WEIGHT_SUFFIXES or entry.name.startswith("."):
-                continue
-            os.symlink(entry.resolve(), build / entry.name)
-        weights = build / "model.safetensors"
-        if source.suffix == ".safetensors":
-            os.symlink(source.resolve(), weights)
-        else:
-            _convert_pt(source, weights)
-        if not declared:
-            tensors = infer_gptq_from_safetensors(weights)
-            if tensors is None:
-                raise ModelLoadError(f"{folder.name}: {source.name} holds no GPTQ tensors (qweight, qzeros, scales)")
-            config = {
-                "bits": tensors.bits,
-                "group_size": tensors.group_size,
-                "desc_act": tensors.desc_act,
-                "sym": True if tensors.sym is None else tensors.sym,
-                "quant_method": "gptq",
-                "checkpoint_format": "gptq",  # GPTQ-for-LLaMa wrote the v1 zero-point format
-            }
-            (build / "quantize_config.json").write_text(json.dumps(config, indent=2))
-        os.replace(build, target)
+        _convert_pt(source, Path(tmp))
+        os.replace(tmp, target)
     except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
+    return target
 
 
 def _convert_pt(source: Path, target: Path) -> None:

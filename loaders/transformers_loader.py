@@ -10,6 +10,7 @@ No ``trust_remote_code``: architectures must be built into transformers.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from functools import lru_cache
 from importlib.metadata import version
@@ -49,9 +50,15 @@ class TransformersLoader:
     def assess(self, folder: ModelFolder) -> Assessment:
         if not folder.weight_files:
             return Assessment(False, "no weight files (.safetensors, .bin, .gguf) in the folder")
+        if folder.corrupt_weights:
+            return Assessment(False, folder.corrupt_weights[0])
         quant = folder.quantization
+        if quant is not None and quant.method == "gptq":
+            return _assess_gptq(folder)
         if quant is not None and quant.method != "gguf":
             return Assessment(False, f"{quant.describe()} weights need a quantization loader")
+        if folder.tensor_gptq is not None:
+            return Assessment(False, "GPTQ tensors without a quantization config: use AutoGPTQ")
         if "gguf" in folder.formats:
             arch = folder.architecture or "unknown"
             if arch not in _gguf_architectures():
@@ -106,6 +113,22 @@ class TransformersLoader:
             details=gguf_file or "",
         )
         return HFCausalLM(model, tokenizer, info)
+
+
+def _assess_gptq(folder: ModelFolder) -> Assessment:
+    """GPTQ through transformers + optimum + gptqmodel: works, but only when chosen explicitly."""
+    if folder.gptq_conflicts:
+        return Assessment(False, folder.gptq_conflicts[0])
+    try:
+        declared = json.loads((folder.path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        declared = None
+    if not isinstance(declared, dict):
+        return Assessment(False, "GPTQ without quantization_config in config.json (transformers reads only that)")
+    missing = [p for p in ("optimum", "gptqmodel") if importlib.util.find_spec(p) is None]
+    if missing:
+        return Assessment(False, f"GPTQ needs {' and '.join(missing)}")
+    return Assessment(True, f"{folder.quantization.describe()} via optimum + gptqmodel (choose it to use it)", 10)
 
 
 @hookimpl

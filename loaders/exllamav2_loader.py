@@ -1,0 +1,214 @@
+"""The ExLlamaV2 loader: 4-bit GPTQ on CUDA with exllamav2's fast kernels, fp16.
+
+exllamav2 raises on import without CUDA, so availability is detected without importing it
+(``find_spec`` plus ``torch.cuda.is_available()``). It reads only a top-level ``rope_theta``
+from config.json; configs written by newer transformers keep it in ``rope_parameters`` alone,
+so for those a derived config (under Loadstar's data folder) carries it at the top level too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import threading
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.chat import ChatMessage
+from engine.errors import ModelLoadError, one_line
+from engine.hookspecs import hookimpl
+from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from engine.model_folder import ModelFolder
+from engine.sampling import SamplingParams
+from loaders.derived_folder import derived_folder
+
+log = logging.getLogger(__name__)
+
+# Architectures exllamav2 0.3.2 knows (exllamav2/architecture.py); others it would load as Llama.
+SUPPORTED_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "YiForCausalLM", "OrionForCausalLM",
+    "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
+    "Starcoder2ForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "DbrxForCausalLM", "Phi3ForCausalLM",
+    "GPTBigCodeForCausalLM", "GPT2LMHeadModel", "MiniCPMForCausalLM", "InternLM2ForCausalLM",
+    "IndexForCausalLM", "GraniteForCausalLM", "Glm4ForCausalLM",
+})
+
+
+class ExLlamaV2Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_seq_len: int | None = Field(None, ge=256, le=1_048_576, description="KV cache length; default: the model's context length.")
+    cache: Literal["fp16", "q8", "q4"] = Field("fp16", description="KV cache precision (q4/q8 save VRAM).")
+    scratch_dir: Path | None = Field(None, description="Where derived files go (set by Loadstar to its data folder).")
+
+
+def rope_fix(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A copy of ``config`` with ``rope_theta`` at the top level, or None when none is needed."""
+    if "rope_theta" in config:
+        return None
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)):
+        return {**config, "rope_theta": rope["rope_theta"]}
+    return None
+
+
+class ExLlamaV2Loader:
+    name = "ExLlamaV2"
+    Options = ExLlamaV2Options
+
+    def __init__(
+        self,
+        *,
+        has_package: Callable[[], bool] | None = None,
+        has_cuda: Callable[[], bool] | None = None,
+    ) -> None:
+        """The probes are injectable so the choice logic can be tested with CUDA present or absent."""
+        self._has_package = has_package or (lambda: importlib.util.find_spec("exllamav2") is not None)
+        self._has_cuda = has_cuda or _cuda_available
+
+    def availability(self) -> Availability:
+        if not self._has_package():
+            return Availability(False, "exllamav2 is not installed")
+        if not self._has_cuda():
+            return Availability(False, "no CUDA device")
+        return Availability(True, f"exllamav2 {_version('exllamav2')}, CUDA")
+
+    def assess(self, folder: ModelFolder) -> Assessment:
+        gptq = folder.gptq
+        if gptq is None:
+            return Assessment(False, "not a GPTQ model")
+        if folder.gptq_conflicts:
+            return Assessment(False, folder.gptq_conflicts[0])
+        if gptq.bits != 4:
+            return Assessment(False, f"{gptq.bits}-bit: ExLlamaV2 runs 4-bit GPTQ only")
+        if "safetensors" not in folder.formats:
+            return Assessment(False, "needs .safetensors weights")
+        if folder.architecture not in SUPPORTED_ARCHITECTURES:
+            return Assessment(False, f"architecture {folder.architecture or 'unknown'} is not supported by exllamav2")
+        return Assessment(True, f"{gptq.describe()}, fp16 CUDA kernels", 100)
+
+    def load(self, folder: ModelFolder, options: BaseModel) -> "ExLlamaV2Model":
+        assert isinstance(options, ExLlamaV2Options)
+        path = folder.path
+        config = json.loads((folder.path / "config.json").read_text())
+        fixed = rope_fix(config)
+        if fixed is not None:
+            if options.scratch_dir is None:
+                raise ModelLoadError(f"{folder.name} needs a derived config.json but no scratch folder is set")
+            path = derived_folder(folder.path, options.scratch_dir / "exllamav2", {"config.json": json.dumps(fixed).encode()})
+        try:
+            from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q8, ExLlamaV2Config
+            from exllamav2.generator import ExLlamaV2DynamicGenerator
+            from transformers import AutoTokenizer
+
+            ex_config = ExLlamaV2Config(str(path))
+            if options.max_seq_len:
+                ex_config.max_seq_len = options.max_seq_len
+            model = ExLlamaV2(ex_config)
+            cache_class = {"fp16": ExLlamaV2Cache, "q8": ExLlamaV2Cache_Q8, "q4": ExLlamaV2Cache_Q4}[options.cache]
+            cache = cache_class(model, lazy=True)
+            model.load_autosplit(cache)
+            from exllamav2 import ExLlamaV2Tokenizer
+
+            ex_tokenizer = ExLlamaV2Tokenizer(ex_config)
+            generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=ex_tokenizer)
+            hf_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except Exception as error:
+            log.exception("exllamav2 failed on %s", path)
+            weights = ", ".join(w.path for w in folder.files_of("safetensors"))
+            raise ModelLoadError(f"ExLlamaV2 could not load {folder.name} ({weights}): {one_line(error)}") from error
+        info = LoadedModelInfo(
+            name=folder.name, loader=self.name, device="cuda", dtype="float16",
+            context_length=ex_config.max_seq_len, details=folder.gptq.describe() if folder.gptq else "",
+        )
+        return ExLlamaV2Model(info, model, cache, generator, hf_tokenizer)
+
+
+class ExLlamaV2Model:
+    def __init__(self, info: LoadedModelInfo, model: Any, cache: Any, generator: Any, tokenizer: Any) -> None:
+        self.info = info
+        self._model = model
+        self._cache = cache
+        self._generator = generator
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        dicts = [m.as_dict() for m in messages]
+        return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, prompt: str) -> list[int]:
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+        import torch
+        from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+        settings = ExLlamaV2Sampler.Settings()
+        if params.greedy:
+            settings.greedy()
+        else:
+            settings.temperature = params.temperature
+            settings.top_p = params.top_p
+            settings.top_k = params.top_k
+        job = ExLlamaV2DynamicJob(
+            input_ids=torch.tensor([self.encode(prompt)]),
+            max_new_tokens=params.max_new_tokens,
+            gen_settings=settings,
+            seed=seed,
+            stop_conditions=[self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [],
+        )
+        with self._lock:
+            self._generator.enqueue(job)
+            try:
+                while self._generator.num_remaining_jobs():
+                    if cancel.cancelled:
+                        self._generator.cancel(job)
+                        return
+                    for result in self._generator.iterate():
+                        if result.get("stage") != "streaming":
+                            continue
+                        ids = result.get("token_ids")
+                        tokens = int(ids.shape[-1]) if ids is not None else 0
+                        text = result.get("text", "")
+                        if text or tokens:
+                            yield StreamPiece(text, tokens)
+            finally:
+                if self._generator.num_remaining_jobs():
+                    self._generator.cancel(job)
+
+    def unload(self) -> None:
+        import torch
+
+        if self._model is not None:
+            self._model.unload()
+        self._model = self._cache = self._generator = None
+        torch.cuda.empty_cache()
+
+
+@hookimpl
+def register_loaders(register) -> None:
+    register(ExLlamaV2Loader())
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except Exception:
+        return "unknown version"
