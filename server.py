@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--no-model", action="store_true", help="start without loading a model")
     model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="where to run the model (default: CUDA when present, else CPU)")
+    model.add_argument("--allow-pt", action="store_true",
+                       help="allow pickled .pt weights when a model has no .safetensors (read with torch "
+                            "weights_only; only for sources you trust)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     server.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
@@ -88,6 +91,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             loader=args.loader,
             load_model=not args.no_model,
             device=args.device,
+            allow_pt=args.allow_pt,
             host=args.host,
             port=args.port,
             auth=parse_auth(args.auth, args.auth_file),

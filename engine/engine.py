@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from engine.default_model import DEFAULT_MODEL_NAME
-from engine.errors import LoadstarError, ModelNotFoundError
+from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
 from engine.generation import GenerationHandle, GenerationRequest, GenerationService
 from engine.loader_api import LoadedModelInfo
 from engine.model_manager import ModelManager
 from engine.plugins import PluginHost
 from engine.settings import Settings
-from engine.user_settings import UserSettingsStore
+from engine.user_settings import ModelChoice, UserSettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,36 @@ class Engine:
 
     # -- models --------------------------------------------------------------------------------
 
-    def load_model(self, name: str, loader: str | None = None) -> LoadedModelInfo:
-        """Load ``name`` and remember it (and a pinned loader) for the next start."""
-        info = self.models.load(name, loader)
+    def load_model(
+        self, name: str, loader: str | None = None, options: dict[str, Any] | None = None
+    ) -> LoadedModelInfo:
+        """Load ``name``; with no loader and no options given, as it was loaded last time.
+
+        Remembers the model (for the next start) and its loader and options (for its next load).
+        """
+        if loader is None and options is None:
+            saved = self.saved_choice(name)
+            if saved is not None:
+                loader, options = saved.loader, saved.options
+        info = self.models.load(name, loader, options)
         try:
-            self.remembered.update(last_model=name, last_loader=loader)
+            remembered = self.remembered.read()
+            models = {**remembered.models, name: ModelChoice(loader=loader, options=dict(options or {}))}
+            self.remembered.write(remembered.model_copy(update={"last_model": name, "last_loader": loader, "models": models}))
         except OSError as error:
             log.warning("could not remember the model choice: %s", error)
         return info
+
+    def saved_choice(self, name: str) -> ModelChoice | None:
+        """The loader and options ``name`` was last loaded with, if any (exact folder name)."""
+        return self.remembered.read().models.get(name)
+
+    def reload_model(self) -> LoadedModelInfo:
+        """Load the current model again, with the same loader and options."""
+        current = self.models.loaded
+        if current is None:
+            raise BadRequestError("no model is loaded")
+        return self.load_model(current.name)
 
     def unload_model(self) -> bool:
         return self.models.unload()
@@ -82,7 +105,9 @@ class Engine:
         if choice is None:
             return None
         log.info("loading %s at start (%s)", choice.model, choice.why)
-        return self.models.load(choice.model, choice.loader)
+        saved = self.saved_choice(choice.model)
+        options = saved.options if saved is not None and choice.loader in (None, saved.loader) else None
+        return self.models.load(choice.model, choice.loader or (saved.loader if saved else None), options)
 
     # -- generation ----------------------------------------------------------------------------
 

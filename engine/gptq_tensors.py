@@ -25,7 +25,7 @@ from typing import Any
 
 _MAX_HEADER = 100 * 1024 * 1024
 _FILENAME_BITS = re.compile(r"(?i)(\d)-?bits?")
-_FILENAME_GROUP = re.compile(r"(?i)(?<![a-z0-9])(\d+)g(?![a-z])")
+_FILENAME_GROUP = re.compile(r"(?i)(?<![a-z0-9])(-?\d+)g(?![a-z])")  # "128g", and "-1g" for no group
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,7 @@ class LoaderCandidate:
         head = f"{self.loader}: {self.verdict}"
         if self.usable:
             head += f" (priority {self.priority})"
-        if self.pinned:
-            head += " [pinned]"
-        return f"{head}, {self.reason}"
+        return f"{head}, {self.reason}" + (" [pinned]" if self.pinned else "")
 
 
 def rank_loaders(

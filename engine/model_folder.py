@@ -57,6 +57,8 @@ class Quantization:
         if self.method == "gguf":
             return f"GGUF {self.gguf_type or ''}".strip()
         parts = [self.method.upper()]
+        if self.bits is None and self.group_size is None:
+            parts.append("(parameters unknown)")
         if self.bits is not None:
             parts.append(f"{self.bits}-bit")
         if self.group_size is not None:
@@ -188,6 +190,8 @@ def inspect_model_folder(path: Path) -> ModelFolder:
             elif tensor_gptq is None:
                 tensor_gptq = _tensor_gptq(path / weight.path, problems)
     conflicts = _gptq_disagreements(quantization, tensor_gptq) if tensor_gptq is not None else []
+    if quantization is None and tensor_gptq is None:
+        quantization = _pt_only_hint(weights)
     problems.extend(corrupt + conflicts)
 
     gguf_files = [w for w in weights if w.format == "gguf"]
@@ -301,6 +305,22 @@ def _chat_template_source(path: Path, tokenizer_config: dict[str, Any] | None) -
     if (path / "chat_template.json").is_file():
         return "chat_template.json"
     return None
+
+
+def _pt_only_hint(weights: list[WeightFile]) -> Quantization | None:
+    """A .pt-only folder cannot be looked into without unpickling; its file name may say GPTQ.
+
+    The loader checks the tensors once the user has opted in to reading the .pt file.
+    """
+    formats = {w.format for w in weights}
+    if formats != {"pt"}:
+        return None
+    name = weights[0].path
+    bits, group = filename_hint(name)
+    if bits is None and "gptq" not in name.lower():
+        return None
+    return Quantization(method="gptq", source=f"file name {name} (unverified until the .pt is read)",
+                        bits=bits, group_size=group)
 
 
 def _tensor_gptq(path: Path, problems: list[str]) -> TensorGPTQ | None:

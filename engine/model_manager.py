@@ -108,5 +108,17 @@ class ModelManager:
             old.unload()
         except Exception:
             log.exception("unloading %s failed", old.info.name)
+        del old
         gc.collect()
+        release_freed_memory()
         return True
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the unloaded model back to the OS (glibc keeps it in its arenas otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do

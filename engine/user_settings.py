@@ -6,11 +6,22 @@ import json
 import logging
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.atomic import write_atomic
 
 log = logging.getLogger(__name__)
+
+
+class ModelChoice(BaseModel):
+    """How a model folder was loaded last time: the pinned loader (None = automatic) and its options."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    loader: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class UserSettings(BaseModel):
@@ -18,6 +29,8 @@ class UserSettings(BaseModel):
 
     last_model: str | None = None
     last_loader: str | None = None
+    # Keyed by the exact folder name: no patterns, so one model's settings never leak to another.
+    models: dict[str, ModelChoice] = Field(default_factory=dict)
 
 
 class UserSettingsStore:

@@ -102,7 +102,7 @@ class AutoGPTQLoader:
             return Assessment(False, folder.gptq_conflicts[0])
         if folder.corrupt_weights:
             return Assessment(False, folder.corrupt_weights[0])
-        if gptq.bits not in SUPPORTED_BITS:
+        if gptq.bits is not None and gptq.bits not in SUPPORTED_BITS:
             return Assessment(False, f"{gptq.bits}-bit GPTQ is not supported (2, 3, 4 or 8)")
         notes = [gptq.describe()]
         if gptq.source.startswith("tensor shapes"):
@@ -111,6 +111,7 @@ class AutoGPTQLoader:
             if "pt" not in folder.formats:
                 return Assessment(False, "no .safetensors or .pt GPTQ weights")
             notes.append("only a pickled .pt file: needs the .pt opt-in")
+            return Assessment(True, ", ".join(notes), 60)
         priority = 100 if gptq.bits == 8 else 80  # 4-bit: ExLlamaV2 is faster where it runs
         return Assessment(True, ", ".join(notes), priority)
 

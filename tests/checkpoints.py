@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -17,9 +21,11 @@ from typing import Callable
 
 from engine.default_model import DEFAULT_MODEL_FILE, default_model_source
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def cached(cache: Path, name: str, recipe: Callable[[Path], None]) -> Path:
-    key_source = inspect.getsource(recipe) + version("transformers") + version("torch")
+
+def cached(cache: Path, name: str, recipe: Callable[[Path], None], *, key_parts: tuple[str, ...] = ()) -> Path:
+    key_source = "|".join((inspect.getsource(recipe), version("transformers"), version("torch"), *key_parts))
     key = hashlib.sha256(key_source.encode()).hexdigest()[:12]
     target = cache / f"{name}-{key}"
     if target.is_dir():
@@ -76,3 +82,50 @@ def smollm_tokenizer_into(out: Path) -> None:
 
     source = default_model_source().parent
     AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_MODEL_FILE).save_pretrained(out)
+
+
+def gptq_checkpoint(cache: Path, bits: int, group_size: int, desc_act: bool) -> Path:
+    """SmolLM2 quantized by gptqmodel on CPU (~75 s each on 2 cores), cached by recipe."""
+    source = cached(cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors)
+    script = Path(__file__).with_name("quantize_checkpoint.py")
+
+    def quantize(out: Path) -> None:
+        with tempfile.TemporaryDirectory() as scratch:
+            env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": str(ROOT),
+                   "HF_HOME": str(Path(scratch) / "hf")}
+            args = [sys.executable, "-m", "tests.quantize_checkpoint", str(source), str(out),
+                    str(bits), str(group_size), "1" if desc_act else "0"]
+            result = subprocess.run(args, cwd=scratch, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"quantizing failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+    name = f"smollm2-gptq-{bits}bit-g{group_size}-{'act' if desc_act else 'noact'}"
+    return cached(cache, name, quantize, key_parts=(script.read_text(), version("gptqmodel"), source.name))
+
+
+LEGACY_STEM = "smollm2-135M-GPTQ-4bit-128g.no-act-order"
+
+
+def legacy_checkpoint(cache: Path) -> Path:
+    """A GPTQ-for-LLaMa-style folder: no quantize_config.json, no quantization_config in
+    config.json, an old-style weights name, and a .pt twin of the same tensors."""
+    source = gptq_checkpoint(cache, 4, 128, False)
+
+    def build(out: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in source.iterdir():
+            if entry.name in ("quantize_config.json", "model.safetensors", "quant_log.csv"):
+                continue
+            if entry.name == "config.json":
+                config = json.loads(entry.read_text())
+                config.pop("quantization_config", None)
+                (out / "config.json").write_text(json.dumps(config, indent=2))
+            elif entry.is_file():
+                shutil.copyfile(entry, out / entry.name)
+        shutil.copyfile(source / "model.safetensors", out / f"{LEGACY_STEM}.safetensors")
+        torch.save(load_file(str(source / "model.safetensors")), out / f"{LEGACY_STEM}.pt")
+
+    return cached(cache, "smollm2-gptq-legacy", build, key_parts=(source.name,))

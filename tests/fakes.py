@@ -17,8 +17,9 @@ from engine.sampling import SamplingParams
 class FakeModel:
     """Replies with the words of ``reply`` (or ``<prompt> reply``), one token each, with a delay."""
 
-    def __init__(self, name: str = "fake", reply: str | None = None, delay: float = 0.0, fail_after: int | None = None):
-        self.info = LoadedModelInfo(name=name, loader="Fake", device="cpu", dtype="none", context_length=100)
+    def __init__(self, name: str = "fake", reply: str | None = None, delay: float = 0.0, fail_after: int | None = None,
+                 loader: str = "Fake"):
+        self.info = LoadedModelInfo(name=name, loader=loader, device="cpu", dtype="none", context_length=100)
         self.reply = reply
         self.delay = delay
         self.fail_after = fail_after
@@ -83,6 +84,6 @@ class FakeLoader:
     def load(self, folder: ModelFolder, options: BaseModel) -> FakeModel:
         if self._fail_load:
             raise RuntimeError(f"cannot read {folder.weight_files[0].path}")
-        model = FakeModel(name=folder.name)
+        model = FakeModel(name=folder.name, loader=self.name)
         self.loaded.append(model)
         return model

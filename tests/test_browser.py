@@ -160,6 +160,8 @@ def test_model_tab_lists_the_default_model_and_the_transformers_reason(page):
         time.sleep(0.1)
     table = candidates.inner_text()
     assert re.search(r"Transformers\s+can load\s+50\s+GGUF file \(Q4_1\), dequantized by transformers", table)
+    assert re.search(r"AutoGPTQ\s+cannot load\s+–\s+not a GPTQ model", table)
+    assert re.search(r"ExLlamaV2\s+unavailable\s+–\s+(exllamav2 is not installed|no CUDA device)", table)
     page.locator("#loader-choice input").click()
     loader_options = page.locator("li[role=option]").all_inner_texts()
     assert any("auto → Transformers" in option for option in loader_options), loader_options

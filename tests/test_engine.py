@@ -75,7 +75,8 @@ def test_startup_prefers_cli_then_last_used_then_default(tmp_path):
     assert engine.startup_choice().model == DEFAULT_MODEL_NAME
     engine.load_model("zzz", "Good")
     remembered = json.loads(engine.settings.settings_file.read_text())
-    assert remembered == {"last_model": "zzz", "last_loader": "Good"}
+    assert remembered == {"last_model": "zzz", "last_loader": "Good",
+                          "models": {"zzz": {"loader": "Good", "options": {}}}}
     again = engine_with(tmp_path, FakeLoader("Good"))
     choice = again.startup_choice()
     assert (choice.model, choice.loader) == ("zzz", "Good")
@@ -122,3 +123,29 @@ def test_listening_wider_than_loopback_needs_auth(host):
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_loopback_needs_no_auth(host):
     assert Settings(host=host).is_loopback
+
+
+def test_per_model_settings_are_restored_by_exact_folder_name(tmp_path):
+    loader = FakeLoader("Good")
+    engine = engine_with(tmp_path, loader, FakeLoader("Other", priority=90))
+    models = engine.settings.models_dir
+    hf_folder(models, "model-a")
+    hf_folder(models, "model-a-v2")  # a name that a prefix or regex match would confuse
+    engine.load_model("model-a", "Good", {"device": "cpu"})
+    engine.load_model("model-a-v2")  # automatic: Other has the higher priority
+    assert engine.models.loaded.loader == "Other"
+    assert engine.saved_choice("model-a").loader == "Good"
+    assert engine.saved_choice("model-a").options == {"device": "cpu"}
+    assert engine.saved_choice("model-a-v2").loader is None
+    # A fresh engine (a restart) restores model-a's pinned loader and options on a plain load.
+    again = engine_with(tmp_path, FakeLoader("Good"), FakeLoader("Other", priority=90))
+    again.load_model("model-a")
+    assert again.models.loaded.loader == "Good"
+    assert again.reload_model().name == "model-a"
+
+
+def test_reload_without_a_model_is_an_error(tmp_path):
+    from engine.errors import BadRequestError
+
+    with pytest.raises(BadRequestError, match="no model is loaded"):
+        engine_with(tmp_path, FakeLoader("Good")).reload_model()

@@ -22,7 +22,7 @@ def test_help_documents_every_flag():
     result = run_server("--help")
     assert result.returncode == 0
     for flag in ("--model", "--loader", "--models-dir", "--host", "--port", "--auth", "--auth-file",
-                 "--no-model", "--device", "--list-plugins", "LOADSTAR_NO_THIRD_PARTY_PLUGINS"):
+                 "--no-model", "--device", "--list-plugins", "--allow-pt", "LOADSTAR_NO_THIRD_PARTY_PLUGINS"):
         assert flag in result.stdout
 
 
@@ -86,4 +86,5 @@ def test_bad_port_number():
 def test_list_plugins_shows_the_builtin_loader():
     result = run_server("--list-plugins")
     assert result.returncode == 0, result.stderr
-    assert "transformers 0.1.0 (built-in): register_loaders" in result.stdout
+    for name in ("transformers", "autogptq", "exllamav2"):
+        assert f"{name} 0.1.0 (built-in): register_loaders" in result.stdout

@@ -82,16 +82,43 @@ class ModelHandlers:
         choices = [(auto_label, AUTO_LOADER)] + [(c.describe(), c.loader) for c in candidates]
         return folder_details(folder), candidates_table(candidates), choices
 
-    def load(self, name: str | None, loader: str | None) -> str:
+    def saved_loader(self, name: str | None) -> str:
+        """The loader this model was pinned to last time, else auto (exact folder name)."""
+        saved = self.engine.saved_choice(name) if name else None
+        return saved.loader if saved is not None and saved.loader else AUTO_LOADER
+
+    def load(self, name: str | None, loader: str | None, allow_pt: bool = False) -> str:
         if not name:
             return "⚠️ Pick a model first."
         pinned = None if loader in (None, AUTO_LOADER) else loader
         try:
-            self.engine.load_model(name, pinned)
+            options = self._options_for(name, pinned, allow_pt)
+            if pinned is None and options is None:
+                self.engine.load_model(name)  # as it was loaded last time, if it was
+            else:
+                self.engine.load_model(name, pinned, options or {})
         except LoadstarError as error:
             previous = self.loaded_status()
             return f"⚠️ {error}\n\n{previous}"
         return self.loaded_status()
+
+    def reload(self) -> str:
+        try:
+            self.engine.reload_model()
+        except LoadstarError as error:
+            return f"⚠️ {error}\n\n{self.loaded_status()}"
+        return self.loaded_status()
+
+    def _options_for(self, name: str, pinned: str | None, allow_pt: bool) -> dict | None:
+        """The .pt opt-in goes to the loader that will load the model, if it takes it."""
+        if not allow_pt:
+            return None
+        candidates = self.engine.models.candidates(name, pinned)
+        chosen = next((c for c in candidates if c.usable), None)
+        loaders = self.engine.plugins.loaders()
+        if chosen is not None and "allow_pt" in loaders[chosen.loader].Options.model_fields:
+            return {"allow_pt": True}
+        return None
 
     def unload(self) -> str:
         unloaded = self.engine.unload_model()

@@ -65,8 +65,14 @@ def build_ui(engine: Engine) -> gr.Blocks:
                     choices=models.loader_choices(), value=AUTO_LOADER, label="Loader",
                     info="auto = the best candidate below", elem_id="loader-choice", scale=2,
                 )
+            allow_pt = gr.Checkbox(
+                False, label="Allow .pt weights",
+                info="Pickled .pt files can carry code: allow only for sources you trust (read with weights_only).",
+                elem_id="allow-pt",
+            )
             with gr.Row():
                 load_button = gr.Button("Load", variant="primary", elem_id="load-model")
+                reload_button = gr.Button("Reload", elem_id="reload-model")
                 unload_button = gr.Button("Unload", elem_id="unload-model")
             details = gr.Markdown(elem_id="model-details")
             gr.Markdown("### Loader candidates")
@@ -114,11 +120,15 @@ def build_ui(engine: Engine) -> gr.Blocks:
             value = loader if loader in {value for _, value in choices} else AUTO_LOADER
             return folder, table, gr.update(choices=choices, value=value)
 
+        def pick_model(name):
+            return describe(name, models.saved_loader(name))  # restore this model's own choice
+
         describe_io = ([model_choice, loader_choice], [details, candidates, loader_choice])
         refresh_button.click(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
-        model_choice.change(describe, *describe_io)
+        model_choice.change(pick_model, [model_choice], describe_io[1])
         loader_choice.input(describe, *describe_io)  # .input: user choices only, no update loop
-        load_button.click(models.load, [model_choice, loader_choice], loaded)
+        load_button.click(models.load, [model_choice, loader_choice, allow_pt], loaded)
+        reload_button.click(models.reload, None, loaded)
         unload_button.click(models.unload, None, loaded)
         demo.load(describe, *describe_io).then(models.loaded_status, None, loaded)
     return demo

@@ -1,0 +1,219 @@
+"""Real GPTQ checkpoints made from SmolLM2 with gptqmodel: inspected, the expected loader chosen,
+loaded on this machine, asked a question; a plain dequantization checks the loaded layers."""
+
+import gc
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from engine.chat import ChatMessage
+from engine.engine import Engine
+from engine.errors import LoadstarError, ModelLoadError
+from engine.generation import GenerationRequest
+from engine.sampling import SamplingParams
+from engine.settings import Settings
+from tests.checkpoints import LEGACY_STEM, gptq_checkpoint, legacy_checkpoint
+
+pytestmark = pytest.mark.slow
+
+QUESTION = (ChatMessage(role="user", content="What is the capital of France?"),)
+CHECKPOINTS = {
+    # name: (bits, group size, act-order, expected CPU kernel class)
+    "smol-4bit-g64-act": (4, 64, True, "TorchAtenLinear"),
+    "smol-4bit-g128": (4, 128, False, "TorchLinear"),
+    "smol-8bit-nogroup-act": (8, -1, True, "TorchInt8Linear"),
+}
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def models_dir(checkpoint_cache, tmp_path_factory):
+    models = tmp_path_factory.mktemp("gptq-models")
+    for name, (bits, group, act, _) in CHECKPOINTS.items():
+        (models / name).symlink_to(gptq_checkpoint(checkpoint_cache, bits, group, act), target_is_directory=True)
+    legacy = legacy_checkpoint(checkpoint_cache)
+    shutil.copytree(legacy, models / "smol-legacy")  # a real folder: we check it stays untouched
+    pt_only = models / "smol-legacy-pt-only"
+    shutil.copytree(legacy, pt_only)
+    (pt_only / f"{LEGACY_STEM}.safetensors").unlink()
+    return models
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir, tmp_path_factory):
+    engine = Engine(Settings(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("gptq-data")))
+    yield engine
+    engine.close()
+
+
+def ask(engine) -> str:
+    result = engine.submit(GenerationRequest(messages=QUESTION, params=SamplingParams(temperature=0, max_new_tokens=30))).result()
+    assert result.reason == "stop", result
+    return result.text
+
+
+def fluent_english(text: str) -> bool:
+    words = re.findall(r"[A-Za-z']+", text)
+    letters = sum(c.isascii() and (c.isalpha() or c in " .,'!?-") for c in text)
+    return len(words) >= 4 and letters / max(len(text), 1) > 0.9 and text[:1].isupper()
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_checkpoint_is_inspected_chosen_loaded_and_answers(engine, name):
+    bits, group, act, kernel = CHECKPOINTS[name]
+    folder = engine.models.inspect(name)
+    assert (folder.gptq.bits, folder.gptq.group_size, folder.gptq.desc_act) == (bits, group, act)
+    assert folder.gptq_conflicts == () and folder.corrupt_weights == ()
+    [best, *rest] = engine.models.candidates(name)
+    expected = "ExLlamaV2" if bits == 4 and cuda_available() else "AutoGPTQ"
+    assert best.loader == expected
+    if not cuda_available():
+        assert "ExLlamaV2: unavailable" in next(c.describe() for c in rest if c.loader == "ExLlamaV2")
+    info = engine.load_model(name)
+    assert info.loader == expected
+    if expected == "AutoGPTQ" and info.device == "cpu":
+        assert kernel in info.details
+    answer = ask(engine)
+    assert fluent_english(answer), answer
+    if bits == 8:
+        assert "Paris" in answer
+
+
+def test_legacy_folder_loads_from_tensor_shapes_without_touching_the_folder(engine, models_dir):
+    folder_path = models_dir / "smol-legacy"
+    before = {p.name: p.stat().st_mtime_ns for p in folder_path.iterdir()}
+    folder = engine.models.inspect("smol-legacy")
+    assert folder.quantization is None
+    assert (folder.gptq.bits, folder.gptq.group_size, folder.gptq.desc_act) == (4, 128, False)
+    assert folder.formats == {"safetensors", "pt"}
+    info = engine.load_model("smol-legacy")
+    assert info.loader == ("ExLlamaV2" if cuda_available() else "AutoGPTQ")
+    assert "read from the tensor shapes" in info.details and "your model folder is unchanged" in info.details
+    assert "agrees with the file name" in info.details
+    assert fluent_english(ask(engine))
+    after = {p.name: p.stat().st_mtime_ns for p in folder_path.iterdir()}
+    assert after == before  # nothing written, nothing added
+
+
+def test_pt_weights_need_the_opt_in_and_then_load_without_pickle_code(engine):
+    previous = engine.load_model("smol-4bit-g64-act")
+    with pytest.raises(ModelLoadError, match=r"is a pickled \.pt file.*--allow-pt"):
+        engine.load_model("smol-legacy-pt-only", "AutoGPTQ")
+    assert engine.models.loaded.name == previous.name  # the failed load left the model in place
+    info = engine.load_model("smol-legacy-pt-only", "AutoGPTQ", {"allow_pt": True})
+    assert "4-bit group 128" in info.details
+    assert fluent_english(ask(engine))
+
+
+def test_corrupt_weights_and_lying_configs_keep_the_previous_model(engine, models_dir, tmp_path):
+    engine.load_model("smol-8bit-nogroup-act")
+    broken = models_dir / "smol-truncated"
+    shutil.copytree(models_dir / "smol-4bit-g128", broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(LoadstarError, match="model.safetensors is truncated"):
+        engine.load_model("smol-truncated")
+    liar = models_dir / "smol-liar"
+    shutil.copytree(models_dir / "smol-4bit-g128", liar)
+    (liar / "quantize_config.json").write_text('{"bits": 8, "group_size": 128, "desc_act": false}')
+    with pytest.raises(LoadstarError, match="says bits=8 but the tensors in model.safetensors have bits=4"):
+        engine.load_model("smol-liar")
+    assert engine.models.loaded.name == "smol-8bit-nogroup-act"
+    assert "Paris" in ask(engine)
+
+
+def unpack(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Unpack int32 words into ``32 // bits`` values each, along ``axis`` (low bits first)."""
+    words = packed.astype(np.uint32)
+    parts = [(words >> (bits * k)) & ((1 << bits) - 1) for k in range(32 // bits)]
+    stacked = np.stack(parts, axis=axis + 1)  # [..., word, k, ...]
+    shape = list(packed.shape)
+    shape[axis] *= 32 // bits
+    return stacked.reshape(shape).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", ["smol-4bit-g64-act", "smol-8bit-nogroup-act"])
+def test_plain_dequantization_matches_the_loaded_layer(engine, models_dir, name):
+    import torch
+    from safetensors.torch import load_file
+
+    bits = CHECKPOINTS[name][0]
+    tensors = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+               for k, v in load_file(str(models_dir / name / "model.safetensors")).items()}
+    prefix = "model.layers.3.mlp.down_proj"
+    weights = unpack(tensors[f"{prefix}.qweight"], bits, axis=0)  # [in, out]
+    zeros = unpack(tensors[f"{prefix}.qzeros"], bits, axis=1) + 1  # v1 format stores zero - 1
+    scales = tensors[f"{prefix}.scales"].astype(np.float32)
+    g_idx = tensors[f"{prefix}.g_idx"].astype(np.int64)
+    dense = (weights - zeros[g_idx]) * scales[g_idx]  # [in, out]
+    x = np.random.default_rng(0).standard_normal((4, dense.shape[0])).astype(np.float32)
+    expected = x @ dense
+
+    engine.load_model(name, "AutoGPTQ")
+    with engine.models.use() as model:
+        layer = model.model.get_submodule(prefix)
+        dtype = next(p for p in model.model.parameters()).dtype
+        with torch.inference_mode():
+            actual = layer(torch.from_numpy(x).to(dtype)).float().numpy()
+    error = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert error < 0.02, f"relative error {error:.4f}"
+
+
+MEMORY_PROBE = """
+import gc, json, sys
+from pathlib import Path
+import psutil
+from engine.engine import Engine
+from engine.settings import Settings
+
+engine = Engine(Settings(models_dir=Path(sys.argv[1]), data_dir=Path(sys.argv[2])))
+engine.plugins.loaders()
+import torch, transformers, gptqmodel  # imports are not the model: take them out of the numbers
+process = psutil.Process()
+gc.collect()
+before = process.memory_info().rss
+engine.load_model(sys.argv[3], sys.argv[4])
+loaded = process.memory_info().rss
+engine.unload_model()
+gc.collect()
+after = process.memory_info().rss
+print(json.dumps({"before": before, "loaded": loaded, "after": after}))
+"""
+
+
+@pytest.mark.parametrize("name,loader", [("smol-4bit-g128", "AutoGPTQ"), ("smol-8bit-nogroup-act", "AutoGPTQ")])
+def test_memory_is_freed_on_unload(models_dir, tmp_path, name, loader):
+    """Measured in a fresh process: RSS before load, loaded, and after unload."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(models_dir), str(tmp_path), name, loader],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    grown = rss["loaded"] - rss["before"]
+    kept = rss["after"] - rss["before"]
+    print(f"{name}: RSS +{grown >> 20} MiB loaded, +{kept >> 20} MiB after unload")
+    assert grown > 20 << 20, rss  # loading did take memory
+    assert kept < grown * 0.5, f"only {100 - 100 * kept // grown}% of {grown >> 20} MiB came back"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+@pytest.mark.parametrize("loader", ["ExLlamaV2", "AutoGPTQ"])
+def test_gpu_loaders_answer(engine, loader):
+    info = engine.load_model("smol-4bit-g64-act", loader, {"device": "cuda"} if loader == "AutoGPTQ" else {})
+    assert info.device == "cuda"
+    assert fluent_english(ask(engine))
