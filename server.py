@@ -15,6 +15,8 @@ from pathlib import Path
 
 DEFAULT_MODELS_DIR = Path("models")
 NO_THIRD_PARTY_ENV = "LOADSTAR_NO_THIRD_PARTY_PLUGINS"
+API_KEY_ENV = "LOADSTAR_API_KEY"
+ADMIN_KEY_ENV = "LOADSTAR_ADMIN_KEY"
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 
@@ -51,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require this login for the web UI (may be repeated)")
     server.add_argument("--auth-file", metavar="FILE", type=Path,
                         help="file with one USER:PASSWORD per line ('#' starts a comment)")
+    api = parser.add_argument_group("API (OpenAI-compatible, under /v1 on the same port)")
+    api.add_argument("--api-key", metavar="KEY", help=f"Bearer key for /v1 and /metrics; required off loopback "
+                     f"(or set {API_KEY_ENV}, which keeps it out of the process list)")
+    api.add_argument("--admin-key", metavar="KEY", help=f"Bearer key for /admin (load/unload); the admin API is off "
+                     f"without it (or set {ADMIN_KEY_ENV})")
+    api.add_argument("--no-api", action="store_true", help="serve the web UI only")
+    api.add_argument("--cors-origin", metavar="ORIGIN", action="append", default=[],
+                     help="allow browser pages from this origin to call the API (may be repeated; none by default)")
+    api.add_argument("--queue-timeout", metavar="SECONDS", type=float, default=300.0,
+                     help="how long an API request may wait for the model before a timeout error (default: %(default)s)")
+    api.add_argument("--api-max-tokens", metavar="N", type=int, default=1024,
+                     help="most new tokens per API request (default: %(default)s)")
     server.add_argument("--data-dir", metavar="DIR", type=Path, default=Path("user_data"),
                         help="folder for remembered choices (default: %(default)s)")
     tools = parser.add_argument_group("maintenance")
@@ -95,6 +109,12 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             host=args.host,
             port=args.port,
             auth=parse_auth(args.auth, args.auth_file),
+            api_enabled=not args.no_api,
+            api_key=args.api_key or environ.get(API_KEY_ENV) or None,
+            admin_key=args.admin_key or environ.get(ADMIN_KEY_ENV) or None,
+            cors_origins=tuple(args.cors_origin),
+            queue_timeout=args.queue_timeout,
+            api_max_tokens=args.api_max_tokens,
             third_party_plugins=environ.get(NO_THIRD_PARTY_ENV, "") not in ("1", "true", "yes"),
         )
     except ValidationError as error:
@@ -173,12 +193,14 @@ def run(argv: list[str]) -> int:
 
     import uvicorn
 
-    from webui.asgi import build_app
+    from api.app import build_http_app
+    from webui.asgi import mount_ui
 
-    app = build_app(engine)
+    app = mount_ui(build_http_app(engine), engine)
     where = f"http://{settings.host}:{settings.port}"
     loaded = f"{info.name} ({info.loader}, {info.device})" if info else "no model"
-    print(f"Loadstar is running at {where} with {loaded}. Press Ctrl+C to stop.", flush=True)
+    api = f", API at {where}/v1" if settings.api_enabled else ""
+    print(f"Loadstar is running at {where}{api} with {loaded}. Press Ctrl+C to stop.", flush=True)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:

@@ -23,11 +23,15 @@ from typing import Callable, Iterator, Literal, Protocol, Union
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError, one_line
 from engine.loader_api import CancelToken, LoadedModel
+from engine.metrics import GenerationMetrics
 from engine.sampling import SEED_MAX, SamplingParams
+from engine.stop_strings import StopStringFilter
 
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,17 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
     prompt: str | None = None
     owner: str = "local"  # who may cancel it and whose turn it is in the queue
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one, which is not shown
 
     def __post_init__(self) -> None:
         if bool(self.messages) == (self.prompt is not None):
             raise BadRequestError("a generation request needs either chat messages or a prompt, not both")
         if self.prompt is not None and not self.prompt:
             raise BadRequestError("the prompt is empty")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
+            raise BadRequestError(
+                f"stop strings: at most {MAX_STOP_STRINGS}, each 1 to {MAX_STOP_LENGTH} characters"
+            )
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,13 @@ class GenerationHandle:
             if isinstance(event, Finished):
                 return
 
+    def next_event(self, timeout: float) -> GenerationEvent | None:
+        """The next event, or None if none came within ``timeout`` seconds (for polling callers)."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
     def result(self) -> Finished:
         """Wait for the end and return the ``Finished`` event (with the whole text)."""
         for event in self.events():
@@ -161,6 +177,7 @@ class GenerationService:
         self._worker: threading.Thread | None = None
         self._closed = False
         self._ids = itertools.count(1)
+        self.metrics = GenerationMetrics()
 
     # -- public --------------------------------------------------------------------------------
 
@@ -243,6 +260,12 @@ class GenerationService:
                 del self._waiting[handle.owner]
             self._announce_positions()
         handle._emit(Finished(reason="cancelled", text=""))
+        self._record(handle)
+
+    def _record(self, handle: GenerationHandle) -> None:
+        done = handle.finished
+        if done is not None:
+            self.metrics.record(done.reason, done.prompt_tokens, done.completion_tokens, done.seconds)
 
     def _next(self) -> GenerationHandle | None:
         with self._cond:
@@ -277,6 +300,7 @@ class GenerationService:
             finally:
                 with self._cond:
                     self._running = None
+                self._record(handle)
 
     def _run(self, handle: GenerationHandle) -> None:
         request = handle.request
@@ -294,14 +318,20 @@ class GenerationService:
             started = time.perf_counter()
             parts: list[str] = []
             tokens = 0
+            stops = StopStringFilter(request.stop)
+
+            def show(text: str) -> None:
+                if text:
+                    parts.append(text)
+                    handle._emit(TextDelta(text))
+
             try:
                 for piece in model.stream(prompt, request.params, handle.cancel_token, seed=seed):
                     tokens += piece.tokens
-                    if piece.text:
-                        parts.append(piece.text)
-                        handle._emit(TextDelta(piece.text))
-                    if handle.cancelled:
+                    show(stops.feed(piece.text))
+                    if handle.cancelled or stops.stopped:
                         break
+                show(stops.flush())
             except Exception as error:
                 log.exception("generation %s failed in the model", handle.id)
                 handle._emit(
@@ -316,8 +346,10 @@ class GenerationService:
                     )
                 )
                 return
-            if handle.cancelled:
-                reason: FinishReason = "cancelled"
+            if stops.stopped:
+                reason: FinishReason = "stop"
+            elif handle.cancelled:
+                reason = "cancelled"
             elif tokens >= request.params.max_new_tokens:
                 reason = "length"
             else:

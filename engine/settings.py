@@ -24,6 +24,13 @@ class Settings(BaseModel):
     port: int = Field(7860, ge=1, le=65535, description="Port to listen on.")
     auth: tuple[tuple[str, str], ...] = Field((), description="(user, password) pairs for the web UI.")
     allow_pt: bool = Field(False, description="Allow pickled .pt weights (read with torch weights_only) when no safetensors exist.")
+    api_enabled: bool = Field(True, description="Serve the OpenAI-compatible API under /v1.")
+    api_key: str | None = Field(None, min_length=8, description="Bearer key for /v1 and /metrics (required off loopback).")
+    admin_key: str | None = Field(None, min_length=8, description="Bearer key for /admin (admin API off without it).")
+    cors_origins: tuple[str, ...] = Field((), description="Origins allowed to call the API from a browser.")
+    queue_timeout: float = Field(300.0, gt=0, le=86400, description="Seconds an API request may wait in the queue.")
+    api_max_tokens: int = Field(1024, ge=1, le=32768, description="Most new tokens per API request.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest API request body.")
     third_party_plugins: bool = Field(True, description="Load plugins from other packages (off = only built-ins).")
 
     @property
@@ -41,6 +48,13 @@ class Settings(BaseModel):
                 f"refusing to listen on {self.host} without authentication: "
                 f"add --auth USER:PASSWORD or --auth-file FILE, or use --host 127.0.0.1"
             )
+        if not self.is_loopback and self.api_enabled and not self.api_key:
+            raise ValueError(
+                f"refusing to serve the API on {self.host} without a key: add --api-key KEY "
+                f"(or LOADSTAR_API_KEY), or --no-api"
+            )
+        if self.api_key and self.admin_key and self.api_key == self.admin_key:
+            raise ValueError("the admin key must differ from the API key")
         return self
 
 

@@ -117,7 +117,10 @@ def test_default_model_placement_is_idempotent_and_atomic(tmp_path):
 def test_listening_wider_than_loopback_needs_auth(host):
     with pytest.raises(ValueError, match=f"refusing to listen on {host} without authentication"):
         Settings(host=host)
-    assert Settings(host=host, auth=(("u", "p"),)).host == host
+    with pytest.raises(ValueError, match="without a key"):
+        Settings(host=host, auth=(("u", "p"),))
+    assert Settings(host=host, auth=(("u", "p"),), api_key="k" * 16).host == host
+    assert Settings(host=host, auth=(("u", "p"),), api_enabled=False).host == host
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])

@@ -22,7 +22,8 @@ def test_help_documents_every_flag():
     result = run_server("--help")
     assert result.returncode == 0
     for flag in ("--model", "--loader", "--models-dir", "--host", "--port", "--auth", "--auth-file",
-                 "--no-model", "--device", "--list-plugins", "--allow-pt", "LOADSTAR_NO_THIRD_PARTY_PLUGINS"):
+                 "--no-model", "--device", "--list-plugins", "--allow-pt",
+                 "--api-key", "--admin-key", "--no-api", "--cors-origin", "--queue-timeout", "--api-max-tokens", "LOADSTAR_NO_THIRD_PARTY_PLUGINS"):
         assert flag in result.stdout
 
 
@@ -65,6 +66,16 @@ def test_port_in_use(default_models_dir, tmp_path):
 def test_wide_listening_without_auth_is_refused():
     result = run_server("--host", "0.0.0.0", "--no-model")
     assert_one_line_error(result, "refusing to listen on 0.0.0.0 without authentication", 2)
+
+
+def test_wide_listening_needs_an_api_key_too(tmp_path):
+    result = run_server("--host", "0.0.0.0", "--auth", "u:p", "--no-model")
+    assert_one_line_error(result, "refusing to serve the API on 0.0.0.0 without a key", 2)
+
+
+def test_short_api_key_is_refused():
+    result = run_server("--api-key", "short", "--no-model")
+    assert_one_line_error(result, "api_key", 2)
 
 
 @pytest.mark.parametrize("auth", ["nocolon", ":password", "user:"])

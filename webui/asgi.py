@@ -1,8 +1,6 @@
-"""The web application: a FastAPI app with the Gradio page mounted at ``/`` and a health check."""
+"""Mount the Gradio page at ``/`` on the HTTP application built by ``api.app``."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
@@ -11,14 +9,7 @@ from engine.engine import Engine
 from webui.ui import build_ui
 
 
-def build_app(engine: Engine) -> FastAPI:
-    app = FastAPI(title="Loadstar", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        # Unauthenticated by design (for probes), so it says nothing about which model is loaded.
-        return {"status": "ok", "model_loaded": engine.models.loaded is not None}
-
+def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
     auth = list(engine.settings.auth) or None
     demo = build_ui(engine)
     demo.queue(default_concurrency_limit=1)

@@ -1,0 +1,40 @@
+"""The HTTP application: the API (and health, metrics) on a FastAPI app the web UI is mounted into."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from api.errors import install_error_handlers
+from api.limits import BodyLimit
+from api.openai_routes import build_router
+from api.security import ApiKeys
+from engine.engine import Engine
+
+
+def build_http_app(engine: Engine) -> FastAPI:
+    settings = engine.settings
+    app = FastAPI(
+        title="Loadstar API",
+        version="0.1.0",
+        description="OpenAI-compatible chat and text completions over the loaded model, plus admin endpoints.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.api_enabled else None,
+    )
+    install_error_handlers(app)
+    if settings.api_enabled:
+        keys = ApiKeys(settings.api_key, settings.admin_key)
+        app.include_router(build_router(engine, keys, queue_timeout=settings.queue_timeout,
+                                        max_tokens_cap=settings.api_max_tokens))
+    else:
+        @app.get("/health")
+        def health() -> dict:
+            return {"status": "ok", "model_loaded": engine.models.loaded is not None}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:  # no CORS headers at all unless an allow-list is given
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    return app

@@ -1,0 +1,258 @@
+"""The OpenAI-compatible API, admin endpoints, health and metrics, as a FastAPI router.
+
+Generation goes through the same engine queue as the web UI, so API clients and browser users
+are served fairly (round-robin by owner: an API key counts as one owner). A client that
+disconnects cancels its generation; a request still waiting after ``queue_timeout`` seconds
+gets a 503 timeout error.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+
+from api.errors import ApiError
+from api.metrics_text import render_metrics
+from api.schemas import ChatCompletionRequest, CompletionRequest, LoadRequest, SamplingFields
+from api.security import ApiKeys
+from engine.chat import ChatMessage
+from engine.engine import Engine
+from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
+from engine.generation import Finished, GenerationEvent, GenerationHandle, GenerationRequest, Queued, Started, TextDelta
+from engine.sampling import SamplingParams
+
+POLL_SECONDS = 0.25
+
+
+def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tokens_cap: int) -> APIRouter:
+    router = APIRouter()
+    user = Depends(keys.require_user)
+    admin = Depends(keys.require_admin)
+
+    @router.get("/v1/models", dependencies=[user])
+    def list_models() -> dict[str, Any]:
+        info = engine.models.loaded
+        data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "loadstar"}] if info else []
+        return {"object": "list", "data": data}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str = user) -> Any:
+        messages = tuple(
+            ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
+        )
+        return await _generate(request, body, owner, chat=True, messages=messages)
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, owner: str = user) -> Any:
+        return await _generate(request, body, owner, chat=False, prompt=body.prompt_text())
+
+    @router.get("/health")
+    def health() -> dict[str, Any]:
+        # Unauthenticated by design (for probes): says nothing about which model is loaded.
+        return {"status": "ok", "model_loaded": engine.models.loaded is not None}
+
+    @router.get("/metrics", dependencies=[user], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        text = render_metrics(engine.generation.metrics.snapshot(), engine.generation.waiting, engine.models.loaded)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @router.get("/admin/models", dependencies=[admin])
+    def admin_models() -> dict[str, Any]:
+        loaded = engine.models.loaded
+        rows = []
+        for name in engine.models.list_models():
+            try:
+                summary = engine.models.inspect(name).summary()
+            except LoadstarError as error:
+                summary = str(error)
+            rows.append({"name": name, "summary": summary, "loaded": bool(loaded and loaded.name == name)})
+        return {"models": rows, "loaded": _loaded_dict(engine)}
+
+    @router.post("/admin/models/load", dependencies=[admin])
+    async def admin_load(body: LoadRequest) -> dict[str, Any]:
+        try:
+            await anyio.to_thread.run_sync(engine.load_model, body.model, body.loader, body.options)
+        except ModelNotFoundError as error:
+            raise ApiError(404, str(error), "not_found_error", code="model_not_found") from None
+        except LoadstarError as error:
+            raise ApiError(400, str(error), "invalid_request_error", code="load_failed") from None
+        return {"loaded": _loaded_dict(engine)}
+
+    @router.post("/admin/models/unload", dependencies=[admin])
+    async def admin_unload() -> dict[str, Any]:
+        unloaded = await anyio.to_thread.run_sync(engine.unload_model)
+        return {"unloaded": unloaded}
+
+    async def _generate(
+        request: Request, body: SamplingFields, owner: str, *, chat: bool,
+        messages: tuple[ChatMessage, ...] = (), prompt: str | None = None,
+    ) -> Any:
+        loaded = engine.models.loaded
+        if loaded is None:
+            raise ApiError(503, "no model is loaded: load one in the UI or with POST /admin/models/load",
+                           "server_error", code="model_not_loaded")
+        if body.model != loaded.name:
+            raise ApiError(404, f"model '{body.model}' is not loaded (loaded: {loaded.name})",
+                           "invalid_request_error", param="model", code="model_not_found")
+        requested = body.max_completion_tokens or body.max_tokens or max_tokens_cap
+        try:
+            params = SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=0,
+                max_new_tokens=min(requested, max_tokens_cap),
+                seed=-1 if body.seed is None else body.seed,
+            )
+            handle = engine.submit(GenerationRequest(
+                messages=messages, prompt=prompt, params=params, owner=owner, stop=body.stop_strings()
+            ))
+        except (BadRequestError, ValidationError) as error:
+            raise ApiError(400, str(error).splitlines()[0], "invalid_request_error") from None
+        try:
+            started, early = await _wait_until_started(handle, request, queue_timeout)
+        except BaseException:
+            handle.cancel()
+            raise
+        ids = Ids(chat=chat, model=loaded.name)
+        if body.stream:
+            return StreamingResponse(
+                _sse(handle, request, ids, early, include_usage=body.include_usage()),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            finished = early if isinstance(early, Finished) else await _wait_finished(handle, request)
+        finally:
+            handle.cancel()
+        if finished.reason == "error":
+            raise ApiError(500, finished.error or "generation failed", "server_error")
+        return ids.completion(finished)
+
+    return router
+
+
+class Ids:
+    """Identity and shapes of one response (ids, timestamps, the chat or text flavour)."""
+
+    def __init__(self, *, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def _head(self, object_: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
+
+    def completion(self, finished: Finished) -> dict[str, Any]:
+        reason = _finish_reason(finished)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text}, "finish_reason": reason}
+            head = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": finished.text, "finish_reason": reason, "logprobs": None}
+            head = self._head("text_completion")
+        return {**head, "choices": [choice], "usage": _usage(finished)}
+
+    def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, finished: Finished) -> dict[str, Any]:
+        object_ = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(object_), "choices": [], "usage": _usage(finished)}
+
+
+def _usage(finished: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": finished.prompt_tokens,
+        "completion_tokens": finished.completion_tokens,
+        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+    }
+
+
+def _finish_reason(finished: Finished) -> str:
+    return "length" if finished.reason == "length" else "stop"
+
+
+def _loaded_dict(engine: Engine) -> dict[str, Any] | None:
+    info = engine.models.loaded
+    if info is None:
+        return None
+    return {"name": info.name, "loader": info.loader, "device": info.device, "dtype": info.dtype, "details": info.details}
+
+
+async def _next(handle: GenerationHandle) -> GenerationEvent | None:
+    return await anyio.to_thread.run_sync(handle.next_event, POLL_SECONDS, abandon_on_cancel=True)
+
+
+async def _wait_until_started(
+    handle: GenerationHandle, request: Request, timeout: float
+) -> tuple[Started | None, GenerationEvent | None]:
+    """Wait through the queue. Returns (Started, None), or (None, Finished) if it ended first."""
+    deadline = time.monotonic() + timeout
+    position = None
+    while True:
+        event = await _next(handle)
+        if isinstance(event, Started):
+            return event, None
+        if isinstance(event, Finished):
+            return None, event
+        if isinstance(event, Queued):
+            position = event.position
+        if await request.is_disconnected():
+            raise ApiError(499, "client went away", "client_closed")
+        if time.monotonic() > deadline:
+            where = f" (position {position})" if position else ""
+            raise ApiError(503, f"timed out after {timeout:.0f} s waiting in the queue{where}; try again later",
+                           "timeout_error", code="queue_timeout")
+
+
+async def _wait_finished(handle: GenerationHandle, request: Request) -> Finished:
+    while True:
+        event = await _next(handle)
+        if isinstance(event, Finished):
+            return event
+        if event is None and await request.is_disconnected():
+            handle.cancel()  # nobody is waiting for the answer any more
+
+
+async def _sse(
+    handle: GenerationHandle, request: Request, ids: Ids, early: GenerationEvent | None, *, include_usage: bool
+) -> AsyncIterator[str]:
+    def data(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    try:
+        yield data(ids.chunk("" if ids.chat else None, None, role=True))
+        finished = early if isinstance(early, Finished) else None
+        while finished is None:
+            event = await _next(handle)
+            if isinstance(event, TextDelta):
+                yield data(ids.chunk(event.text, None))
+            elif isinstance(event, Finished):
+                finished = event
+            elif event is None and await request.is_disconnected():
+                return
+        if finished.reason == "error":
+            yield data({"error": {"message": finished.error, "type": "server_error", "param": None, "code": None}})
+        else:
+            yield data(ids.chunk(None, _finish_reason(finished)))
+            if include_usage:
+                yield data(ids.usage_chunk(finished))
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()  # a client that went away stops its own generation

@@ -1,0 +1,88 @@
+"""OpenAI-compatible request and response shapes (the subset Loadstar serves), with limits."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.generation import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from engine.sampling import SEED_MAX
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str = Field(max_length=1_000_000)
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by chat and text completions. Unknown fields are ignored, as OpenAI clients send many."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256, description="The loaded model's name (see /v1/models).")
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="Most new tokens; capped by the server's limit.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768, description="Newer name for max_tokens.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling; default 1.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Same seed, same sample.")
+    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text ends before the first.")
+    stream: bool = Field(False, description="Send server-sent events, ending with data: [DONE].")
+    stream_options: dict[str, Any] | None = Field(None, description="{'include_usage': true} adds a usage chunk.")
+    n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, each 1 to {MAX_STOP_LENGTH} characters")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=10_000)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if len(prompts) != 1 or not prompts[0]:
+            raise ValueError("give exactly one non-empty prompt")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256, description="Model folder name in the models folder.")
+    loader: str | None = Field(None, max_length=64, description="Pin a loader; default: the best candidate.")
+    options: dict[str, Any] | None = Field(None, description="Loader options (see the loader's Options).")

@@ -1,0 +1,73 @@
+"""API behaviour that needs a slow model: queue timeouts, fairness with the UI's users (fake model)."""
+
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import build_http_app
+from engine.engine import Engine
+from engine.hookspecs import hookimpl
+from engine.plugins import PluginHost
+from engine.settings import Settings
+from tests.fakes import FakeLoader, FakeModel
+from tests.folders import hf_folder
+
+
+class SlowLoader(FakeLoader):
+    def load(self, folder, options):
+        return FakeModel(name=folder.name, loader=self.name, reply=" ".join(["word"] * 400), delay=0.01)
+
+
+@pytest.fixture
+def slow_app(tmp_path):
+    host = PluginHost([])
+
+    class Plugin:
+        @hookimpl
+        def register_loaders(self, register):
+            register(SlowLoader("Slow"))
+
+    host.register(Plugin(), name="slow")
+    hf_folder(tmp_path / "models", "slow-model")
+    engine = Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", queue_timeout=1.0,
+                             api_max_tokens=400), plugins=host)
+    engine.load_model("slow-model")
+    with TestClient(build_http_app(engine)) as client:
+        yield engine, client
+    engine.close()
+
+
+def ask(client, max_tokens=400):
+    body = {"model": "slow-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_a_request_waiting_too_long_gets_a_clear_timeout(slow_app):
+    engine, client = slow_app
+    first = {}
+    hog = threading.Thread(target=lambda: first.setdefault("response", ask(client)))
+    hog.start()
+    while not engine.generation.busy:
+        pass
+    waited = ask(client, max_tokens=5)
+    assert waited.status_code == 503
+    error = waited.json()["error"]
+    assert error["code"] == "queue_timeout" and "waiting in the queue (position 1)" in error["message"]
+    hog.join(30)
+    assert first["response"].status_code == 200
+    assert first["response"].json()["usage"]["completion_tokens"] == 400
+    assert engine.generation.waiting == 0  # the timed-out request left the queue
+
+
+def test_admin_api_is_off_without_an_admin_key(slow_app):
+    _, client = slow_app
+    response = client.get("/admin/models")
+    assert response.status_code == 403 and "--admin-key" in response.json()["error"]["message"]
+
+
+def test_no_model_loaded_is_a_503_with_a_hint(slow_app):
+    engine, client = slow_app
+    engine.unload_model()
+    response = ask(client, 5)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_loaded"
