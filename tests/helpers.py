@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 import socket
 import subprocess
 import sys
@@ -55,3 +57,16 @@ def stop_server(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@contextmanager
+def running_server(root: Path, *args: str) -> Iterator[str]:
+    """server.py on a free port with its data in ``root``; yields its base URL, stops it after."""
+    port = free_port()
+    log = root / "server.log"
+    process = start_server(*args, "--data-dir", str(root / "data"), "--port", str(port), log=log)
+    try:
+        wait_for_health(port, process, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from engine.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, place_default_model
-from tests.helpers import free_port, start_server, stop_server, wait_for_health
+from tests.helpers import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,9 @@ def api_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     models = root / "models"
     place_default_model(models)
-    port = free_port()
-    log = root / "server.log"
-    process = start_server("--models-dir", str(models), "--data-dir", str(root / "data"), "--port", str(port),
-                           "--api-key", USER_KEY, "--admin-key", ADMIN_KEY, "--api-max-tokens", "64", log=log)
-    try:
-        wait_for_health(port, process, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_server(process)
+    with running_server(root, "--models-dir", str(models), "--api-key", USER_KEY, "--admin-key", ADMIN_KEY,
+                        "--api-max-tokens", "64") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

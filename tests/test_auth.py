@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, start_server, stop_server, wait_for_health
+from tests.helpers import running_server
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.browser
@@ -15,15 +15,8 @@ def auth_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("auth")
     auth_file = root / "logins.txt"
     auth_file.write_text("# users\nalice:s3cret:with:colons\n")
-    port = free_port()
-    log = root / "server.log"
-    process = start_server("--no-model", "--auth-file", str(auth_file), "--port", str(port),
-                           "--data-dir", str(root / "data"), log=log)
-    try:
-        wait_for_health(port, process, log)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        stop_server(process)
+    with running_server(root, "--no-model", "--auth-file", str(auth_file)) as url:
+        yield url + "/"
 
 
 def test_login_is_required_and_checked(auth_server):

@@ -9,7 +9,7 @@ import pytest
 
 from engine.default_model import place_default_model
 from tests.folders import hf_folder
-from tests.helpers import free_port, start_server, stop_server, wait_for_health
+from tests.helpers import running_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -25,14 +25,8 @@ def server(tmp_path_factory):
     models.mkdir()
     place_default_model(models)
     hf_folder(models, "hollow", weights=())  # bad input: a folder without weights
-    port = free_port()
-    log = root / "server.log"
-    process = start_server("--models-dir", str(models), "--data-dir", str(root / "data"), "--port", str(port), log=log)
-    try:
-        wait_for_health(port, process, log)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        stop_server(process)
+    with running_server(root, "--models-dir", str(models)) as url:
+        yield url + "/"
 
 
 @pytest.fixture(scope="module")
