@@ -17,6 +17,9 @@ DEFAULT_MODELS_DIR = Path("models")
 NO_THIRD_PARTY_ENV = "LOADSTAR_NO_THIRD_PARTY_PLUGINS"
 API_KEY_ENV = "LOADSTAR_API_KEY"
 ADMIN_KEY_ENV = "LOADSTAR_ADMIN_KEY"
+HUB_ENDPOINT_ENV = "HF_ENDPOINT"
+HUB_TOKEN_ENV = "HF_TOKEN"
+DEFAULT_HUB = "https://huggingface.co"
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 
@@ -208,11 +211,88 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def build_download_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="server.py download",
+        description="Download a model from the Hugging Face Hub into the models folder, verified and resumable. "
+                    "The last line printed is the model folder.",
+        epilog=f"The Hub address comes from {HUB_ENDPOINT_ENV} (default {DEFAULT_HUB}); the token from --token or "
+               f"{HUB_TOKEN_ENV}. Interrupted downloads resume where they stopped when run again.",
+    )
+    parser.add_argument("name", metavar="ORG/REPO[:BRANCH]", help="e.g. TheBloke/Llama-2-7B-GPTQ:gptq-4bit-32g-actorder_True, "
+                        "or a huggingface.co URL")
+    parser.add_argument("--models-dir", metavar="DIR", type=Path, default=DEFAULT_MODELS_DIR,
+                        help="where model folders go (default: %(default)s)")
+    parser.add_argument("--token", help=f"Hub token for gated or private repos (or set {HUB_TOKEN_ENV})")
+    parser.add_argument("--gguf-file", metavar="FILE", help="for repos with several .gguf files: the one to download")
+    parser.add_argument("--list-branches", action="store_true",
+                        help="list the branches with quantization, size, loaders and memory needed, then exit")
+    return parser
+
+
+def run_download(argv: list[str], environ: dict[str, str]) -> int:
+    args = build_download_parser().parse_args(argv)
+    from engine.downloads import DownloadCancelled, HubClient, download
+    from engine.hub_names import BadModelNameError, parse_model_name
+
+    try:
+        ref = parse_model_name(args.name)
+    except BadModelNameError as error:
+        raise UserError(str(error)) from None
+    client = HubClient(environ.get(HUB_ENDPOINT_ENV, DEFAULT_HUB), args.token or environ.get(HUB_TOKEN_ENV))
+    if args.list_branches:
+        return list_branches(client, ref.repo_id)
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(p) -> None:
+        bar = bars.get(p.file)
+        if bar is None:
+            for old in bars.values():
+                old.close()
+            bars.clear()
+            bar = bars[p.file] = tqdm(total=p.file_total, unit="B", unit_scale=True, desc=p.file, file=sys.stderr)
+        bar.update(p.file_done - bar.n)
+
+    args.models_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = download(client, ref, args.models_dir, gguf_file=args.gguf_file, progress=progress)
+    except (KeyboardInterrupt, DownloadCancelled):
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        for bar in bars.values():
+            bar.close()
+    state = "already up to date" if result.up_to_date else f"{len(result.fetched)} files verified"
+    print(f"{ref} at {result.commit[:12]}: {state}")
+    print(result.folder)
+    return 0
+
+
+def list_branches(client, repo_id: str) -> int:
+    from engine.branch_picker import list_branches as rows_for, memory_budget
+    from engine.model_folder import format_size
+    from engine.plugins import PluginHost
+
+    for row in rows_for(client, repo_id, PluginHost().loaders(), memory_budget()):
+        print(f"{row.branch}: {row.quantization}, {format_size(row.download_bytes)}, "
+              f"loader {row.best_loader or 'none'}, {row.fits}")
+        for line in row.loaders:
+            print(f"    {line}")
+    return 0
+
+
 def main() -> None:
     from engine.errors import LoadstarError
 
     try:
-        code = run(sys.argv[1:])
+        if sys.argv[1:2] == ["download"]:
+            set_library_environment(os.environ)
+            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+            code = run_download(sys.argv[2:], dict(os.environ))
+        else:
+            code = run(sys.argv[1:])
     except (UserError, LoadstarError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_USAGE if isinstance(error, UserError) else EXIT_ERROR

@@ -83,6 +83,7 @@ class ModelFolder:
     size_bytes: int = 0
     has_config: bool = False
     has_tokenizer: bool = False
+    config_quantization: bool = False  # config.json carries quantization_config (what transformers reads)
     tensor_gptq: TensorGPTQ | None = None  # GPTQ layout read from the tensors themselves
     problems: tuple[str, ...] = field(default=())  # everything odd, including the two below
     corrupt_weights: tuple[str, ...] = field(default=())  # truncated or unreadable weight files
@@ -222,6 +223,7 @@ def inspect_model_folder(path: Path) -> ModelFolder:
         size_bytes=_folder_size(path),
         has_config=config is not None,
         has_tokenizer=has_tokenizer,
+        config_quantization=bool(config and isinstance(config.get("quantization_config"), dict)),
         tensor_gptq=tensor_gptq,
         problems=tuple(problems),
         corrupt_weights=tuple(corrupt),

@@ -10,7 +10,6 @@ No ``trust_remote_code``: architectures must be built into transformers.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from functools import lru_cache
 from importlib.metadata import version
@@ -119,11 +118,7 @@ def _assess_gptq(folder: ModelFolder) -> Assessment:
     """GPTQ through transformers + optimum + gptqmodel: works, but only when chosen explicitly."""
     if folder.gptq_conflicts:
         return Assessment(False, folder.gptq_conflicts[0])
-    try:
-        declared = json.loads((folder.path / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError):
-        declared = None
-    if not isinstance(declared, dict):
+    if not folder.config_quantization:
         return Assessment(False, "GPTQ without quantization_config in config.json (transformers reads only that)")
     missing = [p for p in ("optimum", "gptqmodel") if importlib.util.find_spec(p) is None]
     if missing:

@@ -1,0 +1,141 @@
+"""The branch picker: every branch of a repo with its quantization, download size, the loaders that
+could run it here, and the memory it needs against what this machine has free.
+
+Reads each branch's ``quantize_config.json`` and ``config.json`` remotely (small files) and builds
+the same ``ModelFolder`` record a local folder gets, so the loaders' own ``assess`` answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine.downloads import HubClient, select_files
+from engine.errors import LoadstarError
+from engine.loader_api import Loader
+from engine.loader_choice import rank_loaders
+from engine.model_folder import ModelFolder, Quantization, WeightFile, _quantization_from
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    ram_free: int
+    vram_free: int | None  # None without CUDA
+
+
+@dataclass(frozen=True)
+class BranchRow:
+    branch: str
+    commit: str
+    quantization: str
+    bits: int | None
+    group_size: int | None
+    desc_act: bool | None
+    download_bytes: int
+    loaders: tuple[str, ...]  # every candidate's description, usable first
+    best_loader: str | None
+    memory_needed: int | None
+    fits: str
+
+
+def memory_budget() -> MemoryBudget:
+    import psutil
+
+    vram = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            vram = torch.cuda.mem_get_info()[0]
+    except Exception:
+        vram = None
+    return MemoryBudget(ram_free=psutil.virtual_memory().available, vram_free=vram)
+
+
+def kv_cache_bytes(config: dict[str, Any], bytes_per_value: int = 2) -> int | None:
+    """Keys and values for every layer at the model's full context length."""
+    layers = config.get("num_hidden_layers")
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    hidden = config.get("hidden_size")
+    context = config.get("max_position_embeddings")
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, kv_heads, hidden, context)):
+        return None
+    head_dim = config.get("head_dim") or hidden // heads
+    return 2 * layers * kv_heads * head_dim * context * bytes_per_value
+
+
+def list_branches(client: HubClient, repo_id: str, loaders: Mapping[str, Loader], budget: MemoryBudget) -> list[BranchRow]:
+    rows = []
+    for branch, commit in client.branches(repo_id):
+        rows.append(_row(client, repo_id, branch, commit, loaders, budget))
+    return rows
+
+
+def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Mapping[str, Loader],
+         budget: MemoryBudget) -> BranchRow:
+    from engine.hub_names import ModelRef
+
+    snapshot = client.snapshot(ModelRef(repo_id, commit))
+    config = client.read_json(repo_id, commit, "config.json") or {}
+    quantize_config = client.read_json(repo_id, commit, "quantize_config.json")
+    try:
+        selection = select_files(snapshot.files)
+        files = selection.files
+    except LoadstarError:  # several GGUF files: the row still shows, with every file counted
+        files = snapshot.files
+    quantization: Quantization | None = None
+    if quantize_config is not None:
+        quantization = _quantization_from(quantize_config, "quantize_config.json", default_method="gptq")
+    elif isinstance(config.get("quantization_config"), dict):
+        quantization = _quantization_from(config["quantization_config"], "config.json", default_method=None)
+    weights = tuple(
+        WeightFile(path=f.path, format=_format(f.path), size=f.size)
+        for f in files if "/" not in f.path and _format(f.path) is not None
+    )
+    archs = config.get("architectures") or []
+    record = ModelFolder(
+        name=f"{repo_id}:{branch}", path=Path("/nonexistent/hub") / repo_id / branch, weight_files=weights,
+        architecture=archs[0] if archs else None, model_type=config.get("model_type"), quantization=quantization,
+        context_length=config.get("max_position_embeddings"), size_bytes=sum(f.size for f in files),
+        has_config=bool(config), config_quantization=isinstance(config.get("quantization_config"), dict),
+    )
+    candidates = rank_loaders(record, loaders)
+    best = next((c for c in candidates if c.usable), None)
+    weight_bytes = sum(w.size for w in weights)
+    kv = kv_cache_bytes(config)
+    needed = weight_bytes + kv if kv is not None else None
+    return BranchRow(
+        branch=branch, commit=commit,
+        quantization=quantization.describe() if quantization else "unquantized",
+        bits=quantization.bits if quantization else None,
+        group_size=quantization.group_size if quantization else None,
+        desc_act=quantization.desc_act if quantization else None,
+        download_bytes=sum(f.size for f in files),
+        loaders=tuple(c.describe() for c in candidates),
+        best_loader=best.loader if best else None,
+        memory_needed=needed,
+        fits=_fits(needed, best.loader if best else None, budget),
+    )
+
+
+def _format(path: str) -> str | None:
+    lowered = path.lower()
+    for suffix, fmt in ((".safetensors", "safetensors"), (".bin", "bin"), (".pt", "pt"), (".pth", "pt"), (".gguf", "gguf")):
+        if lowered.endswith(suffix):
+            return fmt
+    return None
+
+
+def _fits(needed: int | None, loader: str | None, budget: MemoryBudget) -> str:
+    from engine.model_folder import format_size
+
+    if needed is None:
+        return "unknown (config.json lacks the sizes)"
+    if loader == "ExLlamaV2" and budget.vram_free is not None:
+        where, free = "VRAM", budget.vram_free
+    else:
+        where, free = "RAM", budget.ram_free
+    verdict = "fits" if needed <= free else "too big"
+    return f"{verdict}: needs {format_size(needed)}, {format_size(free)} {where} free"

@@ -1,0 +1,492 @@
+"""Downloads from the Hugging Face Hub by name, verified, resumable, never half-visible.
+
+Metadata (branches, commits, file lists with sizes and hashes) comes from huggingface_hub's
+``HfApi``; file bytes are streamed with its HTTP session so that each file can be:
+- verified while it streams: LFS files against their sha256 (the Hub's ``X-Linked-Etag``),
+  small files against their git blob sha1 (the ``ETag``); a mismatch deletes it and fetches again;
+- resumed with ``Range`` after a dropped connection *and* after the process was killed: partial
+  bytes stay in ``<models>/.downloads/<folder>/<file>.<hash>.part``; on restart they are hashed
+  again locally (cheap) and only the rest is transferred.
+
+A new model is assembled in ``<models>/.downloads/<folder>`` (hidden from the model list) and
+renamed into place only when every file is verified. An update of an existing folder fetches only
+the files whose hash changed, then swaps them in. ``loadstar-download.json`` in the folder
+records repo, branch, commit, per-file sha256 and the date.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.atomic import write_atomic
+from engine.errors import LoadstarError, one_line
+from engine.hub_names import ModelRef
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "loadstar-download.json"
+STAGING_DIR = ".downloads"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+CHUNK = 1024 * 1024
+RETRIES = 5
+
+
+class DownloadError(LoadstarError):
+    """A download failed; what was verified so far is kept for the next try."""
+
+
+class DownloadCancelled(DownloadError):
+    """The user cancelled; partial files stay for a resume."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    blob_id: str  # git blob sha1 (the ETag of small files)
+    sha256: str | None = None  # LFS files: the content's sha256
+
+    @property
+    def identity(self) -> str:
+        """What changes when the content changes."""
+        return self.sha256 or self.blob_id
+
+
+@dataclass(frozen=True)
+class RepoSnapshot:
+    ref: ModelRef
+    commit: str
+    files: tuple[RemoteFile, ...]
+
+
+@dataclass(frozen=True)
+class Selection:
+    files: tuple[RemoteFile, ...]
+    skipped: tuple[tuple[str, str], ...]  # (path, why)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Progress:
+    file: str
+    file_done: int
+    file_total: int
+    done: int  # all files, bytes present (downloaded or already there)
+    total: int
+    bytes_per_second: float
+    files_done: int
+    files_total: int
+
+    @property
+    def eta_seconds(self) -> float | None:
+        remaining = self.total - self.done
+        return remaining / self.bytes_per_second if self.bytes_per_second > 0 else None
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    folder: Path
+    commit: str
+    fetched: tuple[str, ...]  # files transferred this time
+    transferred_bytes: int
+    up_to_date: bool  # nothing to do: the same commit was already there
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+# -- selection -----------------------------------------------------------------------------------
+
+
+def select_files(files: tuple[RemoteFile, ...] | list[RemoteFile], gguf_file: str | None = None) -> Selection:
+    """Which files make a loadable model: one weights format, plus every config/tokenizer/other file.
+
+    safetensors win over .bin/.pt; a .pt is kept only when it is the only weights; GGUF repos
+    need the user to name one .gguf file when there are several.
+    """
+    def is_weight(f: RemoteFile) -> bool:
+        return f.path.lower().endswith(WEIGHT_SUFFIXES)
+
+    top_weights = [f for f in files if is_weight(f) and "/" not in f.path]
+    ggufs = [f for f in top_weights if f.path.lower().endswith(".gguf")]
+    skipped: list[tuple[str, str]] = []
+    if gguf_file is not None:
+        if gguf_file not in {f.path for f in ggufs}:
+            names = ", ".join(f.path for f in ggufs) or "none"
+            raise DownloadError(f"no GGUF file named {gguf_file} in the repo (it has: {names})")
+        chosen = [f for f in ggufs if f.path == gguf_file]
+    elif ggufs and len(ggufs) == len(top_weights):
+        if len(ggufs) > 1:
+            names = ", ".join(f.path for f in ggufs)
+            raise DownloadError(f"the repo has {len(ggufs)} GGUF files: choose one with --gguf-file ({names})")
+        chosen = ggufs
+    else:
+        by_kind = {suffix: [f for f in top_weights if f.path.lower().endswith(suffix)]
+                   for suffix in (".safetensors", ".bin", ".pt", ".pth")}
+        kind = next((k for k in (".safetensors", ".bin", ".pt", ".pth") if by_kind[k]), None)
+        chosen = by_kind[kind] if kind else []
+        if kind == ".pth":
+            chosen += by_kind[".pt"]
+    chosen_paths = {f.path for f in chosen}
+    selected = []
+    for f in files:
+        if f.path == ".gitattributes":
+            continue
+        if is_weight(f) and f.path not in chosen_paths:
+            why = "another weights format is preferred" if "/" not in f.path else "weights in a subfolder"
+            if f.path.lower().endswith(".gguf"):
+                why = "another GGUF file was chosen" if gguf_file or len(ggufs) > 1 else "not the chosen format"
+            skipped.append((f.path, why))
+            continue
+        selected.append(f)
+    return Selection(tuple(selected), tuple(skipped))
+
+
+# -- the Hub -------------------------------------------------------------------------------------
+
+
+class HubClient:
+    """huggingface_hub's HfApi and HTTP session, pointed at ``endpoint``, with an optional token."""
+
+    def __init__(self, endpoint: str, token: str | None = None) -> None:
+        from huggingface_hub import HfApi
+
+        self.endpoint = endpoint.rstrip("/")
+        self._token = token or None
+        self._api = HfApi(endpoint=self.endpoint, token=self._token or False)
+
+    def branches(self, repo_id: str) -> list[tuple[str, str]]:
+        """(branch, commit) pairs, main first."""
+        refs = self._call(lambda: self._api.list_repo_refs(repo_id), repo_id)
+        pairs = sorted(((b.name, b.target_commit) for b in refs.branches), key=lambda p: (p[0] != "main", p[0]))
+        return pairs
+
+    def snapshot(self, ref: ModelRef) -> RepoSnapshot:
+        info = self._call(lambda: self._api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True), str(ref))
+        files = tuple(
+            RemoteFile(path=s.rfilename, size=s.size or 0, blob_id=s.blob_id or "",
+                       sha256=s.lfs.sha256 if s.lfs else None)
+            for s in info.siblings or ()
+        )
+        return RepoSnapshot(ref, info.sha, files)
+
+    def read_json(self, repo_id: str, commit: str, path: str) -> dict[str, Any] | None:
+        """A small JSON file at ``commit``; None if it is absent or not JSON."""
+        response = self.session.get(self.file_url(repo_id, commit, path), headers=self.headers(),
+                                    follow_redirects=True, timeout=30)
+        if response.status_code == 404:
+            return None
+        self._check(response, f"{repo_id}/{path}")
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    @property
+    def session(self) -> Any:
+        from huggingface_hub.utils import get_session
+
+        return get_session()
+
+    def headers(self) -> dict[str, str]:
+        from huggingface_hub.utils import build_hf_headers
+
+        headers = build_hf_headers(token=self._token or False)
+        headers["Accept-Encoding"] = "identity"
+        return headers
+
+    def file_url(self, repo_id: str, commit: str, path: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(repo_id, path, revision=commit, endpoint=self.endpoint)
+
+    def _call(self, fn: Callable[[], Any], what: str) -> Any:
+        from huggingface_hub.errors import (
+            EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
+        )
+
+        try:
+            return fn()
+        except GatedRepoError:
+            raise DownloadError(self._gated_message(what)) from None
+        except RepositoryNotFoundError:
+            hint = "" if self._token else " (if it is private, give a token)"
+            raise DownloadError(f"{what}: no such repository on the Hub{hint}") from None
+        except RevisionNotFoundError:
+            raise DownloadError(f"{what}: no such branch in the repository") from None
+        except EntryNotFoundError:
+            raise DownloadError(f"{what}: no such file") from None
+        except HfHubHTTPError as error:
+            status = error.response.status_code if error.response is not None else "?"
+            raise DownloadError(f"{what}: the Hub answered {status}") from None
+        except OSError as error:
+            raise DownloadError(f"{what}: cannot reach {self.endpoint} ({one_line(error)})") from None
+
+    def _gated_message(self, what: str) -> str:
+        if self._token:
+            return f"{what} is gated and this token has no access: accept its license on the Hub with that account"
+        return f"{what} is gated: accept its license on the Hub and give a token (--token, HF_TOKEN, or the UI)"
+
+    def _check(self, response: Any, what: str) -> None:
+        if response.status_code < 400:
+            return
+        code = response.headers.get("X-Error-Code", "")
+        if code == "GatedRepo" or (response.status_code in (401, 403) and self._token is None):
+            raise DownloadError(self._gated_message(what))
+        if code == "EntryNotFound" or response.status_code == 404:
+            raise DownloadError(f"{what}: no such file")
+        raise DownloadError(f"{what}: the Hub answered {response.status_code}")
+
+
+# -- downloading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Counter:
+    total: int
+    files_total: int
+    done: int = 0
+    files_done: int = 0
+    transferred: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_report: float = 0.0
+
+    def speed(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.transferred / elapsed if elapsed > 0 else 0.0
+
+
+def download(
+    client: HubClient,
+    ref: ModelRef,
+    models_dir: Path,
+    *,
+    gguf_file: str | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> DownloadResult:
+    """Download ``ref`` into ``models_dir/<folder>``; returns when every file is verified."""
+    cancel = cancel or threading.Event()
+    snapshot = client.snapshot(ref)
+    selection = select_files(snapshot.files, gguf_file)
+    if not selection.files:
+        raise DownloadError(f"{ref}: the repository holds no files")
+    target = models_dir / ref.folder_name
+    staging = models_dir / STAGING_DIR / ref.folder_name
+    previous = _read_metadata(target)
+    if previous and previous.get("commit") == snapshot.commit and _complete(target, previous, selection):
+        return DownloadResult(target, snapshot.commit, (), 0, up_to_date=True)
+
+    unchanged = {
+        f.path for f in selection.files
+        if previous and _same_file(target, previous, f)
+    }
+    needed = [f for f in selection.files if f.path not in unchanged]
+    counter = _Counter(total=sum(f.size for f in needed), files_total=len(needed))
+    staging.mkdir(parents=True, exist_ok=True)
+    hashes: dict[str, str] = {}
+    for f in needed:
+        if cancel.is_set():
+            raise DownloadCancelled(f"{ref}: cancelled; run the same download again to resume")
+        hashes[f.path] = _fetch_verified(client, snapshot, f, staging, counter, progress, cancel)
+        counter.files_done += 1
+    for path in unchanged:
+        hashes[path] = previous["files"][path]["sha256"]
+
+    metadata = {
+        "repo": ref.repo_id,
+        "branch": ref.revision,
+        "commit": snapshot.commit,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": {f.path: {"size": f.size, "sha256": hashes[f.path], "blob_id": f.blob_id} for f in selection.files},
+        "skipped": [{"path": p, "why": why} for p, why in selection.skipped],
+    }
+    _install(staging, target, needed, selection, metadata)
+    return DownloadResult(target, snapshot.commit, tuple(f.path for f in needed), counter.transferred, up_to_date=False)
+
+
+def _part_path(staging: Path, f: RemoteFile) -> Path:
+    return staging / f"{f.path}.{f.identity[:16]}.part"
+
+
+def _fetch_verified(
+    client: HubClient, snapshot: RepoSnapshot, f: RemoteFile, staging: Path, counter: _Counter,
+    progress: ProgressCallback | None, cancel: threading.Event,
+) -> str:
+    """Fetch one file into staging (resuming a partial), verify it, return its sha256."""
+    final = staging / f.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_file() and final.stat().st_size == f.size:
+        digest = _verify_whole(final, f)  # verified earlier in an interrupted run
+        if digest is not None:
+            counter.done += f.size
+            return digest
+        final.unlink()
+    for stale in final.parent.glob(f"{Path(f.path).name}.*.part"):
+        if stale != _part_path(staging, f):
+            stale.unlink()  # a partial of an older version of this file
+    for attempt in range(2):  # a second full try when the bytes did not match
+        digest = _stream_with_resume(client, snapshot, f, staging, counter, progress, cancel)
+        if digest is not None:
+            os.replace(_part_path(staging, f), final)
+            return digest
+        log.warning("%s: hash mismatch, fetching it again", f.path)
+        _part_path(staging, f).unlink(missing_ok=True)
+    raise DownloadError(f"{f.path}: the downloaded bytes do not match the Hub's hash, twice")
+
+
+def _hashers(f: RemoteFile) -> tuple[Any, Any]:
+    sha = hashlib.sha256()
+    blob = hashlib.sha1(b"blob %d\0" % f.size)
+    return sha, blob
+
+
+def _matches(f: RemoteFile, sha: Any, blob: Any) -> bool:
+    if f.sha256:
+        return sha.hexdigest() == f.sha256
+    return not f.blob_id or blob.hexdigest() == f.blob_id
+
+
+def _verify_whole(path: Path, f: RemoteFile) -> str | None:
+    sha, blob = _hashers(f)
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            sha.update(chunk)
+            blob.update(chunk)
+    return sha.hexdigest() if _matches(f, sha, blob) else None
+
+
+def _stream_with_resume(
+    client: HubClient, snapshot: RepoSnapshot, f: RemoteFile, staging: Path, counter: _Counter,
+    progress: ProgressCallback | None, cancel: threading.Event,
+) -> str | None:
+    """Stream the rest of the file onto its .part; retries dropped connections. sha256 if it matches."""
+    part = _part_path(staging, f)
+    sha, blob = _hashers(f)
+    have = 0
+    if part.exists():
+        with part.open("rb") as handle:  # re-hash what we have: cheaper than fetching it again
+            while chunk := handle.read(CHUNK):
+                sha.update(chunk)
+                blob.update(chunk)
+                have += len(chunk)
+        if have > f.size:
+            part.unlink()
+            sha, blob = _hashers(f)
+            have = 0
+    counter.done += have
+    url = client.file_url(snapshot.ref.repo_id, snapshot.commit, f.path)
+    failures = 0
+    while have < f.size:
+        headers = client.headers()
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            with client.session.stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as response:
+                if response.status_code == 416:
+                    break
+                client._check(response, f"{snapshot.ref}/{f.path}")
+                if have and response.status_code != 206:  # the server ignored Range: start over
+                    counter.done -= have
+                    sha, blob = _hashers(f)
+                    have = 0
+                with part.open("r+b" if have else "wb") as out:
+                    out.seek(have)
+                    out.truncate()
+                    for chunk in response.iter_bytes(CHUNK):
+                        if cancel.is_set():
+                            raise DownloadCancelled(f"{snapshot.ref}: cancelled; run the same download again to resume")
+                        out.write(chunk)
+                        sha.update(chunk)
+                        blob.update(chunk)
+                        have += len(chunk)
+                        counter.done += len(chunk)
+                        counter.transferred += len(chunk)
+                        _report(progress, counter, f, have)
+        except DownloadError:
+            raise
+        except Exception as error:  # dropped connection, timeout: resume from what arrived
+            failures += 1
+            log.warning("%s: transfer broke off at %d of %d bytes (%s); resuming", f.path, have, f.size, one_line(error))
+            if failures > RETRIES:
+                raise DownloadError(f"{f.path}: the connection kept failing ({one_line(error)}); run again to resume") from None
+            time.sleep(min(0.2 * failures, 2.0))
+    _report(progress, counter, f, have, force=True)
+    return sha.hexdigest() if have == f.size and _matches(f, sha, blob) else None
+
+
+def _report(progress: ProgressCallback | None, counter: _Counter, f: RemoteFile, have: int, force: bool = False) -> None:
+    now = time.monotonic()
+    if progress is None or (not force and now - counter.last_report < 0.2):
+        return
+    counter.last_report = now
+    progress(Progress(file=f.path, file_done=have, file_total=f.size, done=counter.done, total=counter.total,
+                      bytes_per_second=counter.speed(), files_done=counter.files_done, files_total=counter.files_total))
+
+
+def _read_metadata(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
+
+
+def _same_file(folder: Path, metadata: dict[str, Any], f: RemoteFile) -> bool:
+    recorded = metadata["files"].get(f.path)
+    if not recorded or not (folder / f.path).is_file() or (folder / f.path).stat().st_size != f.size:
+        return False
+    if f.sha256:
+        return recorded.get("sha256") == f.sha256
+    return bool(f.blob_id) and recorded.get("blob_id") == f.blob_id
+
+
+def _complete(folder: Path, metadata: dict[str, Any], selection: Selection) -> bool:
+    return all(_same_file(folder, metadata, f) for f in selection.files)
+
+
+def _install(staging: Path, target: Path, fetched: list[RemoteFile], selection: Selection, metadata: dict) -> None:
+    """Make the verified files the model folder: a rename for a new model, file swaps for an update."""
+    write_atomic(staging / METADATA_FILE, json.dumps(metadata, indent=2).encode())
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    for f in fetched:
+        destination = target / f.path
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / f.path, destination)
+    wanted = {f.path for f in selection.files}
+    old = _read_metadata(target) or {"files": {}}
+    for path in old["files"]:
+        if path not in wanted:
+            (target / path).unlink(missing_ok=True)  # gone upstream or no longer selected
+    os.replace(staging / METADATA_FILE, target / METADATA_FILE)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def format_progress(p: Progress) -> str:
+    from engine.model_folder import format_size
+
+    eta = p.eta_seconds
+    eta_text = f", {eta:.0f} s left" if eta is not None else ""
+    return (f"{p.file}: {format_size(p.file_done)} of {format_size(p.file_total)} · all: {format_size(p.done)} of "
+            f"{format_size(p.total)} ({p.files_done}/{p.files_total} files) at {format_size(int(p.bytes_per_second))}/s"
+            f"{eta_text}")
+
+
+def progress_dict(p: Progress) -> dict[str, Any]:
+    return {**asdict(p), "eta_seconds": p.eta_seconds}
