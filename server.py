@@ -118,6 +118,8 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             cors_origins=tuple(args.cors_origin),
             queue_timeout=args.queue_timeout,
             api_max_tokens=args.api_max_tokens,
+            hub_endpoint=environ.get(HUB_ENDPOINT_ENV, DEFAULT_HUB),
+            hub_token=environ.get(HUB_TOKEN_ENV) or None,
             third_party_plugins=environ.get(NO_THIRD_PARTY_ENV, "") not in ("1", "true", "yes"),
         )
     except ValidationError as error:

@@ -20,9 +20,11 @@ from pydantic import ValidationError
 
 from api.errors import ApiError
 from api.metrics_text import render_metrics
-from api.schemas import ChatCompletionRequest, CompletionRequest, LoadRequest, SamplingFields
+from api.schemas import ChatCompletionRequest, CompletionRequest, DownloadRequest, LoadRequest, SamplingFields
 from api.security import ApiKeys
 from engine.chat import ChatMessage
+from engine.download_jobs import DownloadJob
+from engine.downloads import progress_dict
 from engine.engine import Engine
 from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
 from engine.generation import Finished, GenerationEvent, GenerationHandle, GenerationRequest, Queued, Started, TextDelta
@@ -89,6 +91,21 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
     async def admin_unload() -> dict[str, Any]:
         unloaded = await anyio.to_thread.run_sync(engine.unload_model)
         return {"unloaded": unloaded}
+
+    @router.post("/admin/downloads", dependencies=[admin])
+    def admin_download(body: DownloadRequest) -> dict[str, Any]:
+        try:
+            job = engine.downloads.start(body.name, body.token, body.gguf_file)
+        except LoadstarError as error:
+            raise ApiError(400, str(error), "invalid_request_error", param="name") from None
+        return _job_dict(job)
+
+    @router.get("/admin/downloads/{job_id}", dependencies=[admin])
+    def admin_download_progress(job_id: int) -> dict[str, Any]:
+        job = engine.downloads.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no download {job_id}", "not_found_error")
+        return _job_dict(job)
 
     async def _generate(
         request: Request, body: SamplingFields, owner: str, *, chat: bool,
@@ -186,6 +203,14 @@ def _usage(finished: Finished) -> dict[str, int]:
 
 def _finish_reason(finished: Finished) -> str:
     return "length" if finished.reason == "length" else "stop"
+
+
+def _job_dict(job: DownloadJob) -> dict[str, Any]:
+    return {
+        "id": job.id, "name": str(job.ref), "state": job.state, "message": job.describe(),
+        "progress": progress_dict(job.progress) if job.progress else None,
+        "folder": job.result.folder.name if job.result else None,
+    }
 
 
 def _loaded_dict(engine: Engine) -> dict[str, Any] | None:

@@ -86,3 +86,11 @@ class LoadRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256, description="Model folder name in the models folder.")
     loader: str | None = Field(None, max_length=64, description="Pin a loader; default: the best candidate.")
     options: dict[str, Any] | None = Field(None, description="Loader options (see the loader's Options).")
+
+
+class DownloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=3, max_length=400, description="org/repo, org/repo:branch, or a huggingface.co URL.")
+    token: str | None = Field(None, max_length=400, description="Hub token for gated or private repos (not stored).")
+    gguf_file: str | None = Field(None, max_length=400, description="For repos with several .gguf files.")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.default_model import DEFAULT_MODEL_NAME
+from engine.download_jobs import DownloadManager
 from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
 from engine.generation import GenerationHandle, GenerationRequest, GenerationService
 from engine.loader_api import LoadedModelInfo
@@ -39,6 +40,7 @@ class Engine:
             },
         )
         self.generation = GenerationService(self.models)
+        self.downloads = DownloadManager(settings.models_dir, settings.hub_endpoint, settings.hub_token)
         self.remembered = UserSettingsStore(settings.settings_file)
 
     # -- models --------------------------------------------------------------------------------

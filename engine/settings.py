@@ -31,6 +31,8 @@ class Settings(BaseModel):
     queue_timeout: float = Field(300.0, gt=0, le=86400, description="Seconds an API request may wait in the queue.")
     api_max_tokens: int = Field(1024, ge=1, le=32768, description="Most new tokens per API request.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest API request body.")
+    hub_endpoint: str = Field("https://huggingface.co", description="The Hugging Face Hub (HF_ENDPOINT).")
+    hub_token: str | None = Field(None, repr=False, description="Token for gated/private repos (HF_TOKEN); never logged.")
     third_party_plugins: bool = Field(True, description="Load plugins from other packages (off = only built-ins).")
 
     @property

@@ -30,8 +30,8 @@ def run_server(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(server_command(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_server(*args: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_server(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     handle = log.open("w")
     return subprocess.Popen(server_command(*args), cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
@@ -60,11 +60,11 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_server(root: Path, *args: str) -> Iterator[str]:
+def running_server(root: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """server.py on a free port with its data in ``root``; yields its base URL, stops it after."""
     port = free_port()
     log = root / "server.log"
-    process = start_server(*args, "--data-dir", str(root / "data"), "--port", str(port), log=log)
+    process = start_server(*args, "--data-dir", str(root / "data"), "--port", str(port), log=log, env=env)
     try:
         wait_for_health(port, process, log)
         yield f"http://127.0.0.1:{port}"

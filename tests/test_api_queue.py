@@ -71,3 +71,30 @@ def test_no_model_loaded_is_a_503_with_a_hint(slow_app):
     engine.unload_model()
     response = ask(client, 5)
     assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_loaded"
+
+
+def test_admin_api_starts_a_download_and_reports_its_progress(tmp_path):
+    import time
+
+    from tests.hub_standin import HubStandIn
+    from tests.test_downloads import REPO, gptq_branch
+
+    hub = HubStandIn().start()
+    hub.repo(REPO).add_commit("main", gptq_branch(4, 128, False, 1))
+    engine = Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", admin_key="admin-key-123",
+                             hub_endpoint=hub.url), plugins=PluginHost([]))
+    admin = {"Authorization": "Bearer admin-key-123"}
+    try:
+        with TestClient(build_http_app(engine)) as client:
+            bad = client.post("/admin/downloads", json={"name": "a/b:c:d"}, headers=admin)
+            assert bad.status_code == 400 and "more than one ':'" in bad.json()["error"]["message"]
+            job = client.post("/admin/downloads", json={"name": REPO}, headers=admin).json()
+            deadline = time.monotonic() + 30
+            while (state := client.get(f"/admin/downloads/{job['id']}", headers=admin).json())["state"] == "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert state["state"] == "done" and state["folder"] == "TheBloke_Tiny-Chat-GPTQ"
+            assert client.get("/admin/downloads/999", headers=admin).status_code == 404
+    finally:
+        engine.close()
+        hub.stop()

@@ -253,3 +253,36 @@ def test_cli_lists_branches_and_reports_errors_in_one_line(hub, tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == code and len(errors) == 1 and message in errors[0], result.stderr
         assert "Traceback" not in result.stderr and TOKEN not in result.stderr
+
+
+def test_cancel_leaves_a_resumable_partial_and_the_app_free(hub, tmp_path):
+    from engine.download_jobs import DownloadManager
+
+    big = dict(hub.repo(REPO).commits[hub.repo(REPO).branches["main"]])
+    big["model.safetensors"] = safetensors_bytes(4096, 7)  # 4 MiB
+    hub.repo(REPO).add_commit("main", big)
+    size = len(big["model.safetensors"])
+    hub.faults.bytes_per_second = 2 * 1024 * 1024
+    manager = DownloadManager(tmp_path, hub.url)
+    job = manager.start(REPO)
+    assert manager.start(REPO) is job  # the same model twice: one download
+    deadline = time.monotonic() + 30
+    while not (job.progress and job.progress.file == "model.safetensors" and job.progress.file_done > size // 4):
+        assert time.monotonic() < deadline and job.state == "running", job.message
+        time.sleep(0.02)
+    assert job.progress.eta_seconds is not None and job.progress.bytes_per_second > 0
+    job.cancel()
+    while job.state == "running":
+        time.sleep(0.02)
+    assert job.state == "cancelled" and "resume" in job.message
+    assert list_model_folders(tmp_path) == []
+    partial = list((tmp_path / ".downloads" / "TheBloke_Tiny-Chat-GPTQ").glob("model.safetensors.*.part"))
+    kept = partial[0].stat().st_size
+    assert kept > size // 4
+    first = hub.sent["model.safetensors"]
+    hub.faults.bytes_per_second = None
+    again = manager.start(REPO)
+    while again.state == "running":
+        time.sleep(0.02)
+    assert again.state == "done", again.message
+    assert hub.sent["model.safetensors"] - first <= size - kept + 2 * 1024 * 1024  # only the rest (+ in-flight)

@@ -7,6 +7,7 @@ import gradio as gr
 from engine.engine import Engine
 from engine.sampling import parameter_specs
 from webui.chat_handlers import ChatHandlers
+from webui.download_handlers import BRANCH_COLUMNS, DownloadHandlers
 from webui.model_handlers import AUTO_LOADER, ModelHandlers
 
 TITLE = "Loadstar"
@@ -22,6 +23,7 @@ def _owner(request: gr.Request) -> str:
 def build_ui(engine: Engine) -> gr.Blocks:
     chat = ChatHandlers(engine)
     models = ModelHandlers(engine)
+    downloads = DownloadHandlers(engine)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"## {TITLE}")
@@ -77,6 +79,25 @@ def build_ui(engine: Engine) -> gr.Blocks:
             details = gr.Markdown(elem_id="model-details")
             gr.Markdown("### Loader candidates")
             candidates = gr.Markdown(elem_id="loader-candidates")
+            gr.Markdown("### Download from the Hugging Face Hub")
+            with gr.Row():
+                download_name = gr.Textbox(
+                    label="Model", placeholder="org/repo or org/repo:branch", elem_id="download-name", scale=3
+                )
+                download_token = gr.Textbox(
+                    label="Token (gated or private repos)", type="password", elem_id="download-token", scale=2
+                )
+                gguf_file = gr.Textbox(label="GGUF file (repos with several)", elem_id="download-gguf", scale=2)
+            with gr.Row():
+                branches_button = gr.Button("List branches", elem_id="list-branches")
+                download_button = gr.Button("Download", variant="primary", elem_id="start-download")
+                cancel_download = gr.Button("Cancel download", variant="stop", elem_id="cancel-download")
+            branch_table = gr.Dataframe(
+                headers=BRANCH_COLUMNS, interactive=False, elem_id="branch-table", wrap=True
+            )
+            download_status = gr.Markdown(elem_id="download-status")
+            download_job = gr.State(None)
+            download_timer = gr.Timer(0.5, active=False)
 
         # -- chat wiring ------------------------------------------------------------------------
         # Inputs given as a set arrive as one {component: value} dict; the parameter values are
@@ -131,4 +152,29 @@ def build_ui(engine: Engine) -> gr.Blocks:
         reload_button.click(models.reload, None, loaded)
         unload_button.click(models.unload, None, loaded)
         demo.load(describe, *describe_io).then(models.loaded_status, None, loaded)
+
+        # -- download wiring --------------------------------------------------------------------
+        def list_branches_(name, token):
+            rows, status = downloads.branches(name, token)
+            return rows, status
+
+        def pick_branch(name, event: gr.SelectData):
+            row = event.row_value or []
+            return downloads.name_for_branch(name, row[0]) if row else name
+
+        def start_download(name, token, gguf):
+            job_id, status = downloads.start(name, token, gguf)
+            return job_id, status, gr.Timer(active=job_id is not None)
+
+        def poll_download(job_id):
+            status, finished = downloads.poll(job_id)
+            choices = gr.update(choices=models.model_names()) if finished else gr.update()
+            return status, gr.Timer(active=not finished), choices
+
+        branches_button.click(list_branches_, [download_name, download_token], [branch_table, download_status])
+        branch_table.select(pick_branch, [download_name], download_name)
+        download_button.click(start_download, [download_name, download_token, gguf_file],
+                              [download_job, download_status, download_timer])
+        download_timer.tick(poll_download, download_job, [download_status, download_timer, model_choice])
+        cancel_download.click(downloads.cancel, download_job, download_status)
     return demo

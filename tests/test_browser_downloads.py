@@ -1,0 +1,73 @@
+"""The Model tab's download section in Chromium, against the Hub stand-in."""
+
+import time
+
+import pytest
+
+from tests.helpers import running_server
+from tests.hub_standin import HubStandIn
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_downloads import REPO, gptq_branch, safetensors_bytes
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def hub():
+    hub = HubStandIn().start()
+    repo = hub.repo(REPO)
+    repo.add_commit("main", gptq_branch(4, 128, False, 1))
+    branch = gptq_branch(4, 32, True, 2)
+    branch["model.safetensors"] = safetensors_bytes(4096, 2)  # 4 MiB, sent at 1 MiB/s: progress shows
+    repo.add_commit("gptq-4bit-32g-actorder_True", branch)
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def server(hub, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-downloads")
+    (root / "models").mkdir()
+    with running_server(root, "--models-dir", str(root / "models"), "--no-model", env={"HF_ENDPOINT": hub.url}) as url:
+        yield url + "/"
+
+
+def wait_text(locator, needle, timeout=60):
+    deadline = time.monotonic() + timeout
+    while needle not in locator.inner_text():
+        assert time.monotonic() < deadline, f"{needle!r} never appeared; last: {locator.inner_text()!r}"
+        time.sleep(0.05)
+    return locator.inner_text()
+
+
+def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(server)
+        page.get_by_role("tab", name="Model").click()
+        page.locator("#download-name textarea, #download-name input").first.fill(REPO)
+        page.locator("#list-branches").click()
+        table = page.locator("#branch-table")
+        wait_text(table, "gptq-4bit-32g-actorder_True")
+        assert "GPTQ 4-bit group 32 act-order" in table.inner_text() and "AutoGPTQ" in table.inner_text()
+        page.locator("#branch-table").get_by_test_id("cell-1-0").click()
+        name_box = page.locator("#download-name textarea, #download-name input").first
+        deadline = time.monotonic() + 30
+        while name_box.input_value() != f"{REPO}:gptq-4bit-32g-actorder_True":
+            assert time.monotonic() < deadline, name_box.input_value()
+            time.sleep(0.05)
+        hub.faults.bytes_per_second = 1024 * 1024
+        page.locator("#start-download").click()
+        status = page.locator("#download-status")
+        seen = wait_text(status, "model.safetensors:", timeout=30)
+        assert "/s" in seen and " of " in seen  # bytes, speed, ETA per file and overall
+        wait_text(status, "✅", timeout=60)
+        assert "TheBloke_Tiny-Chat-GPTQ_gptq-4bit-32g-actorder_True" in status.inner_text()
+        page.locator("#model-choice input").click()
+        options = page.locator("li[role=option]").all_inner_texts()
+        assert any("TheBloke_Tiny-Chat-GPTQ_gptq-4bit-32g-actorder_True" in o for o in options), options
+        browser.close()

@@ -1,0 +1,57 @@
+"""Model tab, download section: branch picker, start, progress, cancel. Plain functions over the engine."""
+
+from __future__ import annotations
+
+from engine.branch_picker import list_branches, memory_budget
+from engine.engine import Engine
+from engine.errors import LoadstarError
+from engine.hub_names import parse_model_name
+from engine.model_folder import format_size
+
+BRANCH_COLUMNS = ["Branch", "Quantization", "Download", "Loader here", "Memory"]
+
+
+class DownloadHandlers:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def branches(self, name: str, token: str | None) -> tuple[list[list[str]], str]:
+        """Rows for the branch table and a status line."""
+        try:
+            ref = parse_model_name(name)
+            client = self.engine.downloads.client(token or None)
+            rows = list_branches(client, ref.repo_id, self.engine.plugins.loaders(), memory_budget())
+        except LoadstarError as error:
+            return [], f"⚠️ {error}"
+        table = [[r.branch, r.quantization, format_size(r.download_bytes), r.best_loader or "none", r.fits] for r in rows]
+        return table, f"{len(rows)} branches of {ref.repo_id}: pick one to fill in its name."
+
+    @staticmethod
+    def name_for_branch(name: str, branch: str) -> str:
+        try:
+            repo_id = parse_model_name(name).repo_id
+        except LoadstarError:
+            return name
+        return repo_id if branch == "main" else f"{repo_id}:{branch}"
+
+    def start(self, name: str, token: str | None, gguf_file: str | None) -> tuple[int | None, str]:
+        try:
+            job = self.engine.downloads.start(name, token or None, (gguf_file or "").strip() or None)
+        except LoadstarError as error:
+            return None, f"⚠️ {error}"
+        return job.id, f"Downloading {job.ref}…"
+
+    def poll(self, job_id: int | None) -> tuple[str, bool]:
+        """(status line, finished?)"""
+        job = self.engine.downloads.get(job_id) if job_id else None
+        if job is None:
+            return "", True
+        prefix = {"done": "✅ ", "failed": "⚠️ ", "cancelled": "⏹ "}.get(job.state, "⬇️ ")
+        return prefix + job.describe(), job.state != "running"
+
+    def cancel(self, job_id: int | None) -> str:
+        job = self.engine.downloads.get(job_id) if job_id else None
+        if job is None or job.state != "running":
+            return "Nothing is downloading."
+        job.cancel()
+        return "Cancelling… (the partial download is kept: start it again to resume)"
