@@ -14,13 +14,17 @@ ARGS   ?=
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test install install-test clean-venv
+.PHONY: run test bench install install-test clean-venv
 
 run: install
 	$(PY) server.py $(ARGS)
 
 test: install-test
 	$(PY) -m pytest $(ARGS)
+
+# Benchmarks (not tests): tables in docs/BENCHMARKS.md, raw numbers in bench/results/.
+bench: install-test
+	$(PY) -m bench.run $(ARGS)
 
 install: $(VENV)/.runtime-installed
 

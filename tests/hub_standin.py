@@ -5,7 +5,7 @@ Serves, for in-memory repos with branches and commits:
 - ``GET /api/models/{repo}/revision/{rev}`` (model_info, siblings with sizes, blob ids, LFS sha256);
 - ``GET /api/models/{repo}/tree/{rev}`` (paginated with ``Link: <...>; rel="next"``);
 - ``HEAD/GET /{repo}/resolve/{rev}/{path}``: small files directly with ``ETag`` = git blob sha1; LFS files
-  as a 302 whose ``Location`` points at ``/lfs-objects/{sha256}``, with ``X-Linked-Etag`` and
+  as a 302 whose ``Location`` points at ``/lfs-objects/{sha256}`` on a second origin (the "CDN"), with ``X-Linked-Etag`` and
   ``X-Linked-Size``; every answer carries ``X-Repo-Commit``; ``Range`` is honoured (206);
 - errors with ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo).
 
@@ -60,21 +60,32 @@ class HubStandIn:
         self.faults = Faults()
         self.sent: Counter[str] = Counter()  # path -> body bytes sent
         self.page_size = 3
+        # Two origins, like the real Hub: the API and resolve URLs, and a "CDN" that LFS files
+        # redirect to (huggingface_hub reads file metadata from the redirect and does not follow it).
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._threads = []
+        for server in (self._server, self._cdn):
+            server.daemon_threads = True
+            self._threads.append(threading.Thread(target=server.serve_forever, daemon=True))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    @property
+    def cdn_url(self) -> str:
+        return f"http://127.0.0.1:{self._cdn.server_address[1]}"
+
     def start(self) -> "HubStandIn":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        for server in (self._server, self._cdn):
+            server.shutdown()
+            server.server_close()
 
     def repo(self, repo_id: str) -> Repo:
         return self.repos.setdefault(repo_id, Repo())
@@ -208,7 +219,7 @@ class HubStandIn:
         if path.endswith(LFS_SUFFIXES):
             sha = hashlib.sha256(data).hexdigest()
             h.send_response(302)
-            h.send_header("Location", f"{self.url}/lfs-objects/{sha}/{path.rsplit('/', 1)[-1]}")
+            h.send_header("Location", f"{self.cdn_url}/lfs-objects/{sha}/{path.rsplit('/', 1)[-1]}")
             h.send_header("X-Repo-Commit", commit)
             h.send_header("X-Linked-Etag", f'"{sha}"')
             h.send_header("X-Linked-Size", str(len(data)))

@@ -286,3 +286,12 @@ def test_cancel_leaves_a_resumable_partial_and_the_app_free(hub, tmp_path):
         time.sleep(0.02)
     assert again.state == "done", again.message
     assert hub.sent["model.safetensors"] - first <= size - kept + 2 * 1024 * 1024  # only the rest (+ in-flight)
+
+
+def test_the_stand_in_serves_huggingface_hubs_own_snapshot_download(hub, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(REPO, revision="gptq-4bit-32g-actorder_True", cache_dir=tmp_path, endpoint=hub.url)
+    expected = hub.repo(REPO).commits[hub.repo(REPO).branches["gptq-4bit-32g-actorder_True"]]
+    for name, data in expected.items():
+        assert (tmp_path / path / name).read_bytes() == data

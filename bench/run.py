@@ -1,0 +1,155 @@
+"""Run the benchmarks: ``make bench`` (or ``.venv/bin/python -m bench.run [--only SECTION ...]``).
+
+Writes bench/results/<time>.json and bench/results/latest.json, and the tables in docs/BENCHMARKS.md.
+Speed goals are judged here, not in the test suite: absolute times on shared machines are noisy,
+so every number is a median of several runs and the goals are ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench.sections import ROOT, SECTIONS
+
+RESULTS = ROOT / "bench" / "results"
+REPORT = ROOT / "docs" / "BENCHMARKS.md"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu,
+        "python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
+        "gptqmodel": version("gptqmodel"), "huggingface_hub": version("huggingface_hub"),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (the median is reported)")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per decode measurement")
+    parser.add_argument("--download-mib", type=int, default=256, help="size of the download test repo")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    calls = {
+        "decode": lambda: SECTIONS["decode"](args.runs, args.tokens),
+        "kernels": lambda: SECTIONS["kernels"](args.runs, min(args.tokens, 64)),
+        "loading": lambda: SECTIONS["loading"](args.runs),
+        "downloads": lambda: SECTIONS["downloads"](args.runs, args.download_mib),
+        "concurrency": lambda: SECTIONS["concurrency"](min(args.tokens, 64)),
+        "gpu": lambda: SECTIONS["gpu"](args.runs, args.tokens),
+    }
+    previous = _latest()
+    results: dict[str, Any] = dict(previous.get("sections", {}))
+    for name in args.only or list(SECTIONS):
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        results[name] = calls[name]()
+        results[name]["_seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(results[name], indent=2, default=str), flush=True)
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+              "runs": args.runs, "sections": results}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for path in (RESULTS / f"{stamp}.json", RESULTS / "latest.json"):
+        path.write_text(json.dumps(report, indent=2, default=str))
+    REPORT.write_text(render(report))
+    print(f"wrote {RESULTS / 'latest.json'} and {REPORT}")
+    return 0
+
+
+def _latest() -> dict[str, Any]:
+    try:
+        return json.loads((RESULTS / "latest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    s = report["sections"]
+    lines = [
+        "# Benchmarks", "",
+        "Made by `make bench` (`python -m bench.run`); raw numbers in `bench/results/latest.json`.",
+        f"Medians of {report['runs']} runs. Date: {report['date']}.", "",
+        "| machine | |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in m.items()], "",
+    ]
+    if "decode" in s:
+        d = s["decode"]
+        lines += ["## Decode speed and time to first token (default model, greedy, same prompt)", "",
+                  "| path | tokens/s | TTFT (s) | decode vs raw | TTFT vs raw |", "|---|---|---|---|---|"]
+        for face in ("raw", "engine", "api", "ui"):
+            row = d[face]
+            lines.append(f"| {face} | {_f(row['tokens_per_second'], 1)} | {_f(row['ttft_seconds'], 3)} | "
+                         f"{_f(row.get('decode_vs_raw', 1.0))} | {_f(row.get('ttft_vs_raw', 1.0))} |")
+        lines += ["", "Goals: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in d["goals"].items()), ""]
+    if "kernels" in s:
+        k = s["kernels"]
+        lines += ["## CPU kernels (SmolLM2-135M, decode)", "", "| variant | tokens/s | vs fp32 | kernel |", "|---|---|---|---|"]
+        for name, row in k.items():
+            if name.startswith("_") or name == "goals":
+                continue
+            lines.append(f"| {name} | {_f(row['tokens_per_second'], 1)} | {_f(row['vs_fp32'])} | {row['details']} |")
+        lines += ["", "Goals: " + ", ".join(f"{g}: {'met' if v else 'MISSED'}" for g, v in k["goals"].items()), ""]
+    if "loading" in s:
+        lines += ["## Load time and memory (fresh process each)", "",
+                  "| loader: model | load (s) | peak RSS (MiB) | RSS added (MiB) | left after unload (MiB) |",
+                  "|---|---|---|---|---|"]
+        for name, row in s["loading"].items():
+            if name.startswith("_"):
+                continue
+            lines.append(f"| {name} | {_f(row['load_seconds'], 1)} | {_f(row['peak_rss_mib'], 0)} | "
+                         f"{_f(row['rss_loaded_mib'], 0)} | {_f(row['rss_left_after_unload_mib'], 0)} |")
+        lines.append("")
+    if "downloads" in s:
+        dl = s["downloads"]
+        lines += ["## Downloads (local Hub stand-in)", "",
+                  f"- Loadstar: {_f(dl['loadstar_mib_per_second'], 0)} MiB/s; raw `snapshot_download`: "
+                  f"{_f(dl['snapshot_download_mib_per_second'], 0)} MiB/s; ratio {_f(dl['ratio'])}",
+                  f"- Killed mid-file at {dl['killed_at_bytes']} bytes: {dl['retransferred_bytes']} bytes of those came "
+                  f"again ({_f(100 * dl['retransferred_fraction'], 2)}%)",
+                  "- Goals: " + ", ".join(f"{g}: {'met' if v else 'MISSED'}" for g, v in dl["goals"].items()), ""]
+    if "concurrency" in s:
+        lines += ["## Concurrent streaming API clients", "", "| clients | total tokens/s | p95 latency (s) |", "|---|---|---|"]
+        for clients, row in s["concurrency"].items():
+            if clients.startswith("_"):
+                continue
+            lines.append(f"| {clients} | {_f(row['total_tokens_per_second'], 1)} | {_f(row['p95_latency_seconds'], 1)} |")
+        lines.append("")
+    if "gpu" in s:
+        lines += ["## GPU", "", "```", json.dumps(s["gpu"], indent=2, default=str), "```", ""]
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,454 @@
+"""Benchmark sections. Each returns a dict of results (medians of several runs, and ratios)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Once upon a time, in a small village by the sea,"
+CHAT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def _engine(models_dir: Path, data_dir: Path):
+    from engine.engine import Engine
+    from engine.settings import Settings
+
+    return Engine(Settings(models_dir=models_dir, data_dir=data_dir))
+
+
+def _default_models(tmp: Path) -> Path:
+    from engine.default_model import place_default_model
+
+    models = tmp / "models"
+    place_default_model(models)
+    return models
+
+
+# -- 1. decode: raw generate vs engine vs API vs browser -------------------------------------------
+
+def decode(runs: int, tokens: int) -> dict[str, Any]:
+    import torch
+
+    from engine.default_model import DEFAULT_MODEL_NAME
+    from engine.generation import GenerationRequest, Started, TextDelta, Finished
+    from engine.sampling import SamplingParams
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    models = _default_models(tmp)
+    engine = _engine(models, tmp / "data")
+    engine.load_model(DEFAULT_MODEL_NAME)
+    params = SamplingParams(temperature=0, max_new_tokens=tokens)
+    results: dict[str, dict[str, list[float]]] = {k: {"tps": [], "ttft": []} for k in ("raw", "engine", "api", "ui")}
+
+    with engine.models.use() as model:
+        hf, tok = model.model, model.tokenizer
+        ids = torch.tensor([model.encode(PROMPT)])
+
+    class Clock:
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    for _ in range(runs):
+        clock = Clock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                        streamer=clock, pad_token_id=tok.eos_token_id)
+        results["raw"]["ttft"].append(clock.times[0] - start)
+        results["raw"]["tps"].append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+
+        start = time.perf_counter()
+        first = None
+        for event in engine.submit(GenerationRequest(prompt=PROMPT, params=params)).events():
+            if isinstance(event, TextDelta) and first is None:
+                first = time.perf_counter()
+            if isinstance(event, Finished):
+                done = time.perf_counter()
+                results["engine"]["ttft"].append(first - start)
+                results["engine"]["tps"].append((event.completion_tokens - 1) / (done - first))
+    engine.close()
+
+    port, server = _start_server(models, tmp / "api-data")
+    try:
+        for _ in range(runs):
+            ttft, tps, _ = _api_stream(port, prompt=PROMPT, tokens=tokens)
+            results["api"]["ttft"].append(ttft)
+            results["api"]["tps"].append(tps)
+        results["ui"] = _ui_decode(port, runs, tokens)
+    finally:
+        _stop(server)
+
+    summary: dict[str, Any] = {}
+    for face, values in results.items():
+        summary[face] = {"tokens_per_second": median(values["tps"]), "ttft_seconds": median(values["ttft"]),
+                         "runs": len(values["tps"])}
+    raw = summary["raw"]
+    for face in ("engine", "api", "ui"):
+        summary[face]["decode_vs_raw"] = summary[face]["tokens_per_second"] / raw["tokens_per_second"]
+        summary[face]["ttft_vs_raw"] = summary[face]["ttft_seconds"] / raw["ttft_seconds"]
+    summary["goals"] = {
+        "engine_decode_ge_0.97x_raw": summary["engine"]["decode_vs_raw"] >= 0.97,
+        "api_decode_ge_0.95x_raw": summary["api"]["decode_vs_raw"] >= 0.95,
+        "engine_ttft_le_1.1x_raw": summary["engine"]["ttft_vs_raw"] <= 1.1,
+        "api_ttft_le_1.1x_raw": summary["api"]["ttft_vs_raw"] <= 1.1,
+    }
+    summary["settings"] = {"prompt": PROMPT, "max_new_tokens": tokens, "greedy": True, "model": DEFAULT_MODEL_NAME}
+    return summary
+
+
+def _start_server(models: Path, data: Path, *extra: str) -> tuple[int, subprocess.Popen]:
+    from tests.helpers import free_port, start_server, wait_for_health
+
+    port = free_port()
+    log = data.parent / f"server-{port}.log"
+    data.mkdir(parents=True, exist_ok=True)
+    process = start_server("--models-dir", str(models), "--data-dir", str(data), "--port", str(port),
+                           "--api-max-tokens", "4096", *extra, log=log)
+    wait_for_health(port, process, log)
+    return port, process
+
+
+def _stop(process: subprocess.Popen) -> None:
+    from tests.helpers import stop_server
+
+    stop_server(process)
+
+
+def _api_stream(port: int, *, prompt: str | None = None, messages: list | None = None, tokens: int) -> tuple[float, float, float]:
+    """(time to first token, decode tokens/s, total seconds) for one streaming API request."""
+    import httpx
+
+    from engine.default_model import DEFAULT_MODEL_NAME
+
+    body: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "temperature": 0, "max_tokens": tokens, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    path = "/v1/completions" if prompt is not None else "/v1/chat/completions"
+    body.update({"prompt": prompt} if prompt is not None else {"messages": messages})
+    start = time.perf_counter()
+    first = last = None
+    usage = None
+    with httpx.stream("POST", f"http://127.0.0.1:{port}{path}", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            choices = chunk.get("choices") or []
+            text = choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))
+            if text:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    total = time.perf_counter() - start
+    count = usage["completion_tokens"] if usage else 0
+    tps = (count - 1) / (last - first) if first and last and last > first else float("nan")
+    return (first - start) if first else float("nan"), tps, total
+
+
+def _ui_decode(port: int, runs: int, tokens: int) -> dict[str, list[float]]:
+    """Send in the browser UI; time to the first streamed text, tokens/s from the status line."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    out: dict[str, list[float]] = {"tps": [], "ttft": []}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        for _ in range(runs):
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("tab", name="Parameters").click()
+            for name, value in (("temperature", 0), ("max_new_tokens", tokens)):
+                box = page.locator(f"#param-{name} input[type=number]")
+                box.fill(str(value))
+                box.press("Enter")
+            page.get_by_role("tab", name="Chat").click()
+            page.locator("#chat-input textarea").fill(PROMPT)
+            bot = page.locator('#chatbot [data-testid="bot"]')
+            start = time.perf_counter()
+            page.locator("#send").click()
+            while not (bot.count() and bot.last.inner_text().strip()):
+                time.sleep(0.005)
+            out["ttft"].append(time.perf_counter() - start)
+            status = page.locator("#chat-status")
+            while not re.match(r"(Done|Reached)", status.inner_text()):
+                time.sleep(0.05)
+            out["tps"].append(float(re.search(r"([\d.]+) tokens/s", status.inner_text()).group(1)))
+            page.close()
+        browser.close()
+    return out
+
+
+# -- 2. CPU GPTQ kernels vs fp32 and bf16 ----------------------------------------------------------
+
+def kernels(runs: int, tokens: int) -> dict[str, Any]:
+    from engine.generation import GenerationRequest
+    from engine.sampling import SamplingParams
+    from tests.checkpoints import cached, gptq_checkpoint, smollm2_safetensors
+
+    cache = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-kernels-"))
+    models = tmp / "models"
+    models.mkdir()
+    variants = {
+        "fp32": (cached(cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors), "Transformers", {"dtype": "float32"}),
+        "bf16": (cached(cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors), "Transformers", {"dtype": "bfloat16"}),
+        "gptq-4bit-g64": (gptq_checkpoint(cache, 4, 64, True), "AutoGPTQ", {}),
+        "gptq-4bit-g128": (gptq_checkpoint(cache, 4, 128, False), "AutoGPTQ", {}),
+        "gptq-8bit": (gptq_checkpoint(cache, 8, -1, True), "AutoGPTQ", {}),
+        "gptq-8bit-bf16": (gptq_checkpoint(cache, 8, -1, True), "AutoGPTQ", {"dtype": "bfloat16"}),
+    }
+    engine = _engine(models, tmp / "data")
+    out: dict[str, Any] = {}
+    for name, (path, loader, options) in variants.items():
+        (models / name).symlink_to(path, target_is_directory=True)
+        info = engine.load_model(name, loader, options)
+        rates = []
+        for _ in range(runs + 1):  # the first run warms kernels up
+            done = engine.submit(GenerationRequest(prompt=PROMPT, params=SamplingParams(temperature=0, max_new_tokens=tokens))).result()
+            rates.append(done.tokens_per_second)
+        out[name] = {"tokens_per_second": median(rates[1:]), "details": info.details or info.dtype}
+    engine.close()
+    base = out["fp32"]["tokens_per_second"]
+    for name in out:
+        out[name]["vs_fp32"] = out[name]["tokens_per_second"] / base
+    out["goals"] = {
+        "4bit_ge_2.5x_fp32": max(out["gptq-4bit-g64"]["vs_fp32"], out["gptq-4bit-g128"]["vs_fp32"]) >= 2.5,
+        "8bit_ge_1.5x_fp32": out["gptq-8bit"]["vs_fp32"] >= 1.5,
+    }
+    return out
+
+
+# -- 3. load time, peak RSS, RSS after unload ------------------------------------------------------
+
+LOAD_PROBE = """
+import gc, json, resource, sys, time
+from pathlib import Path
+import psutil
+from engine.engine import Engine
+from engine.settings import Settings
+engine = Engine(Settings(models_dir=Path(sys.argv[1]), data_dir=Path(sys.argv[2])))
+engine.plugins.loaders()
+import torch, transformers, gptqmodel
+process = psutil.Process()
+gc.collect()
+before = process.memory_info().rss
+start = time.perf_counter()
+engine.load_model(sys.argv[3], sys.argv[4])
+seconds = time.perf_counter() - start
+loaded = process.memory_info().rss
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+engine.unload_model()
+after = process.memory_info().rss
+print(json.dumps({"load_seconds": seconds, "rss_before": before, "rss_loaded": loaded, "peak_rss": peak, "rss_after_unload": after}))
+"""
+
+
+def loading(runs: int) -> dict[str, Any]:
+    from tests.checkpoints import cached, gptq_checkpoint, smollm2_safetensors
+
+    cache = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    models = _default_models(tmp)
+    links = {
+        "smol-safetensors": cached(cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors),
+        "smol-gptq-4bit-g64": gptq_checkpoint(cache, 4, 64, True),
+        "smol-gptq-8bit": gptq_checkpoint(cache, 8, -1, True),
+    }
+    for name, path in links.items():
+        (models / name).symlink_to(path, target_is_directory=True)
+    cases = [("SmolLM2-135M-Instruct", "Transformers", "GGUF"), ("smol-safetensors", "Transformers", "safetensors bf16"),
+             ("smol-gptq-4bit-g64", "AutoGPTQ", "GPTQ 4-bit g64"), ("smol-gptq-8bit", "AutoGPTQ", "GPTQ 8-bit")]
+    out = {}
+    for model, loader, label in cases:
+        samples = []
+        for _ in range(runs):
+            result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(models), str(tmp / "data"), model, loader],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=600)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr[-2000:])
+            samples.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        mib = 1024 * 1024
+        out[f"{loader}: {label}"] = {
+            "load_seconds": median([s["load_seconds"] for s in samples]),
+            "peak_rss_mib": median([s["peak_rss"] / mib for s in samples]),
+            "rss_loaded_mib": median([(s["rss_loaded"] - s["rss_before"]) / mib for s in samples]),
+            "rss_left_after_unload_mib": median([(s["rss_after_unload"] - s["rss_before"]) / mib for s in samples]),
+        }
+    return out
+
+
+# -- 4. downloads vs snapshot_download, and a killed download --------------------------------------
+
+def downloads(runs: int, size_mib: int) -> dict[str, Any]:
+    from huggingface_hub import snapshot_download
+
+    from engine.downloads import HubClient, download
+    from engine.hub_names import ModelRef
+    from tests.hub_standin import HubStandIn
+
+    hub = HubStandIn().start()
+    repo = "bench/Throughput-GPTQ"
+    half = size_mib * 1024 * 1024 // 2
+    files = {"config.json": b'{"model_type": "llama"}', "quantize_config.json": b'{"bits": 4, "group_size": 128}',
+             "tokenizer.json": b"{}", "model-00001-of-00002.safetensors": os.urandom(half),
+             "model-00002-of-00002.safetensors": os.urandom(half)}
+    hub.repo(repo).add_commit("main", files)
+    total = sum(len(v) for v in files.values())
+    ours, raw = [], []
+    try:
+        for _ in range(runs):
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                download(HubClient(hub.url), ModelRef(repo), Path(tmp))
+                ours.append(total / (time.perf_counter() - start))
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                snapshot_download(repo, cache_dir=tmp, endpoint=hub.url)
+                raw.append(total / (time.perf_counter() - start))
+        retransfer = _killed_download(hub, repo)
+    finally:
+        hub.stop()
+    mib = 1024 * 1024
+    result = {
+        "bytes": total,
+        "loadstar_mib_per_second": median(ours) / mib,
+        "snapshot_download_mib_per_second": median(raw) / mib,
+        "ratio": median(ours) / median(raw),
+        **retransfer,
+    }
+    result["goals"] = {"throughput_ge_0.9x_snapshot_download": result["ratio"] >= 0.9,
+                       "retransferred_lt_5pct_of_done": retransfer["retransferred_fraction"] < 0.05}
+    return result
+
+
+def _killed_download(hub: Any, repo: str) -> dict[str, Any]:
+    """Kill the CLI mid-file, run it again: how many of the bytes already there came again."""
+    big = "model-00001-of-00002.safetensors"
+    hub.faults.bytes_per_second = 20 * 1024 * 1024
+    hub.sent.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "HF_ENDPOINT": hub.url}
+        command = [sys.executable, str(ROOT / "server.py"), "download", repo, "--models-dir", tmp]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        staging = Path(tmp) / ".downloads" / "bench_Throughput-GPTQ"
+        size = len(hub.repo(repo).commits[hub.repo(repo).branches["main"]][big])
+        while True:
+            parts = list(staging.glob(f"{big}.*.part")) if staging.exists() else []
+            if parts and parts[0].stat().st_size > size // 2:
+                break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kept = parts[0].stat().st_size
+        before = hub.sent[big]
+        hub.faults.bytes_per_second = None
+        subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    again = hub.sent[big] - before
+    retransferred = max(0, again - (size - kept))
+    return {"killed_at_bytes": kept, "retransferred_bytes": retransferred, "retransferred_fraction": retransferred / kept}
+
+
+# -- 5. concurrency over the API -------------------------------------------------------------------
+
+def concurrency(tokens: int, levels: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-conc-"))
+    models = _default_models(tmp)
+    port, server = _start_server(models, tmp / "data")
+    out = {}
+    try:
+        for clients in levels:
+            latencies: list[float] = []
+            token_counts: list[int] = []
+            lock = threading.Lock()
+
+            def one() -> None:
+                ttft, tps, total = _api_stream(port, messages=CHAT, tokens=tokens)
+                with lock:
+                    latencies.append(total)
+                    token_counts.append(tokens)
+
+            start = time.perf_counter()
+            threads = [threading.Thread(target=one) for _ in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - start
+            out[str(clients)] = {"total_tokens_per_second": sum(token_counts) / wall, "p95_latency_seconds": p95(latencies)}
+    finally:
+        _stop(server)
+    return out
+
+
+# -- 6. GPU ------------------------------------------------------------------------------------------
+
+def gpu(runs: int, tokens: int) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device on this machine"}
+    from engine.generation import GenerationRequest
+    from engine.sampling import SamplingParams
+    from tests.checkpoints import gptq_checkpoint
+
+    cache = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    models = tmp / "models"
+    models.mkdir()
+    (models / "q4").symlink_to(gptq_checkpoint(cache, 4, 64, True), target_is_directory=True)
+    engine = _engine(models, tmp / "data")
+    out = {}
+    for label, loader, options in (("ExLlamaV2", "ExLlamaV2", {}), ("gptqmodel CUDA", "AutoGPTQ", {"device": "cuda"}),
+                                   ("transformers fp16", "Transformers", {"device": "cuda", "dtype": "float16"})):
+        try:
+            engine.load_model("q4", loader, options)
+        except Exception as error:  # report, keep measuring the others
+            out[label] = {"error": str(error)}
+            continue
+        rates = [engine.submit(GenerationRequest(prompt=PROMPT, params=SamplingParams(temperature=0, max_new_tokens=tokens)))
+                 .result().tokens_per_second for _ in range(runs + 1)]
+        out[label] = {"tokens_per_second": median(rates[1:])}
+    engine.close()
+    if "tokens_per_second" in out.get("ExLlamaV2", {}) and "tokens_per_second" in out.get("gptqmodel CUDA", {}):
+        ratio = out["ExLlamaV2"]["tokens_per_second"] / out["gptqmodel CUDA"]["tokens_per_second"]
+        out["goals"] = {"exllamav2_ge_1.5x_gptqmodel": ratio >= 1.5, "ratio": ratio}
+    return out
+
+
+SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
+    "decode": decode, "kernels": kernels, "loading": loading, "downloads": downloads,
+    "concurrency": concurrency, "gpu": gpu,
+}
