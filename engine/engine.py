@@ -39,7 +39,7 @@ class Engine:
                 "allow_pt": settings.allow_pt,
             },
         )
-        self.generation = GenerationService(self.models)
+        self.generation = GenerationService(self.models, self.models.model_thread)
         self.downloads = DownloadManager(settings.models_dir, settings.hub_endpoint, settings.hub_token)
         self.remembered = UserSettingsStore(settings.settings_file)
 
@@ -126,3 +126,4 @@ class Engine:
             self.models.unload()
         except LoadstarError:
             pass
+        self.models.model_thread.stop()

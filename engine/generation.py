@@ -22,8 +22,9 @@ from typing import Callable, Iterator, Literal, Protocol, Union
 
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError, one_line
-from engine.loader_api import CancelToken, LoadedModel
+from engine.loader_api import CancelToken, LoadedModel, StreamPiece
 from engine.metrics import GenerationMetrics
+from engine.model_thread import ModelThread
 from engine.sampling import SEED_MAX, SamplingParams
 from engine.stop_strings import StopStringFilter
 
@@ -91,6 +92,19 @@ class Finished:
 GenerationEvent = Union[Queued, Started, TextDelta, Finished]
 
 
+class _RunToken(CancelToken):
+    """What the model checks between tokens: the request was cancelled, or a stop string was hit."""
+
+    def __init__(self, request_token: CancelToken, stops: StopStringFilter) -> None:
+        super().__init__()
+        self._request = request_token
+        self._stops = stops
+
+    @property
+    def cancelled(self) -> bool:
+        return self._request.cancelled or self._stops.stopped
+
+
 class ModelSlot(Protocol):
     def use(self) -> AbstractContextManager[LoadedModel | None]:
         """Hold the loaded model (or None) for the duration of one generation."""
@@ -139,9 +153,9 @@ class GenerationHandle:
                 return
 
     def next_event(self, timeout: float) -> GenerationEvent | None:
-        """The next event, or None if none came within ``timeout`` seconds (for polling callers)."""
+        """The next event, or None if none came within ``timeout`` seconds (0: do not wait)."""
         try:
-            return self._events.get(timeout=timeout)
+            return self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
         except queue.Empty:
             return None
 
@@ -169,8 +183,9 @@ class GenerationHandle:
 class GenerationService:
     """Runs generation requests one at a time on the model held by ``slot``."""
 
-    def __init__(self, slot: ModelSlot) -> None:
+    def __init__(self, slot: ModelSlot, model_thread: ModelThread | None = None) -> None:
         self._slot = slot
+        self._model_thread = model_thread or ModelThread()
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
         self._running: GenerationHandle | None = None
@@ -293,7 +308,7 @@ class GenerationService:
             if handle is None:
                 return
             try:
-                self._run(handle)
+                self._model_thread.call(self._run, handle)  # all model work on one thread (see model_thread.py)
             except Exception as error:  # never let one request kill the worker
                 log.exception("generation %s failed", handle.id)
                 handle._emit(Finished(reason="error", text="", error=one_line(error)))
@@ -325,12 +340,22 @@ class GenerationService:
                     parts.append(text)
                     handle._emit(TextDelta(text))
 
+            token = _RunToken(handle.cancel_token, stops)
+
+            def take(piece: StreamPiece) -> None:
+                nonlocal tokens
+                tokens += piece.tokens
+                show(stops.feed(piece.text))
+
             try:
-                for piece in model.stream(prompt, request.params, handle.cancel_token, seed=seed):
-                    tokens += piece.tokens
-                    show(stops.feed(piece.text))
-                    if handle.cancelled or stops.stopped:
-                        break
+                stream_to = getattr(model, "stream_to", None)
+                if stream_to is not None:  # the fast path: generate right here, no hand-off thread
+                    stream_to(prompt, request.params, token, seed=seed, emit=take)
+                else:
+                    for piece in model.stream(prompt, request.params, token, seed=seed):
+                        take(piece)
+                        if token.cancelled:
+                            break
                 show(stops.flush())
             except Exception as error:
                 log.exception("generation %s failed in the model", handle.id)

@@ -92,6 +92,10 @@ class LoadedModel(Protocol):
     def unload(self) -> None:
         """Free the model's memory (RAM and GPU). The object is unusable afterwards."""
 
+    # Optional fast path, used when present: ``stream_to(prompt, params, cancel, *, seed, emit)``
+    # generates on the calling thread (the engine's model thread) and hands each StreamPiece to
+    # ``emit`` instead of yielding it, which saves a thread hand-off per request.
+
 
 @runtime_checkable
 class Loader(Protocol):

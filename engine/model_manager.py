@@ -20,18 +20,23 @@ from engine.errors import LoadstarError, ModelLoadError, one_line
 from engine.loader_api import LoadedModel, LoadedModelInfo
 from engine.loader_choice import LoaderCandidate, choose_loader, rank_loaders
 from engine.model_folder import ModelFolder, inspect_model_folder, list_model_folders, resolve_model_folder
+from engine.model_thread import ModelThread
 from engine.plugins import PluginHost
 
 log = logging.getLogger(__name__)
 
 
 class ModelManager:
-    def __init__(self, models_dir: Path, plugins: PluginHost, *, load_defaults: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, models_dir: Path, plugins: PluginHost, *, load_defaults: dict[str, Any] | None = None,
+        model_thread: ModelThread | None = None,
+    ) -> None:
         """``load_defaults`` fill loader options of the same name the user did not set
         (``device``, ``scratch_dir``, ``allow_pt``), whichever a loader's Options declare."""
         self.models_dir = models_dir
         self._plugins = plugins
         self._load_defaults = dict(load_defaults or {})
+        self.model_thread = model_thread or ModelThread()
         self._current: LoadedModel | None = None
         self._use_lock = threading.RLock()  # held while a generation runs, and for a swap
         self._load_lock = threading.Lock()  # one load at a time
@@ -85,7 +90,7 @@ class ModelManager:
                 raise ModelLoadError(f"{chosen.loader} option {where}: {problem['msg']}") from None
             log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
             try:
-                model = plugin.load(folder, validated)
+                model = self.model_thread.call(plugin.load, folder, validated)
             except LoadstarError:
                 raise
             except Exception as error:
@@ -105,7 +110,7 @@ class ModelManager:
         if old is None:
             return False
         try:
-            old.unload()
+            self.model_thread.call(old.unload)
         except Exception:
             log.exception("unloading %s failed", old.info.name)
         del old

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import queue
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from engine.chat import ChatMessage
 from engine.loader_api import CancelToken, LoadedModelInfo, StreamPiece
@@ -47,23 +47,23 @@ class HFCausalLM:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+    def stream_to(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, emit: Callable[[StreamPiece], None]
+    ) -> None:
+        """Generate on the calling thread, handing each piece to ``emit`` (the engine's fast path)."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         class StopWhenCancelled(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), cancel.cancelled or abandoned.is_set(), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), cancel.cancelled, dtype=torch.bool)
 
-        abandoned = threading.Event()  # the consumer went away: stop generating for nobody
-        out: queue.Queue[Any] = queue.Queue()
-        streamer = _PieceStreamer(self.tokenizer, out)
         input_ids = torch.tensor([self.encode(prompt)], device=self.model.device)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "max_new_tokens": params.max_new_tokens,
-            "streamer": streamer,
+            "streamer": _PieceStreamer(self.tokenizer, emit),
             "stopping_criteria": StoppingCriteriaList([StopWhenCancelled()]),
         }
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is not None:
@@ -72,12 +72,18 @@ class HFCausalLM:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            self.model.generate(**kwargs)
+
+    def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+        """The generator form of ``stream_to`` (generation runs on a helper thread)."""
+        out: queue.Queue[Any] = queue.Queue()
+        abandoned = _EitherToken(cancel)
 
         def run() -> None:
             try:
-                torch.manual_seed(seed)
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
+                self.stream_to(prompt, params, abandoned, seed=seed, emit=out.put)
             except BaseException as error:  # handed to the consumer, raised there
                 out.put(error)
             finally:
@@ -94,7 +100,7 @@ class HFCausalLM:
                     raise item
                 yield item
         finally:
-            abandoned.set()
+            abandoned.cancel()  # the consumer went away: stop generating for nobody
             worker.join()
 
     def unload(self) -> None:
@@ -109,6 +115,18 @@ class HFCausalLM:
             torch.cuda.empty_cache()
 
 
+class _EitherToken(CancelToken):
+    """Cancelled when the request is, or when this side cancels it."""
+
+    def __init__(self, outer: CancelToken) -> None:
+        super().__init__()
+        self._outer = outer
+
+    @property
+    def cancelled(self) -> bool:
+        return self._outer.cancelled or super().cancelled
+
+
 class _PieceStreamer:
     """Turns token ids from ``generate`` into text pieces without splitting characters.
 
@@ -117,9 +135,9 @@ class _PieceStreamer:
     ends in an incomplete UTF-8 sequence.
     """
 
-    def __init__(self, tokenizer: Any, out: queue.Queue[Any]) -> None:
+    def __init__(self, tokenizer: Any, emit: Callable[[StreamPiece], None]) -> None:
         self._tokenizer = tokenizer
-        self._out = out
+        self._emit = emit
         self._prompt_seen = False
         self._cache: list[int] = []
         self._printed = 0
@@ -141,12 +159,12 @@ class _PieceStreamer:
         else:
             self._printed = len(text)
         if piece:
-            self._out.put(StreamPiece(piece, self._pending_tokens))
+            self._emit(StreamPiece(piece, self._pending_tokens))
             self._pending_tokens = 0
 
     def end(self) -> None:
         text = self._tokenizer.decode(self._cache, skip_special_tokens=True) if self._cache else ""
         piece = text[self._printed :]
         if piece or self._pending_tokens:
-            self._out.put(StreamPiece(piece, self._pending_tokens))
+            self._emit(StreamPiece(piece, self._pending_tokens))
         self._cache, self._printed, self._pending_tokens = [], 0, 0
