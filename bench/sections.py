@@ -258,29 +258,6 @@ def kernels(runs: int, tokens: int) -> dict[str, Any]:
 
 # -- 3. load time, peak RSS, RSS after unload ------------------------------------------------------
 
-LOAD_PROBE = """
-import gc, json, resource, sys, time
-from pathlib import Path
-import psutil
-from engine.engine import Engine
-from engine.settings import Settings
-engine = Engine(Settings(models_dir=Path(sys.argv[1]), data_dir=Path(sys.argv[2])))
-engine.plugins.loaders()
-import torch, transformers, gptqmodel
-process = psutil.Process()
-gc.collect()
-before = process.memory_info().rss
-start = time.perf_counter()
-engine.load_model(sys.argv[3], sys.argv[4])
-seconds = time.perf_counter() - start
-loaded = process.memory_info().rss
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-engine.unload_model()
-after = process.memory_info().rss
-print(json.dumps({"load_seconds": seconds, "rss_before": before, "rss_loaded": loaded, "peak_rss": peak, "rss_after_unload": after}))
-"""
-
-
 def loading(runs: int) -> dict[str, Any]:
     from tests.checkpoints import cached, gptq_checkpoint, smollm2_safetensors
 
@@ -300,7 +277,7 @@ def loading(runs: int) -> dict[str, Any]:
     for model, loader, label in cases:
         samples = []
         for _ in range(runs):
-            result = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(models), str(tmp / "data"), model, loader],
+            result = subprocess.run([sys.executable, "-m", "tests.load_probe", str(models), str(tmp / "data"), model, loader],
                                     cwd=ROOT, capture_output=True, text=True, timeout=600)
             if result.returncode != 0:
                 raise RuntimeError(result.stderr[-2000:])

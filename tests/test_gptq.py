@@ -166,28 +166,6 @@ def test_plain_dequantization_matches_the_loaded_layer(engine, models_dir, name)
     assert error < 0.02, f"relative error {error:.4f}"
 
 
-MEMORY_PROBE = """
-import gc, json, sys
-from pathlib import Path
-import psutil
-from engine.engine import Engine
-from engine.settings import Settings
-
-engine = Engine(Settings(models_dir=Path(sys.argv[1]), data_dir=Path(sys.argv[2])))
-engine.plugins.loaders()
-import torch, transformers, gptqmodel  # imports are not the model: take them out of the numbers
-process = psutil.Process()
-gc.collect()
-before = process.memory_info().rss
-engine.load_model(sys.argv[3], sys.argv[4])
-loaded = process.memory_info().rss
-engine.unload_model()
-gc.collect()
-after = process.memory_info().rss
-print(json.dumps({"before": before, "loaded": loaded, "after": after}))
-"""
-
-
 @pytest.mark.parametrize("name,loader", [("smol-4bit-g128", "AutoGPTQ"), ("smol-8bit-nogroup-act", "AutoGPTQ")])
 def test_memory_is_freed_on_unload(models_dir, tmp_path, name, loader):
     """Measured in a fresh process: RSS before load, loaded, and after unload."""
@@ -198,13 +176,13 @@ def test_memory_is_freed_on_unload(models_dir, tmp_path, name, loader):
     from tests.helpers import ROOT
 
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(models_dir), str(tmp_path), name, loader],
+        [sys.executable, "-m", "tests.load_probe", str(models_dir), str(tmp_path), name, loader],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rss = json.loads(result.stdout.strip().splitlines()[-1])
-    grown = rss["loaded"] - rss["before"]
-    kept = rss["after"] - rss["before"]
+    grown = rss["rss_loaded"] - rss["rss_before"]
+    kept = rss["rss_after_unload"] - rss["rss_before"]
     print(f"{name}: RSS +{grown >> 20} MiB loaded, +{kept >> 20} MiB after unload")
     assert grown > 20 << 20, rss  # loading did take memory
     assert kept < grown * 0.5, f"only {100 - 100 * kept // grown}% of {grown >> 20} MiB came back"
