@@ -15,7 +15,7 @@ from engine.downloads import HubClient, select_files
 from engine.errors import LoadstarError
 from engine.loader_api import Loader
 from engine.loader_choice import rank_loaders
-from engine.model_folder import ModelFolder, Quantization, WeightFile, _quantization_from
+from engine.model_folder import ModelFolder, Quantization, WeightFile, quantization_from_config
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,9 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
         files = snapshot.files
     quantization: Quantization | None = None
     if quantize_config is not None:
-        quantization = _quantization_from(quantize_config, "quantize_config.json", default_method="gptq")
+        quantization = quantization_from_config(quantize_config, "quantize_config.json", default_method="gptq")
     elif isinstance(config.get("quantization_config"), dict):
-        quantization = _quantization_from(config["quantization_config"], "config.json", default_method=None)
+        quantization = quantization_from_config(config["quantization_config"], "config.json", default_method=None)
     weights = tuple(
         WeightFile(path=f.path, format=_format(f.path), size=f.size)
         for f in files if "/" not in f.path and _format(f.path) is not None

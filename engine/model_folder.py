@@ -269,9 +269,9 @@ def _quantization(path: Path, config: dict[str, Any] | None, problems: list[str]
     declared: list[Quantization] = []
     quantize_config = _read_json(path / "quantize_config.json", problems)
     if quantize_config is not None:
-        declared.append(_quantization_from(quantize_config, "quantize_config.json", default_method="gptq"))
+        declared.append(quantization_from_config(quantize_config, "quantize_config.json", default_method="gptq"))
     if config and isinstance(config.get("quantization_config"), dict):
-        declared.append(_quantization_from(config["quantization_config"], "config.json", default_method=None))
+        declared.append(quantization_from_config(config["quantization_config"], "config.json", default_method=None))
     if not declared:
         return None
     first = declared[0]
@@ -283,7 +283,7 @@ def _quantization(path: Path, config: dict[str, Any] | None, problems: list[str]
     return first
 
 
-def _quantization_from(data: dict[str, Any], source: str, default_method: str | None) -> Quantization:
+def quantization_from_config(data: dict[str, Any], source: str, default_method: str | None) -> Quantization:
     method = data.get("quant_method") or default_method or "unknown"
     return Quantization(
         method=str(method).lower(),
