@@ -85,6 +85,8 @@ def parse_auth(pairs: list[str], auth_file: Path | None) -> tuple[tuple[str, str
             text = auth_file.read_text(encoding="utf-8")
         except OSError as error:
             raise UserError(f"cannot read --auth-file {auth_file}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--auth-file {auth_file} is not UTF-8 text") from None
         entries += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     result = []
     for entry in entries:
@@ -257,7 +259,8 @@ def run_download(argv: list[str], environ: dict[str, str]) -> int:
             bar = bars[p.file] = tqdm(total=p.file_total, unit="B", unit_scale=True, desc=p.file, file=sys.stderr)
         bar.update(p.file_done - bar.n)
 
-    args.models_dir.mkdir(parents=True, exist_ok=True)
+    if args.models_dir.exists() and not args.models_dir.is_dir():
+        raise UserError(f"--models-dir {args.models_dir} is not a folder")
     try:
         result = download(client, ref, args.models_dir, gguf_file=args.gguf_file, progress=progress)
     except (KeyboardInterrupt, DownloadCancelled):

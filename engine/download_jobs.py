@@ -75,7 +75,6 @@ class DownloadManager:
         def progress(p: Progress) -> None:
             job.progress = p
 
-        self.models_dir.mkdir(parents=True, exist_ok=True)
         try:
             result = download(client, job.ref, self.models_dir, gguf_file=gguf_file, progress=progress, cancel=job._cancel)
         except DownloadCancelled:

@@ -185,8 +185,11 @@ class HubClient:
 
     def read_json(self, repo_id: str, commit: str, path: str) -> dict[str, Any] | None:
         """A small JSON file at ``commit``; None if it is absent or not JSON."""
-        response = self.session.get(self.file_url(repo_id, commit, path), headers=self.headers(),
-                                    follow_redirects=True, timeout=30)
+        response = self._call(
+            lambda: self.session.get(self.file_url(repo_id, commit, path), headers=self.headers(),
+                                     follow_redirects=True, timeout=30),
+            f"{repo_id}/{path}",
+        )
         if response.status_code == 404:
             return None
         self._check(response, f"{repo_id}/{path}")
@@ -233,7 +236,7 @@ class HubClient:
         except HfHubHTTPError as error:
             status = error.response.status_code if error.response is not None else "?"
             raise DownloadError(f"{what}: the Hub answered {status}") from None
-        except OSError as error:
+        except (OSError, *_transport_errors()) as error:
             raise DownloadError(f"{what}: cannot reach {self.endpoint} ({one_line(error)})") from None
 
     def _gated_message(self, what: str) -> str:
@@ -250,6 +253,13 @@ class HubClient:
         if code == "EntryNotFound" or response.status_code == 404:
             raise DownloadError(f"{what}: no such file")
         raise DownloadError(f"{what}: the Hub answered {response.status_code}")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP library's connection errors (huggingface_hub's session is httpx2)."""
+    import httpx2
+
+    return (httpx2.TransportError,)
 
 
 # -- downloading ---------------------------------------------------------------------------------
@@ -297,7 +307,10 @@ def download(
     }
     needed = [f for f in selection.files if f.path not in unchanged]
     counter = _Counter(total=sum(f.size for f in needed), files_total=len(needed))
-    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DownloadError(f"cannot create {staging}: {error.strerror or error}") from None
     hashes: dict[str, str] = {}
     for f in needed:
         if cancel.is_set():
@@ -404,13 +417,20 @@ def _stream_with_resume(
                     counter.done -= have
                     sha, blob = _hashers(f)
                     have = 0
-                with part.open("r+b" if have else "wb") as out:
+                try:
+                    out = part.open("r+b" if have else "wb")
+                except OSError as error:
+                    raise DownloadError(f"cannot write {part}: {error.strerror or error}") from None
+                with out:
                     out.seek(have)
                     out.truncate()
                     for chunk in response.iter_bytes(CHUNK):
                         if cancel.is_set():
                             raise DownloadCancelled(f"{snapshot.ref}: cancelled; run the same download again to resume")
-                        out.write(chunk)
+                        try:
+                            out.write(chunk)
+                        except OSError as error:  # disk full, read-only: retrying will not help
+                            raise DownloadError(f"cannot write {part}: {error.strerror or error}") from None
                         sha.update(chunk)
                         blob.update(chunk)
                         have += len(chunk)

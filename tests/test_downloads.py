@@ -295,3 +295,29 @@ def test_the_stand_in_serves_huggingface_hubs_own_snapshot_download(hub, tmp_pat
     expected = hub.repo(REPO).commits[hub.repo(REPO).branches["gptq-4bit-32g-actorder_True"]]
     for name, data in expected.items():
         assert (tmp_path / path / name).read_bytes() == data
+
+
+def test_an_unreachable_hub_and_a_bad_models_dir_are_one_line_errors(hub, tmp_path):
+    from engine.download_jobs import DownloadManager
+    from tests.helpers import free_port
+
+    nowhere = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    cases = [
+        (["download", REPO, "--models-dir", str(tmp_path)], nowhere, "cannot reach", 1),
+        (["download", REPO, "--list-branches"], nowhere, "cannot reach", 1),
+        (["download", REPO, "--models-dir", str(not_a_folder)], {**os.environ, "HF_ENDPOINT": hub.url}, "is not a folder", 2),
+    ]
+    for args, env, message, code in cases:
+        result = subprocess.run([sys.executable, str(ROOT / "server.py"), *args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == code and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    job = DownloadManager(not_a_folder, hub.url).start(REPO)  # the UI's path: the job must end, not hang
+    deadline = time.monotonic() + 30
+    while job.state == "running":
+        assert time.monotonic() < deadline, "the download job never ended"
+        time.sleep(0.05)
+    assert job.state == "failed" and "cannot create" in job.message

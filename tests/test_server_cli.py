@@ -87,6 +87,9 @@ def test_malformed_auth(auth):
 def test_missing_auth_file(tmp_path):
     result = run_server("--auth-file", str(tmp_path / "nope.txt"), "--no-model")
     assert_one_line_error(result, "cannot read --auth-file", 2)
+    binary = tmp_path / "logins.bin"
+    binary.write_bytes(b"\xff\xfe\x00user")
+    assert_one_line_error(run_server("--auth-file", str(binary), "--no-model"), "is not UTF-8 text", 2)
 
 
 def test_bad_port_number():
