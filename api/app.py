@@ -23,14 +23,16 @@ def build_http_app(engine: Engine) -> FastAPI:
         openapi_url="/openapi.json" if settings.api_enabled else None,
     )
     install_error_handlers(app)
+
+    @app.get("/health")
+    def health() -> dict:
+        # Unauthenticated by design (for probes): says nothing about which model is loaded.
+        return {"status": "ok", "model_loaded": engine.models.loaded is not None}
+
     if settings.api_enabled:
         keys = ApiKeys(settings.api_key, settings.admin_key)
         app.include_router(build_router(engine, keys, queue_timeout=settings.queue_timeout,
                                         max_tokens_cap=settings.api_max_tokens))
-    else:
-        @app.get("/health")
-        def health() -> dict:
-            return {"status": "ok", "model_loaded": engine.models.loaded is not None}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # no CORS headers at all unless an allow-list is given
         app.add_middleware(

@@ -8,19 +8,22 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.body = error_body(message, type_, param=param, code=code)
         self.headers = headers
 
 
 def error_response(status: int, message: str, type_: str, *, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, param=param, code=code), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

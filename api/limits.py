@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from api.errors import error_body
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -49,8 +50,8 @@ class BodyLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes",
-                                     "type": "invalid_request_error", "param": None, "code": "body_too_large"}}).encode()
+        body = json.dumps(error_body(f"request body over {self.max_bytes} bytes", "invalid_request_error",
+                                     code="body_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

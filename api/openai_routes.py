@@ -15,10 +15,10 @@ from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
-from api.errors import ApiError
+from api.errors import ApiError, error_body
 from api.metrics_text import render_metrics
 from api.schemas import ChatCompletionRequest, CompletionRequest, DownloadRequest, LoadRequest, SamplingFields
 from api.security import ApiKeys
@@ -54,11 +54,6 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, owner: str = user) -> Any:
         return await _generate(request, body, owner, chat=False, prompt=body.prompt_text())
-
-    @router.get("/health")
-    def health() -> dict[str, Any]:
-        # Unauthenticated by design (for probes): says nothing about which model is loaded.
-        return {"status": "ok", "model_loaded": engine.models.loaded is not None}
 
     @router.get("/metrics", dependencies=[user], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
@@ -277,7 +272,7 @@ async def _sse(
             elif event is None and await request.is_disconnected():
                 return
         if finished.reason == "error":
-            yield data({"error": {"message": finished.error, "type": "server_error", "param": None, "code": None}})
+            yield data(error_body(finished.error or "generation failed", "server_error"))
         else:
             yield data(ids.chunk(None, _finish_reason(finished)))
             if include_usage:

@@ -50,7 +50,7 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
     import torch
 
     from engine.default_model import DEFAULT_MODEL_NAME
-    from engine.generation import GenerationRequest, Started, TextDelta, Finished
+    from engine.generation import GenerationRequest, TextDelta, Finished
     from engine.sampling import SamplingParams
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))

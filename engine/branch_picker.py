@@ -15,7 +15,7 @@ from engine.downloads import HubClient, select_files
 from engine.errors import LoadstarError
 from engine.loader_api import Loader
 from engine.loader_choice import rank_loaders
-from engine.model_folder import ModelFolder, Quantization, WeightFile, quantization_from_config
+from engine.model_folder import ModelFolder, Quantization, WeightFile, quantization_from_config, weight_format
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
     elif isinstance(config.get("quantization_config"), dict):
         quantization = quantization_from_config(config["quantization_config"], "config.json", default_method=None)
     weights = tuple(
-        WeightFile(path=f.path, format=_format(f.path), size=f.size)
-        for f in files if "/" not in f.path and _format(f.path) is not None
+        WeightFile(path=f.path, format=weight_format(f.path), size=f.size)
+        for f in files if "/" not in f.path and weight_format(f.path) is not None
     )
     archs = config.get("architectures") or []
     record = ModelFolder(
@@ -118,14 +118,6 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
         memory_needed=needed,
         fits=_fits(needed, best.loader if best else None, budget),
     )
-
-
-def _format(path: str) -> str | None:
-    lowered = path.lower()
-    for suffix, fmt in ((".safetensors", "safetensors"), (".bin", "bin"), (".pt", "pt"), (".pth", "pt"), (".gguf", "gguf")):
-        if lowered.endswith(suffix):
-            return fmt
-    return None
 
 
 def _fits(needed: int | None, loader: str | None, budget: MemoryBudget) -> str:

@@ -31,12 +31,12 @@ from typing import Any, Callable
 from engine.atomic import write_atomic
 from engine.errors import LoadstarError, one_line
 from engine.hub_names import ModelRef
+from engine.model_folder import weight_format
 
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "loadstar-download.json"
 STAGING_DIR = ".downloads"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 CHUNK = 1024 * 1024
 RETRIES = 5
 
@@ -118,10 +118,10 @@ def select_files(files: tuple[RemoteFile, ...] | list[RemoteFile], gguf_file: st
     need the user to name one .gguf file when there are several.
     """
     def is_weight(f: RemoteFile) -> bool:
-        return f.path.lower().endswith(WEIGHT_SUFFIXES)
+        return weight_format(f.path) is not None
 
     top_weights = [f for f in files if is_weight(f) and "/" not in f.path]
-    ggufs = [f for f in top_weights if f.path.lower().endswith(".gguf")]
+    ggufs = [f for f in top_weights if weight_format(f.path) == "gguf"]
     skipped: list[tuple[str, str]] = []
     if gguf_file is not None:
         if gguf_file not in {f.path for f in ggufs}:
@@ -134,12 +134,10 @@ def select_files(files: tuple[RemoteFile, ...] | list[RemoteFile], gguf_file: st
             raise DownloadError(f"the repo has {len(ggufs)} GGUF files: choose one with --gguf-file ({names})")
         chosen = ggufs
     else:
-        by_kind = {suffix: [f for f in top_weights if f.path.lower().endswith(suffix)]
-                   for suffix in (".safetensors", ".bin", ".pt", ".pth")}
-        kind = next((k for k in (".safetensors", ".bin", ".pt", ".pth") if by_kind[k]), None)
+        preference = ("safetensors", "bin", "pt")
+        by_kind = {kind: [f for f in top_weights if weight_format(f.path) == kind] for kind in preference}
+        kind = next((k for k in preference if by_kind[k]), None)
         chosen = by_kind[kind] if kind else []
-        if kind == ".pth":
-            chosen += by_kind[".pt"]
     chosen_paths = {f.path for f in chosen}
     selected = []
     for f in files:
@@ -147,7 +145,7 @@ def select_files(files: tuple[RemoteFile, ...] | list[RemoteFile], gguf_file: st
             continue
         if is_weight(f) and f.path not in chosen_paths:
             why = "another weights format is preferred" if "/" not in f.path else "weights in a subfolder"
-            if f.path.lower().endswith(".gguf"):
+            if weight_format(f.path) == "gguf":
                 why = "another GGUF file was chosen" if gguf_file or len(ggufs) > 1 else "not the chosen format"
             skipped.append((f.path, why))
             continue

@@ -79,7 +79,7 @@ class Engine:
     def unload_model(self) -> bool:
         return self.models.unload()
 
-    def startup_choice(self) -> StartupChoice | None:
+    def startup_choice(self) -> StartupChoice:
         """Which model to load at start: --model, else the last one used, else the embedded default.
 
         Raises ``ModelNotFoundError`` for an unknown --model, and for a models folder with no models.
@@ -104,8 +104,6 @@ class Engine:
         if not self.settings.load_model:
             return None
         choice = self.startup_choice()
-        if choice is None:
-            return None
         log.info("loading %s at start (%s)", choice.model, choice.why)
         saved = self.saved_choice(choice.model)
         options = saved.options if saved is not None and choice.loader in (None, saved.loader) else None

@@ -32,6 +32,15 @@ _NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state.*|scal
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
 
 
+def weight_format(name: str) -> WeightFormat | None:
+    """The weights format a file name stands for, or None (configs, tokenizers, training leftovers)."""
+    base = name.rsplit("/", 1)[-1]
+    suffix = "." + base.rsplit(".", 1)[-1].lower() if "." in base else ""
+    if _NOT_WEIGHTS.match(base):
+        return None
+    return _WEIGHT_SUFFIXES.get(suffix)
+
+
 @dataclass(frozen=True)
 class WeightFile:
     path: str  # relative to the model folder, with forward slashes
@@ -99,6 +108,11 @@ class ModelFolder:
             return Quantization(method="gptq", source=f"tensor shapes in {t.file}", bits=t.bits,
                                 group_size=t.group_size, desc_act=t.desc_act, checkpoint_format="gptq")
         return None
+
+    @property
+    def load_blocker(self) -> str | None:
+        """Why no loader should try this folder (contradicting GPTQ parameters, broken weights), if so."""
+        return next(iter(self.gptq_conflicts + self.corrupt_weights), None)
 
     @property
     def formats(self) -> frozenset[WeightFormat]:
@@ -249,8 +263,8 @@ def _weight_files(path: Path) -> list[WeightFile]:
     # Only top-level files count: subfolders (e.g. "original/") hold other formats of the same model.
     found = []
     for entry in sorted(path.iterdir(), key=lambda p: p.name):
-        fmt = _WEIGHT_SUFFIXES.get(entry.suffix.lower())
-        if fmt is None or not entry.is_file() or _NOT_WEIGHTS.match(entry.name):
+        fmt = weight_format(entry.name)
+        if fmt is None or not entry.is_file():
             continue
         found.append(WeightFile(path=entry.name, format=fmt, size=entry.stat().st_size))
     return found

@@ -51,7 +51,11 @@ class ModelManager:
 
     def candidates(self, name: str, pinned: str | None = None) -> list[LoaderCandidate]:
         """Every loader's verdict on model ``name``, best first (for the UI)."""
-        return rank_loaders(self.inspect(name), self._plugins.loaders(), pinned)
+        return self.rank(self.inspect(name), pinned)
+
+    def rank(self, folder: ModelFolder, pinned: str | None = None) -> list[LoaderCandidate]:
+        """Every loader's verdict on an inspected folder, best first."""
+        return rank_loaders(folder, self._plugins.loaders(), pinned)
 
     def loader_names(self) -> list[str]:
         return sorted(self._plugins.loaders(), key=str.lower)

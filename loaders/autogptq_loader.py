@@ -33,7 +33,7 @@ from engine.errors import ModelLoadError, one_line
 from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors
 from engine.hookspecs import hookimpl
 from engine.loader_api import Assessment, Availability, LoadedModelInfo
-from engine.model_folder import ModelFolder, Quantization
+from engine.model_folder import ModelFolder, Quantization, weight_format
 from loaders.derived_folder import derived_folder
 from loaders.hf_causal_lm import HFCausalLM
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 SUPPORTED_BITS = (2, 3, 4, 8)
 # Weight file names gptqmodel finds on its own; anything else is linked under one of these.
 _STANDARD_WEIGHTS = ("model.safetensors",)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 Backend = Literal[
     "auto", "gptq_torch", "gptq_torch_int8", "gptq_torch_aten", "gptq_torch_fused",
@@ -98,10 +97,8 @@ class AutoGPTQLoader:
         gptq = folder.gptq
         if gptq is None:
             return Assessment(False, "not a GPTQ model (no quantize_config.json, no GPTQ tensors)")
-        if folder.gptq_conflicts:
-            return Assessment(False, folder.gptq_conflicts[0])
-        if folder.corrupt_weights:
-            return Assessment(False, folder.corrupt_weights[0])
+        if folder.load_blocker:
+            return Assessment(False, folder.load_blocker)
         if gptq.bits is not None and gptq.bits not in SUPPORTED_BITS:
             return Assessment(False, f"{gptq.bits}-bit GPTQ is not supported (2, 3, 4 or 8)")
         notes = [gptq.describe()]
@@ -228,7 +225,7 @@ def stage_gptq_folder(
         if (hint_bits, hint_group) != (None, None):
             notes.append(f"agrees with the file name ({source.name})")
     target = derived_folder(
-        folder.path, options.scratch_dir / "gptq", entries, skip=lambda name: name.endswith(_WEIGHT_SUFFIXES)
+        folder.path, options.scratch_dir / "gptq", entries, skip=lambda name: weight_format(name) is not None
     )
     notes.append(f"derived files in {target} (your model folder is unchanged)")
     gptq = Quantization(

@@ -81,8 +81,8 @@ class ExLlamaV2Loader:
         gptq = folder.gptq
         if gptq is None:
             return Assessment(False, "not a GPTQ model")
-        if folder.gptq_conflicts:
-            return Assessment(False, folder.gptq_conflicts[0])
+        if folder.load_blocker:
+            return Assessment(False, folder.load_blocker)
         if gptq.bits != 4:
             return Assessment(False, f"{gptq.bits}-bit: ExLlamaV2 runs 4-bit GPTQ only")
         if "safetensors" not in folder.formats:

@@ -49,8 +49,8 @@ class TransformersLoader:
     def assess(self, folder: ModelFolder) -> Assessment:
         if not folder.weight_files:
             return Assessment(False, "no weight files (.safetensors, .bin, .gguf) in the folder")
-        if folder.corrupt_weights:
-            return Assessment(False, folder.corrupt_weights[0])
+        if folder.load_blocker:
+            return Assessment(False, folder.load_blocker)
         quant = folder.quantization
         if quant is not None and quant.method == "gptq":
             return _assess_gptq(folder)
@@ -116,8 +116,6 @@ class TransformersLoader:
 
 def _assess_gptq(folder: ModelFolder) -> Assessment:
     """GPTQ through transformers + optimum + gptqmodel: works, but only when chosen explicitly."""
-    if folder.gptq_conflicts:
-        return Assessment(False, folder.gptq_conflicts[0])
     if not folder.config_quantization:
         return Assessment(False, "GPTQ without quantization_config in config.json (transformers reads only that)")
     missing = [p for p in ("optimum", "gptqmodel") if importlib.util.find_spec(p) is None]

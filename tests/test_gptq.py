@@ -1,7 +1,6 @@
 """Real GPTQ checkpoints made from SmolLM2 with gptqmodel: inspected, the expected loader chosen,
 loaded on this machine, asked a question; a plain dequantization checks the loaded layers."""
 
-import gc
 import re
 import shutil
 

@@ -4,7 +4,7 @@ import pytest
 
 from engine.errors import BadModelFolderError, ModelNotFoundError
 from engine.model_folder import inspect_model_folder, list_model_folders, resolve_model_folder
-from tests.folders import gguf_folder, hf_folder, llama_config, write_json, write_safetensors
+from tests.folders import gguf_folder, hf_folder, llama_config, write_json
 
 
 def test_unquantized_safetensors_folder(tmp_path):

@@ -2,7 +2,6 @@
 
 import pytest
 
-from engine.hookspecs import hookimpl
 from engine.sampling import parameter_specs
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder

@@ -74,7 +74,7 @@ class ModelHandlers:
         pinned = None if loader in (None, AUTO_LOADER) else loader
         try:
             folder = self.engine.models.inspect(name)
-            candidates = self.engine.models.candidates(name, pinned)
+            candidates = self.engine.models.rank(folder, pinned)
         except LoadstarError as error:
             return f"⚠️ {error}", "", plain_choices
         best = next((c for c in candidates if c.usable), None)
