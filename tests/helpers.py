@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 import socket
 import subprocess
 import sys
@@ -70,3 +71,29 @@ def running_server(root: Path, *args: str, env: dict[str, str] | None = None) ->
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_server(process)
+
+
+def run_concurrently(fn: Callable[[Any], Any], keys: Iterable[Any], timeout: float = 300) -> dict[Any, Any]:
+    """Call ``fn(key)`` for every key at the same time, each on its own thread; {key: result}."""
+    results: dict[Any, Any] = {}
+
+    def run(key: Any) -> None:
+        results[key] = fn(key)
+
+    threads = [threading.Thread(target=run, args=(key,)) for key in keys]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return results
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str, code: int | None = None) -> None:
+    """A CLI failure as users should see it: non-zero exit, exactly one 'error:' line, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    if code is not None:
+        assert result.returncode == code, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in result.stderr

@@ -1,7 +1,6 @@
 """The OpenAI-compatible API of a real server.py with the real default model, through the real openai client."""
 
 import json
-import threading
 import time
 import urllib.request
 
@@ -9,7 +8,7 @@ import httpx
 import pytest
 
 from engine.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, place_default_model
-from tests.helpers import running_server
+from tests.helpers import run_concurrently, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -194,17 +193,10 @@ def test_eight_concurrent_streaming_clients_get_unmixed_answers(api_server):
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     alone = {c: ask(c, openai.OpenAI(base_url=f"{api_server}/v1", api_key=USER_KEY, max_retries=0)) for c in countries}
-    together = {}
-
-    def run(country):
-        client = openai.OpenAI(base_url=f"{api_server}/v1", api_key=USER_KEY, max_retries=0, timeout=300)
-        together[country] = ask(country, client)
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in countries]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    together = run_concurrently(
+        lambda c: ask(c, openai.OpenAI(base_url=f"{api_server}/v1", api_key=USER_KEY, max_retries=0, timeout=300)),
+        countries,
+    )
     assert together == alone
 
 

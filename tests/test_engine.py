@@ -100,8 +100,25 @@ def test_damaged_settings_file_is_ignored(tmp_path):
 
 
 def test_stop_reaches_only_the_owner(tmp_path):
-    engine = engine_with(tmp_path, FakeLoader("Good"))
-    assert engine.stop("nobody") == 0
+    from engine.generation import GenerationRequest
+    from tests.fakes import FakeModel
+
+    class SlowLoader(FakeLoader):
+        def load(self, folder, options):
+            return FakeModel(name=folder.name, loader=self.name, reply=" ".join(["w"] * 300), delay=0.01)
+
+    engine = engine_with(tmp_path, SlowLoader("Slow"))
+    hf_folder(engine.settings.models_dir, "m")
+    engine.load_model("m")
+    try:
+        alice = engine.submit(GenerationRequest(prompt="x", owner="alice"))
+        bob = engine.submit(GenerationRequest(prompt="y", owner="bob"))
+        assert engine.stop("nobody") == 0
+        assert engine.stop("alice") == 1
+        assert alice.result().reason == "cancelled"
+        assert bob.result().reason in ("stop", "length") and not bob.cancelled
+    finally:
+        engine.close()
 
 
 def test_default_model_placement_is_idempotent_and_atomic(tmp_path):

@@ -2,7 +2,6 @@
 
 import pickle
 import shutil
-import threading
 
 import pytest
 
@@ -13,6 +12,7 @@ from engine.generation import GenerationRequest, Started, TextDelta
 from engine.sampling import SamplingParams
 from engine.settings import Settings
 from tests.checkpoints import cached, smollm2_safetensors, tiny_random_llama_bin
+from tests.helpers import run_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -72,16 +72,7 @@ def test_two_users_at_once_get_their_own_answers(real_engine):
         "bob": (ChatMessage(role="user", content="Name three colours."),),
     }
     alone = {owner: ask(real_engine, messages).text for owner, messages in questions.items()}
-    together = {}
-
-    def run(owner):
-        together[owner] = ask(real_engine, questions[owner], owner=owner).text
-
-    threads = [threading.Thread(target=run, args=(owner,)) for owner in questions]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    together = run_concurrently(lambda owner: ask(real_engine, questions[owner], owner=owner).text, questions, 120)
     assert together == alone
 
 

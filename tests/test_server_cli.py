@@ -5,17 +5,7 @@ import socket
 import pytest
 
 from tests.folders import hf_folder
-from tests.helpers import free_port, run_server
-
-
-def assert_one_line_error(result, expected: str, code: int | None = None):
-    assert result.returncode != 0, result.stdout + result.stderr
-    if code is not None:
-        assert result.returncode == code
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert expected in errors[0], errors[0]
-    assert "Traceback" not in result.stderr
+from tests.helpers import assert_one_line_error, free_port, run_server
 
 
 def test_help_documents_every_flag():
