@@ -6,13 +6,18 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from engine.conversations import ConversationStore
 from engine.default_model import DEFAULT_MODEL_NAME
 from engine.download_jobs import DownloadManager
 from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
 from engine.generation import GenerationHandle, GenerationRequest, GenerationService
-from engine.loader_api import LoadedModelInfo
+from engine.loader_api import LoadedModel, LoadedModelInfo
 from engine.model_manager import ModelManager
 from engine.plugins import PluginHost
+from engine.presets import PresetStore, generation_config_defaults
+from engine.prompt_formats import AUTO, NAMED_FORMATS, ChosenFormat, choose_format
+from engine.request_pipeline import PreparedRequest, RequestPipeline
+from engine.sampling import SamplingParams
 from engine.settings import Settings
 from engine.user_settings import ModelChoice, UserSettingsStore
 
@@ -29,7 +34,13 @@ class StartupChoice:
 class Engine:
     def __init__(self, settings: Settings, plugins: PluginHost | None = None) -> None:
         self.settings = settings
-        self.plugins = plugins or PluginHost(third_party=settings.third_party_plugins)
+        self.remembered = UserSettingsStore(settings.settings_file)
+        self.plugins = plugins or PluginHost(
+            third_party=settings.third_party_plugins, enabled=self.remembered.read().extensions
+        )
+        if settings.extensions is not None:
+            self._enable_only(settings.extensions)
+        self.plugins.configure(settings)
         self.models = ModelManager(
             settings.models_dir,
             self.plugins,
@@ -39,9 +50,11 @@ class Engine:
                 "allow_pt": settings.allow_pt,
             },
         )
-        self.generation = GenerationService(self.models, self.models.model_thread)
+        self.pipeline = RequestPipeline(self.plugins, self.prompt_format)
+        self.generation = GenerationService(self.models, self.models.model_thread, self.pipeline)
         self.downloads = DownloadManager(settings.models_dir, settings.hub_endpoint, settings.hub_token)
-        self.remembered = UserSettingsStore(settings.settings_file)
+        self.presets = PresetStore(settings.data_dir / "presets")
+        self.conversations = ConversationStore(settings.data_dir / "conversations")
 
     # -- models --------------------------------------------------------------------------------
 
@@ -59,7 +72,10 @@ class Engine:
         info = self.models.load(name, loader, options)
         try:
             remembered = self.remembered.read()
-            models = {**remembered.models, name: ModelChoice(loader=loader, options=dict(options or {}))}
+            previous = remembered.models.get(name)
+            choice = ModelChoice(loader=loader, options=dict(options or {}),
+                                 prompt_format=previous.prompt_format if previous else None)
+            models = {**remembered.models, name: choice}
             self.remembered.write(remembered.model_copy(update={"last_model": name, "last_loader": loader, "models": models}))
         except OSError as error:
             log.warning("could not remember the model choice: %s", error)
@@ -108,6 +124,79 @@ class Engine:
         saved = self.saved_choice(choice.model)
         options = saved.options if saved is not None and choice.loader in (None, saved.loader) else None
         return self.models.load(choice.model, choice.loader or (saved.loader if saved else None), options)
+
+    # -- prompts and parameters ----------------------------------------------------------------
+
+    def prompt_format(self, model: LoadedModel) -> ChosenFormat:
+        """The loaded model's prompt format: the user's pick, its own template, a guess, or completion."""
+        folder = self.models.loaded_folder
+        saved = self.saved_choice(model.info.name)
+        return choose_format(
+            own_template=getattr(model, "chat_template", None),
+            own_source=folder.chat_template_source if folder else None,
+            folder=folder.path if folder else None,
+            pinned=saved.prompt_format if saved else None,
+        )
+
+    def loaded_prompt_format(self) -> ChosenFormat | None:
+        with self.models.use() as model:
+            return self.prompt_format(model) if model is not None else None
+
+    def set_prompt_format(self, name: str) -> ChosenFormat | None:
+        """Pin a named prompt format (or ``auto``) for the loaded model, remembered by folder name."""
+        if name != AUTO and name not in NAMED_FORMATS:
+            raise BadRequestError(f"unknown prompt format '{name}' (known: auto, {', '.join(NAMED_FORMATS)})")
+        loaded = self.models.loaded
+        if loaded is None:
+            raise BadRequestError("no model is loaded")
+        remembered = self.remembered.read()
+        previous = remembered.models.get(loaded.name) or ModelChoice()
+        choice = previous.model_copy(update={"prompt_format": None if name == AUTO else name})
+        self.remembered.write(remembered.model_copy(update={"models": {**remembered.models, loaded.name: choice}}))
+        return self.loaded_prompt_format()
+
+    def preview(self, request: GenerationRequest) -> PreparedRequest:
+        """The exact prompt ``request`` would send, its token count and notices, without generating."""
+        with self.models.use() as model:
+            if model is None:
+                raise BadRequestError("no model is loaded: load one first")
+            return self.models.model_thread.call(self.pipeline.prepare, model, request, [])
+
+    def default_params(self) -> SamplingParams:
+        """Loadstar's defaults with the loaded model's generation_config.json on top."""
+        folder = self.models.loaded_folder
+        return SamplingParams.model_validate(generation_config_defaults(folder.path) if folder else {})
+
+    def preset_params(self, name: str) -> SamplingParams:
+        """The model's defaults with preset ``name`` on top."""
+        return self.default_params().model_copy(update=self.presets.values(name))
+
+    # -- extensions ----------------------------------------------------------------------------
+
+    def _enable_only(self, names: tuple[str, ...]) -> None:
+        """--extensions: exactly these optional plugins on, the others off (remembered)."""
+        optional = {p.name for p in self.plugins.plugins if p.optional}
+        unknown = sorted(set(names) - optional)
+        if unknown:
+            raise BadRequestError(
+                f"unknown extension {', '.join(unknown)} (known: {', '.join(sorted(optional)) or 'none'})"
+            )
+        choices = {name: name in names for name in optional}
+        for name, on in choices.items():
+            self.plugins.set_enabled(name, on)
+        try:
+            self.remembered.update(extensions=choices)
+        except OSError as error:
+            log.warning("could not remember the extension choice: %s", error)
+
+    def set_extension_enabled(self, name: str, on: bool) -> None:
+        """Turn an extension on or off now and for the next start."""
+        self.plugins.set_enabled(name, on)
+        self.plugins.configure(self.settings)
+        try:
+            self.remembered.update(extensions={**self.remembered.read().extensions, name: on})
+        except OSError as error:
+            log.warning("could not remember the extension choice: %s", error)
 
     # -- generation ----------------------------------------------------------------------------
 

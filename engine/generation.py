@@ -22,9 +22,11 @@ from typing import Callable, Iterator, Literal, Protocol, Union
 
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError, one_line
+from engine.extension_api import ReplyDraft
 from engine.loader_api import CancelToken, LoadedModel, StreamPiece
 from engine.metrics import GenerationMetrics
 from engine.model_thread import ModelThread
+from engine.request_pipeline import RequestPipeline
 from engine.sampling import SEED_MAX, SamplingParams
 from engine.stop_strings import StopStringFilter
 
@@ -44,10 +46,13 @@ class GenerationRequest:
     prompt: str | None = None
     owner: str = "local"  # who may cancel it and whose turn it is in the queue
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one, which is not shown
+    continue_last: bool = False  # the last message is an assistant reply to continue, not to answer
 
     def __post_init__(self) -> None:
         if bool(self.messages) == (self.prompt is not None):
             raise BadRequestError("a generation request needs either chat messages or a prompt, not both")
+        if self.continue_last and (not self.messages or self.messages[-1].role != "assistant"):
+            raise BadRequestError("there is no reply to continue")
         if self.prompt is not None and not self.prompt:
             raise BadRequestError("the prompt is empty")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
@@ -67,6 +72,8 @@ class Started:
     prompt: str
     prompt_tokens: int
     seed: int
+    format_name: str | None = None  # the prompt format used for a chat; None for raw prompts
+    notices: tuple[str, ...] = ()  # what the user should know: ignored parameters, a cut prompt, ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class Finished:
     seed: int | None = None
     seconds: float = 0.0
     error: str | None = None  # one line, when reason == "error"
+    notices: tuple[str, ...] = ()
 
     @property
     def tokens_per_second(self) -> float:
@@ -183,8 +191,11 @@ class GenerationHandle:
 class GenerationService:
     """Runs generation requests one at a time on the model held by ``slot``."""
 
-    def __init__(self, slot: ModelSlot, model_thread: ModelThread | None = None) -> None:
+    def __init__(
+        self, slot: ModelSlot, model_thread: ModelThread | None = None, pipeline: RequestPipeline | None = None
+    ) -> None:
         self._slot = slot
+        self._pipeline = pipeline or RequestPipeline()
         self._model_thread = model_thread or ModelThread()
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
@@ -326,14 +337,22 @@ class GenerationService:
             if model is None:
                 handle._emit(Finished(reason="error", text="", error="no model is loaded: load one first"))
                 return
-            prompt = request.prompt if request.prompt is not None else model.render_prompt(request.messages)
-            prompt_tokens = model.count_tokens(prompt)
-            seed = request.params.seed if request.params.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
-            handle._emit(Started(model=model.info.name, prompt=prompt, prompt_tokens=prompt_tokens, seed=seed))
+            notices: list[str] = []
+            try:
+                prepared = self._pipeline.prepare(model, request, notices)
+            except BadRequestError as error:
+                handle._emit(Finished(reason="error", text="", error=str(error), notices=tuple(notices)))
+                return
+            params = prepared.params
+            seed = params.seed if params.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
+            handle._emit(Started(
+                model=model.info.name, prompt=prepared.prompt, prompt_tokens=prepared.prompt_tokens, seed=seed,
+                format_name=prepared.format_name, notices=prepared.notices,
+            ))
             started = time.perf_counter()
             parts: list[str] = []
             tokens = 0
-            stops = StopStringFilter(request.stop)
+            stops = StopStringFilter(prepared.stop)
 
             def show(text: str) -> None:
                 if text:
@@ -347,45 +366,38 @@ class GenerationService:
                 tokens += piece.tokens
                 show(stops.feed(piece.text))
 
+            def finished(reason: FinishReason, error: str | None = None) -> Finished:
+                text = "".join(parts)
+                if reason != "error":
+                    draft = ReplyDraft(text=text, reason=reason, model=model.info.name, owner=request.owner,
+                                       messages=prepared.messages, prompt=prepared.prompt)
+                    text = self._pipeline.finish(draft, notices)
+                return Finished(
+                    reason=reason, text=text, prompt_tokens=prepared.prompt_tokens, completion_tokens=tokens,
+                    seed=seed, seconds=time.perf_counter() - started, error=error, notices=tuple(notices),
+                )
+
             try:
-                stream_to = getattr(model, "stream_to", None)
-                if stream_to is not None:  # the fast path: generate right here, no hand-off thread
-                    stream_to(prompt, request.params, token, seed=seed, emit=take)
+                if self._pipeline.generate(request, prepared.prompt, model, token, take, seed, notices):
+                    pass  # an extension produced the reply
+                elif (stream_to := getattr(model, "stream_to", None)) is not None:
+                    stream_to(prepared.prompt, params, token, seed=seed, emit=take)  # the fast path: no hand-off
                 else:
-                    for piece in model.stream(prompt, request.params, token, seed=seed):
+                    for piece in model.stream(prepared.prompt, params, token, seed=seed):
                         take(piece)
                         if token.cancelled:
                             break
                 show(stops.flush())
             except Exception as error:
                 log.exception("generation %s failed in the model", handle.id)
-                handle._emit(
-                    Finished(
-                        reason="error",
-                        text="".join(parts),
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=tokens,
-                        seed=seed,
-                        seconds=time.perf_counter() - started,
-                        error=one_line(error),
-                    )
-                )
+                handle._emit(finished("error", one_line(error)))
                 return
             if stops.stopped:
                 reason: FinishReason = "stop"
             elif handle.cancelled:
                 reason = "cancelled"
-            elif tokens >= request.params.max_new_tokens:
+            elif tokens >= params.max_new_tokens:
                 reason = "length"
             else:
                 reason = "stop"
-            handle._emit(
-                Finished(
-                    reason=reason,
-                    text="".join(parts),
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=tokens,
-                    seed=seed,
-                    seconds=time.perf_counter() - started,
-                )
-            )
+            handle._emit(finished(reason))

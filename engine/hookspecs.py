@@ -1,29 +1,47 @@
 """The hooks a Loadstar plugin can implement.
 
-A plugin is a module (or object) with functions marked ``@hookimpl``, made known through the
-``loadstar`` entry-point group in its package's ``pyproject.toml``::
+A plugin is a module (or object) with functions marked ``@hookimpl``. Loadstar finds them in two
+places: its own extensions in ``extensions/<name>/`` and other packages' plugins through the
+``loadstar`` entry-point group in their ``pyproject.toml``::
 
     [project.entry-points.loadstar]
     my_plugin = "my_package.plugin_module"
 
-Hooks are always called with keyword arguments, so an implementation may accept only the
-arguments it needs; new arguments can be added to a hook without breaking existing plugins.
-The built-in loaders are ordinary plugins registered exactly this way (see ``pyproject.toml``).
+Hooks are always called with keyword arguments, through the typed methods of
+``engine.plugins.PluginHost``, so an implementation may accept only the arguments it needs and new
+arguments can be added to a hook without breaking existing plugins. pluggy does not chain return
+values: every implementation gets the same inputs, so hooks that change something get a draft to
+change in place. An implementation that raises is disabled for the rest of the session, and the
+user is told; the request it was handling goes on without it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import pluggy
 
 if TYPE_CHECKING:
-    from engine.loader_api import Loader
+    from engine.chat import ChatMessage
+    from engine.extension_api import ReplyDraft, RequestDraft, UIContribution
+    from engine.generation import GenerationRequest
+    from engine.loader_api import CancelToken, LoadedModel, Loader, LoadedModelInfo, StreamPiece
+    from engine.prompt_formats import PromptFormat
+    from engine.settings import Settings
 
 PROJECT_NAME = "loadstar"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec(historic=True)
+def configure(settings: "Settings") -> None:
+    """Receive the app's settings once, before any other hook is called on this plugin.
+
+    Historic: a plugin registered or enabled later gets the same call on arrival. Keep files
+    under ``settings.data_dir / "extensions" / <your name>``.
+    """
 
 
 @hookspec
@@ -34,4 +52,59 @@ def register_loaders(register: Callable[["Loader"], None]) -> None:
     ``Options`` pydantic model, ``availability()``, ``assess(folder)`` and ``load(folder, options)``.
     Keep heavy imports (torch, CUDA libraries) inside those methods, never at module level.
     A plugin that raises here is reported and skipped; the other plugins still register.
+    """
+
+
+@hookspec
+def modify_request(request: "RequestDraft") -> None:
+    """Change a request before it is rendered and generated: user text, history, parameters, stops.
+
+    Edit ``request`` in place (``request.messages``, ``request.user_text``, ``request.params``,
+    ``request.stop``); every extension sees the edits of the ones called before it. Called on the
+    engine's generation thread just before the request runs, for chat and raw completions alike.
+    """
+
+
+@hookspec(firstresult=True)
+def render_prompt(
+    messages: list["ChatMessage"], chat_format: "PromptFormat", special_tokens: Mapping[str, str],
+    model: "LoadedModelInfo", add_generation_prompt: bool,
+) -> str | None:
+    """Turn a chat into the prompt text; the first non-None result wins.
+
+    Return None to leave it to the next extension and finally to the engine, which renders
+    ``chat_format`` (the model's own template or the chosen named format) in a Jinja sandbox.
+    ``add_generation_prompt`` is False when the last assistant message is being continued.
+    """
+
+
+@hookspec(firstresult=True)
+def generate(
+    request: "GenerationRequest", prompt: str, model: "LoadedModel", cancel: "CancelToken",
+    emit: Callable[["StreamPiece"], None], seed: int,
+) -> bool | None:
+    """Produce the reply instead of the loaded model; the first implementation returning True wins.
+
+    Call ``emit(StreamPiece(text, tokens))`` for each piece as it comes and check
+    ``cancel.cancelled`` between pieces; return True when you handled the request, None to let
+    the model generate. Stop strings, the queue and the finished event stay the engine's work.
+    """
+
+
+@hookspec
+def modify_reply(reply: "ReplyDraft") -> None:
+    """Change a finished reply in place (``reply.text``) before it is stored and returned.
+
+    Streamed pieces have already been shown as they came; the UI and the API's final result show
+    the changed text. Called for every finished generation that produced text, cancelled included.
+    """
+
+
+@hookspec
+def webui_contribution(register: Callable[["UIContribution"], None]) -> None:
+    """Add to the web UI by calling ``register(UIContribution(title, build, placement))``.
+
+    Called by ``webui/`` only, once when the page is built, for every discovered extension;
+    the contribution is shown while its extension is enabled. ``build(context)`` runs inside a
+    Gradio Blocks context and may import Gradio; the engine never does.
     """

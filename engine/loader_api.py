@@ -6,19 +6,19 @@ A loader answers three questions and does one thing:
 - ``Options``: the typed load options it accepts (unknown fields rejected).
 - ``load(folder, options)``: return a ``LoadedModel``.
 
-A ``LoadedModel`` is the one small interface the UI and the API use: render the chat prompt,
-count tokens, stream text for a prompt with a cancel handle, unload.
+A ``LoadedModel`` is the one small interface the UI and the API use: its chat template and
+special tokens (the engine renders prompts), the sampling parameters it honours, count tokens,
+stream text for a prompt with a cancel handle, unload.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Iterator, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from engine.chat import ChatMessage
 from engine.model_folder import ModelFolder
 from engine.sampling import SamplingParams
 
@@ -73,9 +73,13 @@ class CancelToken:
 @runtime_checkable
 class LoadedModel(Protocol):
     info: LoadedModelInfo
-
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text for a conversation, with the model's chat template and the assistant turn opened."""
+    # The model's own chat template (None: the engine picks a named format or plain completion)
+    # and the special tokens templates may use (bos_token, eos_token, ...).
+    chat_template: str | None
+    special_tokens: Mapping[str, str]
+    # Names of the SamplingParams fields this model honours (engine.sampling.ALL_PARAMS for all);
+    # a changed field outside it is ignored with a notice to the user, never silently.
+    supported_params: frozenset[str]
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in this model's tokenizer (as a prompt, special tokens included)."""

@@ -38,6 +38,7 @@ class ModelManager:
         self._load_defaults = dict(load_defaults or {})
         self.model_thread = model_thread or ModelThread()
         self._current: LoadedModel | None = None
+        self._current_folder: ModelFolder | None = None
         self._use_lock = threading.RLock()  # held while a generation runs, and for a swap
         self._load_lock = threading.Lock()  # one load at a time
 
@@ -66,6 +67,11 @@ class ModelManager:
     def loaded(self) -> LoadedModelInfo | None:
         current = self._current
         return current.info if current is not None else None
+
+    @property
+    def loaded_folder(self) -> ModelFolder | None:
+        """The inspected folder of the loaded model (its path, chat template source, ...)."""
+        return self._current_folder if self._current is not None else None
 
     @contextmanager
     def use(self) -> Iterator[LoadedModel | None]:
@@ -100,7 +106,7 @@ class ModelManager:
             except Exception as error:
                 log.exception("%s failed to load %s", chosen.loader, name)
                 raise ModelLoadError(f"{chosen.loader} could not load {name}: {one_line(error)}") from error
-            self._swap(model)
+            self._swap(model, folder)
             return model.info
 
     def unload(self) -> bool:
@@ -108,9 +114,10 @@ class ModelManager:
         with self._load_lock:
             return self._swap(None)
 
-    def _swap(self, model: LoadedModel | None) -> bool:
+    def _swap(self, model: LoadedModel | None, folder: ModelFolder | None = None) -> bool:
         with self._use_lock:
             old, self._current = self._current, model
+            self._current_folder = folder
         if old is None:
             return False
         try:

@@ -34,6 +34,9 @@ class Settings(BaseModel):
     hub_endpoint: str = Field("https://huggingface.co", description="The Hugging Face Hub (HF_ENDPOINT).")
     hub_token: str | None = Field(None, repr=False, description="Token for gated/private repos (HF_TOKEN); never logged.")
     third_party_plugins: bool = Field(True, description="Load plugins from other packages (off = only built-ins).")
+    extensions: tuple[str, ...] | None = Field(
+        None, description="Turn on exactly these optional extensions and plugins (remembered); None = as last time."
+    )
 
     @property
     def is_loopback(self) -> bool:

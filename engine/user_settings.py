@@ -1,4 +1,4 @@
-"""What the app remembers between runs (the last model loaded and with which loader)."""
+"""What the app remembers between runs: the last model, each model's loader and prompt format, extensions."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class ModelChoice(BaseModel):
 
     loader: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    prompt_format: str | None = None  # a named format the user picked; None = automatic
 
 
 class UserSettings(BaseModel):
@@ -31,6 +32,7 @@ class UserSettings(BaseModel):
     last_loader: str | None = None
     # Keyed by the exact folder name: no patterns, so one model's settings never leak to another.
     models: dict[str, ModelChoice] = Field(default_factory=dict)
+    extensions: dict[str, bool] = Field(default_factory=dict)  # optional plugins turned on or off
 
 
 class UserSettingsStore:

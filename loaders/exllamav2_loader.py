@@ -14,17 +14,17 @@ import logging
 import threading
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.chat import ChatMessage
 from engine.errors import ModelLoadError, one_line
 from engine.hookspecs import hookimpl
 from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
 from engine.model_folder import ModelFolder
-from engine.sampling import SamplingParams
+from engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
 from loaders.derived_folder import derived_folder
+from loaders.tokenizer_facts import chat_template_of, encode_prompt, special_tokens_of
 
 log = logging.getLogger(__name__)
 
@@ -125,25 +125,33 @@ class ExLlamaV2Loader:
             name=folder.name, loader=self.name, device="cuda", dtype="float16",
             context_length=ex_config.max_seq_len, details=folder.gptq.describe() if folder.gptq else "",
         )
-        return ExLlamaV2Model(info, model, cache, generator, hf_tokenizer)
+        return ExLlamaV2Model(info, model, cache, generator, hf_tokenizer, ex_tokenizer)
 
 
 class ExLlamaV2Model:
-    def __init__(self, info: LoadedModelInfo, model: Any, cache: Any, generator: Any, tokenizer: Any) -> None:
+    supported_params = ALL_PARAMS - {"no_repeat_ngram_size"}
+
+    def __init__(
+        self, info: LoadedModelInfo, model: Any, cache: Any, generator: Any, tokenizer: Any, ex_tokenizer: Any
+    ) -> None:
         self.info = info
+        self._ex_tokenizer = ex_tokenizer
         self._model = model
         self._cache = cache
         self._generator = generator
         self.tokenizer = tokenizer
         self._lock = threading.Lock()
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        dicts = [m.as_dict() for m in messages]
-        return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)
+    @property
+    def chat_template(self) -> str | None:
+        return chat_template_of(self.tokenizer)
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return special_tokens_of(self.tokenizer)
 
     def encode(self, prompt: str) -> list[int]:
-        bos = getattr(self.tokenizer, "bos_token", None)
-        return self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+        return encode_prompt(self.tokenizer, prompt)
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
@@ -159,12 +167,25 @@ class ExLlamaV2Model:
             settings.temperature = params.temperature
             settings.top_p = params.top_p
             settings.top_k = params.top_k
+            settings.min_p = params.min_p
+            settings.typical = params.typical_p if params.typical_p < 1.0 else 0.0
+        settings.token_repetition_penalty = params.repetition_penalty
+        settings.token_presence_penalty = params.presence_penalty
+        settings.token_frequency_penalty = params.frequency_penalty
+        eos = self.tokenizer.eos_token_id
+        if params.ban_eos and eos is not None:
+            settings.disallow_tokens(self._ex_tokenizer, [eos])
+        ids = self.encode(prompt)
+        budget = prompt_budget(params, self.info.context_length)
+        if budget is not None and len(ids) > budget:
+            ids = ids[-budget:]
         job = ExLlamaV2DynamicJob(
-            input_ids=torch.tensor([self.encode(prompt)]),
+            input_ids=torch.tensor([ids]),
             max_new_tokens=params.max_new_tokens,
             gen_settings=settings,
             seed=seed,
-            stop_conditions=[self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [],
+            decode_special_tokens=not params.skip_special_tokens,
+            stop_conditions=[eos] if eos is not None and not params.ban_eos else [],
         )
         with self._lock:
             self._generator.enqueue(job)

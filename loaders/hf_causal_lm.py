@@ -9,16 +9,18 @@ from __future__ import annotations
 import gc
 import queue
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
-from engine.chat import ChatMessage
 from engine.loader_api import CancelToken, LoadedModelInfo, StreamPiece
-from engine.sampling import SamplingParams
+from engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
+from loaders.tokenizer_facts import chat_template_of, encode_prompt, special_tokens_of
 
 _DONE = object()
 
 
 class HFCausalLM:
+    supported_params = ALL_PARAMS
+
     def __init__(self, model: Any, tokenizer: Any, info: LoadedModelInfo, *, keepalive: Any = None) -> None:
         """``keepalive``: an object that owns the model (e.g. a gptqmodel wrapper), freed on unload."""
         self.model = model
@@ -28,19 +30,16 @@ class HFCausalLM:
 
     # -- prompts -------------------------------------------------------------------------------
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        dicts = [m.as_dict() for m in messages]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)
-        # No template: a plain transcript the model can continue (named formats come with presets).
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in dicts]
-        return "\n".join(lines) + "\nAssistant:"
+    @property
+    def chat_template(self) -> str | None:
+        return chat_template_of(self.tokenizer)
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return special_tokens_of(self.tokenizer)
 
     def encode(self, prompt: str) -> list[int]:
-        # Chat templates write the BOS token into the text themselves; add it only when missing.
-        bos = getattr(self.tokenizer, "bos_token", None)
-        add_special = not (bos and prompt.startswith(bos))
-        return self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt)
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
@@ -52,26 +51,42 @@ class HFCausalLM:
     ) -> None:
         """Generate on the calling thread, handing each piece to ``emit`` (the engine's fast path)."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         class StopWhenCancelled(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 return torch.full((input_ids.shape[0],), cancel.cancelled, dtype=torch.bool)
 
-        input_ids = torch.tensor([self.encode(prompt)], device=self.model.device)
+        ids = self.encode(prompt)
+        budget = prompt_budget(params, self.info.context_length)
+        if budget is not None and len(ids) > budget:
+            ids = ids[-budget:]  # the engine tells the user; the oldest text goes first
+        input_ids = torch.tensor([ids], device=self.model.device)
+        eos_ids = self._eos_ids()
+        processors = LogitsProcessorList()
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(_PresenceFrequencyPenalty(len(ids), params.presence_penalty, params.frequency_penalty))
+        if params.ban_eos and eos_ids:
+            processors.append(_BanTokens(eos_ids))
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "max_new_tokens": params.max_new_tokens,
-            "streamer": _PieceStreamer(self.tokenizer, emit),
+            "streamer": _PieceStreamer(self.tokenizer, emit, skip_special_tokens=params.skip_special_tokens),
             "stopping_criteria": StoppingCriteriaList([StopWhenCancelled()]),
+            "logits_processor": processors,
+            "repetition_penalty": params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+            "no_repeat_ngram_size": params.no_repeat_ngram_size or None,
         }
-        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is not None:
-            kwargs["pad_token_id"] = self.tokenizer.eos_token_id
+        if self.tokenizer.pad_token_id is None and eos_ids:
+            kwargs["pad_token_id"] = eos_ids[0]
         if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+            kwargs.update(
+                do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                min_p=params.min_p or None, typical_p=params.typical_p if params.typical_p < 1.0 else None,
+            )
         torch.manual_seed(seed)
         with torch.inference_mode():
             self.model.generate(**kwargs)
@@ -103,6 +118,14 @@ class HFCausalLM:
             abandoned.cancel()  # the consumer went away: stop generating for nobody
             worker.join()
 
+    def _eos_ids(self) -> list[int]:
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if configured is None:
+            configured = self.tokenizer.eos_token_id
+        if configured is None:
+            return []
+        return list(configured) if isinstance(configured, (list, tuple)) else [int(configured)]
+
     def unload(self) -> None:
         device = str(getattr(self.model, "device", "cpu"))
         self.model = None
@@ -127,6 +150,36 @@ class _EitherToken(CancelToken):
         return self._outer.cancelled or super().cancelled
 
 
+class _PresenceFrequencyPenalty:
+    """OpenAI-style penalties over the generated tokens only (not the prompt):
+    logit -= presence * [count > 0] + frequency * count."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
+        self._start = prompt_length
+        self._presence = presence
+        self._frequency = frequency
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        generated = input_ids[:, self._start :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+
+
+class _BanTokens:
+    """Makes the given tokens (the end-of-sequence ones) impossible to pick."""
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self._ids = token_ids
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        scores[:, self._ids] = float("-inf")
+        return scores
+
+
 class _PieceStreamer:
     """Turns token ids from ``generate`` into text pieces without splitting characters.
 
@@ -135,8 +188,9 @@ class _PieceStreamer:
     ends in an incomplete UTF-8 sequence.
     """
 
-    def __init__(self, tokenizer: Any, emit: Callable[[StreamPiece], None]) -> None:
+    def __init__(self, tokenizer: Any, emit: Callable[[StreamPiece], None], *, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
         self._emit = emit
         self._prompt_seen = False
         self._cache: list[int] = []
@@ -150,7 +204,7 @@ class _PieceStreamer:
         ids = value.reshape(-1).tolist()
         self._cache.extend(ids)
         self._pending_tokens += len(ids)
-        text = self._tokenizer.decode(self._cache, skip_special_tokens=True)
+        text = self._tokenizer.decode(self._cache, skip_special_tokens=self._skip_special)
         if text.endswith("\ufffd"):
             return
         piece = text[self._printed :]
@@ -163,7 +217,7 @@ class _PieceStreamer:
             self._pending_tokens = 0
 
     def end(self) -> None:
-        text = self._tokenizer.decode(self._cache, skip_special_tokens=True) if self._cache else ""
+        text = self._tokenizer.decode(self._cache, skip_special_tokens=self._skip_special) if self._cache else ""
         piece = text[self._printed :]
         if piece or self._pending_tokens:
             self._emit(StreamPiece(piece, self._pending_tokens))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.chat import ChatMessage
 from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
 from engine.model_folder import ModelFolder
 from engine.sampling import SamplingParams
@@ -27,8 +26,9 @@ class FakeModel:
         self.started = threading.Event()
         self.seeds: list[int] = []
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        return "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
+    chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    special_tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    supported_params = frozenset({"temperature", "max_new_tokens", "seed"})
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

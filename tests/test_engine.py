@@ -75,8 +75,8 @@ def test_startup_prefers_cli_then_last_used_then_default(tmp_path):
     assert engine.startup_choice().model == DEFAULT_MODEL_NAME
     engine.load_model("zzz", "Good")
     remembered = json.loads(engine.settings.settings_file.read_text())
-    assert remembered == {"last_model": "zzz", "last_loader": "Good",
-                          "models": {"zzz": {"loader": "Good", "options": {}}}}
+    assert remembered == {"last_model": "zzz", "last_loader": "Good", "extensions": {},
+                          "models": {"zzz": {"loader": "Good", "options": {}, "prompt_format": None}}}
     again = engine_with(tmp_path, FakeLoader("Good"))
     choice = again.startup_choice()
     assert (choice.model, choice.loader) == ("zzz", "Good")

@@ -78,8 +78,8 @@ def test_two_users_at_once_get_their_own_answers(real_engine):
 
 def test_usage_counts_match_the_tokenizer(real_engine):
     result = ask(real_engine)
+    prompt = real_engine.preview(GenerationRequest(messages=QUESTION)).prompt
     with real_engine.models.use() as model:
-        prompt = model.render_prompt(QUESTION)
         assert result.prompt_tokens == len(model.encode(prompt))
         assert result.completion_tokens >= len(model.tokenizer(result.text, add_special_tokens=False)["input_ids"])
 

@@ -30,8 +30,9 @@ PLUGIN = textwrap.dedent('''
             self.info = LoadedModelInfo(name=name, loader="Echo", device="cpu", dtype="none", context_length=None)
             self.reply = reply.upper() if shout else reply
 
-        def render_prompt(self, messages):
-            return messages[-1].content
+        chat_template = None  # plain completion: the prompt is the last message's text
+        special_tokens = {}
+        supported_params = frozenset({"max_new_tokens"})
 
         def count_tokens(self, text):
             return len(text.split())

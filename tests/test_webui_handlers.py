@@ -2,14 +2,15 @@
 
 import pytest
 
-from engine.sampling import parameter_specs
+from engine.sampling import SamplingParams, parameter_specs
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder
 from tests.test_engine import engine_with
-from webui.chat_handlers import ChatHandlers, sampling_from_values
+from webui.chat_handlers import ChatHandlers, Who, new_state, sampling_from_values, stops_from_text
 from webui.model_handlers import AUTO_LOADER, ModelHandlers
 
 DEFAULTS = tuple(spec.default for spec in parameter_specs())
+ME = Who(owner="me", user=None)
 
 
 @pytest.fixture
@@ -23,49 +24,79 @@ def engine(tmp_path):
 
 def test_parameter_specs_come_from_the_sampling_model():
     specs = {spec.name: spec for spec in parameter_specs()}
-    assert set(specs) == {"temperature", "top_p", "top_k", "max_new_tokens", "seed"}
+    assert set(specs) == set(SamplingParams.model_fields)
     assert (specs["temperature"].minimum, specs["temperature"].maximum) == (0.0, 5.0)
     assert specs["seed"].default == -1 and specs["top_k"].step == 1
+    assert specs["ban_eos"].kind is bool and specs["ban_eos"].minimum is None
     assert sampling_from_values(DEFAULTS).temperature == specs["temperature"].default
 
 
-def test_send_streams_and_keeps_history(engine):
+def test_stop_strings_text_is_one_per_line_with_escapes():
+    assert stops_from_text("END\n\\nUser:\n\n  \n") == ("END", "\nUser:")
+
+
+def last(updates):
+    *_, final = updates
+    return final
+
+
+def test_send_streams_saves_and_keeps_history(engine):
     chat = ChatHandlers(engine)
-    updates = list(chat.send("hello there", [], "me", *DEFAULTS))
-    textbox, chatbot, history, status = updates[-1]
-    assert textbox == ""
-    assert history[0] == {"role": "user", "content": "hello there"}
-    assert history[-1]["role"] == "assistant" and "hello" in history[-1]["content"]
-    assert chatbot == history
-    assert status.startswith("Done (")
+    updates = list(chat.send("hello there", new_state(), ME, DEFAULTS, ""))
+    final = updates[-1]
+    assert final.state["messages"][0] == {"role": "user", "content": "hello there"}
+    assert final.state["messages"][-1]["role"] == "assistant" and "hello" in final.state["messages"][-1]["content"]
+    assert final.chatbot == final.state["messages"] and final.status.startswith("Done (")
+    assert final.prompt == "<user>hello there<assistant>"
     assert len(updates) > 3  # streamed in pieces
+    saved = engine.conversations.load(None, final.state["id"])
+    assert [m.content for m in saved.messages] == [m["content"] for m in final.state["messages"]]
+    assert saved.title == "hello there"
 
 
 def test_empty_message_changes_nothing(engine):
-    [(textbox, chatbot, history, status)] = list(ChatHandlers(engine).send("  ", [{"role": "user", "content": "x"}], "me", *DEFAULTS))
-    assert history == [{"role": "user", "content": "x"}] and status == "Type a message first."
+    state = {**new_state(), "messages": [{"role": "user", "content": "x"}]}
+    [update] = list(ChatHandlers(engine).send("  ", state, ME, DEFAULTS, ""))
+    assert update.state == state and update.status == "Type a message first."
 
 
 def test_out_of_range_parameter_is_reported_not_raised(engine):
     values = list(DEFAULTS)
     values[0] = 99  # temperature
-    *_, (_, _, _, status) = ChatHandlers(engine).send("hi", [], "me", *values)
-    assert status.startswith("⚠️ temperature:")
+    assert last(ChatHandlers(engine).send("hi", new_state(), ME, tuple(values), "")).status.startswith("⚠️ temperature:")
 
 
-def test_regenerate_replaces_the_last_reply(engine):
+def test_regenerate_continue_remove_and_edit(engine):
     chat = ChatHandlers(engine)
-    *_, (_, _, history, _) = chat.send("one two", [], "me", *DEFAULTS)
-    *_, (_, again, _) = chat.regenerate(history, "me", *DEFAULTS)
-    assert len(again) == 2 and again[0] == history[0]
-    [(_, nothing, status)] = list(chat.regenerate([], "me", *DEFAULTS))
-    assert nothing == [] and "Nothing to regenerate" in status
+    state = last(chat.send("one two", new_state(), ME, DEFAULTS, "")).state
+    again = last(chat.regenerate(state, ME, DEFAULTS, "")).state
+    assert len(again["messages"]) == 2 and again["messages"][0] == state["messages"][0]
+    assert "Nothing to regenerate" in last(chat.regenerate(new_state(), ME, DEFAULTS, "")).status
+    longer = last(chat.continue_(again, ME, DEFAULTS, "")).state
+    reply = longer["messages"][-1]["content"]
+    assert len(longer["messages"]) == 2 and reply.startswith(again["messages"][-1]["content"]) and len(reply) > len(again["messages"][-1]["content"])
+    edited = chat.edit(longer, ME, 0, [{"type": "text", "text": "three four"}]).state
+    assert edited["messages"][0]["content"] == "three four"
+    assert "cannot be empty" in chat.edit(edited, ME, 0, "  ").status
+    removed = chat.remove_last(edited, ME).state
+    assert removed["messages"] == [] and engine.conversations.load(None, removed["id"]).messages == []
 
 
-def test_stop_and_clear_with_nothing_running(engine):
+def test_system_message_and_prompt_preview(engine):
     chat = ChatHandlers(engine)
-    assert chat.stop("me") == "Nothing is running."
-    assert chat.clear("me") == ([], [], "")
+    prompt, info = chat.preview("hi", {**new_state(), "system": "be brief"}, DEFAULTS, "")
+    assert prompt == "<system>be brief<user>hi<assistant>" and info.startswith("2 tokens, model's own format")
+    # the fake model's context is 100 tokens, less 512 for the reply: the prompt would be cut
+    assert "was cut to its last 1 tokens to fit the context" in info
+    values = list(DEFAULTS)
+    values[[s.name for s in parameter_specs()].index("top_k")] = 5
+    values[0] = 1.0
+    _, info = chat.preview("hi", new_state(), tuple(values), "")
+    assert "Fake ignores top_k" in info
+
+
+def test_stop_with_nothing_running(engine):
+    assert ChatHandlers(engine).stop("me") == "Nothing is running."
 
 
 def test_model_handlers_describe_candidates_with_reasons(engine):

@@ -1,97 +1,191 @@
 """Chat tab handlers: plain functions over the engine. No Gradio components are built here.
 
-History is a list of ``{"role", "content"}`` dicts kept per browser session in ``gr.State``.
-The owner of a generation is the browser session (Gradio's session hash), so Stop cancels
-only the requester's own generation.
+A browser session holds one open conversation in ``gr.State`` as a dict (``Conversation``'s
+fields); the saved copy on disk is written after every turn. The owner of a generation is the
+browser session (Gradio's session hash), so Stop cancels only the requester's own generation;
+conversations belong to the login name (``local`` without logins).
 """
 
 from __future__ import annotations
 
+import codecs
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from pydantic import ValidationError
 
 from engine.chat import ChatMessage
+from engine.conversations import Conversation, title_from
 from engine.engine import Engine
 from engine.errors import LoadstarError
 from engine.generation import Finished, GenerationRequest, Queued, Started, TextDelta
 from engine.sampling import SamplingParams, parameter_specs
 
-History = list[dict[str, str]]
+State = dict[str, Any]  # a Conversation as a dict, kept per browser session
 UPDATE_INTERVAL = 0.08  # seconds between streamed chat updates
-# What every streaming handler yields: (chatbot messages, history state, status line)
-ChatUpdate = tuple[History, History, str]
+
+
+@dataclass(frozen=True)
+class Who:
+    owner: str  # the browser session: whose generation Stop cancels
+    user: str | None  # the login name: whose conversations these are
+
+
+@dataclass(frozen=True)
+class ChatUpdate:
+    chatbot: list[dict[str, str]]
+    state: State
+    status: str
+    prompt: str | None = None  # the prompt sent, for the prompt viewer (None: leave it)
 
 
 def sampling_from_values(values: tuple[Any, ...]) -> SamplingParams:
     """Build SamplingParams from the Parameters tab's control values (in ``parameter_specs()`` order)."""
     names = [spec.name for spec in parameter_specs()]
-    raw = dict(zip(names, values))
-    if raw.get("seed") is not None:
-        raw["seed"] = int(raw["seed"])
+    raw = {name: value for name, value in zip(names, values) if value is not None}
+    for spec in parameter_specs():
+        if spec.kind is int and raw.get(spec.name) is not None:
+            raw[spec.name] = int(raw[spec.name])
     return SamplingParams.model_validate(raw)
+
+
+def stops_from_text(text: str | None) -> tuple[str, ...]:
+    """Custom stop strings: one per line; ``\\n`` and ``\\t`` written out mean a newline and a tab."""
+    stops = []
+    for line in (text or "").splitlines():
+        if line.strip():
+            stops.append(codecs.decode(line, "unicode_escape") if "\\" in line else line)
+    return tuple(stops)
+
+
+def chat_messages(state: State) -> list[dict[str, str]]:
+    return [dict(m) for m in state.get("messages", [])]
+
+
+def new_state() -> State:
+    return Conversation().model_dump()
 
 
 class ChatHandlers:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def send(self, text: str, history: History, owner: str, *param_values: Any) -> Iterator[tuple[str, History, History, str]]:
-        """Append the user's message and stream the reply. Yields (textbox, chatbot, history, status)."""
+    # -- turns -----------------------------------------------------------------------------------
+
+    def send(self, text: str, state: State, who: Who, params: tuple[Any, ...], stops: str) -> Iterator[ChatUpdate]:
+        """Append the user's message and stream the reply."""
         text = (text or "").strip()
         if not text:
-            yield "", history, history, "Type a message first."
+            yield ChatUpdate(chat_messages(state), state, "Type a message first.")
             return
-        history = [*history, {"role": "user", "content": text}]
-        for chat, state, status in self._reply(history, owner, param_values):
-            yield "", chat, state, status
+        state = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text}]}
+        if state.get("title", "New chat") == "New chat":
+            state["title"] = title_from(text)
+        yield from self._reply(state, who, params, stops)
 
-    def regenerate(self, history: History, owner: str, *param_values: Any) -> Iterator[ChatUpdate]:
+    def regenerate(self, state: State, who: Who, params: tuple[Any, ...], stops: str) -> Iterator[ChatUpdate]:
         """Drop the last reply and generate it again."""
-        trimmed = list(history)
-        while trimmed and trimmed[-1]["role"] == "assistant":
-            trimmed.pop()
-        if not trimmed:
-            yield history, history, "Nothing to regenerate yet."
+        messages = chat_messages(state)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages:
+            yield ChatUpdate(chat_messages(state), state, "Nothing to regenerate yet.")
             return
-        yield from self._reply(trimmed, owner, param_values)
+        yield from self._reply({**state, "messages": messages}, who, params, stops)
+
+    def continue_(self, state: State, who: Who, params: tuple[Any, ...], stops: str) -> Iterator[ChatUpdate]:
+        """Make the last reply longer: the model goes on from its last word."""
+        messages = chat_messages(state)
+        if not messages or messages[-1]["role"] != "assistant":
+            yield ChatUpdate(messages, state, "There is no reply to continue.")
+            return
+        yield from self._reply(state, who, params, stops, continue_last=True)
+
+    def remove_last(self, state: State, who: Who) -> ChatUpdate:
+        """Remove the last exchange: the last reply and the message it answered."""
+        messages = chat_messages(state)
+        if self.engine.generation.has_work(who.owner):
+            return ChatUpdate(messages, state, "Still answering: press Stop first.")
+        if not messages:
+            return ChatUpdate(messages, state, "Nothing to remove.")
+        if messages[-1]["role"] == "assistant":
+            messages.pop()
+        if messages and messages[-1]["role"] == "user":
+            messages.pop()
+        state = self._save({**state, "messages": messages}, who)
+        return ChatUpdate(messages, state, "Removed the last exchange.")
+
+    def edit(self, state: State, who: Who, index: int, text: Any) -> ChatUpdate:
+        """Replace message ``index`` with ``text`` (the chat keeps everything after it)."""
+        messages = chat_messages(state)
+        content = _text_of(text)
+        if not isinstance(index, int) or not 0 <= index < len(messages):
+            return ChatUpdate(messages, state, "That message no longer exists.")
+        if not content.strip():
+            return ChatUpdate(messages, state, "A message cannot be empty: use Remove last instead.")
+        messages[index] = {"role": messages[index]["role"], "content": content}
+        state = self._save({**state, "messages": messages}, who)
+        return ChatUpdate(messages, state, "Message edited.")
 
     def stop(self, owner: str) -> str:
         stopped = self.engine.stop(owner)
         return "Stopping…" if stopped else "Nothing is running."
 
-    def clear(self, owner: str) -> ChatUpdate:
-        self.engine.stop(owner)
-        return [], [], ""
+    def preview(self, text: str, state: State, params: tuple[Any, ...], stops: str) -> tuple[str, str]:
+        """The exact prompt the next Send would use and its token count, without generating."""
+        messages = chat_messages(state)
+        if (text or "").strip():
+            messages.append({"role": "user", "content": text.strip()})
+        if not messages:
+            return "", "Type a message to see its prompt."
+        try:
+            request = self._request({**state, "messages": messages}, "preview", params, stops)
+            prepared = self.engine.preview(request)
+        except (LoadstarError, ValidationError) as error:
+            return "", f"⚠️ {_problem(error)}"
+        notes = "".join(f" ⚠️ {notice}." for notice in prepared.notices)
+        return prepared.prompt, f"{prepared.prompt_tokens} tokens, {prepared.format_name} format.{notes}"
 
-    def _reply(self, history: History, owner: str, param_values: tuple[Any, ...]) -> Iterator[ChatUpdate]:
-        if self.engine.generation.has_work(owner):
-            yield history[:-1] if history[-1]["role"] == "user" else history, history, "Still answering: press Stop first."
+    # -- generation ------------------------------------------------------------------------------
+
+    def _request(
+        self, state: State, owner: str, params: tuple[Any, ...], stops: str, continue_last: bool = False
+    ) -> GenerationRequest:
+        conversation = Conversation.model_validate(state)
+        return GenerationRequest(
+            messages=conversation.chat_messages(), params=sampling_from_values(params), owner=owner,
+            stop=stops_from_text(stops), continue_last=continue_last,
+        )
+
+    def _reply(
+        self, state: State, who: Who, params: tuple[Any, ...], stops: str, continue_last: bool = False
+    ) -> Iterator[ChatUpdate]:
+        messages = chat_messages(state)
+        if self.engine.generation.has_work(who.owner):
+            shown = messages[:-1] if messages and messages[-1]["role"] == "user" and not continue_last else messages
+            yield ChatUpdate(shown, state, "Still answering: press Stop first.")
             return
         try:
-            params = sampling_from_values(param_values)
-            messages = tuple(ChatMessage(role=m["role"], content=m["content"]) for m in history)
-            handle = self.engine.submit(GenerationRequest(messages=messages, params=params, owner=owner))
-        except ValidationError as error:
-            problem = error.errors()[0]
-            field = ".".join(str(p) for p in problem["loc"])
-            yield history, history, f"⚠️ {field}: {problem['msg']}"
+            request = self._request(state, who.owner, params, stops, continue_last)
+            handle = self.engine.submit(request)
+        except (LoadstarError, ValidationError) as error:
+            yield ChatUpdate(messages, state, f"⚠️ {_problem(error)}")
             return
-        except LoadstarError as error:
-            yield history, history, f"⚠️ {error}"
-            return
+        state = self._save(state, who)  # the user's message is safe before the reply starts
 
-        reply = ""
-        status = "Queued…"
-        yield [*history, {"role": "assistant", "content": ""}], history, status
+        prefix = messages.pop()["content"] if continue_last else ""
+        reply, status, prompt = "", "Queued…", None
         last_yield = 0.0
+        finished: Finished | None = None
         try:
+            yield ChatUpdate([*messages, {"role": "assistant", "content": prefix}], state, status)
             for event in handle.events():
                 if isinstance(event, Queued):
                     status = f"Waiting in the queue: position {event.position}."
                 elif isinstance(event, Started):
-                    status = f"Generating with {event.model}…"
+                    status = f"Generating with {event.model}…" + _notices(event.notices)
+                    prompt = event.prompt
                 elif isinstance(event, TextDelta):
                     reply += event.text
                     # Every update re-renders the whole chat in the browser: at most ~12 a second
@@ -99,13 +193,50 @@ class ChatHandlers:
                     if time.monotonic() - last_yield < UPDATE_INTERVAL and last_yield:
                         continue
                 elif isinstance(event, Finished):
+                    finished = event
                     status = finished_status(event)
-                    reply = event.text or reply
-                final = [*history, {"role": "assistant", "content": reply}] if reply or not isinstance(event, Finished) else history
+                    reply = event.text if event.reason != "error" else reply
+                shown = [*messages, {"role": "assistant", "content": prefix + reply}]
+                if isinstance(event, Finished):
+                    shown = shown if prefix + reply else messages
+                    state = self._save({**state, "messages": shown}, who)
                 last_yield = time.monotonic()
-                yield final, final, status
+                yield ChatUpdate(shown, state, status, prompt)
         finally:
             handle.cancel()  # the page went away or Gradio closed us: stop generating for nobody
+            if finished is None and prefix + reply:  # keep what was said before the page went away
+                self._save({**state, "messages": [*messages, {"role": "assistant", "content": prefix + reply}]}, who)
+
+    def _save(self, state: State, who: Who) -> State:
+        try:
+            saved = self.engine.conversations.save(who.user, Conversation.model_validate(state))
+        except (OSError, ValidationError) as error:
+            # The chat goes on; the user sees that it is not on disk.
+            return {**state, "save_error": _problem(error)}
+        return saved.model_dump()
+
+
+def _text_of(value: Any) -> str:
+    """Gradio 6 hands message content back as a list of parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("text") or value.get("content") or "")
+    if isinstance(value, list):
+        return "".join(_text_of(part) for part in value)
+    return "" if value is None else str(value)
+
+
+def _problem(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        problem = error.errors()[0]
+        field = ".".join(str(p) for p in problem["loc"])
+        return f"{field}: {problem['msg']}"
+    return str(error).splitlines()[0] if str(error) else error.__class__.__name__
+
+
+def _notices(notices: tuple[str, ...]) -> str:
+    return "".join(f" ⚠️ {notice}." for notice in notices)
 
 
 def finished_status(event: Finished) -> str:
@@ -113,7 +244,9 @@ def finished_status(event: Finished) -> str:
         return f"⚠️ {event.error}"
     stats = f"{event.completion_tokens} tokens, {event.tokens_per_second:.1f} tokens/s, seed {event.seed}"
     if event.reason == "cancelled":
-        return f"Stopped ({stats})." if event.seed is not None else "Stopped."
-    if event.reason == "length":
-        return f"Reached max new tokens ({stats})."
-    return f"Done ({stats})."
+        text = f"Stopped ({stats})." if event.seed is not None else "Stopped."
+    elif event.reason == "length":
+        text = f"Reached max new tokens ({stats})."
+    else:
+        text = f"Done ({stats})."
+    return text + _notices(event.notices)

@@ -1,0 +1,178 @@
+"""Saved conversations: one JSON file each, written atomically after every turn.
+
+A conversation lives in ``<data dir>/conversations/<user>/<id>.json``; ``<user>`` is the login
+name (or ``local`` without logins), so users of one server never see each other's chats. Files are
+replaced through a synced temporary file and a rename, so a crash or a kill during a save leaves
+the previous version whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.atomic import write_atomic
+from engine.chat import ChatMessage
+from engine.errors import BadRequestError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "loadstar-conversation/1"
+MAX_IMPORT_BYTES = 20 * 1024 * 1024
+_ID = re.compile(r"^[0-9a-f]{16}$")
+_USER = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class Conversation(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: str = FORMAT
+    id: str = Field(default_factory=lambda: secrets.token_hex(8), pattern=_ID.pattern)
+    title: str = Field("New chat", max_length=200)
+    system: str = Field("", max_length=100_000, description="The system message; empty = the format's default.")
+    messages: list[ChatMessage] = Field(default_factory=list, max_length=100_000)
+    created: float = Field(default_factory=time.time)
+    updated: float = Field(default_factory=time.time)
+
+    def chat_messages(self) -> tuple[ChatMessage, ...]:
+        """What the model sees: the system message (when set) and the turns."""
+        system = (ChatMessage(role="system", content=self.system),) if self.system.strip() else ()
+        return (*system, *self.messages)
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    id: str
+    title: str
+    updated: float
+    turns: int
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    title: str
+    snippet: str
+
+
+def title_from(text: str) -> str:
+    line = " ".join(text.split())
+    return (line[:60] + "…") if len(line) > 60 else line or "New chat"
+
+
+class ConversationStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def folder(self, user: str | None) -> Path:
+        safe = _USER.sub("_", user or "local")[:64] or "local"
+        return self.root / safe
+
+    def summaries(self, user: str | None) -> list[ConversationSummary]:
+        """The user's conversations, most recently updated first (unreadable files are skipped)."""
+        found = []
+        for conversation in self._all(user):
+            found.append(ConversationSummary(conversation.id, conversation.title, conversation.updated,
+                                             len(conversation.messages)))
+        return sorted(found, key=lambda c: c.updated, reverse=True)
+
+    def load(self, user: str | None, conversation_id: str) -> Conversation:
+        path = self._path(user, conversation_id)
+        try:
+            return Conversation.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise BadRequestError(f"no conversation {conversation_id}") from None
+        except (OSError, ValidationError, ValueError) as error:
+            raise BadRequestError(f"conversation {conversation_id} cannot be read: {error.__class__.__name__}") from None
+
+    def save(self, user: str | None, conversation: Conversation) -> Conversation:
+        """Write ``conversation`` (atomically) with a fresh ``updated`` time; returns what was written."""
+        stamped = conversation.model_copy(update={"updated": time.time()})
+        write_atomic(self._path(user, stamped.id), stamped.model_dump_json(indent=1).encode("utf-8"))
+        return stamped
+
+    def rename(self, user: str | None, conversation_id: str, title: str) -> Conversation:
+        title = " ".join((title or "").split())
+        if not title:
+            raise BadRequestError("a conversation needs a title")
+        if len(title) > 200:
+            raise BadRequestError("a title is at most 200 characters")
+        return self.save(user, self.load(user, conversation_id).model_copy(update={"title": title}))
+
+    def delete(self, user: str | None, conversation_id: str) -> None:
+        path = self._path(user, conversation_id)
+        if not path.exists():
+            raise BadRequestError(f"no conversation {conversation_id}")
+        path.unlink()
+
+    def search(self, user: str | None, query: str, limit: int = 50) -> list[SearchHit]:
+        """Conversations whose title, system message or any message contains every word of ``query``."""
+        words = [w.casefold() for w in query.split()]
+        if not words:
+            return []
+        hits = []
+        for conversation in sorted(self._all(user), key=lambda c: c.updated, reverse=True):
+            texts = [conversation.title, conversation.system, *(m.content for m in conversation.messages)]
+            folded = "\n".join(texts).casefold()
+            if all(word in folded for word in words):
+                hits.append(SearchHit(conversation.id, conversation.title, _snippet(texts, words[0])))
+            if len(hits) >= limit:
+                break
+        return hits
+
+    def export(self, user: str | None, conversation_id: str) -> bytes:
+        return self.load(user, conversation_id).model_dump_json(indent=1).encode("utf-8")
+
+    def import_(self, user: str | None, data: bytes) -> Conversation:
+        """Save an exported conversation as a new one (a fresh id: an import never overwrites)."""
+        if len(data) > MAX_IMPORT_BYTES:
+            raise BadRequestError(f"the file is larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB")
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequestError("the file is not JSON: export a conversation from Loadstar to import it") from None
+        if isinstance(raw, list):  # a bare list of {"role", "content"} messages
+            raw = {"messages": raw}
+        if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list):
+            raise BadRequestError("the file holds no conversation: expected an object with a 'messages' list")
+        raw = {key: value for key, value in raw.items() if key not in ("id", "format")}
+        try:
+            conversation = Conversation.model_validate(raw)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"])
+            raise BadRequestError(f"the conversation is not valid: {where}: {problem['msg']}") from None
+        if conversation.title == "New chat" and conversation.messages:
+            conversation = conversation.model_copy(update={"title": title_from(conversation.messages[0].content)})
+        return self.save(user, conversation)
+
+    def _path(self, user: str | None, conversation_id: str) -> Path:
+        if not _ID.match(conversation_id or ""):
+            raise BadRequestError("not a conversation id")
+        return self.folder(user) / f"{conversation_id}.json"
+
+    def _all(self, user: str | None) -> list[Conversation]:
+        found = []
+        for path in self.folder(user).glob("*.json"):
+            try:
+                found.append(Conversation.model_validate_json(path.read_bytes()))
+            except (OSError, ValidationError, ValueError) as error:
+                log.warning("skipping unreadable conversation %s: %s", path.name, error.__class__.__name__)
+        return found
+
+
+def _snippet(texts: list[str], word: str, width: int = 60) -> str:
+    for text in texts:
+        at = text.casefold().find(word)
+        if at >= 0:
+            start = max(0, at - width // 2)
+            piece = " ".join(text[start : start + width].split())
+            return ("…" if start else "") + piece + ("…" if start + width < len(text) else "")
+    return ""

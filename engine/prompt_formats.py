@@ -1,0 +1,258 @@
+"""Prompt formats: how a conversation becomes the text a model continues.
+
+A model's own chat template wins (``chat_template.jinja``, then ``tokenizer_config.json``, then
+GGUF metadata, as the tokenizer found it). For a model without one, a named format is picked from
+its model card and folder name (TheBloke-style cards name theirs under "Prompt template"), or
+chosen by the user; a base model with no chat format gets plain completion.
+
+Every template, the model's own included, renders in Jinja's immutable sandbox: a template is
+data from the internet and must not reach Python objects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from engine.chat import ChatMessage
+from engine.errors import BadRequestError
+
+DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    name: str
+    template: str  # Jinja, with the variables transformers gives chat templates
+    default_system: str | None = None  # supplied when the conversation has no system message
+    description: str = ""
+
+
+_VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+_ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+NAMED_FORMATS: dict[str, PromptFormat] = {
+    f.name: f
+    for f in (
+        PromptFormat(
+            "Vicuna v1.1",
+            "{{ system }}"
+            "{% for m in turns %}"
+            "{% if m.role == 'user' %} USER: {{ m.content }}"
+            "{% else %} ASSISTANT: {{ m.content }}{{ eos_token }}{% endif %}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %} ASSISTANT:{% endif %}",
+            default_system=_VICUNA_SYSTEM,
+            description="USER: / ASSISTANT: turns after a system line (Vicuna, WizardLM 1.x, many merges).",
+        ),
+        PromptFormat(
+            "Llama-2 chat",
+            "{% for m in turns %}"
+            "{% if m.role == 'user' %}{{ bos_token }}[INST] "
+            "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+            "{{ m.content }} [/INST]"
+            "{% else %} {{ m.content }} {{ eos_token }}{% endif %}"
+            "{% endfor %}",
+            description="[INST] … [/INST] with an optional <<SYS>> block (Llama-2-chat and fine-tunes).",
+        ),
+        PromptFormat(
+            "ChatML",
+            "{% if not system %}{{ raise_exception('System Prompt must not be empty!') }}{% endif %}"
+            "<|im_start|>system\n{{ system }}<|im_end|>\n"
+            "{% for m in turns %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            description="<|im_start|>role … <|im_end|> (OpenHermes, Dolphin, Qwen); wants a system message.",
+        ),
+        PromptFormat(
+            "Zephyr",
+            "{% if system %}<|system|>\n{{ system }}{{ eos_token }}\n{% endif %}"
+            "{% for m in turns %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+            description="<|user|> / <|assistant|> turns each ended by </s> (Zephyr, TinyLlama-chat).",
+        ),
+        PromptFormat(
+            "Alpaca",
+            "{{ system }}"
+            "{% for m in turns %}"
+            "{% if m.role == 'user' %}{{ '\\n\\n### Instruction:\\n' }}{{ m.content }}"
+            "{% else %}{{ '\\n\\n### Response:\\n' }}{{ m.content }}{% endif %}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}",
+            default_system=_ALPACA_SYSTEM,
+            description="### Instruction: / ### Response: sections (Alpaca and instruction-tuned models).",
+        ),
+        PromptFormat(
+            "Completion",
+            "{% if system %}{{ system }}\n\n{% endif %}"
+            "{% for m in turns %}{{ m.content }}{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}",
+            description="No chat format: the text as it is, for the model to continue (base models).",
+        ),
+    )
+}
+COMPLETION = NAMED_FORMATS["Completion"]
+
+
+@dataclass(frozen=True)
+class ChosenFormat:
+    """The format a model uses and why (shown in the UI next to the prompt)."""
+
+    format: PromptFormat
+    why: str
+    own_template: bool = False  # the model's own chat template
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    text: str
+    format_name: str
+    system_supplied: str | None = None  # the default system message used, when one was needed
+
+    @property
+    def notice(self) -> str | None:
+        if self.system_supplied is None:
+            return None
+        return f'{self.format_name} needs a system message: used "{self.system_supplied}"'
+
+
+def own_format(template: str, source: str | None) -> PromptFormat:
+    return PromptFormat("model's own", template, description=f"the chat template from {source or 'the tokenizer'}")
+
+
+def choose_format(
+    *, own_template: str | None, own_source: str | None, folder: Path | None, pinned: str | None = None
+) -> ChosenFormat:
+    """Pick the prompt format: the user's pin, else the model's template, else a guess, else completion."""
+    if pinned and pinned != AUTO:
+        if pinned not in NAMED_FORMATS:
+            raise BadRequestError(f"unknown prompt format '{pinned}' (known: {', '.join(NAMED_FORMATS)})")
+        return ChosenFormat(NAMED_FORMATS[pinned], "chosen by you for this model")
+    if own_template:
+        chosen = own_format(own_template, own_source)
+        return ChosenFormat(chosen, chosen.description, own_template=True)
+    guessed = guess_format(folder) if folder is not None else None
+    if guessed is not None:
+        return guessed
+    return ChosenFormat(COMPLETION, "no chat template and none named in the model card: plain completion")
+
+
+# Evidence for each named format, strongest first: what model cards and folder names say.
+_CARD_HINTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("ChatML", re.compile(r"<\|im_start\|>|prompt template:\s*chatml", re.I)),
+    ("Zephyr", re.compile(r"<\|assistant\|>|prompt template:\s*zephyr", re.I)),
+    ("Llama-2 chat", re.compile(r"\[INST\]|prompt template:\s*llama-?2-chat", re.I)),
+    ("Alpaca", re.compile(r"### Instruction:|prompt template:\s*alpaca", re.I)),
+    ("Vicuna v1.1", re.compile(r"USER:.{0,40}ASSISTANT:|prompt template:\s*vicuna", re.I | re.S)),
+)
+_NAME_HINTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("ChatML", re.compile(r"chatml|hermes|dolphin", re.I)),
+    ("Zephyr", re.compile(r"zephyr", re.I)),
+    ("Llama-2 chat", re.compile(r"llama-?2-.*chat", re.I)),
+    ("Vicuna v1.1", re.compile(r"vicuna|wizard-?vicuna", re.I)),
+    ("Alpaca", re.compile(r"alpaca", re.I)),
+)
+_PROMPT_SECTION = re.compile(r"prompt (?:template|format)\s*:?([^\n]*)\n(.{0,800}?)(?=\n#|\Z)", re.I | re.S)
+
+
+def guess_format(folder: Path) -> ChosenFormat | None:
+    """A named format from the model card's "Prompt template" section, else from the folder name."""
+    section = _PROMPT_SECTION.search(_read_card(folder))
+    if section is not None:
+        title, body = section.group(1).strip(), section.group(2)
+        for name, pattern in _CARD_HINTS:
+            if pattern.search(f"prompt template: {title}\n{body}"):
+                return ChosenFormat(NAMED_FORMATS[name], f"{name}, as the model card's prompt template shows")
+        if title.lower().startswith("none"):
+            return ChosenFormat(COMPLETION, "the model card says it has no prompt template: plain completion")
+    for name, pattern in _NAME_HINTS:
+        if pattern.search(folder.name):
+            return ChosenFormat(NAMED_FORMATS[name], f"{name}, guessed from the folder name")
+    return None
+
+
+def _read_card(folder: Path) -> str:
+    card = folder / "README.md"
+    try:
+        with card.open(encoding="utf-8", errors="replace") as handle:
+            return handle.read(200_000)
+    except OSError:
+        return ""
+
+
+def render(
+    fmt: PromptFormat,
+    messages: Sequence[ChatMessage],
+    special_tokens: Mapping[str, str],
+    *,
+    add_generation_prompt: bool = True,
+) -> RenderedPrompt:
+    """Render ``messages``; when the template refuses an empty system message, supply a default one.
+
+    Named formats see ``system`` (the system message's text) and ``turns`` (the other messages);
+    every template also sees ``messages`` and the model's special tokens, as in transformers.
+    """
+    try:
+        return RenderedPrompt(_render(fmt, messages, special_tokens, add_generation_prompt), fmt.name)
+    except TemplateRaised as refusal:
+        has_system = any(m.role == "system" and m.content.strip() for m in messages)
+        if has_system or "system" not in str(refusal).lower():
+            raise BadRequestError(f"the {fmt.name} prompt format refused this conversation: {refusal}") from None
+    default = fmt.default_system or DEFAULT_SYSTEM_MESSAGE
+    with_system = [ChatMessage(role="system", content=default), *(m for m in messages if m.role != "system")]
+    try:
+        text = _render(fmt, with_system, special_tokens, add_generation_prompt)
+    except TemplateRaised as refusal:
+        raise BadRequestError(f"the {fmt.name} prompt format refused this conversation: {refusal}") from None
+    return RenderedPrompt(text, fmt.name, system_supplied=default)
+
+
+class TemplateRaised(Exception):
+    """A template called ``raise_exception`` (its way of refusing a conversation)."""
+
+
+def _render(
+    fmt: PromptFormat, messages: Sequence[ChatMessage], special_tokens: Mapping[str, str], add_generation_prompt: bool
+) -> str:
+    from jinja2 import TemplateError
+
+    systems = [m.content for m in messages if m.role == "system"]
+    system = "\n".join(systems) if systems else (fmt.default_system or "")
+    variables: dict[str, Any] = {
+        "messages": [m.as_dict() for m in messages],
+        "turns": [m.as_dict() for m in messages if m.role != "system"],
+        "system": system,
+        "add_generation_prompt": add_generation_prompt,
+        "tools": None,
+        "documents": None,
+        **{name: value for name, value in special_tokens.items() if isinstance(value, str)},
+    }
+    for name in ("bos_token", "eos_token"):
+        variables.setdefault(name, "")
+    try:
+        return _compiled(fmt.template).render(**variables)
+    except TemplateRaised:
+        raise
+    except TemplateError as error:
+        raise BadRequestError(f"the {fmt.name} prompt format could not be rendered: {error}") from None
+
+
+@lru_cache(maxsize=32)
+def _compiled(template: str) -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateRaised(message)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env.from_string(template)

@@ -1,0 +1,118 @@
+"""From a submitted request to the text the model continues, and from its output to the reply.
+
+The generation service calls this on the model thread, with the model held:
+
+1. ``prepare``: extensions change the request (``modify_request``); the chat is rendered (an
+   extension's ``render_prompt``, else the chosen prompt format in a Jinja sandbox); parameters
+   the model does not honour and a prompt cut to fit the context become notices for the user.
+2. ``generate``: an extension may produce the reply itself (``generate``, first one wins).
+3. ``finish``: extensions change the finished reply (``modify_reply``).
+
+Without a plugin host (engine unit tests) only the rendering and the notices remain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from engine.chat import ChatMessage
+from engine.errors import BadRequestError
+from engine.extension_api import ReplyDraft, RequestDraft
+from engine.loader_api import CancelToken, LoadedModel, StreamPiece
+from engine.plugins import PluginHost
+from engine.prompt_formats import ChosenFormat, choose_format, render
+from engine.sampling import ALL_PARAMS, SamplingParams, ignored_params, prompt_budget
+
+if TYPE_CHECKING:
+    from engine.generation import GenerationRequest
+
+FormatChooser = Callable[[LoadedModel], ChosenFormat]
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    prompt: str
+    prompt_tokens: int
+    params: SamplingParams
+    stop: tuple[str, ...]
+    messages: tuple[ChatMessage, ...]
+    format_name: str | None  # None for raw prompts
+    notices: tuple[str, ...] = field(default=())
+
+
+def default_format(model: LoadedModel) -> ChosenFormat:
+    """The model's own template, else plain completion (the engine adds named-format guessing)."""
+    return choose_format(own_template=getattr(model, "chat_template", None), own_source=None, folder=None)
+
+
+class RequestPipeline:
+    def __init__(self, plugins: PluginHost | None = None, choose: FormatChooser = default_format) -> None:
+        self._plugins = plugins
+        self._choose = choose
+
+    def prepare(self, model: LoadedModel, request: "GenerationRequest", notices: list[str]) -> PreparedRequest:
+        draft = RequestDraft(
+            messages=list(request.messages), prompt=request.prompt, params=request.params,
+            stop=list(request.stop), owner=request.owner, continue_last=request.continue_last,
+        )
+        if self._plugins is not None:
+            self._plugins.modify_request(draft, notices)
+        if draft.prompt is None and not draft.messages:
+            raise BadRequestError("an extension left the request without messages or a prompt")
+        params = SamplingParams.model_validate(draft.params.model_dump())
+        if draft.prompt is not None:
+            prompt, format_name = draft.prompt, None
+        else:
+            prompt, format_name = self.render_chat(model, draft.messages, draft.continue_last, notices)
+        prompt_tokens = model.count_tokens(prompt)
+        supported = getattr(model, "supported_params", ALL_PARAMS)
+        ignored = ignored_params(params, supported)
+        if ignored:
+            notices.append(f"{model.info.loader} ignores {', '.join(ignored)}")
+        budget = prompt_budget(params, model.info.context_length)
+        if budget is not None and prompt_tokens > budget:
+            notices.append(
+                f"the prompt ({prompt_tokens} tokens) was cut to its last {budget} tokens to fit the context"
+            )
+        return PreparedRequest(
+            prompt, prompt_tokens, params, tuple(draft.stop), tuple(draft.messages), format_name, tuple(notices)
+        )
+
+    def render_chat(
+        self, model: LoadedModel, messages: list[ChatMessage], continue_last: bool, notices: list[str]
+    ) -> tuple[str, str]:
+        """The prompt for a chat; when continuing, the open assistant message is written after it."""
+        tail = ""
+        if continue_last:
+            if not messages or messages[-1].role != "assistant":
+                raise BadRequestError("there is no reply to continue")
+            tail, messages = messages[-1].content, messages[:-1]
+        chosen = self._choose(model)
+        special = dict(getattr(model, "special_tokens", {}) or {})
+        if self._plugins is not None:
+            answer = self._plugins.render_prompt(
+                notices, messages=list(messages), chat_format=chosen.format, special_tokens=special,
+                model=model.info, add_generation_prompt=True,
+            )
+            if answer is not None:
+                return answer + tail, "an extension's"
+        rendered = render(chosen.format, messages, special, add_generation_prompt=True)
+        if rendered.notice:
+            notices.append(rendered.notice)
+        return rendered.text + tail, chosen.format.name
+
+    def generate(
+        self, request: "GenerationRequest", prompt: str, model: LoadedModel, cancel: CancelToken,
+        emit: Callable[[StreamPiece], None], seed: int, notices: list[str],
+    ) -> bool:
+        if self._plugins is None:
+            return False
+        return self._plugins.generate(
+            notices, request=request, prompt=prompt, model=model, cancel=cancel, emit=emit, seed=seed
+        )
+
+    def finish(self, reply: ReplyDraft, notices: list[str]) -> str:
+        if self._plugins is not None and reply.text:
+            self._plugins.modify_reply(reply, notices)
+        return reply.text

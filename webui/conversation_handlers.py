@@ -1,0 +1,91 @@
+"""Conversation list handlers: new, open, rename, delete, search, export and import.
+
+Each returns plain values; ``ui.py`` maps them onto components. Choices for the conversation
+dropdown are ``(label, id)`` pairs, newest first.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.conversations import Conversation
+from engine.engine import Engine
+from engine.errors import LoadstarError
+from webui.chat_handlers import State, chat_messages, new_state
+
+
+class ConversationHandlers:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.store = engine.conversations
+
+    def choices(self, user: str | None) -> list[tuple[str, str]]:
+        return [
+            (f"{c.title} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(c.updated))}", c.id)
+            for c in self.store.summaries(user)
+        ]
+
+    def start(self, user: str | None) -> tuple[State, list[tuple[str, str]]]:
+        """A session's first conversation: the most recent saved one, else a new one."""
+        choices = self.choices(user)
+        if choices:
+            try:
+                return self.store.load(user, choices[0][1]).model_dump(), choices
+            except LoadstarError:
+                pass
+        return new_state(), choices
+
+    def new(self, user: str | None) -> tuple[State, str]:
+        return new_state(), "New conversation: it is saved with its first message."
+
+    def open(self, user: str | None, conversation_id: str | None) -> tuple[State | None, str]:
+        if not conversation_id:
+            return None, ""
+        try:
+            return self.store.load(user, conversation_id).model_dump(), ""
+        except LoadstarError as error:
+            return None, f"⚠️ {error}"
+
+    def rename(self, user: str | None, state: State, title: str) -> tuple[State, str]:
+        if not chat_messages(state):
+            return state, "Say something first: an empty conversation is not saved."
+        try:
+            return self.store.rename(user, state["id"], title).model_dump(), "Renamed."
+        except LoadstarError as error:
+            return state, f"⚠️ {error}"
+
+    def delete(self, user: str | None, state: State) -> tuple[State, str]:
+        try:
+            self.store.delete(user, state["id"])
+        except LoadstarError as error:
+            return state, f"⚠️ {error}"
+        return self.start(user)[0], f"Deleted “{state.get('title', '')}”."
+
+    def search(self, user: str | None, query: str) -> list[list[str]]:
+        return [[hit.title, hit.snippet, hit.id] for hit in self.store.search(user, query or "")]
+
+    def export(self, user: str | None, state: State) -> tuple[str | None, str]:
+        """A JSON file of the open conversation, for the browser to download."""
+        if not chat_messages(state):
+            return None, "Nothing to export yet."
+        data = Conversation.model_validate(state).model_dump_json(indent=1).encode("utf-8")
+        folder = Path(tempfile.mkdtemp(prefix="loadstar-export-"))
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in state.get("title", "chat"))[:40] or "chat"
+        path = folder / f"{safe}.json"
+        path.write_bytes(data)
+        return str(path), "Exported."
+
+    def import_(self, user: str | None, file: Any) -> tuple[State | None, str]:
+        path = getattr(file, "name", file)
+        if not path:
+            return None, ""
+        try:
+            data = Path(path).read_bytes()
+            return self.store.import_(user, data).model_dump(), "Imported as a new conversation."
+        except LoadstarError as error:
+            return None, f"⚠️ {error}"
+        except OSError as error:
+            return None, f"⚠️ cannot read the file: {error.strerror or error}"

@@ -1,0 +1,99 @@
+"""The Model tab: pick, inspect, load and unload models; download from the Hub."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gradio as gr
+
+from engine.engine import Engine
+from webui.download_handlers import BRANCH_COLUMNS, DownloadHandlers
+from webui.model_handlers import AUTO_LOADER, ModelHandlers
+
+
+def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[[], Any], list[Any]]) -> None:
+    """``after_load``: (function, outputs) re-run once a model is loaded, reloaded or unloaded."""
+    models = ModelHandlers(engine)
+    downloads = DownloadHandlers(engine)
+    loaded = gr.Markdown(models.loaded_status(), elem_id="model-status")
+    with gr.Row():
+        model_choice = gr.Dropdown(
+            choices=models.model_names(), value=models.initial_model(), label="Model",
+            elem_id="model-choice", allow_custom_value=False, scale=3,
+        )
+        refresh_button = gr.Button("Refresh", elem_id="refresh-models", scale=1)
+        loader_choice = gr.Dropdown(
+            choices=models.loader_choices(), value=AUTO_LOADER, label="Loader",
+            info="auto = the best candidate below", elem_id="loader-choice", scale=2,
+        )
+    allow_pt = gr.Checkbox(
+        False, label="Allow .pt weights",
+        info="Pickled .pt files can carry code: allow only for sources you trust (read with weights_only).",
+        elem_id="allow-pt",
+    )
+    with gr.Row():
+        load_button = gr.Button("Load", variant="primary", elem_id="load-model")
+        reload_button = gr.Button("Reload", elem_id="reload-model")
+        unload_button = gr.Button("Unload", elem_id="unload-model")
+    details = gr.Markdown(elem_id="model-details")
+    gr.Markdown("### Loader candidates")
+    candidates = gr.Markdown(elem_id="loader-candidates")
+    gr.Markdown("### Download from the Hugging Face Hub")
+    with gr.Row():
+        download_name = gr.Textbox(label="Model", placeholder="org/repo or org/repo:branch", elem_id="download-name", scale=3)
+        download_token = gr.Textbox(label="Token (gated or private repos)", type="password", elem_id="download-token", scale=2)
+        gguf_file = gr.Textbox(label="GGUF file (repos with several)", elem_id="download-gguf", scale=2)
+    with gr.Row():
+        branches_button = gr.Button("List branches", elem_id="list-branches")
+        download_button = gr.Button("Download", variant="primary", elem_id="start-download")
+        cancel_download = gr.Button("Cancel download", variant="stop", elem_id="cancel-download")
+    branch_table = gr.Dataframe(headers=BRANCH_COLUMNS, interactive=False, elem_id="branch-table", wrap=True)
+    download_status = gr.Markdown(elem_id="download-status")
+    download_job = gr.State(None)
+    download_timer = gr.Timer(0.5, active=False)
+
+    # -- model wiring -------------------------------------------------------------------------
+    def refresh():
+        return gr.update(choices=models.model_names(), value=models.initial_model()), models.loaded_status()
+
+    def describe(name, loader):
+        folder, table, choices = models.describe(name, loader)
+        value = loader if loader in {value for _, value in choices} else AUTO_LOADER
+        return folder, table, gr.update(choices=choices, value=value)
+
+    def pick_model(name):
+        return describe(name, models.saved_loader(name))  # restore this model's own choice
+
+    refresh_fn, refresh_outputs = after_load
+    describe_io = ([model_choice, loader_choice], [details, candidates, loader_choice])
+    refresh_button.click(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
+    model_choice.change(pick_model, [model_choice], describe_io[1])
+    loader_choice.input(describe, *describe_io)  # .input: user choices only, no update loop
+    for button, action, inputs in (
+        (load_button, models.load, [model_choice, loader_choice, allow_pt]),
+        (reload_button, models.reload, None),
+        (unload_button, models.unload, None),
+    ):
+        button.click(action, inputs, loaded).then(refresh_fn, None, refresh_outputs)
+    demo.load(describe, *describe_io).then(models.loaded_status, None, loaded)
+
+    # -- download wiring ----------------------------------------------------------------------
+    def pick_branch(name, event: gr.SelectData):
+        row = event.row_value or []
+        return downloads.name_for_branch(name, row[0]) if row else name
+
+    def start_download(name, token, gguf):
+        job_id, status = downloads.start(name, token, gguf)
+        return job_id, status, gr.Timer(active=job_id is not None)
+
+    def poll_download(job_id):
+        status, finished = downloads.poll(job_id)
+        choices = gr.update(choices=models.model_names()) if finished else gr.update()
+        return status, gr.Timer(active=not finished), choices
+
+    branches_button.click(downloads.branches, [download_name, download_token], [branch_table, download_status])
+    branch_table.select(pick_branch, [download_name], download_name)
+    download_button.click(start_download, [download_name, download_token, gguf_file],
+                          [download_job, download_status, download_timer])
+    download_timer.tick(poll_download, download_job, [download_status, download_timer, model_choice])
+    cancel_download.click(downloads.cancel, download_job, download_status)

@@ -1,0 +1,64 @@
+"""Notebook tab handlers: raw completion of free text (no chat format), streamed into the text."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+from pydantic import ValidationError
+
+from engine.engine import Engine
+from engine.errors import LoadstarError
+from engine.generation import Finished, GenerationRequest, Queued, Started, TextDelta
+from webui.chat_handlers import UPDATE_INTERVAL, _problem, finished_status, sampling_from_values, stops_from_text
+
+
+class NotebookHandlers:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def generate(
+        self, text: str, owner: str, params: tuple[Any, ...], stops: str
+    ) -> Iterator[tuple[str, str, str]]:
+        """Continue ``text`` with the model; yields (text, status, previous text for Undo)."""
+        original = text or ""
+        if not original.strip():
+            yield original, "Write something for the model to continue.", original
+            return
+        if self.engine.generation.has_work(owner):
+            yield original, "Still generating: press Stop first.", original
+            return
+        try:
+            handle = self.engine.submit(GenerationRequest(
+                prompt=original, params=sampling_from_values(params), owner=owner, stop=stops_from_text(stops)
+            ))
+        except (LoadstarError, ValidationError) as error:
+            yield original, f"⚠️ {_problem(error)}", original
+            return
+        added, status, last = "", "Queued…", 0.0
+        try:
+            for event in handle.events():
+                if isinstance(event, Queued):
+                    status = f"Waiting in the queue: position {event.position}."
+                elif isinstance(event, Started):
+                    status = f"Generating ({event.prompt_tokens} prompt tokens)…"
+                elif isinstance(event, TextDelta):
+                    added += event.text
+                    if last and time.monotonic() - last < UPDATE_INTERVAL:
+                        continue
+                elif isinstance(event, Finished):
+                    added = event.text if event.reason != "error" else added
+                    status = finished_status(event)
+                last = time.monotonic()
+                yield original + added, status, original
+        finally:
+            handle.cancel()
+
+    def count(self, text: str) -> str:
+        if not text:
+            return "0 tokens."
+        try:
+            prepared = self.engine.preview(GenerationRequest(prompt=text))
+        except LoadstarError as error:
+            return f"⚠️ {error}"
+        return f"{prepared.prompt_tokens} tokens."

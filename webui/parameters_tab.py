@@ -1,0 +1,107 @@
+"""The Parameters tab: sampling controls drawn from ``parameter_specs()``, presets, stop strings, prompt format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import gradio as gr
+
+from engine.engine import Engine
+from engine.errors import LoadstarError
+from engine.prompt_formats import AUTO, NAMED_FORMATS
+from engine.sampling import parameter_specs
+from webui.preset_handlers import MODEL_DEFAULTS, PresetHandlers
+
+
+@dataclass
+class ParameterControls:
+    controls: list[Any]  # in parameter_specs() order
+    stops: gr.Textbox
+    # Re-read on page load and after a model load: the model's defaults, ignored-parameter marks
+    # and prompt format.
+    refresh: Callable[[], list[Any]] | None = None
+    refresh_outputs: list[Any] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[Any]:
+        return [*self.controls, self.stops]
+
+    def read(self, data: dict[Any, Any]) -> tuple[tuple[Any, ...], str]:
+        """(control values, stop strings text) from a set-inputs dict."""
+        return tuple(data[c] for c in self.controls), data[self.stops]
+
+
+def _control(spec: Any) -> Any:
+    common = {"label": spec.label, "info": spec.description, "elem_id": f"param-{spec.name}"}
+    if spec.kind is bool:
+        return gr.Checkbox(value=spec.default, **common)
+    if spec.name in ("seed", "truncation_length"):
+        return gr.Number(value=spec.default, precision=0, minimum=spec.minimum, maximum=spec.maximum, **common)
+    return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, value=spec.default, **common)
+
+
+def build_parameters_tab(engine: Engine) -> ParameterControls:
+    presets = PresetHandlers(engine)
+    with gr.Row():
+        preset = gr.Dropdown(presets.names(), value=MODEL_DEFAULTS, label="Preset", elem_id="preset-choice", scale=3)
+        load = gr.Button("Load preset", elem_id="preset-load", scale=1)
+        delete = gr.Button("Delete preset", elem_id="preset-delete", scale=1)
+    with gr.Row():
+        name = gr.Textbox(label="Save the values below as", placeholder="preset name", elem_id="preset-name", scale=3)
+        save = gr.Button("Save preset", elem_id="preset-save", scale=1)
+    preset_status = gr.Markdown(elem_id="preset-status")
+    with gr.Row():
+        fmt = gr.Dropdown([AUTO, *NAMED_FORMATS], value=AUTO, label="Prompt format (loaded model)",
+                          info="auto: the model's own chat template, else the card's named format, else completion",
+                          elem_id="prompt-format", scale=2)
+        fmt_status = gr.Markdown(elem_id="prompt-format-status")
+    controls = []
+    specs = parameter_specs()
+    for start in range(0, len(specs), 3):
+        with gr.Row():
+            controls.extend(_control(spec) for spec in specs[start : start + 3])
+    stops = gr.Textbox(label="Custom stop strings", lines=2, elem_id="param-stop",
+                       info=r"One per line; \n means a line break. The reply ends before the first one.")
+    parameters = ParameterControls(controls, stops)
+
+    def load_preset(chosen):
+        values, status = presets.load(chosen)
+        return [*(gr.update() if v is None else v for v in values), status]
+
+    def save_preset(data):
+        values, _ = parameters.read(data)
+        status = presets.save(data[name], values)
+        return status, gr.update(choices=presets.names(), value=data[name] if status.startswith("Saved") else data[preset])
+
+    def delete_preset(chosen):
+        status = presets.delete(chosen)
+        return status, gr.update(choices=presets.names(), value=MODEL_DEFAULTS if status.startswith("Deleted") else chosen)
+
+    def describe_format():
+        chosen = engine.loaded_prompt_format()
+        if chosen is None:
+            return gr.update(), "No model is loaded."
+        saved = engine.saved_choice(engine.models.loaded.name) if engine.models.loaded else None
+        pinned = saved.prompt_format if saved and saved.prompt_format else AUTO
+        return gr.update(value=pinned), f"Using **{chosen.format.name}**: {chosen.why}."
+
+    def pick_format(value):
+        try:
+            engine.set_prompt_format(value)
+        except LoadstarError as error:
+            return gr.update(), f"⚠️ {error}"
+        return describe_format()
+
+    def page_opened():
+        values, _ = presets.load(MODEL_DEFAULTS)  # the loaded model's generation_config defaults
+        labels = presets.labels()
+        return [*(gr.update(value=v, label=label) for v, label in zip(values, labels)), *describe_format()]
+
+    load.click(load_preset, preset, [*controls, preset_status])
+    save.click(save_preset, {name, preset, *parameters.inputs}, [preset_status, preset])
+    delete.click(delete_preset, preset, [preset_status, preset])
+    fmt.input(pick_format, fmt, [fmt, fmt_status])
+    parameters.refresh = page_opened
+    parameters.refresh_outputs = [*controls, fmt, fmt_status]
+    return parameters

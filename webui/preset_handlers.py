@@ -1,0 +1,66 @@
+"""Parameters tab handlers: presets (load, save, delete), the model's defaults, ignored parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.engine import Engine
+from engine.errors import LoadstarError
+from engine.sampling import ALL_PARAMS, SamplingParams, parameter_specs
+from webui.chat_handlers import _problem, sampling_from_values
+
+MODEL_DEFAULTS = "(model defaults)"
+
+
+class PresetHandlers:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def names(self) -> list[str]:
+        return [MODEL_DEFAULTS, *self.engine.presets.names()]
+
+    def load(self, name: str) -> tuple[list[Any], str]:
+        """The control values for preset ``name`` (model defaults underneath), in spec order."""
+        try:
+            params = self.engine.default_params() if name in (None, MODEL_DEFAULTS) else self.engine.preset_params(name)
+        except LoadstarError as error:
+            return [None] * len(parameter_specs()), f"⚠️ {error}"
+        changed = ", ".join(f"{k}={v}" for k, v in sorted(params.changed().items())) or "nothing"
+        return values_of(params), f"Loaded “{name}” (changes from Loadstar's defaults: {changed})."
+
+    def save(self, name: str, params: tuple[Any, ...]) -> str:
+        try:
+            path = self.engine.presets.save(name, sampling_from_values(params))
+        except (LoadstarError, ValidationError) as error:
+            return f"⚠️ {_problem(error)}"
+        except OSError as error:
+            return f"⚠️ could not save the preset: {error.strerror or error}"
+        return f"Saved “{path.stem}”."
+
+    def delete(self, name: str) -> str:
+        if name in (None, MODEL_DEFAULTS):
+            return "Pick a saved preset to delete."
+        try:
+            self.engine.presets.delete(name)
+        except LoadstarError as error:
+            return f"⚠️ {error}"
+        return f"Deleted “{name}”."
+
+    def labels(self) -> list[str]:
+        """Each control's label, marked when the loaded model's loader ignores it."""
+        supported = ALL_PARAMS
+        loader = None
+        with self.engine.models.use() as model:
+            if model is not None:
+                supported = getattr(model, "supported_params", ALL_PARAMS)
+                loader = model.info.loader
+        return [
+            spec.label if spec.name in supported else f"{spec.label} (ignored by {loader})"
+            for spec in parameter_specs()
+        ]
+
+
+def values_of(params: SamplingParams) -> list[Any]:
+    return [getattr(params, spec.name) for spec in parameter_specs()]
