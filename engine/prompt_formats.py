@@ -222,6 +222,7 @@ def _render(
 ) -> str:
     from jinja2 import TemplateError
 
+    messages = [m for m in messages if m.role != "system" or m.content.strip()]  # a blank system message is none
     systems = [m.content for m in messages if m.role == "system"]
     system = "\n".join(systems) if systems else (fmt.default_system or "")
     variables: dict[str, Any] = {
