@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="most new tokens per API request (default: %(default)s)")
     server.add_argument("--data-dir", metavar="DIR", type=Path, default=Path("user_data"),
                         help="folder for remembered choices (default: %(default)s)")
+    plugins = parser.add_argument_group("extensions")
+    plugins.add_argument("--extensions", metavar="NAMES", default=None,
+                         help="comma-separated extensions to turn on, all others off (remembered; "
+                              "'' turns all off; default: as last time). See --list-plugins")
     tools = parser.add_argument_group("maintenance")
     tools.add_argument("--list-plugins", action="store_true", help="print each plugin, its version and hooks, then exit")
     tools.add_argument("--place-default-model", action="store_true",
@@ -123,6 +127,9 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             hub_endpoint=environ.get(HUB_ENDPOINT_ENV, DEFAULT_HUB),
             hub_token=environ.get(HUB_TOKEN_ENV) or None,
             third_party_plugins=environ.get(NO_THIRD_PARTY_ENV, "") not in ("1", "true", "yes"),
+            extensions=None if args.extensions is None else tuple(
+                name.strip() for name in args.extensions.split(",") if name.strip()
+            ),
         )
     except ValidationError as error:
         problem = error.errors()[0]
@@ -153,11 +160,15 @@ def set_library_environment(environ: dict[str, str]) -> None:
 
 def list_plugins(settings) -> int:
     from engine.plugins import PluginHost
+    from engine.user_settings import UserSettingsStore
 
-    host = PluginHost(third_party=settings.third_party_plugins)
+    host = PluginHost(third_party=settings.third_party_plugins,
+                      enabled=UserSettingsStore(settings.settings_file).read().extensions)
     for plugin in host.plugins:
-        origin = "built-in" if plugin.built_in else plugin.distribution
-        print(f"{plugin.name} {plugin.version} ({origin}): {', '.join(plugin.hooks)}")
+        origin = f"extensions/{plugin.name}" if plugin.kind == "extension" else (
+            "built-in" if plugin.built_in else plugin.distribution)
+        state = "on" if host.is_enabled(plugin.name) else "off"
+        print(f"{plugin.name} {plugin.version} ({origin}): {', '.join(plugin.hooks)} [{state}]")
     for problem in host.problems:
         print(f"error: {problem.describe()}", file=sys.stderr)
     return EXIT_ERROR if host.problems else 0

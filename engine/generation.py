@@ -9,6 +9,7 @@ never touches another.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -378,7 +379,11 @@ class GenerationService:
                 )
 
             try:
-                if self._pipeline.generate(request, prepared.prompt, model, token, take, seed, notices):
+                effective = dataclasses.replace(  # what the extensions made of the request
+                    request, messages=prepared.messages, params=params, stop=prepared.stop,
+                    prompt=prepared.prompt if request.prompt is not None else None,
+                )
+                if self._pipeline.generate(effective, prepared.prompt, model, token, take, seed, notices):
                     pass  # an extension produced the reply
                 elif (stream_to := getattr(model, "stream_to", None)) is not None:
                     stream_to(prepared.prompt, params, token, seed=seed, emit=take)  # the fast path: no hand-off

@@ -15,14 +15,14 @@ import importlib
 import logging
 import pkgutil
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import pluggy
 
 from engine import hookspecs
-from engine.errors import one_line
+from engine.errors import LoadstarError, one_line
 from engine.loader_api import Loader
 
 if TYPE_CHECKING:
@@ -134,10 +134,16 @@ class PluginHost:
                 continue
             try:
                 module = importlib.import_module(f"{EXTENSIONS_PACKAGE}.{module_info.name}")
+                # An extension with state offers create_plugin(): one object per host, no module globals.
+                factory = getattr(module, "create_plugin", None)
+                plugin = factory() if callable(factory) else module
             except Exception as error:
                 self._report(module_info.name, "import", error)
                 continue
-            self.register(module, name=module_info.name, distribution=OUR_DISTRIBUTION, kind="extension")
+            if plugin is not module and not getattr(plugin, "__doc__", None):
+                plugin.__doc__ = module.__doc__
+            self.register(plugin, name=module_info.name, distribution=OUR_DISTRIBUTION, version=_our_version(),
+                          kind="extension")
 
     def register(
         self, plugin: ModuleType | object, *, name: str, distribution: str = "", version: str = "", kind: str = "plugin"
@@ -173,6 +179,11 @@ class PluginHost:
     def plugins(self) -> list[PluginInfo]:
         self.load()
         return sorted(self._infos.values(), key=lambda p: p.name)
+
+    def get(self, name: str) -> object | None:
+        """The registered plugin object (a module, or what an extension's create_plugin() made)."""
+        self.load()
+        return self._pm.get_plugin(name)
 
     @property
     def problems(self) -> list[PluginProblem]:
@@ -292,6 +303,8 @@ class PluginHost:
                 continue
             try:
                 impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except LoadstarError:
+                raise
             except Exception as error:
                 self._fail(impl.plugin_name, hook_name, error, notices)
 
@@ -304,6 +317,8 @@ class PluginHost:
                 continue
             try:
                 result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except LoadstarError:
+                raise  # a one-line error about this request (a server gone, a bad template), not a bug
             except Exception as error:
                 self._fail(impl.plugin_name, hook_name, error, notices)
                 continue
@@ -345,3 +360,10 @@ class PluginHost:
         log.error("%s", problem.describe(), exc_info=error)
         self._problems.append(problem)
         return problem
+
+
+def _our_version() -> str:
+    try:
+        return version(OUR_DISTRIBUTION)
+    except PackageNotFoundError:
+        return ""

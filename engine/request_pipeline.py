@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from engine.chat import ChatMessage
-from engine.errors import BadRequestError
+from engine.errors import BadRequestError, LoadstarError
 from engine.extension_api import ReplyDraft, RequestDraft
 from engine.loader_api import CancelToken, LoadedModel, StreamPiece
 from engine.plugins import PluginHost
@@ -113,6 +113,13 @@ class RequestPipeline:
         )
 
     def finish(self, reply: ReplyDraft, notices: list[str]) -> str:
-        if self._plugins is not None and reply.text:
+        """The reply after the extensions' changes; on a one-line error, the reply as generated."""
+        if self._plugins is None or not reply.text:
+            return reply.text
+        original = reply.text
+        try:
             self._plugins.modify_reply(reply, notices)
+        except LoadstarError as error:
+            notices.append(f"the reply is shown unchanged: {error}")
+            return original
         return reply.text

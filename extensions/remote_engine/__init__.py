@@ -1,0 +1,236 @@
+"""Remote engine: use an OpenAI-compatible server (vLLM, TGI, llama.cpp server, another Loadstar) as the model.
+
+For users who outgrow one machine: point Loadstar at a vLLM or TGI cluster instead of loading
+weights here. A model folder holding ``remote.json`` is such a model::
+
+    {"base_url": "http://gpu-box:8000/v1", "model": "TheBloke/Llama-2-13B-chat-GPTQ",
+     "api_key_env": "GPU_BOX_KEY", "context_length": 4096}
+
+Chats go to ``/chat/completions`` as messages (the server applies its own chat template); raw
+prompts (the Notebook) go to ``/completions``. Replies stream; Stop closes the stream, which makes
+the server cancel its generation. The key is read from the named environment variable (or
+``api_key``, for a folder only you can read) and never logged.
+
+Hooks: ``register_loaders`` (the "Remote (OpenAI API)" loader) and ``generate`` (sends chats as
+messages instead of a prompt rendered here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.errors import GenerationFailed, ModelLoadError, one_line
+from engine.hookspecs import hookimpl
+from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+
+CONFIG_FILE = "remote.json"
+LOADER_NAME = "Remote (OpenAI API)"
+# What the OpenAI API can express; the rest is ignored with a notice.
+SUPPORTED = frozenset({"temperature", "top_p", "max_new_tokens", "seed", "presence_penalty", "frequency_penalty"})
+POLL_SECONDS = 0.05  # how often a waiting stream checks for Stop
+_END = object()
+
+
+class RemoteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field(max_length=500, description="The server's OpenAI API root, e.g. http://host:8000/v1.")
+    model: str = Field(min_length=1, max_length=300, description="The model name the server expects.")
+    api_key_env: str | None = Field(None, max_length=100, description="Environment variable holding the key.")
+    api_key: str | None = Field(None, max_length=500, repr=False, description="The key itself (prefer api_key_env).")
+    context_length: int | None = Field(None, ge=1, le=10_000_000)
+    timeout: float = Field(600.0, gt=0, le=86_400, description="Seconds to wait for the server.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    def key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return self.api_key
+
+
+class RemoteOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def read_config(path: Any) -> RemoteConfig:
+    try:
+        return RemoteConfig.model_validate(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as error:
+        if isinstance(error, ValidationError):
+            problem = error.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"]) or "remote.json"
+            raise ModelLoadError(f"{CONFIG_FILE}: {where}: {problem['msg']}") from None
+        raise ModelLoadError(f"{CONFIG_FILE} cannot be read: {one_line(error)}") from None
+
+
+class RemoteModel:
+    chat_template = None  # chats are sent as messages: the server renders them
+    special_tokens: dict[str, str] = {}
+    supported_params = SUPPORTED
+
+    def __init__(self, info: LoadedModelInfo, config: RemoteConfig, client: Any) -> None:
+        self.info = info
+        self.config = config
+        self._client = client
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // 4)  # an estimate: the server's tokenizer is not here; usage is exact
+
+    def stream(self, prompt: str, params: Any, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+        yield from self._stream("/completions", {"prompt": prompt}, params, cancel, seed)
+
+    def stream_chat(self, messages: list[dict[str, str]], params: Any, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+        yield from self._stream("/chat/completions", {"messages": messages}, params, cancel, seed)
+
+    def _stream(self, path: str, body: dict[str, Any], params: Any, cancel: CancelToken, seed: int) -> Iterator[StreamPiece]:
+        payload = {
+            "model": self.config.model, **body, "stream": True, "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature, "top_p": params.top_p, "seed": seed,
+            "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+        }
+        headers = {"Authorization": f"Bearer {key}"} if (key := self.config.key()) else {}
+        lines: queue.Queue[Any] = queue.Queue()
+        holder: dict[str, Any] = {}
+
+        def read() -> None:  # on a helper thread, so Stop is seen even while the server is silent
+            try:
+                with self._client.stream("POST", self.config.base_url + path, json=payload, headers=headers,
+                                         timeout=self.config.timeout) as response:
+                    holder["response"] = response
+                    if response.status_code >= 400:
+                        response.read()
+                        lines.put(RuntimeError(_error_text(response)))
+                        return
+                    for line in response.iter_lines():
+                        lines.put(line)
+            except Exception as error:
+                if not cancel.cancelled:
+                    lines.put(error)
+            finally:
+                lines.put(_END)
+
+        reader = threading.Thread(target=read, name="loadstar-remote-stream", daemon=True)
+        reader.start()
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    if cancel.cancelled:
+                        return
+                    continue
+                if line is _END:
+                    return
+                if isinstance(line, Exception):
+                    raise GenerationFailed(f"{self.config.base_url}: {one_line(line)}")
+                piece = _piece(line)
+                if piece is not None:
+                    yield piece
+                if cancel.cancelled:
+                    return
+        finally:
+            response = holder.get("response")
+            if response is not None:
+                response.close()  # the server sees the client go and stops generating
+            reader.join(timeout=5)
+
+    def unload(self) -> None:
+        self._client.close()
+
+
+def _piece(line: str) -> StreamPiece | None:
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return None
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return None
+    choices = chunk.get("choices") or []
+    if not choices:
+        return None
+    choice = choices[0]
+    text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+    return StreamPiece(text or "", 1) if text else None
+
+
+def _error_text(response: Any) -> str:
+    try:
+        message = response.json().get("error", {}).get("message")
+    except Exception:
+        message = None
+    return f"HTTP {response.status_code}: {message or response.text[:200]}"
+
+
+class RemoteLoader:
+    name = LOADER_NAME
+    Options = RemoteOptions
+
+    def availability(self) -> Availability:
+        return Availability(True, "httpx (no local weights)")
+
+    def assess(self, folder: Any) -> Assessment:
+        if not (folder.path / CONFIG_FILE).is_file():
+            return Assessment(False, f"no {CONFIG_FILE}")
+        try:
+            config = read_config(folder.path)
+        except ModelLoadError as error:
+            return Assessment(False, str(error))
+        return Assessment(True, f"{config.model} at {config.base_url}", 100)
+
+    def load(self, folder: Any, options: BaseModel) -> RemoteModel:
+        import httpx
+
+        config = read_config(folder.path)
+        client = httpx.Client()
+        headers = {"Authorization": f"Bearer {key}"} if (key := config.key()) else {}
+        try:
+            response = client.get(config.base_url + "/models", headers=headers, timeout=min(config.timeout, 30))
+        except httpx.HTTPError as error:
+            client.close()
+            raise ModelLoadError(f"cannot reach {config.base_url}: {one_line(error)}") from None
+        if response.status_code >= 400:
+            client.close()
+            raise ModelLoadError(f"{config.base_url}/models answered {_error_text(response)}")
+        served = [m.get("id") for m in (response.json().get("data") or []) if isinstance(m, dict)]
+        if served and config.model not in served:
+            client.close()
+            raise ModelLoadError(f"{config.base_url} does not serve '{config.model}' (it serves: {', '.join(served)})")
+        info = LoadedModelInfo(name=folder.name, loader=self.name, device=urlsplit(config.base_url).netloc,
+                               dtype="remote", context_length=config.context_length,
+                               details=f"{config.model} at {config.base_url}")
+        return RemoteModel(info, config, client)
+
+
+@hookimpl
+def register_loaders(register: Callable[[Any], None]) -> None:
+    register(RemoteLoader())
+
+
+@hookimpl
+def generate(request: Any, model: Any, cancel: CancelToken, emit: Callable[[StreamPiece], None], seed: int) -> bool | None:
+    """Chats for a remote model go as messages; everything else is left to the engine."""
+    if not isinstance(model, RemoteModel) or request.prompt is not None:
+        return None
+    messages = [m.as_dict() for m in request.messages]
+    if request.continue_last:
+        return None  # OpenAI chat cannot continue a reply: the rendered prompt goes to /completions
+    for piece in model.stream_chat(messages, request.params, cancel, seed=seed):
+        emit(piece)
+    return True
