@@ -43,3 +43,45 @@ def checkpoint_cache() -> Path:
     root = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory):
+    """server.py with the default model and a folder without weights, shared by the browser tests."""
+    from engine.default_model import place_default_model
+    from tests.folders import hf_folder
+    from tests.helpers import running_server
+
+    root = tmp_path_factory.mktemp("ui")
+    models = root / "models"
+    models.mkdir()
+    place_default_model(models)
+    hf_folder(models, "hollow", weights=())  # bad input: a folder without weights
+    with running_server(root, "--models-dir", str(models)) as url:
+        yield url + "/"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    import shutil
+
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
+        pytest.fail("Debian chromium is missing: `make test` installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, ui_server):
+    """A fresh browser context (a new user session) on the shared server."""
+    from tests.browser import open_page
+
+    page = open_page(browser, ui_server)
+    yield page
+    page.context.close()

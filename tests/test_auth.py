@@ -5,7 +5,6 @@ import time
 import pytest
 
 from tests.helpers import running_server
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.browser
 
@@ -19,12 +18,10 @@ def auth_server(tmp_path_factory):
         yield url + "/"
 
 
-def test_login_is_required_and_checked(auth_server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
+def test_login_is_required_and_checked(auth_server, browser):
+    context = browser.new_context()
+    try:
+        page = context.new_page()
         page.set_default_timeout(30_000)
         page.goto(auth_server)
         assert page.locator("#chat-input").count() == 0
@@ -41,4 +38,5 @@ def test_login_is_required_and_checked(auth_server):
         while "No model is loaded" not in page.locator("#model-status").inner_text():
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        browser.close()
+    finally:
+        context.close()

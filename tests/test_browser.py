@@ -1,85 +1,13 @@
 """The real UI in real Chromium against a real server.py with the real default model."""
 
-import os
 import re
-import shutil
 import time
 
 import pytest
 
-from engine.default_model import place_default_model
-from tests.folders import hf_folder
-from tests.helpers import running_server
+from tests.browser import MODEL, bot_messages, send, set_parameter, wait_for_status
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-MODEL = "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui")
-    models = root / "models"
-    models.mkdir()
-    place_default_model(models)
-    hf_folder(models, "hollow", weights=())  # bad input: a folder without weights
-    with running_server(root, "--models-dir", str(models)) as url:
-        yield url + "/"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
-        pytest.fail("Debian chromium is missing: `make test` installs it")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser, server):
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    page.goto(server)
-    page.locator("#chat-input textarea").wait_for()
-    yield page
-    context.close()
-
-
-def set_parameter(page, name: str, value) -> None:
-    page.get_by_role("tab", name="Parameters").click()
-    box = page.locator(f"#param-{name} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
-    page.get_by_role("tab", name="Chat").click()
-
-
-def send(page, text: str) -> None:
-    page.locator("#chat-input textarea").fill(text)
-    page.locator("#send").click()
-
-
-def bot_messages(page):
-    return page.locator('#chatbot [data-testid="bot"]')
-
-
-def wait_for_status(page, pattern: str, timeout: float = 120) -> str:
-    status = page.locator("#chat-status")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = status.inner_text()
-        if re.search(pattern, text):
-            return text
-        time.sleep(0.1)
-    raise AssertionError(f"status never matched {pattern!r}; last: {status.inner_text()!r}")
-
 
 def test_chat_streams_a_greedy_answer_naming_paris(page):
     set_parameter(page, "temperature", 0)
@@ -118,7 +46,7 @@ def test_stop_mid_stream_stops_the_stream(page):
     assert tokens < 300  # far from the 600 it would have written
 
 
-def test_regenerate_and_clear(page):
+def test_regenerate_and_new_chat(page):
     set_parameter(page, "temperature", 0)
     set_parameter(page, "max_new_tokens", 20)
     send(page, "Say hello.")
@@ -128,10 +56,10 @@ def test_regenerate_and_clear(page):
     wait_for_status(page, r"^(Done|Reached)")
     assert bot_messages(page).count() == 1  # replaced, not appended
     assert bot_messages(page).last.inner_text() == first  # greedy: the same reply again
-    page.locator("#clear").click()
+    page.locator("#new-chat").click()
     deadline = time.monotonic() + 30
     while bot_messages(page).count() or page.locator('#chatbot [data-testid="user"]').count():
-        assert time.monotonic() < deadline, "Clear did not empty the chat"
+        assert time.monotonic() < deadline, "New chat did not empty the chat"
         time.sleep(0.1)
 
 
@@ -189,13 +117,13 @@ def test_loading_a_folder_without_weights_says_why_and_keeps_the_model(page):
     assert "Paris" in bot_messages(page).last.inner_text()
 
 
-def test_two_users_chat_at_once_and_each_stop_is_their_own(browser, server):
+def test_two_users_chat_at_once_and_each_stop_is_their_own(browser, ui_server):
     pages = []
     for _ in range(2):
         context = browser.new_context()
         page = context.new_page()
         page.set_default_timeout(60_000)
-        page.goto(server)
+        page.goto(ui_server)
         page.locator("#chat-input textarea").wait_for()
         set_parameter(page, "temperature", 0)
         pages.append(page)

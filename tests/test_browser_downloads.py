@@ -6,7 +6,6 @@ import pytest
 
 from tests.helpers import running_server
 from tests.hub_standin import HubStandIn
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_downloads import REPO, gptq_branch, safetensors_bytes
 
 pytestmark = pytest.mark.browser
@@ -40,12 +39,10 @@ def wait_text(locator, needle, timeout=60):
     return locator.inner_text()
 
 
-def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
+def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, browser):
+    context = browser.new_context()
+    try:
+        page = context.new_page()
         page.set_default_timeout(60_000)
         page.goto(server)
         page.get_by_role("tab", name="Model").click()
@@ -70,4 +67,5 @@ def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server):
         page.locator("#model-choice input").click()
         options = page.locator("li[role=option]").all_inner_texts()
         assert any("TheBloke_Tiny-Chat-GPTQ_gptq-4bit-32g-actorder_True" in o for o in options), options
-        browser.close()
+    finally:
+        context.close()

@@ -172,7 +172,7 @@ class ChatTab:
 
         def start(request: gr.Request):
             state, choices = conversations.start(who(request).user)
-            return [state, *shown(state), gr.update(choices=choices, value=state["id"] if choices else None)]
+            return [state, *shown(state), gr.update(choices=choices, value=None)]
 
         def new(request: gr.Request):
             self.engine.stop(who(request).owner)
@@ -214,7 +214,8 @@ class ChatTab:
             return [imported, *shown(imported), status]
 
         demo.load(start, None, [*view, w.conversation_list])
-        w.new_button.click(new, None, [*view, w.conversation_list, w.conversation_status])
+        for trigger in (w.new_button.click, w.chatbot.clear):  # the chat's own trash icon starts anew too
+            trigger(new, None, [*view, w.conversation_list, w.conversation_status])
         w.conversation_list.input(open_, [w.conversation_list, w.state], [*view, w.conversation_status])
         w.rename_button.click(rename, [w.state, w.title], [w.state, w.conversation_status]).then(**after)
         w.delete_button.click(delete, w.state, [*view, w.conversation_status]).then(**after)

@@ -29,14 +29,9 @@ class ConversationHandlers:
         ]
 
     def start(self, user: str | None) -> tuple[State, list[tuple[str, str]]]:
-        """A session's first conversation: the most recent saved one, else a new one."""
-        choices = self.choices(user)
-        if choices:
-            try:
-                return self.store.load(user, choices[0][1]).model_dump(), choices
-            except LoadstarError:
-                pass
-        return new_state(), choices
+        """A session starts with a new conversation (two open pages never write one file); the
+        saved ones are in the list."""
+        return new_state(), self.choices(user)
 
     def new(self, user: str | None) -> tuple[State, str]:
         return new_state(), "New conversation: it is saved with its first message."

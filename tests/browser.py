@@ -1,0 +1,62 @@
+"""Helpers for the browser tests: Debian chromium driven by playwright (never `playwright install`)."""
+
+import re
+import time
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def open_page(browser, url, **context_options):
+    context = browser.new_context(**context_options)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.locator("#chat-input textarea").wait_for()
+    return page
+
+
+def set_parameter(page, name: str, value) -> None:
+    page.get_by_role("tab", name="Parameters").click()
+    box = page.locator(f"#param-{name} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+    page.get_by_role("tab", name="Chat").click()
+
+
+def send(page, text: str) -> None:
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#send").click()
+
+
+def bot_messages(page):
+    return page.locator('#chatbot [data-testid="bot"]')
+
+
+def user_messages(page):
+    return page.locator('#chatbot [data-testid="user"]')
+
+
+def wait_until(check, what: str, timeout: float = 60):
+    """Poll ``check()`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def wait_for_status(page, pattern: str, timeout: float = 120, selector: str = "#chat-status") -> str:
+    status = page.locator(selector)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = status.inner_text()
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"status never matched {pattern!r}; last: {status.inner_text()!r}")

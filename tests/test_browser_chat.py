@@ -1,0 +1,195 @@
+"""Chat actions, conversations, presets, the Notebook and extensions, in real Chromium
+against the real server.py with the real default model (greedy, so replies are repeatable)."""
+
+import json
+import re
+import time
+
+import pytest
+
+from tests.browser import (
+    bot_messages, open_page, send, set_parameter, user_messages, wait_for_status, wait_until,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+FINISHED = r"^(Done|Reached|Stopped)"
+
+
+def chat_once(page, text, max_new_tokens=20):
+    set_parameter(page, "temperature", 0)
+    set_parameter(page, "max_new_tokens", max_new_tokens)
+    send(page, text)
+    return wait_for_status(page, FINISHED)
+
+
+def test_continue_edit_copy_and_remove_last(browser, ui_server):
+    page = open_page(browser, ui_server, permissions=["clipboard-read", "clipboard-write"])
+    try:
+        status = chat_once(page, "What is the capital of France?", max_new_tokens=4)
+        assert status.startswith("Reached max new tokens (4 tokens")
+        short = bot_messages(page).last.inner_text()
+        page.locator("#continue").click()
+        wait_for_status(page, FINISHED)
+        longer = bot_messages(page).last.inner_text()
+        assert bot_messages(page).count() == 1 and longer.startswith(short) and len(longer) > len(short)
+
+        bot_messages(page).last.hover()
+        page.locator('#chatbot button[aria-label="Copy message"]').last.click()
+        assert wait_until(lambda: page.evaluate("navigator.clipboard.readText()") == longer, "the copied reply")
+
+        user_messages(page).last.hover()
+        page.locator('#chatbot button[aria-label="Edit"]').first.click()
+        page.locator("#chatbot textarea").first.fill("What is the capital of Italy?")
+        page.locator('#chatbot button[aria-label="Submit"]').first.click()
+        wait_for_status(page, "Message edited")
+        assert user_messages(page).last.inner_text() == "What is the capital of Italy?"
+        page.locator("#regenerate").click()
+        wait_for_status(page, FINISHED)
+        assert bot_messages(page).last.inner_text() != longer  # answered the edited question
+        page.get_by_text("Prompt sent").click()
+        assert "capital of Italy?<|im_end|>" in page.locator("#prompt-text textarea").input_value()
+
+        page.locator("#remove-last").click()
+        wait_for_status(page, "Removed the last exchange")
+        wait_until(lambda: user_messages(page).count() == 0 and bot_messages(page).count() == 0, "an empty chat")
+    finally:
+        page.context.close()
+
+
+def test_system_message_reaches_the_prompt_shown_with_its_token_count(page):
+    page.get_by_text("System message").first.click()
+    page.locator("#system-message textarea").fill("You are a pirate. Always say arr.")
+    chat_once(page, "Hello", max_new_tokens=5)
+    page.get_by_text("Prompt sent").click()
+    prompt = page.locator("#prompt-text textarea").input_value()
+    assert prompt.startswith("<|im_start|>system\nYou are a pirate. Always say arr.<|im_end|>\n<|im_start|>user\nHello")
+    page.locator("#chat-input textarea").fill("And then?")
+    page.locator("#preview-prompt").click()
+    info = wait_for_status(page, r"\d+ tokens, model's own format", selector="#prompt-info")
+    assert int(re.match(r"(\d+) tokens", info).group(1)) > 20
+    assert page.locator("#prompt-text textarea").input_value().endswith(
+        "<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def conversation_options(page):
+    page.locator("#conversation-list input").click()
+    options = [text.split("\n")[-1].strip() for text in page.locator("li[role=option]").all_inner_texts()]
+    page.keyboard.press("Escape")
+    return options  # the open one carries a check mark line first
+
+
+def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
+    chat_once(page, "Tell me about zebrafish.", max_new_tokens=8)
+    first_reply = bot_messages(page).last.inner_text()
+    options = conversation_options(page)
+    assert any(o.startswith("Tell me about zebrafish.") for o in options), options
+
+    page.locator("#new-chat").click()
+    wait_until(lambda: user_messages(page).count() == 0, "a new, empty chat")
+    page.locator("#conversation-search input, #conversation-search textarea").first.fill("zebrafish")
+    table = page.locator("#search-results")
+    wait_until(lambda: "zebrafish" in table.inner_text().lower(), "a search hit")
+    table.get_by_test_id("cell-0-0").click()
+    wait_until(lambda: user_messages(page).count() == 1, "the conversation to reopen")
+    assert bot_messages(page).last.inner_text() == first_reply
+
+    title = page.locator("#conversation-title input, #conversation-title textarea").first
+    title.fill("Fish notes")
+    page.locator("#rename-chat").click()
+    wait_for_status(page, "Renamed", selector="#conversation-status")
+    wait_until(lambda: any(o.startswith("Fish notes") for o in conversation_options(page)), "the new title")
+
+    page.locator("#delete-chat").click()
+    wait_for_status(page, "Deleted", selector="#conversation-status")
+    wait_until(lambda: not any(o.startswith("Fish notes") for o in conversation_options(page)), "it to go")
+    assert user_messages(page).count() == 0
+
+
+def test_export_and_import_a_conversation(page, tmp_path):
+    chat_once(page, "Name a colour of the sky.", max_new_tokens=6)
+    with page.expect_download() as download:
+        page.locator("#export-chat").click()
+        page.locator("#export-file a").first.wait_for()
+        page.locator("#export-file a").first.click()
+    exported = json.loads(download.value.path().read_text())
+    assert exported["messages"][0] == {"role": "user", "content": "Name a colour of the sky."}
+    exported["title"] = "Imported sky"
+    upload = tmp_path / "sky.json"
+    upload.write_text(json.dumps(exported))
+    page.locator("#new-chat").click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#import-chat button[aria-label='Click to upload or drop files']").click()
+    chooser.value.set_files(str(upload))
+    wait_for_status(page, "Imported as a new conversation", selector="#conversation-status")
+    wait_until(lambda: user_messages(page).count() == 1, "the imported chat")
+    assert any(o.startswith("Imported sky") for o in conversation_options(page))
+
+
+def test_preset_save_and_load_changes_the_reply_length(page):
+    set_parameter(page, "temperature", 0)
+    set_parameter(page, "max_new_tokens", 7)
+    page.get_by_role("tab", name="Parameters").click()
+    page.locator("#preset-name input, #preset-name textarea").first.fill("seven tokens")
+    page.locator("#preset-save").click()
+    wait_for_status(page, "Saved “seven tokens”", selector="#preset-status")
+
+    page.locator("#preset-choice input").click()
+    page.locator('li[role=option][aria-label="Default"]').click()
+    page.locator("#preset-load").click()
+    wait_for_status(page, "Loaded “Default”", selector="#preset-status")
+    assert page.locator("#param-max_new_tokens input[type=number]").input_value() == "512"
+    assert page.locator("#param-temperature input[type=number]").input_value() == "0.7"
+
+    page.locator("#preset-choice input").click()
+    page.locator('li[role=option][aria-label="seven tokens"]').click()
+    page.locator("#preset-load").click()
+    wait_for_status(page, "Loaded “seven tokens”", selector="#preset-status")
+    assert page.locator("#param-max_new_tokens input[type=number]").input_value() == "7"
+    page.get_by_role("tab", name="Chat").click()
+    send(page, "Write a poem about the sea.")
+    assert wait_for_status(page, FINISHED).startswith("Reached max new tokens (7 tokens")
+
+    page.get_by_role("tab", name="Parameters").click()
+    page.locator("#preset-delete").click()
+    wait_for_status(page, "Deleted “seven tokens”", selector="#preset-status")
+
+
+def test_notebook_continues_text_counts_tokens_and_undoes(page):
+    set_parameter(page, "temperature", 0)
+    set_parameter(page, "max_new_tokens", 6)
+    page.get_by_role("tab", name="Notebook").click()
+    text = page.locator("#notebook-text textarea")
+    text.fill("The capital of France is")
+    page.locator("#notebook-count").click()
+    wait_for_status(page, r"^\d+ tokens\.$", selector="#notebook-status")
+    page.locator("#notebook-generate").click()
+    wait_for_status(page, FINISHED, selector="#notebook-status")
+    grown = text.input_value()
+    assert grown.startswith("The capital of France is") and "Paris" in grown
+    page.locator("#notebook-undo").click()
+    wait_until(lambda: text.input_value() == "The capital of France is", "Undo")
+
+
+def test_enabling_an_extension_shows_its_tab_and_panel(page):
+    example_tab = page.get_by_role("tab", name="Example")
+    assert example_tab.count() == 0
+    page.get_by_role("tab", name="Extensions").click()
+    switches = page.locator("#extension-switches")
+    switches.get_by_label("example").check()
+    switches.get_by_label("reply_rules").check()
+    wait_until(lambda: page.get_by_role("tab", name="Example").count() == 1, "the Example tab")
+    table = page.locator("#plugin-table")
+    wait_until(lambda: re.search(r"example\s+on", table.inner_text()), "example to show as on")
+    page.get_by_role("tab", name="Example").click()
+    assert "extensions/example" in page.locator("#example-extension-intro").inner_text()
+    assert re.search(r"finished \d+ generations", page.locator("#example-extension-count").inner_text())
+    page.get_by_role("tab", name="Chat").click()
+    assert page.get_by_text("Reply rules").count() >= 1
+    send(page, "/ping")
+    wait_for_status(page, FINISHED)
+    assert bot_messages(page).last.inner_text() == "pong"  # the example's generate hook answered
+
+    page.get_by_role("tab", name="Extensions").click()
+    switches.get_by_label("example").uncheck()
+    switches.get_by_label("reply_rules").uncheck()
+    wait_until(lambda: page.get_by_role("tab", name="Example").count() == 0, "the Example tab to go")
