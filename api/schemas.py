@@ -40,6 +40,12 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus sampling; default 1.")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Same seed, same sample.")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalise tokens already generated.")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Penalise tokens by how often they came.")
+    # Extensions other servers (vLLM, llama.cpp) accept too:
+    top_k: int | None = Field(None, ge=0, le=1000, description="Sample from the k most likely tokens; 0 = off.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below this fraction of the best one.")
+    repetition_penalty: float | None = Field(None, ge=1.0, le=3.0, description="Penalise repeated tokens; 1 = off.")
     stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text ends before the first.")
     stream: bool = Field(False, description="Send server-sent events, ending with data: [DONE].")
     stream_options: dict[str, Any] | None = Field(None, description="{'include_usage': true} adds a usage chunk.")

@@ -185,7 +185,7 @@ def _ui_decode(port: int, runs: int, tokens: int) -> dict[str, list[float]]:
     """Send in the browser UI; time to the first streamed text, tokens/s from the status line."""
     from playwright.sync_api import sync_playwright
 
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS
 
     out: dict[str, list[float]] = {"tps": [], "ttft": []}
     with sync_playwright() as playwright:

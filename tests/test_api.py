@@ -99,6 +99,19 @@ def test_same_seed_same_sample(client):
         client.chat.completions.create(**kwargs).choices[0].message.content
 
 
+def test_penalties_and_server_extensions_take_effect(client):
+    story = [{"role": "user", "content": "Write a long story about a cat who loves the sea."}]
+    kwargs = dict(model=DEFAULT_MODEL_NAME, messages=story, temperature=0, max_tokens=40)
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    penalised = client.chat.completions.create(**kwargs, presence_penalty=2.0, frequency_penalty=1.0)
+    repeated = client.chat.completions.create(**kwargs, extra_body={"repetition_penalty": 1.5})
+    assert len({plain, penalised.choices[0].message.content, repeated.choices[0].message.content}) == 3
+    import openai
+
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**kwargs, extra_body={"repetition_penalty": 0.5})
+
+
 def test_errors_have_the_openai_shape(client, api_server):
     import openai
 

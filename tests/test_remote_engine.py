@@ -11,7 +11,7 @@ import pytest
 from engine.chat import ChatMessage
 from engine.engine import Engine
 from engine.errors import ModelLoadError
-from engine.generation import Finished, GenerationRequest, TextDelta
+from engine.generation import Finished, GenerationRequest, Started, TextDelta
 from engine.sampling import SamplingParams
 from engine.settings import Settings
 from tests.helpers import free_port, running_server
@@ -61,6 +61,27 @@ def test_remote_model_is_chosen_and_chats_streaming(engine, remote):
     assert len([e for e in events if isinstance(e, TextDelta)]) > 3  # it streamed
     # the remote server rendered the chat with the model's own template: same answer as locally
     assert done.text.startswith("The capital of France is Paris")
+    params = SamplingParams(temperature=1.0, min_p=0.2, presence_penalty=1.0, max_new_tokens=5)
+    started = next(e for e in engine.submit(GenerationRequest(messages=question, params=params)).events()
+                   if isinstance(e, Started))
+    assert started.notices == ("Remote (OpenAI API) ignores min_p",)  # presence_penalty goes through
+
+
+def test_extra_params_reach_a_server_that_takes_them(tmp_path, remote):
+    remote_folder(tmp_path / "models", remote, extra_params=True)
+    engine = Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data"))
+    try:
+        engine.load_model("smol-remote")
+        story = (ChatMessage(role="user", content="Write a long story about a cat who loves the sea."),)
+
+        def reply(**extra):
+            params = SamplingParams(temperature=0, max_new_tokens=40, **extra)
+            return engine.submit(GenerationRequest(messages=story, params=params)).result()
+
+        plain, penalised = reply(), reply(repetition_penalty=1.5)
+        assert penalised.notices == () and penalised.text != plain.text
+    finally:
+        engine.close()
 
 
 def test_stop_cancels_the_remote_generation(engine, remote):

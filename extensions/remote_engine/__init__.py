@@ -34,6 +34,8 @@ CONFIG_FILE = "remote.json"
 LOADER_NAME = "Remote (OpenAI API)"
 # What the OpenAI API can express; the rest is ignored with a notice.
 SUPPORTED = frozenset({"temperature", "top_p", "max_new_tokens", "seed", "presence_penalty", "frequency_penalty"})
+# What vLLM, llama.cpp server and Loadstar accept beyond it, sent when remote.json says extra_params.
+EXTRA = frozenset({"top_k", "min_p", "repetition_penalty"})
 POLL_SECONDS = 0.05  # how often a waiting stream checks for Stop
 _END = object()
 
@@ -47,6 +49,7 @@ class RemoteConfig(BaseModel):
     api_key: str | None = Field(None, max_length=500, repr=False, description="The key itself (prefer api_key_env).")
     context_length: int | None = Field(None, ge=1, le=10_000_000)
     timeout: float = Field(600.0, gt=0, le=86_400, description="Seconds to wait for the server.")
+    extra_params: bool = Field(False, description="Also send top_k, min_p, repetition_penalty (vLLM, llama.cpp).")
 
     @field_validator("base_url")
     @classmethod
@@ -80,12 +83,12 @@ def read_config(path: Any) -> RemoteConfig:
 class RemoteModel:
     chat_template = None  # chats are sent as messages: the server renders them
     special_tokens: dict[str, str] = {}
-    supported_params = SUPPORTED
 
     def __init__(self, info: LoadedModelInfo, config: RemoteConfig, client: Any) -> None:
         self.info = info
         self.config = config
         self._client = client
+        self.supported_params = SUPPORTED | EXTRA if config.extra_params else SUPPORTED
 
     def count_tokens(self, text: str) -> int:
         return max(1, len(text) // 4)  # an estimate: the server's tokenizer is not here; usage is exact
@@ -102,6 +105,8 @@ class RemoteModel:
             "temperature": params.temperature, "top_p": params.top_p, "seed": seed,
             "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
         }
+        if self.config.extra_params:
+            payload.update({name: getattr(params, name) for name in sorted(EXTRA)})
         headers = {"Authorization": f"Bearer {key}"} if (key := self.config.key()) else {}
         lines: queue.Queue[Any] = queue.Queue()
         holder: dict[str, Any] = {}
