@@ -3,7 +3,6 @@ against the real server.py with the real default model (greedy, so replies are r
 
 import json
 import re
-import time
 
 import pytest
 

@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from engine.chat import ChatMessage
 from engine.conversations import Conversation, title_from
 from engine.engine import Engine
 from engine.errors import LoadstarError

@@ -8,7 +8,6 @@ error, nothing is half-saved) and kept in ``<data dir>/extensions/reply_rules/ru
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
