@@ -12,7 +12,7 @@ def test_help_documents_every_flag():
     result = run_server("--help")
     assert result.returncode == 0
     for flag in ("--model", "--loader", "--models-dir", "--host", "--port", "--auth", "--auth-file",
-                 "--no-model", "--device", "--list-plugins", "--allow-pt",
+                 "--no-model", "--device", "--list-plugins", "--allow-pt", "--extensions",
                  "--api-key", "--admin-key", "--no-api", "--cors-origin", "--queue-timeout", "--api-max-tokens", "LOADSTAR_NO_THIRD_PARTY_PLUGINS"):
         assert flag in result.stdout
 
@@ -92,3 +92,18 @@ def test_list_plugins_shows_the_builtin_loader():
     assert result.returncode == 0, result.stderr
     for name in ("transformers", "autogptq", "exllamav2"):
         assert f"{name} 0.1.0 (built-in): register_loaders" in result.stdout
+
+
+def test_unknown_extension_is_a_one_line_error(tmp_path):
+    result = run_server("--no-model", "--data-dir", str(tmp_path), "--extensions", "example,nope")
+    assert_one_line_error(result, "unknown extension nope (known: example, remote_engine, reply_rules)", 1)
+
+
+def test_list_plugins_shows_extensions_and_remembers_the_extensions_flag(tmp_path):
+    listed = run_server("--list-plugins", "--data-dir", str(tmp_path))
+    assert "remote_engine" in listed.stdout and "(extensions/remote_engine): generate, register_loaders [on]" in listed.stdout
+    assert "(extensions/example): configure, generate, modify_reply" in listed.stdout and "[off]" in listed.stdout
+    (tmp_path / "settings.json").write_text('{"extensions": {"example": true, "remote_engine": false}}')
+    listed = run_server("--list-plugins", "--data-dir", str(tmp_path))
+    assert "render_prompt, webui_contribution [on]" in listed.stdout
+    assert "(extensions/remote_engine): generate, register_loaders [off]" in listed.stdout
