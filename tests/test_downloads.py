@@ -216,7 +216,10 @@ def test_killed_download_resumes_with_little_transferred_again(hub, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1].endswith("TheBloke_Tiny-Chat-GPTQ")
     again = hub.sent["model.safetensors"] - before
-    assert again < size - before + 0.05 * before, f"re-transferred {again - (size - before)} bytes"
+    # Bytes the hub had sent but the killed process never wrote (socket buffers, up to a few hundred
+    # KiB under load) come again; a restart from zero would send all `before` bytes again.
+    in_flight = 1024 * 1024
+    assert before > 2 * in_flight and again < size - before + in_flight, f"re-transferred {again - (size - before)} bytes"
     assert list_model_folders(tmp_path) == ["TheBloke_Tiny-Chat-GPTQ"]
 
 
