@@ -79,9 +79,10 @@ def conversation_options(page):
 
 def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
     chat_once(page, "Tell me about zebrafish.", max_new_tokens=8)
+    # the list is refreshed by an event chained after the reply
+    wait_until(lambda: any(o.startswith("Tell me about zebrafish.") for o in conversation_options(page)),
+               "the conversation in the list")
     first_reply = bot_messages(page).last.inner_text()
-    options = conversation_options(page)
-    assert any(o.startswith("Tell me about zebrafish.") for o in options), options
 
     page.locator("#new-chat").click()
     wait_until(lambda: user_messages(page).count() == 0, "a new, empty chat")
@@ -121,7 +122,7 @@ def test_export_and_import_a_conversation(page, tmp_path):
     chooser.value.set_files(str(upload))
     wait_for_status(page, "Imported as a new conversation", selector="#conversation-status")
     wait_until(lambda: user_messages(page).count() == 1, "the imported chat")
-    assert any(o.startswith("Imported sky") for o in conversation_options(page))
+    wait_until(lambda: any(o.startswith("Imported sky") for o in conversation_options(page)), "the imported title")
 
 
 def test_preset_save_and_load_changes_the_reply_length(page):
