@@ -119,3 +119,16 @@ def test_model_handlers_report_errors_as_text(engine):
     assert models.describe("../etc", AUTO_LOADER)[0].startswith("⚠️ '../etc' is not a model folder name")
     assert models.load(None, AUTO_LOADER) == "⚠️ Pick a model first."
     assert models.unload() == "Model unloaded." and models.unload() == "No model was loaded."
+
+
+def test_a_message_sent_while_answering_stays_in_the_textbox(engine):
+    from engine.generation import GenerationRequest
+
+    with engine.models.use() as model:
+        model.delay = 0.05
+    handle = engine.submit(GenerationRequest(prompt="a b c d e f g h", owner="me"))
+    try:
+        [update] = list(ChatHandlers(engine).send("second", new_state(), ME, DEFAULTS, ""))
+        assert update.keep_input and update.state["messages"] == [] and "press Stop first" in update.status
+    finally:
+        handle.cancel()

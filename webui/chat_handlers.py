@@ -37,6 +37,7 @@ class ChatUpdate:
     state: State
     status: str
     prompt: str | None = None  # the prompt sent, for the prompt viewer (None: leave it)
+    keep_input: bool = False  # the message was not taken: leave it in the textbox
 
 
 def sampling_from_values(values: tuple[Any, ...]) -> SamplingParams:
@@ -77,6 +78,9 @@ class ChatHandlers:
         text = (text or "").strip()
         if not text:
             yield ChatUpdate(chat_messages(state), state, "Type a message first.")
+            return
+        if self.engine.generation.has_work(who.owner):  # keep the message out of the chat, not lost
+            yield ChatUpdate(chat_messages(state), state, "Still answering: press Stop first.", keep_input=True)
             return
         state = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text}]}
         if state.get("title", "New chat") == "New chat":

@@ -117,7 +117,7 @@ class ChatTab:
                 assert isinstance(update, ChatUpdate)
                 out = [update.chatbot, update.state, update.status,
                        gr.update() if update.prompt is None else update.prompt]
-                yield ([""] if clear_message else []) + out
+                yield ([gr.update() if update.keep_input else ""] if clear_message else []) + out
 
         def with_system(data):
             return {**(data[w.state] or {}), "system": data[w.system] or ""}
