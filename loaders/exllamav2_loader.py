@@ -24,7 +24,7 @@ from engine.loader_api import Assessment, Availability, CancelToken, LoadedModel
 from engine.model_folder import ModelFolder
 from engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
 from loaders.derived_folder import derived_folder
-from loaders.tokenizer_facts import chat_template_of, encode_prompt, special_tokens_of
+from loaders.tokenizer_facts import TokenizerPrompts
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class ExLlamaV2Loader:
         return ExLlamaV2Model(info, model, cache, generator, hf_tokenizer, ex_tokenizer)
 
 
-class ExLlamaV2Model:
+class ExLlamaV2Model(TokenizerPrompts):
     supported_params = ALL_PARAMS - {"no_repeat_ngram_size"}
 
     def __init__(
@@ -141,20 +141,6 @@ class ExLlamaV2Model:
         self._generator = generator
         self.tokenizer = tokenizer
         self._lock = threading.Lock()
-
-    @property
-    def chat_template(self) -> str | None:
-        return chat_template_of(self.tokenizer)
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        return special_tokens_of(self.tokenizer)
-
-    def encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
 
     def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
         import torch

@@ -13,12 +13,12 @@ from typing import Any, Callable, Iterator
 
 from engine.loader_api import CancelToken, LoadedModelInfo, StreamPiece
 from engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
-from loaders.tokenizer_facts import chat_template_of, encode_prompt, special_tokens_of
+from loaders.tokenizer_facts import TokenizerPrompts
 
 _DONE = object()
 
 
-class HFCausalLM:
+class HFCausalLM(TokenizerPrompts):
     supported_params = ALL_PARAMS
 
     def __init__(self, model: Any, tokenizer: Any, info: LoadedModelInfo, *, keepalive: Any = None) -> None:
@@ -27,22 +27,6 @@ class HFCausalLM:
         self.tokenizer = tokenizer
         self.info = info
         self._keepalive = keepalive
-
-    # -- prompts -------------------------------------------------------------------------------
-
-    @property
-    def chat_template(self) -> str | None:
-        return chat_template_of(self.tokenizer)
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        return special_tokens_of(self.tokenizer)
-
-    def encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
 
     # -- generation ----------------------------------------------------------------------------
 
