@@ -191,8 +191,7 @@ class Engine:
 
     def set_extension_enabled(self, name: str, on: bool) -> None:
         """Turn an extension on or off now and for the next start."""
-        self.plugins.set_enabled(name, on)
-        self.plugins.configure(self.settings)
+        self.plugins.set_enabled(name, on)  # a plugin switched on gets configure() there (historic)
         try:
             self.remembered.update(extensions={**self.remembered.read().extensions, name: on})
         except OSError as error:

@@ -140,8 +140,6 @@ class PluginHost:
             except Exception as error:
                 self._report(module_info.name, "import", error)
                 continue
-            if plugin is not module and not getattr(plugin, "__doc__", None):
-                plugin.__doc__ = module.__doc__
             self.register(plugin, name=module_info.name, distribution=OUR_DISTRIBUTION, version=_our_version(),
                           kind="extension")
 

@@ -132,8 +132,7 @@ class ChatHandlers:
         return ChatUpdate(messages, state, "Message edited.")
 
     def stop(self, owner: str) -> str:
-        stopped = self.engine.stop(owner)
-        return "Stopping…" if stopped else "Nothing is running."
+        return stop_status(self.engine, owner)
 
     def preview(self, text: str, state: State, params: tuple[Any, ...], stops: str) -> tuple[str, str]:
         """The exact prompt the next Send would use and its token count, without generating."""
@@ -217,6 +216,11 @@ class ChatHandlers:
             # The chat goes on; the user sees that it is not on disk.
             return {**state, "save_error": _problem(error)}
         return saved.model_dump()
+
+
+def stop_status(engine: Engine, owner: str) -> str:
+    """Stop ``owner``'s generations (the chat's and the notebook's alike) and say what happened."""
+    return "Stopping…" if engine.stop(owner) else "Nothing is running."
 
 
 def _text_of(value: Any) -> str:

@@ -10,7 +10,9 @@ from pydantic import ValidationError
 from engine.engine import Engine
 from engine.errors import LoadstarError
 from engine.generation import Finished, GenerationRequest, Queued, Started, TextDelta
-from webui.chat_handlers import UPDATE_INTERVAL, _problem, finished_status, sampling_from_values, stops_from_text
+from webui.chat_handlers import (
+    UPDATE_INTERVAL, _problem, finished_status, sampling_from_values, stop_status, stops_from_text,
+)
 
 
 class NotebookHandlers:
@@ -53,6 +55,9 @@ class NotebookHandlers:
                 yield original + added, status, original
         finally:
             handle.cancel()
+
+    def stop(self, owner: str) -> str:
+        return stop_status(self.engine, owner)
 
     def count(self, text: str) -> str:
         if not text:

@@ -27,7 +27,7 @@ def build_notebook_tab(engine: Engine, parameters: ParameterControls) -> None:
         yield from notebook.generate(data[text], who(request).owner, values, stops)
 
     def stop_(request: gr.Request):
-        return "Stopping…" if engine.stop(who(request).owner) else "Nothing is running."
+        return notebook.stop(who(request).owner)
 
     generate.click(run, {text, *parameters.inputs}, [text, status, before], concurrency_limit=UNLIMITED)
     stop.click(stop_, None, status, concurrency_limit=UNLIMITED)
