@@ -35,6 +35,7 @@ class Engine:
     def __init__(self, settings: Settings, plugins: PluginHost | None = None) -> None:
         self.settings = settings
         self.remembered = UserSettingsStore(settings.settings_file)
+        self._chosen_format: tuple[LoadedModelInfo, ChosenFormat] | None = None
         self.plugins = plugins or PluginHost(
             third_party=settings.third_party_plugins, enabled=self.remembered.read().extensions
         )
@@ -128,15 +129,23 @@ class Engine:
     # -- prompts and parameters ----------------------------------------------------------------
 
     def prompt_format(self, model: LoadedModel) -> ChosenFormat:
-        """The loaded model's prompt format: the user's pick, its own template, a guess, or completion."""
+        """The loaded model's prompt format: the user's pick, its own template, a guess, or completion.
+
+        Worked out once per load (it reads settings.json and the model card), not per request.
+        """
+        cached = self._chosen_format
+        if cached is not None and cached[0] is model.info:
+            return cached[1]
         folder = self.models.loaded_folder
         saved = self.saved_choice(model.info.name)
-        return choose_format(
+        chosen = choose_format(
             own_template=getattr(model, "chat_template", None),
             own_source=folder.chat_template_source if folder else None,
             folder=folder.path if folder else None,
             pinned=saved.prompt_format if saved else None,
         )
+        self._chosen_format = (model.info, chosen)  # keyed by the info object: a new load makes a new one
+        return chosen
 
     def loaded_prompt_format(self) -> ChosenFormat | None:
         with self.models.use() as model:
@@ -153,6 +162,7 @@ class Engine:
         previous = remembered.models.get(loaded.name) or ModelChoice()
         choice = previous.model_copy(update={"prompt_format": None if name == AUTO else name})
         self.remembered.write(remembered.model_copy(update={"models": {**remembered.models, loaded.name: choice}}))
+        self._chosen_format = None
         return self.loaded_prompt_format()
 
     def preview(self, request: GenerationRequest) -> PreparedRequest:

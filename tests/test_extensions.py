@@ -193,5 +193,8 @@ def test_reply_rules_apply_saved_rules_and_refuse_bad_ones(tmp_path):
         rules.save(rules_from_rows([["Certainly! ", "", False]]))
         engine.load_model("parrot")
         assert ask(engine, "capital?")[1].text == "Paris "
+        again = Engine(Settings(models_dir=models, data_dir=tmp_path / "data", extensions=("example", "reply_rules")))
+        assert again.plugins.get("reply_rules").load() == rules.load()  # saved to disk, read back
+        again.close()
     finally:
         engine.close()

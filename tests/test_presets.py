@@ -81,3 +81,23 @@ def test_presets_apply_on_top_of_the_loaded_models_defaults(tmp_path):
     assert (precise.temperature, precise.repetition_penalty, precise.top_k) == (0.3, 1.1, 20)
     assert engine.preset_params("Default").temperature == 0.6
     engine.close()
+
+
+def test_a_pinned_prompt_format_is_used_remembered_and_undone(tmp_path):
+    from engine.chat import ChatMessage
+    from engine.generation import GenerationRequest
+
+    engine = engine_with(tmp_path, FakeLoader("Fake"))
+    hf_folder(engine.settings.models_dir, "m")
+    engine.load_model("m")
+    request = GenerationRequest(messages=(ChatMessage(role="user", content="hi"),))
+    assert engine.preview(request).prompt == "<user>hi<assistant>"  # the fake model's own template
+    assert engine.set_prompt_format("Zephyr").format.name == "Zephyr"
+    assert engine.preview(request).prompt == "<|user|>\nhi</s>\n<|assistant|>\n"
+    engine.load_model("m")  # a new load reads the remembered choice again
+    assert engine.preview(request).format_name == "Zephyr"
+    engine.set_prompt_format("auto")
+    assert engine.preview(request).prompt == "<user>hi<assistant>"
+    with pytest.raises(BadRequestError, match="unknown prompt format 'Nope'"):
+        engine.set_prompt_format("Nope")
+    engine.close()

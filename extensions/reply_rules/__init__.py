@@ -81,8 +81,14 @@ class ReplyRules:
 
     def __init__(self) -> None:
         self.path: Path | None = None
+        self._book: RuleBook | None = None  # read once, replaced on save: no file read per reply
 
     def load(self) -> RuleBook:
+        if self._book is None:
+            self._book = self._read()
+        return self._book
+
+    def _read(self) -> RuleBook:
         if self.path is None:
             return RuleBook()
         try:
@@ -97,10 +103,12 @@ class ReplyRules:
         if self.path is None:
             raise BadRequestError("reply rules are not configured yet")
         write_atomic(self.path, book.model_dump_json(indent=1).encode("utf-8"))
+        self._book = book
 
     @hookimpl
     def configure(self, settings: Any) -> None:
         self.path = Path(settings.data_dir) / "extensions" / "reply_rules" / "rules.json"
+        self._book = None
 
     @hookimpl
     def modify_reply(self, reply: ReplyDraft) -> None:
