@@ -66,9 +66,14 @@ class ConversationHandlers:
         """A JSON file of the open conversation, for the browser to download."""
         if not chat_messages(state):
             return None, "Nothing to export yet."
-        data = Conversation.model_validate(state).model_dump_json(indent=1).encode("utf-8")
-        folder = Path(tempfile.mkdtemp(prefix="loadstar-export-"))
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in state.get("title", "chat"))[:40] or "chat"
+        conversation = Conversation.model_validate(state)
+        data = conversation.model_dump_json(indent=1).encode("utf-8")
+        # One folder per conversation, overwritten by the next export: exports never pile up.
+        folder = Path(tempfile.gettempdir()) / "loadstar-exports" / conversation.id
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.json"):
+            old.unlink()
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in conversation.title)[:40] or "chat"
         path = folder / f"{safe}.json"
         path.write_bytes(data)
         return str(path), "Exported."
@@ -78,9 +83,6 @@ class ConversationHandlers:
         if not path:
             return None, ""
         try:
-            data = Path(path).read_bytes()
-            return self.store.import_(user, data).model_dump(), "Imported as a new conversation."
+            return self.store.import_file(user, Path(path)).model_dump(), "Imported as a new conversation."
         except LoadstarError as error:
             return None, f"⚠️ {error}"
-        except OSError as error:
-            return None, f"⚠️ cannot read the file: {error.strerror or error}"
