@@ -118,13 +118,14 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
             optional = {name: getattr(body, name) for name in (
                 "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty",
             ) if getattr(body, name) is not None}
-            params = SamplingParams(
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=0,
-                max_new_tokens=min(requested, max_tokens_cap),
-                seed=-1 if body.seed is None else body.seed,
-            ).model_copy(update=optional)
+            params = SamplingParams.model_validate({
+                "temperature": 1.0 if body.temperature is None else body.temperature,
+                "top_p": 1.0 if body.top_p is None else body.top_p,
+                "top_k": 0,
+                "max_new_tokens": min(requested, max_tokens_cap),
+                "seed": -1 if body.seed is None else body.seed,
+                **optional,
+            })
             handle = engine.submit(GenerationRequest(
                 messages=messages, prompt=prompt, params=params, owner=owner, stop=body.stop_strings()
             ))

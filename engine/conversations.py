@@ -132,8 +132,7 @@ class ConversationStore:
 
     def import_(self, user: str | None, data: bytes) -> Conversation:
         """Save an exported conversation as a new one (a fresh id: an import never overwrites)."""
-        if len(data) > MAX_IMPORT_BYTES:
-            raise BadRequestError(f"the file is larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB")
+        _check_import_size(len(data))
         try:
             raw = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
@@ -153,6 +152,15 @@ class ConversationStore:
             conversation = conversation.model_copy(update={"title": title_from(conversation.messages[0].content)})
         return self.save(user, conversation)
 
+    def import_file(self, user: str | None, path: Path) -> Conversation:
+        """``import_`` for a file, refused by its size before it is read into memory."""
+        try:
+            _check_import_size(path.stat().st_size)
+            data = path.read_bytes()
+        except OSError as error:
+            raise BadRequestError(f"cannot read the file: {error.strerror or error}") from None
+        return self.import_(user, data)
+
     def _path(self, user: str | None, conversation_id: str) -> Path:
         if not _ID.match(conversation_id or ""):
             raise BadRequestError("not a conversation id")
@@ -166,6 +174,11 @@ class ConversationStore:
             except (OSError, ValidationError, ValueError) as error:
                 log.warning("skipping unreadable conversation %s: %s", path.name, error.__class__.__name__)
         return found
+
+
+def _check_import_size(size: int) -> None:
+    if size > MAX_IMPORT_BYTES:
+        raise BadRequestError(f"the file is larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB")
 
 
 def _snippet(texts: list[str], word: str, width: int = 60) -> str:

@@ -74,6 +74,8 @@ def conversation_options(page):
     page.locator("#conversation-list input").click()
     options = [text.split("\n")[-1].strip() for text in page.locator("li[role=option]").all_inner_texts()]
     page.keyboard.press("Escape")
+    # An open list lies over the buttons below it: a later click would pick a conversation instead.
+    wait_until(lambda: page.locator("li[role=option]").count() == 0, "the conversation list to close", 10)
     return options  # the open one carries a check mark line first
 
 
@@ -86,7 +88,9 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
 
     page.locator("#new-chat").click()
     wait_until(lambda: user_messages(page).count() == 0, "a new, empty chat")
-    page.locator("#conversation-search input, #conversation-search textarea").first.fill("zebrafish")
+    search = page.locator("#conversation-search input, #conversation-search textarea").first
+    search.fill("zebrafish")
+    search.press("Enter")
     table = page.locator("#search-results")
     wait_until(lambda: "zebrafish" in table.inner_text().lower(), "a search hit")
     table.get_by_test_id("cell-0-0").click()

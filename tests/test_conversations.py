@@ -56,6 +56,13 @@ def test_export_then_import_makes_a_new_copy(tmp_path):
         with pytest.raises(BadRequestError, match=message):
             store.import_(None, bad)
     assert len(store.summaries(None)) == 3
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as handle:
+        handle.truncate(21 * 1024 * 1024)  # sparse: refused by size, never read
+    with pytest.raises(BadRequestError, match="larger than 20 MiB"):
+        store.import_file(None, huge)
+    with pytest.raises(BadRequestError, match="cannot read the file"):
+        store.import_file(None, tmp_path / "missing.json")
 
 
 WRITER = textwrap.dedent("""

@@ -161,12 +161,15 @@ def test_builtin_extensions_switch_on_and_off_and_are_remembered(tmp_path):
 def test_the_example_extension_works_end_to_end_with_its_own_loader(tmp_path):
     models = tmp_path / "models"
     (models / "parrot").mkdir(parents=True)
-    (models / "parrot" / "echo.txt").write_text("hello from the echo model and more words")
+    words = [f"word{i}" for i in range(30)]
+    (models / "parrot" / "echo.txt").write_text("hello from the echo model " + " ".join(words))
     engine = Engine(Settings(models_dir=models, data_dir=tmp_path / "data", extensions=("example",)))
     try:
         assert engine.load_model("parrot").loader == "Echo (example)"
+        _, whole = ask(engine, "tell me", max_new_tokens=100)
+        assert len(whole.text.split()) == 35
         _, short = ask(engine, "/short tell me", max_new_tokens=100)
-        assert short.text.split() == "hello from the echo model and more words".split()
+        assert short.text.split() == whole.text.split()[:16] and short.reason == "length"  # capped by the hook
         _, ping = ask(engine, "/ping")
         assert ping.text == "pong"
         _, shout = ask(engine, "say it (in capitals)")

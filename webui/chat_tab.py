@@ -31,7 +31,8 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
             with gr.Row():
                 rename_button = gr.Button("Rename", elem_id="rename-chat", size="sm")
                 delete_button = gr.Button("Delete", variant="stop", elem_id="delete-chat", size="sm")
-            search = gr.Textbox(label="Search all conversations", elem_id="conversation-search")
+            search = gr.Textbox(label="Search all conversations", placeholder="words, then Enter",
+                                elem_id="conversation-search")
             hits = gr.Dataframe(headers=["Title", "Match", "id"], interactive=False, elem_id="search-results",
                                 wrap=True, column_widths=["35%", "55%", "10%"])
             export_button = gr.Button("Export JSON", elem_id="export-chat", size="sm")
@@ -219,8 +220,7 @@ class ChatTab:
         w.conversation_list.input(open_, [w.conversation_list, w.state], [*view, w.conversation_status])
         w.rename_button.click(rename, [w.state, w.title], [w.state, w.conversation_status]).then(**after)
         w.delete_button.click(delete, w.state, [*view, w.conversation_status]).then(**after)
-        w.search.submit(search, w.search, w.hits)
-        w.search.change(search, w.search, w.hits)
+        w.search.submit(search, w.search, w.hits)  # on Enter: a search reads every saved conversation
         w.hits.select(pick_hit, w.state, [*view, w.conversation_status]).then(**after)
         w.export_button.click(export, w.state, [w.export_file, w.conversation_status])
         w.import_file.upload(import_, w.import_file, [*view, w.conversation_status]).then(**after)
