@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -39,6 +40,11 @@ METADATA_FILE = "loadstar-download.json"
 STAGING_DIR = ".downloads"
 CHUNK = 1024 * 1024
 RETRIES = 5
+MAX_JSON_BYTES = 1024 * 1024  # config files read before a download (branch picker)
+MAX_PATH_CHARS = 400
+# Files a download never writes: ours (the record of the download) and operator-only configuration
+# (a downloaded remote.json would point the server, and its keys, at a URL the repo chose).
+RESERVED_NAMES = frozenset({METADATA_FILE, "remote.json"})
 
 
 class DownloadError(LoadstarError):
@@ -108,6 +114,46 @@ class DownloadResult:
 ProgressCallback = Callable[[Progress], None]
 
 
+# -- paths from the Hub ---------------------------------------------------------------------------
+
+
+def check_repo_path(path: str) -> str:
+    """A file path from a Hub listing, refused unless it is a plain relative path inside the repo.
+
+    Every file write of a download goes through this (and through ``_inside`` at write time): the
+    listing is untrusted input, whatever serves it (the Hub, a mirror, a proxy, ``HF_ENDPOINT``).
+    """
+    problem = None
+    if not isinstance(path, str) or not path:
+        problem = "an empty path"
+    elif len(path) > MAX_PATH_CHARS:
+        problem = f"a path over {MAX_PATH_CHARS} characters"
+    elif any(ord(ch) < 32 or ch == "\x7f" for ch in path) or "\\" in path:
+        problem = "a control character or backslash"
+    elif path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        problem = "an absolute path"
+    else:
+        parts = path.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            problem = "an empty, '.' or '..' path segment"
+        elif parts[0] == STAGING_DIR:
+            problem = "Loadstar's own staging folder"
+    if problem:
+        shown = path if isinstance(path, str) else repr(path)
+        raise DownloadError(f"the repository lists a file with {problem} ({shown[:80]!r}): refused")
+    return path
+
+
+def _inside(base: Path, relative: str) -> Path:
+    """``base / relative``, checked again on disk: no symlink on the way may lead outside ``base``."""
+    target = base / check_repo_path(relative)
+    resolved_base = base.resolve()
+    resolved = target.resolve()
+    if resolved != resolved_base and resolved_base not in resolved.parents:
+        raise DownloadError(f"{relative}: leads outside {base} (a symlink on the way?): refused")
+    return target
+
+
 # -- selection -----------------------------------------------------------------------------------
 
 
@@ -143,6 +189,9 @@ def select_files(files: tuple[RemoteFile, ...] | list[RemoteFile], gguf_file: st
     for f in files:
         if f.path == ".gitattributes":
             continue
+        if f.path.rsplit("/", 1)[-1] in RESERVED_NAMES:
+            skipped.append((f.path, "operator-only file: never taken from a download"))
+            continue
         if is_weight(f) and f.path not in chosen_paths:
             why = "another weights format is preferred" if "/" not in f.path else "weights in a subfolder"
             if weight_format(f.path) == "gguf":
@@ -175,27 +224,41 @@ class HubClient:
     def snapshot(self, ref: ModelRef) -> RepoSnapshot:
         info = self._call(lambda: self._api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True), str(ref))
         files = tuple(
-            RemoteFile(path=s.rfilename, size=s.size or 0, blob_id=s.blob_id or "",
+            RemoteFile(path=check_repo_path(s.rfilename), size=s.size or 0, blob_id=s.blob_id or "",
                        sha256=s.lfs.sha256 if s.lfs else None)
             for s in info.siblings or ()
         )
+        if any(not isinstance(f.size, int) or f.size < 0 for f in files):
+            raise DownloadError(f"{ref}: the repository lists a file with a negative size: refused")
+        if len({f.path for f in files}) != len(files):
+            raise DownloadError(f"{ref}: the repository lists the same file twice: refused")
         return RepoSnapshot(ref, info.sha, files)
 
     def read_json(self, repo_id: str, commit: str, path: str) -> dict[str, Any] | None:
         """A small JSON file at ``commit``; None if it is absent or not JSON."""
-        response = self._call(
-            lambda: self.session.get(self.file_url(repo_id, commit, path), headers=self.headers(),
-                                     follow_redirects=True, timeout=30),
-            f"{repo_id}/{path}",
-        )
-        if response.status_code == 404:
+        status, content = self._call(lambda: self._get_bounded(self.file_url(repo_id, commit, path), f"{repo_id}/{path}"),
+                                     f"{repo_id}/{path}")
+        if status == 404 or content is None:
             return None
-        self._check(response, f"{repo_id}/{path}")
         try:
-            data = json.loads(response.content)
-        except ValueError:
+            data = json.loads(content)
+        except (ValueError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
+
+    def _get_bounded(self, url: str, what: str) -> tuple[int, bytes | None]:
+        """GET at most MAX_JSON_BYTES; a larger answer is None (a config file is never that big)."""
+        with self.session.stream("GET", url, headers=self.headers(), follow_redirects=True, timeout=30) as response:
+            if response.status_code == 404:
+                return 404, None
+            self._check(response, what)
+            content = bytearray()
+            for chunk in response.iter_bytes(64 * 1024):
+                content += chunk
+                if len(content) > MAX_JSON_BYTES:
+                    log.warning("%s: larger than %d bytes, not read", what, MAX_JSON_BYTES)
+                    return response.status_code, None
+            return response.status_code, bytes(content)
 
     @property
     def session(self) -> Any:
@@ -296,6 +359,7 @@ def download(
     target = models_dir / ref.folder_name
     staging = models_dir / STAGING_DIR / ref.folder_name
     previous = _read_metadata(target)
+    _check_same_repo(target, staging, previous, ref)
     if previous and previous.get("commit") == snapshot.commit and _complete(target, previous, selection):
         return DownloadResult(target, snapshot.commit, (), 0, up_to_date=True)
 
@@ -307,6 +371,7 @@ def download(
     counter = _Counter(total=sum(f.size for f in needed), files_total=len(needed))
     try:
         staging.mkdir(parents=True, exist_ok=True)
+        write_atomic(staging / _OWNER_FILE, _owner(ref).encode())
     except OSError as error:
         raise DownloadError(f"cannot create {staging}: {error.strerror or error}") from None
     hashes: dict[str, str] = {}
@@ -330,8 +395,36 @@ def download(
     return DownloadResult(target, snapshot.commit, tuple(f.path for f in needed), counter.transferred, up_to_date=False)
 
 
+_OWNER_FILE = ".loadstar-repo"  # in a staging folder: which repo and branch it is assembling
+
+
+def _owner(ref: ModelRef) -> str:
+    return f"{ref.repo_id}:{ref.revision}"
+
+
+def _check_same_repo(target: Path, staging: Path, previous: dict[str, Any] | None, ref: ModelRef) -> None:
+    """Folder names are not unique (``a/b_c`` and ``a_b/c`` are both ``a_b_c``): never mix two repos."""
+    holder = None
+    if previous is not None and (previous.get("repo"), previous.get("branch")) != (ref.repo_id, ref.revision):
+        holder = f"{previous.get('repo')}:{previous.get('branch')}"
+    elif previous is None and target.exists():
+        holder = "files that Loadstar did not download"
+    else:
+        try:
+            staged = (staging / _OWNER_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            staged = None
+        if staged and staged != _owner(ref):
+            holder = f"a partial download of {staged}"
+    if holder:
+        raise DownloadError(
+            f"{target.name} already holds {holder}: {ref} would go to the same folder; "
+            f"move or delete {target} first"
+        )
+
+
 def _part_path(staging: Path, f: RemoteFile) -> Path:
-    return staging / f"{f.path}.{f.identity[:16]}.part"
+    return _inside(staging, f"{f.path}.{f.identity[:16]}.part")
 
 
 def _fetch_verified(
@@ -339,7 +432,7 @@ def _fetch_verified(
     progress: ProgressCallback | None, cancel: threading.Event,
 ) -> str:
     """Fetch one file into staging (resuming a partial), verify it, return its sha256."""
-    final = staging / f.path
+    final = _inside(staging, f.path)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.is_file() and final.stat().st_size == f.size:
         digest = _verify_whole(final, f)  # verified earlier in an interrupted run
@@ -425,6 +518,10 @@ def _stream_with_resume(
                     for chunk in response.iter_bytes(CHUNK):
                         if cancel.is_set():
                             raise DownloadCancelled(f"{snapshot.ref}: cancelled; run the same download again to resume")
+                        if have + len(chunk) > f.size:  # more than the listing declared: a lying server
+                            raise DownloadError(
+                                f"{f.path}: the server sent more than the {f.size} bytes the repository lists: refused"
+                            )
                         try:
                             out.write(chunk)
                         except OSError as error:  # disk full, read-only: retrying will not help
@@ -435,6 +532,8 @@ def _stream_with_resume(
                         counter.done += len(chunk)
                         counter.transferred += len(chunk)
                         _report(progress, counter, f, have)
+                if have < f.size:  # the body ended early without an error: count it as a failure
+                    raise _ShortBody(f"the body ended at {have} of {f.size} bytes")
         except DownloadError:
             raise
         except Exception as error:  # dropped connection, timeout: resume from what arrived
@@ -445,6 +544,10 @@ def _stream_with_resume(
             time.sleep(min(0.2 * failures, 2.0))
     _report(progress, counter, f, have, force=True)
     return sha.hexdigest() if have == f.size and _matches(f, sha, blob) else None
+
+
+class _ShortBody(Exception):
+    pass
 
 
 def _report(progress: ProgressCallback | None, counter: _Counter, f: RemoteFile, have: int, force: bool = False) -> None:
@@ -480,18 +583,22 @@ def _complete(folder: Path, metadata: dict[str, Any], selection: Selection) -> b
 def _install(staging: Path, target: Path, fetched: list[RemoteFile], selection: Selection, metadata: dict) -> None:
     """Make the verified files the model folder: a rename for a new model, file swaps for an update."""
     write_atomic(staging / METADATA_FILE, json.dumps(metadata, indent=2).encode())
+    (staging / _OWNER_FILE).unlink(missing_ok=True)
     if not target.exists():
         os.replace(staging, target)
         return
     for f in fetched:
-        destination = target / f.path
+        destination = _inside(target, f.path)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / f.path, destination)
+        os.replace(_inside(staging, f.path), destination)
     wanted = {f.path for f in selection.files}
     old = _read_metadata(target) or {"files": {}}
     for path in old["files"]:
         if path not in wanted:
-            (target / path).unlink(missing_ok=True)  # gone upstream or no longer selected
+            try:
+                _inside(target, path).unlink(missing_ok=True)  # gone upstream or no longer selected
+            except DownloadError:
+                log.warning("not removing %r: not a plain path inside %s", path, target)
     os.replace(staging / METADATA_FILE, target / METADATA_FILE)
     shutil.rmtree(staging, ignore_errors=True)
 
