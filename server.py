@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--no-api", action="store_true", help="serve the web UI only")
     api.add_argument("--cors-origin", metavar="ORIGIN", action="append", default=[],
                      help="allow browser pages from this origin to call the API (may be repeated; none by default)")
+    api.add_argument("--remote-key-env", metavar="VAR", action="append", default=[],
+                     help="let a remote.json (remote_engine) send the key held in this environment variable "
+                          "(may be repeated; none by default, so no variable of this process leaves it)")
     api.add_argument("--queue-timeout", metavar="SECONDS", type=float, default=300.0,
                      help="how long an API request may wait for the model before a timeout error (default: %(default)s)")
     api.add_argument("--api-max-tokens", metavar="N", type=int, default=1024,
@@ -126,6 +129,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             api_max_tokens=args.api_max_tokens,
             hub_endpoint=environ.get(HUB_ENDPOINT_ENV, DEFAULT_HUB),
             hub_token=environ.get(HUB_TOKEN_ENV) or None,
+            remote_keys=tuple((name, environ[name]) for name in dict.fromkeys(args.remote_key_env) if environ.get(name)),
             third_party_plugins=environ.get(NO_THIRD_PARTY_ENV, "") not in ("1", "true", "yes"),
             extensions=None if args.extensions is None else tuple(
                 name.strip() for name in args.extensions.split(",") if name.strip()
@@ -156,6 +160,17 @@ def set_library_environment(environ: dict[str, str]) -> None:
     environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def use_private_upload_folder(data_dir: Path) -> None:
+    """Gradio's uploads and cached outputs go to ``<data dir>/tmp`` (0700), not a world-readable /tmp folder."""
+    from engine.atomic import private_folder
+
+    try:
+        folder = private_folder(data_dir.resolve(), "tmp")
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot use --data-dir {data_dir}: {error}") from None
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(folder))
 
 
 def list_plugins(settings) -> int:
@@ -201,6 +216,7 @@ def run(argv: list[str]) -> int:
         except LoadstarError as error:
             logging.getLogger("loadstar").warning("%s", error)
     check_port_free(settings.host, settings.port)
+    use_private_upload_folder(settings.data_dir)
 
     from engine.engine import Engine
 

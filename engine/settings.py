@@ -33,6 +33,10 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest API request body.")
     hub_endpoint: str = Field("https://huggingface.co", description="The Hugging Face Hub (HF_ENDPOINT).")
     hub_token: str | None = Field(None, repr=False, description="Token for gated/private repos (HF_TOKEN); never logged.")
+    remote_keys: tuple[tuple[str, str], ...] = Field(
+        (), repr=False,
+        description="(variable, value) of the environment variables the operator lets remote.json name as api_key_env.",
+    )
     third_party_plugins: bool = Field(True, description="Load plugins from other packages (off = only built-ins).")
     extensions: tuple[str, ...] | None = Field(
         None, description="Turn on exactly these optional extensions and plugins (remembered); None = as last time."

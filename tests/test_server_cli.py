@@ -101,9 +101,9 @@ def test_unknown_extension_is_a_one_line_error(tmp_path):
 
 def test_list_plugins_shows_extensions_and_remembers_the_extensions_flag(tmp_path):
     listed = run_server("--list-plugins", "--data-dir", str(tmp_path))
-    assert "remote_engine" in listed.stdout and "(extensions/remote_engine): generate, register_loaders [on]" in listed.stdout
+    assert "remote_engine" in listed.stdout and "(extensions/remote_engine): configure, generate, register_loaders [on]" in listed.stdout
     assert "(extensions/example): configure, generate, modify_reply" in listed.stdout and "[off]" in listed.stdout
     (tmp_path / "settings.json").write_text('{"extensions": {"example": true, "remote_engine": false}}')
     listed = run_server("--list-plugins", "--data-dir", str(tmp_path))
     assert "render_prompt, webui_contribution [on]" in listed.stdout
-    assert "(extensions/remote_engine): generate, register_loaders [off]" in listed.stdout
+    assert "(extensions/remote_engine): configure, generate, register_loaders [off]" in listed.stdout

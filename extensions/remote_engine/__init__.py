@@ -8,8 +8,12 @@ weights here. A model folder holding ``remote.json`` is such a model::
 
 Chats go to ``/chat/completions`` as messages (the server applies its own chat template); raw
 prompts (the Notebook) go to ``/completions``. Replies stream; Stop closes the stream, which makes
-the server cancel its generation. The key is read from the named environment variable (or
-``api_key``, for a folder only you can read) and never logged.
+the server cancel its generation.
+
+Trust: ``remote.json`` is the operator's file. A folder that came from a download never loads
+through this loader (downloads never write ``remote.json`` either), and ``api_key_env`` may only
+name a variable that the operator allowed with ``--remote-key-env VAR``: a model folder cannot send
+the server's own secrets (``HF_TOKEN``, the API keys) anywhere. Keys are never logged.
 
 Hooks: ``register_loaders`` (the "Remote (OpenAI API)" loader) and ``generate`` (sends chats as
 messages instead of a prompt rendered here).
@@ -18,10 +22,9 @@ messages instead of a prompt rendered here).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -59,9 +62,15 @@ class RemoteConfig(BaseModel):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
-    def key(self) -> str | None:
+    def key(self, allowed: Mapping[str, str]) -> str | None:
+        """The key to send: ``api_key``, or the value of ``api_key_env`` if the operator allowed it."""
         if self.api_key_env:
-            return os.environ.get(self.api_key_env) or None
+            if self.api_key_env not in allowed:
+                raise ModelLoadError(
+                    f"{CONFIG_FILE} asks for the key in ${self.api_key_env}, which the operator has not allowed "
+                    f"(start the server with --remote-key-env {self.api_key_env})"
+                )
+            return allowed[self.api_key_env] or None
         return self.api_key
 
 
@@ -84,10 +93,11 @@ class RemoteModel:
     chat_template = None  # chats are sent as messages: the server renders them
     special_tokens: dict[str, str] = {}
 
-    def __init__(self, info: LoadedModelInfo, config: RemoteConfig, client: Any) -> None:
+    def __init__(self, info: LoadedModelInfo, config: RemoteConfig, client: Any, key: str | None) -> None:
         self.info = info
         self.config = config
         self._client = client
+        self._key = key
         self.supported_params = SUPPORTED | EXTRA if config.extra_params else SUPPORTED
 
     def count_tokens(self, text: str) -> int:
@@ -107,7 +117,7 @@ class RemoteModel:
         }
         if self.config.extra_params:
             payload.update({name: getattr(params, name) for name in sorted(EXTRA)})
-        headers = {"Authorization": f"Bearer {key}"} if (key := self.config.key()) else {}
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         lines: queue.Queue[Any] = queue.Queue()
         holder: dict[str, Any] = {}
 
@@ -183,9 +193,15 @@ def _error_text(response: Any) -> str:
     return f"HTTP {response.status_code}: {message or response.text[:200]}"
 
 
+DOWNLOAD_RECORD = "loadstar-download.json"  # engine.downloads.METADATA_FILE: the folder came from a Hub
+
+
 class RemoteLoader:
     name = LOADER_NAME
     Options = RemoteOptions
+
+    def __init__(self, allowed_keys: Callable[[], Mapping[str, str]]) -> None:
+        self._allowed_keys = allowed_keys
 
     def availability(self) -> Availability:
         return Availability(True, "httpx (no local weights)")
@@ -193,6 +209,8 @@ class RemoteLoader:
     def assess(self, folder: Any) -> Assessment:
         if not (folder.path / CONFIG_FILE).is_file():
             return Assessment(False, f"no {CONFIG_FILE}")
+        if (folder.path / DOWNLOAD_RECORD).exists():
+            return Assessment(False, f"{CONFIG_FILE} in a downloaded folder is ignored: only the operator sets up remote models")
         try:
             config = read_config(folder.path)
         except ModelLoadError as error:
@@ -202,9 +220,13 @@ class RemoteLoader:
     def load(self, folder: Any, options: BaseModel) -> RemoteModel:
         import httpx
 
+        verdict = self.assess(folder)
+        if not verdict.can_load:
+            raise ModelLoadError(verdict.reason)
         config = read_config(folder.path)
-        client = httpx.Client()
-        headers = {"Authorization": f"Bearer {key}"} if (key := config.key()) else {}
+        key = config.key(self._allowed_keys())
+        client = httpx.Client(trust_env=False)  # no proxy or netrc credentials of this process
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
             response = client.get(config.base_url + "/models", headers=headers, timeout=min(config.timeout, 30))
         except httpx.HTTPError as error:
@@ -220,22 +242,37 @@ class RemoteLoader:
         info = LoadedModelInfo(name=folder.name, loader=self.name, device=urlsplit(config.base_url).netloc,
                                dtype="remote", context_length=config.context_length,
                                details=f"{config.model} at {config.base_url}")
-        return RemoteModel(info, config, client)
+        return RemoteModel(info, config, client, key)
 
 
-@hookimpl
-def register_loaders(register: Callable[[Any], None]) -> None:
-    register(RemoteLoader())
+class RemoteEngine:
+    """The plugin: one per host, holding the keys the operator allowed (from ``configure``)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, str] = {}
+
+    @hookimpl
+    def configure(self, settings: Any) -> None:
+        self._keys = dict(getattr(settings, "remote_keys", ()) or ())
+
+    @hookimpl
+    def register_loaders(self, register: Callable[[Any], None]) -> None:
+        register(RemoteLoader(lambda: self._keys))
+
+    @hookimpl
+    def generate(
+        self, request: Any, model: Any, cancel: CancelToken, emit: Callable[[StreamPiece], None], seed: int
+    ) -> bool | None:
+        """Chats for a remote model go as messages; everything else is left to the engine."""
+        if not isinstance(model, RemoteModel) or request.prompt is not None:
+            return None
+        messages = [m.as_dict() for m in request.messages]
+        if request.continue_last:
+            return None  # OpenAI chat cannot continue a reply: the rendered prompt goes to /completions
+        for piece in model.stream_chat(messages, request.params, cancel, seed=seed):
+            emit(piece)
+        return True
 
 
-@hookimpl
-def generate(request: Any, model: Any, cancel: CancelToken, emit: Callable[[StreamPiece], None], seed: int) -> bool | None:
-    """Chats for a remote model go as messages; everything else is left to the engine."""
-    if not isinstance(model, RemoteModel) or request.prompt is not None:
-        return None
-    messages = [m.as_dict() for m in request.messages]
-    if request.continue_last:
-        return None  # OpenAI chat cannot continue a reply: the rendered prompt goes to /completions
-    for piece in model.stream_chat(messages, request.params, cancel, seed=seed):
-        emit(piece)
-    return True
+def create_plugin() -> RemoteEngine:
+    return RemoteEngine()
