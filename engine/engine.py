@@ -124,7 +124,17 @@ class Engine:
         log.info("loading %s at start (%s)", choice.model, choice.why)
         saved = self.saved_choice(choice.model)
         options = saved.options if saved is not None and choice.loader in (None, saved.loader) else None
-        return self.models.load(choice.model, choice.loader or (saved.loader if saved else None), options)
+        loader = choice.loader or (saved.loader if saved else None)
+        try:
+            return self.models.load(choice.model, loader, options)
+        except LoadstarError as error:
+            remembered = (options or (loader and not self.settings.loader)) and saved is not None
+            if not remembered:
+                raise
+            raise type(error)(
+                f"{error} (loader and options remembered for {choice.model} in {self.remembered.path}: "
+                f"start with --loader NAME, or remove its entry from that file)"
+            ) from None
 
     # -- prompts and parameters ----------------------------------------------------------------
 
@@ -177,9 +187,9 @@ class Engine:
         folder = self.models.loaded_folder
         return SamplingParams.model_validate(generation_config_defaults(folder.path) if folder else {})
 
-    def preset_params(self, name: str) -> SamplingParams:
+    def preset_params(self, name: str, user: str | None = None) -> SamplingParams:
         """The model's defaults with preset ``name`` on top."""
-        return self.default_params().model_copy(update=self.presets.values(name))
+        return self.default_params().model_copy(update=self.presets.for_user(user).values(name))
 
     # -- extensions ----------------------------------------------------------------------------
 
@@ -223,3 +233,4 @@ class Engine:
         except LoadstarError:
             pass
         self.models.model_thread.stop()
+        self.pipeline.close()

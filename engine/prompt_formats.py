@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError
+from engine.template_sandbox import TemplateRaised, TemplateRenderer
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
 AUTO = "auto"
@@ -191,15 +190,17 @@ def render(
     messages: Sequence[ChatMessage],
     special_tokens: Mapping[str, str],
     *,
+    renderer: TemplateRenderer,
     add_generation_prompt: bool = True,
 ) -> RenderedPrompt:
     """Render ``messages``; when the template refuses an empty system message, supply a default one.
 
     Named formats see ``system`` (the system message's text) and ``turns`` (the other messages);
     every template also sees ``messages`` and the model's special tokens, as in transformers.
+    ``renderer`` bounds the time and memory a template may use (see engine.template_sandbox).
     """
     try:
-        return RenderedPrompt(_render(fmt, messages, special_tokens, add_generation_prompt), fmt.name)
+        return RenderedPrompt(_render(fmt, messages, special_tokens, add_generation_prompt, renderer), fmt.name)
     except TemplateRaised as refusal:
         has_system = any(m.role == "system" and m.content.strip() for m in messages)
         if has_system or "system" not in str(refusal).lower():
@@ -207,21 +208,16 @@ def render(
     default = fmt.default_system or DEFAULT_SYSTEM_MESSAGE
     with_system = [ChatMessage(role="system", content=default), *(m for m in messages if m.role != "system")]
     try:
-        text = _render(fmt, with_system, special_tokens, add_generation_prompt)
+        text = _render(fmt, with_system, special_tokens, add_generation_prompt, renderer)
     except TemplateRaised as refusal:
         raise BadRequestError(f"the {fmt.name} prompt format refused this conversation: {refusal}") from None
     return RenderedPrompt(text, fmt.name, system_supplied=default)
 
 
-class TemplateRaised(Exception):
-    """A template called ``raise_exception`` (its way of refusing a conversation)."""
-
-
 def _render(
-    fmt: PromptFormat, messages: Sequence[ChatMessage], special_tokens: Mapping[str, str], add_generation_prompt: bool
+    fmt: PromptFormat, messages: Sequence[ChatMessage], special_tokens: Mapping[str, str], add_generation_prompt: bool,
+    renderer: TemplateRenderer,
 ) -> str:
-    from jinja2 import TemplateError
-
     messages = [m for m in messages if m.role != "system" or m.content.strip()]  # a blank system message is none
     systems = [m.content for m in messages if m.role == "system"]
     system = "\n".join(systems) if systems else (fmt.default_system or "")
@@ -236,24 +232,4 @@ def _render(
     }
     for name in ("bos_token", "eos_token"):
         variables.setdefault(name, "")
-    try:
-        return _compiled(fmt.template).render(**variables)
-    except TemplateRaised:
-        raise
-    except TemplateError as error:
-        raise BadRequestError(f"the {fmt.name} prompt format could not be rendered: {error}") from None
-
-
-@lru_cache(maxsize=32)
-def _compiled(template: str) -> Any:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateRaised(message)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    return env.from_string(template)
+    return renderer.render(fmt.template, variables, fmt.name)

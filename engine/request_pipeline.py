@@ -23,6 +23,7 @@ from engine.loader_api import CancelToken, LoadedModel, StreamPiece
 from engine.plugins import PluginHost
 from engine.prompt_formats import ChosenFormat, choose_format, render
 from engine.sampling import ALL_PARAMS, SamplingParams, ignored_params, prompt_budget
+from engine.template_sandbox import TemplateRenderer
 
 if TYPE_CHECKING:
     from engine.generation import GenerationRequest
@@ -47,9 +48,16 @@ def default_format(model: LoadedModel) -> ChosenFormat:
 
 
 class RequestPipeline:
-    def __init__(self, plugins: PluginHost | None = None, choose: FormatChooser = default_format) -> None:
+    def __init__(
+        self, plugins: PluginHost | None = None, choose: FormatChooser = default_format,
+        renderer: TemplateRenderer | None = None,
+    ) -> None:
         self._plugins = plugins
         self._choose = choose
+        self.renderer = renderer or TemplateRenderer()
+
+    def close(self) -> None:
+        self.renderer.close()
 
     def prepare(self, model: LoadedModel, request: "GenerationRequest", notices: list[str]) -> PreparedRequest:
         draft = RequestDraft(
@@ -97,7 +105,7 @@ class RequestPipeline:
             )
             if answer is not None:
                 return answer + tail, "an extension's"
-        rendered = render(chosen.format, messages, special, add_generation_prompt=True)
+        rendered = render(chosen.format, messages, special, renderer=self.renderer, add_generation_prompt=True)
         if rendered.notice:
             notices.append(rendered.notice)
         return rendered.text + tail, chosen.format.name

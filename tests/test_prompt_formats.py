@@ -4,11 +4,14 @@ import pytest
 
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError
+from engine.template_sandbox import TemplateRenderer
 from engine.prompt_formats import (
     COMPLETION, DEFAULT_SYSTEM_MESSAGE, NAMED_FORMATS, choose_format, guess_format, own_format, render,
 )
 
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
+RENDERER = TemplateRenderer()  # one child process for this module
+
 CHAT = [
     ChatMessage(role="user", content="Hi"),
     ChatMessage(role="assistant", content="Hello!"),
@@ -18,7 +21,7 @@ SYSTEM = ChatMessage(role="system", content="Be brief.")
 
 
 def text(name, messages, **kwargs):
-    return render(NAMED_FORMATS[name], messages, TOKENS, **kwargs).text
+    return render(NAMED_FORMATS[name], messages, TOKENS, renderer=RENDERER, **kwargs).text
 
 
 def test_zephyr():
@@ -39,7 +42,7 @@ def test_chatml_with_a_system_message():
 @pytest.mark.parametrize("system", [None, "", "   "])
 def test_chatml_with_an_empty_system_message_gets_the_default_and_says_so(system):
     messages = CHAT if system is None else [ChatMessage(role="system", content=system), *CHAT]
-    rendered = render(NAMED_FORMATS["ChatML"], messages, TOKENS)
+    rendered = render(NAMED_FORMATS["ChatML"], messages, TOKENS, renderer=RENDERER)
     assert rendered.text.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_MESSAGE}<|im_end|>\n<|im_start|>user\nHi")
     assert rendered.system_supplied == DEFAULT_SYSTEM_MESSAGE
     assert rendered.notice == f'ChatML needs a system message: used "{DEFAULT_SYSTEM_MESSAGE}"'
@@ -48,14 +51,14 @@ def test_chatml_with_an_empty_system_message_gets_the_default_and_says_so(system
 def test_a_model_template_that_refuses_an_empty_system_message_gets_the_default():
     template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('System Prompt must not be empty!') }}"
                 "{% endif %}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
-    rendered = render(own_format(template, "tokenizer_config.json"), CHAT[:1], TOKENS)
+    rendered = render(own_format(template, "tokenizer_config.json"), CHAT[:1], TOKENS, renderer=RENDERER)
     assert rendered.text == f"[system] {DEFAULT_SYSTEM_MESSAGE}\n[user] Hi\n" and rendered.system_supplied
 
 
 def test_a_template_refusal_not_about_the_system_message_is_a_clear_error():
     template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     with pytest.raises(BadRequestError, match="refused this conversation: Conversation roles must alternate"):
-        render(own_format(template, None), CHAT, TOKENS)
+        render(own_format(template, None), CHAT, TOKENS, renderer=RENDERER)
 
 
 def test_vicuna_v1_1():
@@ -125,7 +128,7 @@ def test_own_template_wins_and_a_pin_wins_over_it(tmp_path):
 def test_templates_run_in_a_sandbox():
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(BadRequestError, match="could not be rendered"):
-        render(own_format(evil, None), CHAT, TOKENS)
+        render(own_format(evil, None), CHAT, TOKENS, renderer=RENDERER)
     mutate = "{% set x = messages.append(1) %}{{ messages|length }}"
     with pytest.raises(BadRequestError, match="could not be rendered"):
-        render(own_format(mutate, None), CHAT, TOKENS)
+        render(own_format(mutate, None), CHAT, TOKENS, renderer=RENDERER)
