@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -42,6 +43,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
         return error_response(error.status_code, str(error.detail), kinds.get(error.status_code, "server_error"))
+
+    @app.exception_handler(ValidationError)
+    async def invalid_value(request: Request, error: ValidationError) -> JSONResponse:
+        # A value the endpoint's own models refuse (e.g. a message that is not valid Unicode).
+        problem = error.errors()[0]
+        where = ".".join(str(p) for p in problem.get("loc", ()))
+        message = str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
+        return error_response(400, f"{where}: {message}" if where else message, "invalid_request_error",
+                              param=where or None)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, error: RecursionError) -> JSONResponse:
+        return error_response(400, "the request body is nested too deeply", "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -6,11 +6,13 @@ import os
 import tempfile
 from pathlib import Path
 
+TEMP_SUFFIX = ".tmp"
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a synced temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)  # mode 0600
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -25,3 +27,50 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+
+def remove_stale_temps(folder: Path, older_than: float = 60.0) -> int:
+    """Delete temporary files that ``write_atomic`` left behind when its process was killed mid-save."""
+    import time
+
+    removed = 0
+    now = time.time()
+    try:
+        candidates = list(folder.glob(f".*{TEMP_SUFFIX}"))
+    except OSError:
+        return 0
+    for path in candidates:
+        try:
+            if path.is_file() and not path.is_symlink() and now - path.stat().st_mtime > older_than:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def login_folder_name(user: str | None) -> str:
+    """The folder name for a login's own files (``local`` without logins); never a path."""
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user or "local")[:64].lstrip(".")
+    return safe or "local"
+
+
+def private_folder(root: Path, *parts: str) -> Path:
+    """``root/parts…``, created 0700, refused if any part is a symlink (nothing is written elsewhere)."""
+    folder = root
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\\" in part:
+            raise ValueError(f"not a plain folder name: {part!r}")
+        folder = folder / part
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        if folder.is_symlink() or not folder.is_dir():
+            raise OSError(f"{folder} is a link or not a folder: refused")
+        os.chmod(folder, 0o700)
+    return folder

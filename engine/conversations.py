@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.atomic import write_atomic
+from engine.atomic import login_folder_name, private_folder, remove_stale_temps, write_atomic
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError
 
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 FORMAT = "loadstar-conversation/1"
 MAX_IMPORT_BYTES = 20 * 1024 * 1024
 _ID = re.compile(r"^[0-9a-f]{16}$")
-_USER = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 class Conversation(BaseModel):
@@ -38,8 +37,8 @@ class Conversation(BaseModel):
     title: str = Field("New chat", max_length=200)
     system: str = Field("", max_length=100_000, description="The system message; empty = the format's default.")
     messages: list[ChatMessage] = Field(default_factory=list, max_length=100_000)
-    created: float = Field(default_factory=time.time)
-    updated: float = Field(default_factory=time.time)
+    created: float = Field(default_factory=time.time, allow_inf_nan=False)
+    updated: float = Field(default_factory=time.time, allow_inf_nan=False)
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
         """What the model sees: the system message (when set) and the turns."""
@@ -68,12 +67,30 @@ def title_from(text: str) -> str:
 
 
 class ConversationStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, exports: Path | None = None) -> None:
         self.root = root
+        self.exports = exports or root.parent / "exports"
+        self._cleaned: set[str] = set()
 
     def folder(self, user: str | None) -> Path:
-        safe = _USER.sub("_", user or "local")[:64] or "local"
-        return self.root / safe
+        name = login_folder_name(user)
+        folder = self.root / name
+        if name not in self._cleaned:  # saves killed mid-write leave hidden temp files: once per login
+            self._cleaned.add(name)
+            removed = remove_stale_temps(folder)
+            if removed:
+                log.info("removed %d temporary files of interrupted saves in %s", removed, folder)
+        return folder
+
+    def export_file(self, user: str | None, conversation: Conversation) -> Path:
+        """The conversation as JSON in the login's own exports folder (0700/0600), replacing the last export."""
+        folder = private_folder(self.exports, login_folder_name(user), conversation.id)
+        for old in folder.glob("*.json"):
+            old.unlink()
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in conversation.title)[:40] or "chat"
+        path = folder / f"{safe}.json"
+        write_atomic(path, conversation.model_dump_json(indent=1).encode("utf-8"))
+        return path
 
     def summaries(self, user: str | None) -> list[ConversationSummary]:
         """The user's conversations, most recently updated first (unreadable files are skipped)."""

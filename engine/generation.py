@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Protocol, Union
 
-from engine.chat import ChatMessage
+from engine.chat import ChatMessage, check_text
 from engine.errors import BadRequestError, one_line
 from engine.extension_api import ReplyDraft
 from engine.loader_api import CancelToken, LoadedModel, StreamPiece
@@ -56,6 +56,8 @@ class GenerationRequest:
             raise BadRequestError("there is no reply to continue")
         if self.prompt is not None and not self.prompt:
             raise BadRequestError("the prompt is empty")
+        for text in (self.prompt or "", *self.stop):
+            check_text(text)
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
             raise BadRequestError(
                 f"stop strings: at most {MAX_STOP_STRINGS}, each 1 to {MAX_STOP_LENGTH} characters"

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from engine.atomic import write_atomic
+from engine.atomic import login_folder_name, write_atomic
 from engine.errors import BadRequestError
 from engine.sampling import SamplingParams
 
@@ -38,6 +38,12 @@ class PresetStore:
         self.user_dir = user_dir
         self.builtin_dir = builtin_dir
 
+    def for_user(self, user: str | None) -> "PresetStore":
+        """The presets of one login (``user_dir/<login>/``); without logins, ``user_dir`` itself."""
+        if user is None:
+            return self
+        return PresetStore(self.user_dir / login_folder_name(user), self.builtin_dir)
+
     def names(self) -> list[str]:
         """Built-in presets first, then the user's, each sorted."""
         return [*sorted(self._files(self.builtin_dir)), *sorted(self._files(self.user_dir))]
@@ -55,7 +61,7 @@ class PresetStore:
             if len(raw) > MAX_PRESET_BYTES:
                 raise BadRequestError(f"preset '{name}' is larger than {MAX_PRESET_BYTES // 1024} KiB")
             data = yaml.safe_load(raw.decode("utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as error:
             raise BadRequestError(f"preset '{name}' cannot be read: {str(error).splitlines()[0]}") from None
         return validated_values(data, f"preset '{name}'")
 
@@ -112,7 +118,7 @@ def generation_config_defaults(folder: Path) -> dict[str, Any]:
         config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         log.warning("ignoring unreadable generation_config.json in %s: %s", folder, error)
         return {}
     if not isinstance(config, dict):

@@ -17,13 +17,17 @@ SEED_MAX = 2**32 - 1
 CONTEXT_MAX = 1_048_576
 
 
+MIN_TEMPERATURE = 1e-3
+
+
 class SamplingParams(BaseModel):
     """How to pick tokens. ``temperature == 0`` means greedy decoding."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     temperature: float = Field(
-        0.7, ge=0.0, le=5.0, description="Randomness; 0 picks the most likely token every time (greedy)."
+        0.7, ge=0.0, le=5.0,
+        description=f"Randomness; 0 (or below {MIN_TEMPERATURE}) picks the most likely token every time (greedy).",
     )
     top_p: float = Field(
         0.9, ge=0.0, le=1.0, description="Sample only from the smallest set of tokens whose probability adds up to this."
@@ -58,7 +62,8 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Dividing logits by a temperature near 0 overflows to inf/nan: such values mean greedy.
+        return self.temperature < MIN_TEMPERATURE
 
     def changed(self) -> dict[str, Any]:
         """The fields that differ from their defaults (what a preset stores, what a loader must honour)."""

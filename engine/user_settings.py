@@ -46,7 +46,7 @@ class UserSettingsStore:
             return UserSettings.model_validate(json.loads(self.path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             return UserSettings()
-        except (OSError, ValueError, ValidationError) as error:
+        except (OSError, ValueError, ValidationError, RecursionError) as error:
             # A damaged file must not stop the app; say so and start from defaults.
             log.warning("ignoring unreadable %s: %s", self.path, error.__class__.__name__)
             return UserSettings()

@@ -7,6 +7,7 @@ transformers are imported inside methods only.
 from __future__ import annotations
 
 import gc
+import logging
 import queue
 import threading
 from typing import Any, Callable, Iterator
@@ -15,7 +16,12 @@ from engine.loader_api import CancelToken, LoadedModelInfo, StreamPiece
 from engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
 from loaders.tokenizer_facts import TokenizerPrompts
 
+log = logging.getLogger(__name__)
+
 _DONE = object()
+
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass before generation; Stop is checked between them
 
 
 class HFCausalLM(TokenizerPrompts):
@@ -71,9 +77,42 @@ class HFCausalLM(TokenizerPrompts):
                 do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 min_p=params.min_p or None, typical_p=params.typical_p if params.typical_p < 1.0 else None,
             )
+        past = self._prefill(input_ids, cancel)
+        if cancel.cancelled:
+            return
+        if past is not None:
+            kwargs["past_key_values"] = past
         torch.manual_seed(seed)
         with torch.inference_mode():
             self.model.generate(**kwargs)
+
+    def _prefill(self, input_ids: Any, cancel: CancelToken) -> Any:
+        """A long prompt is read in chunks, Stop (or a client gone) checked between them.
+
+        Returns the KV cache of all but the last prompt token (``generate`` reads that one), or None
+        for a short prompt or a model whose forward pass does not take a cache.
+        """
+        import torch
+
+        length = input_ids.shape[1]
+        if length <= PREFILL_CHUNK:
+            return None
+        from transformers import DynamicCache
+
+        config = getattr(self.model, "config", None)
+        cache = DynamicCache(config=config)
+        try:
+            with torch.inference_mode():
+                for start in range(0, length - 1, PREFILL_CHUNK):
+                    if cancel.cancelled:
+                        return cache
+                    end = min(start + PREFILL_CHUNK, length - 1)
+                    self.model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True,
+                               cache_position=torch.arange(start, end, device=input_ids.device))
+        except (TypeError, ValueError, NotImplementedError) as error:
+            log.warning("chunked prefill unavailable for this model (%s): reading the prompt at once", error)
+            return None
+        return cache
 
     def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
         """The generator form of ``stream_to`` (generation runs on a helper thread)."""
@@ -202,7 +241,8 @@ class _PieceStreamer:
 
     def end(self) -> None:
         text = self._tokenizer.decode(self._cache, skip_special_tokens=self._skip_special) if self._cache else ""
-        piece = text[self._printed :]
+        # Cut short (max_new_tokens, Stop) inside a multi-byte character: drop the unfinished one.
+        piece = text[self._printed :].rstrip("\ufffd")
         if piece or self._pending_tokens:
             self._emit(StreamPiece(piece, self._pending_tokens))
         self._cache, self._printed, self._pending_tokens = [], 0, 0

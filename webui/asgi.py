@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import gradio as gr
 from fastapi import FastAPI
+from starlette.routing import Mount
 
+from api.host_guard import HostGuard
 from engine.engine import Engine
+from webui.session_binding import SessionBinding
 from webui.ui import build_ui
+
+MAX_UPLOAD = "20mb"  # the largest file a page may upload (a conversation import is at most 20 MiB)
 
 
 def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
-    auth = list(engine.settings.auth) or None
+    settings = engine.settings
+    auth = list(settings.auth) or None
     demo = build_ui(engine)
     demo.queue(default_concurrency_limit=1)
-    return gr.mount_gradio_app(
+    app = gr.mount_gradio_app(
         app,
         demo,
         path="/",
@@ -22,7 +28,23 @@ def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
         show_error=False,
         ssr_mode=False,
         mcp_server=False,
-        server_name=engine.settings.host,
-        server_port=engine.settings.port,
+        server_name=settings.host,
+        server_port=settings.port,
         footer_links=[],
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(engine.conversations.exports.resolve())],
     )
+    # Gradio checks that a file input was really uploaded only once it believes it has launched;
+    # mounted, it never does, so a client could name any server path as "its" upload.
+    demo.has_launched = True
+    if auth:
+        gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and hasattr(r.app, "tokens"))
+        app.add_middleware(SessionBinding, user_of=lambda cookies: _login(gradio_app, cookies))
+    app.add_middleware(HostGuard, loopback_only=settings.is_loopback, cors_origins=settings.cors_origins)
+    return app
+
+
+def _login(gradio_app: object, cookies: dict[str, str]) -> str | None:
+    cookie_id = getattr(gradio_app, "cookie_id", "")
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+    return getattr(gradio_app, "tokens", {}).get(token) if token else None

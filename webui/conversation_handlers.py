@@ -6,15 +6,14 @@ dropdown are ``(label, id)`` pairs, newest first.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from engine.conversations import Conversation
 from engine.engine import Engine
-from engine.errors import LoadstarError
+from engine.errors import LoadstarError, one_line
 from webui.chat_handlers import State, chat_messages, new_state
+from webui.uploads import uploaded_file
 
 
 class ConversationHandlers:
@@ -66,16 +65,10 @@ class ConversationHandlers:
         """A JSON file of the open conversation, for the browser to download."""
         if not chat_messages(state):
             return None, "Nothing to export yet."
-        conversation = Conversation.model_validate(state)
-        data = conversation.model_dump_json(indent=1).encode("utf-8")
-        # One folder per conversation, overwritten by the next export: exports never pile up.
-        folder = Path(tempfile.gettempdir()) / "loadstar-exports" / conversation.id
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.json"):
-            old.unlink()
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in conversation.title)[:40] or "chat"
-        path = folder / f"{safe}.json"
-        path.write_bytes(data)
+        try:
+            path = self.store.export_file(user, Conversation.model_validate(state))
+        except (OSError, ValueError) as error:
+            return None, f"⚠️ cannot export: {one_line(error)}"
         return str(path), "Exported."
 
     def import_(self, user: str | None, file: Any) -> tuple[State | None, str]:
@@ -83,6 +76,6 @@ class ConversationHandlers:
         if not path:
             return None, ""
         try:
-            return self.store.import_file(user, Path(path)).model_dump(), "Imported as a new conversation."
+            return self.store.import_file(user, uploaded_file(path)).model_dump(), "Imported as a new conversation."
         except LoadstarError as error:
             return None, f"⚠️ {error}"

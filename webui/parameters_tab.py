@@ -41,10 +41,15 @@ def _control(spec: Any) -> Any:
     return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, value=spec.default, **common)
 
 
+def login(request: gr.Request | None) -> str | None:
+    """The signed-in login (None without logins): whose presets these are."""
+    return getattr(request, "username", None) if request is not None else None
+
+
 def build_parameters_tab(engine: Engine) -> ParameterControls:
     presets = PresetHandlers(engine)
     with gr.Row():
-        preset = gr.Dropdown(presets.names(), value=MODEL_DEFAULTS, label="Preset", elem_id="preset-choice", scale=3)
+        preset = gr.Dropdown(presets.names(None), value=MODEL_DEFAULTS, label="Preset", elem_id="preset-choice", scale=3)
         load = gr.Button("Load preset", elem_id="preset-load", scale=1)
         delete = gr.Button("Delete preset", elem_id="preset-delete", scale=1)
     with gr.Row():
@@ -65,18 +70,21 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
                        info=r"One per line; \n means a line break. The reply ends before the first one.")
     parameters = ParameterControls(controls, stops)
 
-    def load_preset(chosen):
-        values, status = presets.load(chosen)
+    def load_preset(chosen, request: gr.Request):
+        values, status = presets.load(login(request), chosen)
         return [*(gr.update() if v is None else v for v in values), status]
 
-    def save_preset(data):
+    def save_preset(data, request: gr.Request):
         values, _ = parameters.read(data)
-        status = presets.save(data[name], values)
-        return status, gr.update(choices=presets.names(), value=data[name] if status.startswith("Saved") else data[preset])
+        user = login(request)
+        status = presets.save(user, data[name], values)
+        chosen = data[name] if status.startswith("Saved") else data[preset]
+        return status, gr.update(choices=presets.names(user), value=chosen)
 
-    def delete_preset(chosen):
-        status = presets.delete(chosen)
-        return status, gr.update(choices=presets.names(), value=MODEL_DEFAULTS if status.startswith("Deleted") else chosen)
+    def delete_preset(chosen, request: gr.Request):
+        user = login(request)
+        status = presets.delete(user, chosen)
+        return status, gr.update(choices=presets.names(user), value=MODEL_DEFAULTS if status.startswith("Deleted") else chosen)
 
     def describe_format():
         chosen = engine.loaded_prompt_format()
@@ -93,15 +101,17 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
             return gr.update(), f"⚠️ {error}"
         return describe_format()
 
-    def page_opened():
-        values, _ = presets.load(MODEL_DEFAULTS)  # the loaded model's generation_config defaults
+    def page_opened(request: gr.Request):
+        user = login(request)
+        values, _ = presets.load(user, MODEL_DEFAULTS)  # the loaded model's generation_config defaults
         labels = presets.labels()
-        return [*(gr.update(value=v, label=label) for v, label in zip(values, labels)), *describe_format()]
+        return [*(gr.update(value=v, label=label) for v, label in zip(values, labels)), *describe_format(),
+                gr.update(choices=presets.names(user))]
 
     load.click(load_preset, preset, [*controls, preset_status])
     save.click(save_preset, {name, preset, *parameters.inputs}, [preset_status, preset])
     delete.click(delete_preset, preset, [preset_status, preset])
     fmt.input(pick_format, fmt, [fmt, fmt_status])
     parameters.refresh = page_opened
-    parameters.refresh_outputs = [*controls, fmt, fmt_status]
+    parameters.refresh_outputs = [*controls, fmt, fmt_status, preset]
     return parameters

@@ -18,32 +18,35 @@ class PresetHandlers:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def names(self) -> list[str]:
-        return [MODEL_DEFAULTS, *self.engine.presets.names()]
+    def names(self, user: str | None) -> list[str]:
+        return [MODEL_DEFAULTS, *self.engine.presets.for_user(user).names()]
 
-    def load(self, name: str) -> tuple[list[Any], str]:
+    def load(self, user: str | None, name: str) -> tuple[list[Any], str]:
         """The control values for preset ``name`` (model defaults underneath), in spec order."""
         try:
-            params = self.engine.default_params() if name in (None, MODEL_DEFAULTS) else self.engine.preset_params(name)
+            if name in (None, MODEL_DEFAULTS):
+                params = self.engine.default_params()
+            else:
+                params = self.engine.preset_params(name, user)
         except LoadstarError as error:
             return [None] * len(parameter_specs()), f"⚠️ {error}"
         changed = ", ".join(f"{k}={v}" for k, v in sorted(params.changed().items())) or "nothing"
         return values_of(params), f"Loaded “{name}” (changes from Loadstar's defaults: {changed})."
 
-    def save(self, name: str, params: tuple[Any, ...]) -> str:
+    def save(self, user: str | None, name: str, params: tuple[Any, ...]) -> str:
         try:
-            path = self.engine.presets.save(name, sampling_from_values(params))
+            path = self.engine.presets.for_user(user).save(name, sampling_from_values(params))
         except (LoadstarError, ValidationError) as error:
             return f"⚠️ {_problem(error)}"
         except OSError as error:
             return f"⚠️ could not save the preset: {error.strerror or error}"
         return f"Saved “{path.stem}”."
 
-    def delete(self, name: str) -> str:
+    def delete(self, user: str | None, name: str) -> str:
         if name in (None, MODEL_DEFAULTS):
             return "Pick a saved preset to delete."
         try:
-            self.engine.presets.delete(name)
+            self.engine.presets.for_user(user).delete(name)
         except LoadstarError as error:
             return f"⚠️ {error}"
         return f"Deleted “{name}”."
