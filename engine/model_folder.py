@@ -395,8 +395,7 @@ def _gguf_metadata(path: Path, problems: list[str]) -> dict[str, Any] | None:
     except ValueError:
         file_type_name = None
     if file_type_name is None:
-        match = re.search(r"(?i)\b(q\d(?:_[a-z0-9]+)*|f16|f32|bf16)\b", path.stem.replace(".", " "))
-        file_type_name = match.group(1).upper() if match else None
+        file_type_name = gguf_type_from_name(path.name)
     return {
         "architecture": architecture,
         "context_length": _int_or_none(value(f"{architecture}.context_length")) if architecture else None,
@@ -414,3 +413,66 @@ def _folder_size(path: Path) -> int:
             except OSError:
                 continue
     return total
+
+
+# -- GGUF models: one file, or the parts of a split one ---------------------------------------------
+
+_SPLIT_GGUF = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class GGUFModelFile:
+    """One model in a folder: a single .gguf, or the parts of a split one (first part first)."""
+
+    parts: tuple[str, ...]
+
+    @property
+    def first(self) -> str:
+        return self.parts[0]
+
+    def describe(self) -> str:
+        return self.first if len(self.parts) == 1 else f"{self.first} (+{len(self.parts) - 1} parts)"
+
+
+def gguf_models(names: list[str]) -> list[GGUFModelFile]:
+    """Group .gguf file names into models: split parts with the same stem are one model."""
+    singles, splits = [], {}
+    for name in sorted(names):
+        match = _SPLIT_GGUF.match(name)
+        if match:
+            splits.setdefault((match["stem"], match["count"]), []).append(name)
+        else:
+            singles.append(GGUFModelFile((name,)))
+    grouped = [GGUFModelFile(tuple(sorted(parts))) for parts in splits.values()]
+    return sorted(singles + grouped, key=lambda m: m.first)
+
+
+def missing_parts(model: GGUFModelFile) -> list[str]:
+    match = _SPLIT_GGUF.match(model.first)
+    if not match:
+        return []
+    count = int(match["count"])
+    wanted = [f"{match['stem']}-{i:05d}-of-{match['count']}.gguf" for i in range(1, count + 1)]
+    return [name for name in wanted if name not in model.parts]
+
+
+def gguf_type_from_name(name: str) -> str | None:
+    """The quantization a GGUF file name states (``model.Q4_K_M.gguf`` -> ``Q4_K_M``), if any."""
+    stem = _SPLIT_GGUF.sub(r"\g<stem>.gguf", name).removesuffix(".gguf")
+    match = re.search(r"(?i)\b(i?q\d(?:_[a-z0-9]+)*|f16|f32|bf16)\b", stem.replace(".", " ").replace("-", " "))
+    return match.group(1).upper() if match else None
+
+
+def gguf_bits_per_weight(quant_type: str | None) -> float | None:
+    """Nominal bits per weight of a GGUF quantization (its main block type; K-quant mixes vary a little)."""
+    if not quant_type:
+        return None
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    base = re.sub(r"_(XXS|XS|S|M|L|XL|NL)$", "", quant_type.upper())
+    for name in (quant_type.upper(), base):
+        kind = GGMLQuantizationType.__members__.get(name)
+        if kind is not None and kind in GGML_QUANT_SIZES:
+            block, size = GGML_QUANT_SIZES[kind]
+            return round(size * 8 / block, 2)
+    return None

@@ -26,13 +26,15 @@ def default_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_engine(default_models_dir, tmp_path_factory):
-    """An engine with the real embedded default model loaded (shared: loading takes ~10 s)."""
+    """An engine with the real embedded default model loaded through Transformers (shared: loading
+    takes ~10 s). The tests of the llama.cpp loader, the default for GGUF, have their own engine."""
     from engine.engine import Engine
     from engine.settings import Settings
 
-    engine = Engine(Settings(models_dir=default_models_dir, data_dir=tmp_path_factory.mktemp("data")))
+    engine = Engine(Settings(models_dir=default_models_dir, data_dir=tmp_path_factory.mktemp("data"),
+                             loader="Transformers"))
     info = engine.load_startup_model()
-    assert info is not None and info.name == "SmolLM2-135M-Instruct"
+    assert info is not None and info.name == "SmolLM2-135M-Instruct" and info.loader == "Transformers"
     yield engine
     engine.close()
 

@@ -97,3 +97,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str, co
     assert len(errors) == 1, result.stderr
     assert expected in errors[0], errors[0]
     assert "Traceback" not in result.stderr
+
+
+# The question the real-model tests ask. SmolLM2-135M Q4_1 run by llama.cpp (the default loader)
+# answers the bare "What is the capital of France?" with "L'Étoile, la Marseillaise…": its first token
+# is a 0.06-logit near-tie ("L" 24.33 vs "The" 24.27) that llama.cpp's 8-bit activations tip one way
+# and Transformers' exact float32 dequantization the other. This phrasing is no near-tie on either.
+CAPITAL_QUESTION = "What is the capital of France? Answer in one word."

@@ -8,13 +8,13 @@ import httpx
 import pytest
 
 from engine.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, place_default_model
-from tests.helpers import run_concurrently, running_server
+from tests.helpers import CAPITAL_QUESTION, run_concurrently, running_server
 
 pytestmark = pytest.mark.slow
 
 USER_KEY = "user-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": CAPITAL_QUESTION}]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_keys(api_server):
     assert httpx.get(f"{api_server}/admin/models").status_code == 401
     listing = httpx.get(f"{api_server}/admin/models", headers=admin).json()
     assert listing["models"] == [{"name": DEFAULT_MODEL_NAME, "summary": listing["models"][0]["summary"], "loaded": True}]
-    assert listing["loaded"]["loader"] == "Transformers"
+    assert listing["loaded"]["loader"] == "llama.cpp"
     missing = httpx.post(f"{api_server}/admin/models/load", headers=admin, json={"model": "nope"})
     assert missing.status_code == 404 and "no model named 'nope'" in missing.json()["error"]["message"]
     assert httpx.get(f"{api_server}/health").json() == {"status": "ok", "model_loaded": True}

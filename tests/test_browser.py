@@ -6,12 +6,13 @@ import time
 import pytest
 
 from tests.browser import MODEL, bot_messages, send, set_parameter, wait_for_status
+from tests.helpers import CAPITAL_QUESTION
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 def test_chat_streams_a_greedy_answer_naming_paris(page):
     set_parameter(page, "temperature", 0)
-    send(page, "What is the capital of France?")
+    send(page, CAPITAL_QUESTION)
     seen = set()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -25,7 +26,7 @@ def test_chat_streams_a_greedy_answer_naming_paris(page):
     partial = {text for text in seen if text and text != final}
     assert partial, "the reply appeared all at once instead of streaming"
     assert re.search(r"Done \(\d+ tokens, [\d.]+ tokens/s, seed \d+\)", page.locator("#chat-status").inner_text())
-    assert page.locator('#chatbot [data-testid="user"]').last.inner_text() == "What is the capital of France?"
+    assert page.locator('#chatbot [data-testid="user"]').last.inner_text() == CAPITAL_QUESTION
 
 
 def test_stop_mid_stream_stops_the_stream(page):
@@ -69,11 +70,11 @@ def test_empty_message_is_refused_politely(page):
     assert bot_messages(page).count() == 0
 
 
-def test_model_tab_lists_the_default_model_and_the_transformers_reason(page):
+def test_model_tab_lists_the_default_model_and_every_loaders_reason(page):
     page.get_by_role("tab", name="Model").click()
     status = page.locator("#model-status")
     status.wait_for()
-    assert f"Loaded: {MODEL} with Transformers on cpu" in status.inner_text()
+    assert f"Loaded: {MODEL} with llama.cpp on cpu" in status.inner_text()
     assert page.locator("#model-choice input").input_value() == MODEL
     candidates = page.locator("#loader-candidates")
     deadline = time.monotonic() + 60
@@ -81,12 +82,13 @@ def test_model_tab_lists_the_default_model_and_the_transformers_reason(page):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     table = candidates.inner_text()
+    assert re.search(r"llama\.cpp\s+can load\s+100\s+SmolLM2-135M-Instruct\.Q4_1\.gguf \(Q4_1\), run quantized by llama\.cpp", table)
     assert re.search(r"Transformers\s+can load\s+50\s+GGUF file \(Q4_1\), dequantized by transformers", table)
     assert re.search(r"AutoGPTQ\s+cannot load\s+–\s+not a GPTQ model", table)
     assert re.search(r"ExLlamaV2\s+unavailable\s+–\s+(exllamav2 is not installed|no CUDA device)", table)
     page.locator("#loader-choice input").click()
     loader_options = page.locator("li[role=option]").all_inner_texts()
-    assert any("auto → Transformers" in option for option in loader_options), loader_options
+    assert any("auto → llama.cpp" in option for option in loader_options), loader_options
     assert any("Transformers: can load (priority 50), GGUF file" in option for option in loader_options)
     page.keyboard.press("Escape")
     page.locator("#model-choice input").click()
@@ -112,7 +114,7 @@ def test_loading_a_folder_without_weights_says_why_and_keeps_the_model(page):
     assert f"Loaded: {MODEL}" in status.inner_text()  # the previous model is still there
     page.get_by_role("tab", name="Chat").click()
     set_parameter(page, "temperature", 0)
-    send(page, "What is the capital of France?")
+    send(page, CAPITAL_QUESTION)
     wait_for_status(page, r"^Done")
     assert "Paris" in bot_messages(page).last.inner_text()
 
@@ -132,7 +134,7 @@ def test_two_users_chat_at_once_and_each_stop_is_their_own(browser, ui_server):
         set_parameter(alice, "max_new_tokens", 600)
         send(alice, "Write a very long story about a lighthouse keeper.")
         set_parameter(bob, "max_new_tokens", 60)
-        send(bob, "What is the capital of France?")
+        send(bob, CAPITAL_QUESTION)
         # Bob waits behind Alice, and sees his place in the queue or his reply start.
         wait_for_status(bob, r"Waiting in the queue: position 1|Generating|Done")
         while not (bot_messages(alice).count() and bot_messages(alice).last.inner_text()):

@@ -17,6 +17,7 @@ from engine.hookspecs import hookimpl
 from engine.plugins import PluginHost
 from engine.sampling import SamplingParams
 from engine.settings import Settings
+from tests.helpers import CAPITAL_QUESTION
 
 HOOKS = textwrap.dedent('''
     """loadstar-hooktest: one implementation of each request hook, with effects a test can see."""
@@ -96,21 +97,21 @@ def ask(engine, text, **params):
 
 @pytest.mark.slow
 def test_a_raising_extension_is_disabled_and_the_generation_completes(hooked_engine):
-    events, done = ask(hooked_engine, "What is the capital of France?")
+    events, done = ask(hooked_engine, CAPITAL_QUESTION)
     assert done.reason == "stop" and "Paris" in done.text  # the request went on without it
     notice = "extension 'raiser' failed in modify_request and is disabled for this session: RuntimeError: raiser is broken"
     assert notice in done.notices and notice in next(e for e in events if isinstance(e, Started)).notices
     assert not hooked_engine.plugins.is_enabled("raiser") and hooked_engine.plugins.is_enabled("hooktest")
     assert any(p.plugin == "raiser" for p in hooked_engine.plugins.problems)
-    _, again = ask(hooked_engine, "What is the capital of France?")
+    _, again = ask(hooked_engine, CAPITAL_QUESTION)
     assert again.notices == ()  # disabled: not called again
 
 
 @pytest.mark.slow
 def test_modify_request_changes_text_parameters_and_stops(hooked_engine):
-    events, done = ask(hooked_engine, "What is the capital of Frankreich?", max_new_tokens=2)
+    events, done = ask(hooked_engine, CAPITAL_QUESTION.replace("France", "Frankreich"), max_new_tokens=2)
     started = next(e for e in events if isinstance(e, Started))
-    assert "capital of France?" in started.prompt and "Frankreich" not in started.prompt
+    assert CAPITAL_QUESTION in started.prompt and "Frankreich" not in started.prompt
     assert done.reason == "stop" and done.text == "The capital of France is  [checked]"
 
 
@@ -153,7 +154,7 @@ def test_builtin_extensions_switch_on_and_off_and_are_remembered(tmp_path):
     assert engine.plugins.get("example").data_dir == tmp_path / "data" / "extensions" / "example"  # replayed
     assert Engine(settings).plugins.is_enabled("example")  # remembered
     only = Engine(settings.model_copy(update={"extensions": ("reply_rules",)}))
-    assert only.plugins.enabled_names() == ["autogptq", "exllamav2", "reply_rules", "transformers"]
+    assert only.plugins.enabled_names() == ["autogptq", "exllamav2", "llamacpp", "reply_rules", "transformers"]
     with pytest.raises(ValueError, match="cannot be turned off"):
         only.plugins.set_enabled("transformers", False)
 

@@ -14,7 +14,7 @@ from engine.errors import ModelLoadError
 from engine.generation import Finished, GenerationRequest, Started, TextDelta
 from engine.sampling import SamplingParams
 from engine.settings import Settings
-from tests.helpers import free_port, running_server
+from tests.helpers import CAPITAL_QUESTION, free_port, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_remote_model_is_chosen_and_chats_streaming(engine, remote):
     assert (best.loader, best.reason) == ("Remote (OpenAI API)", f"{MODEL} at {remote}/v1")
     info = engine.load_model("smol-remote")
     assert info.loader == "Remote (OpenAI API)" and info.dtype == "remote"
-    question = (ChatMessage(role="user", content="What is the capital of France?"),)
+    question = (ChatMessage(role="user", content=CAPITAL_QUESTION),)
     handle = engine.submit(GenerationRequest(messages=question, params=SamplingParams(temperature=0, max_new_tokens=40)))
     events = list(handle.events())
     done = events[-1]

@@ -1,0 +1,293 @@
+"""The llama.cpp loader with the real embedded model (SmolLM2-135M-Instruct, GGUF Q4_1)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from engine.chat import ChatMessage
+from engine.engine import Engine
+from engine.errors import LoadstarError
+from engine.generation import Finished, GenerationRequest, Started, TextDelta
+from engine.sampling import SamplingParams
+from engine.settings import Settings
+from engine.model_folder import gguf_models, missing_parts
+from loaders.llamacpp_loader import LOADER_NAME
+from tests.folders import gguf_folder
+from tests.helpers import CAPITAL_QUESTION
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = (ChatMessage(role="user", content=CAPITAL_QUESTION),)  # why this phrasing: tests/helpers.py
+STORY = (ChatMessage(role="user", content="Write a short story about a cat who finds a key."),)
+
+
+@pytest.fixture(scope="module")
+def engine(default_models_dir, tmp_path_factory):
+    engine = Engine(Settings(models_dir=default_models_dir, data_dir=tmp_path_factory.mktemp("data")))
+    info = engine.load_startup_model()
+    assert info is not None and info.loader == LOADER_NAME
+    yield engine
+    engine.close()
+
+
+def run(engine, messages=QUESTION, **params):
+    handle = engine.submit(GenerationRequest(messages=messages, params=SamplingParams(**params)))
+    events = list(handle.events())
+    return events, events[-1]
+
+
+def test_the_default_model_loads_through_llama_cpp_and_answers_paris(engine):
+    info = engine.models.loaded
+    assert (info.loader, info.device, info.dtype) == (LOADER_NAME, "cpu", "Q4_1")
+    assert info.context_length == 8192 and "context 8192" in info.details
+    [best, *others] = engine.models.candidates(MODEL)
+    assert best.loader == LOADER_NAME and best.priority == 100
+    assert any(c.loader == "Transformers" and c.usable for c in others)  # still offered, with its reason
+    events, done = run(engine, temperature=0, max_new_tokens=40)
+    assert done.reason == "stop" and "Paris" in done.text
+    assert len([e for e in events if isinstance(e, TextDelta)]) > 3  # streamed token by token
+
+
+def test_greedy_equals_llama_cpps_own_create_completion(engine, default_models_dir):
+    from llama_cpp import Llama
+
+    events, done = run(engine, temperature=0, max_new_tokens=40)
+    prompt = next(e for e in events if isinstance(e, Started)).prompt
+    path = default_models_dir / MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    reference = Llama(str(path), n_ctx=2048, n_threads=2, verbose=False)
+    try:
+        raw = reference.create_completion(prompt, max_tokens=40, temperature=0, top_k=0, top_p=1.0, min_p=0.0)
+        raw_tokens = reference.tokenize(raw["choices"][0]["text"].encode(), add_bos=False, special=True)
+    finally:
+        reference.close()
+    assert done.text == raw["choices"][0]["text"]
+    assert done.completion_tokens == raw["usage"]["completion_tokens"]
+    assert done.prompt_tokens == raw["usage"]["prompt_tokens"]
+    with engine.models.use() as model:  # same token ids, not only the same text
+        assert model.encode(done.text)[: len(raw_tokens)] == raw_tokens
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = dict(temperature=1.0, top_p=1.0, top_k=0, seed=1234, max_new_tokens=24)
+    first, second = run(engine, STORY, **params)[1], run(engine, STORY, **params)[1]
+    assert first.text == second.text and first.seed == 1234
+    assert run(engine, STORY, **{**params, "seed": 99})[1].text != first.text
+
+
+@pytest.mark.parametrize("change", [
+    {"temperature": 0.2}, {"top_p": 0.3}, {"top_k": 2}, {"min_p": 0.3}, {"typical_p": 0.3},
+    {"repetition_penalty": 2.0}, {"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
+])
+def test_each_mapped_sampler_changes_the_output(engine, change):
+    base = dict(temperature=1.5, top_p=1.0, top_k=0, min_p=0.0, seed=7, max_new_tokens=40)
+    baseline = run(engine, STORY, **base)[1]
+    changed = run(engine, STORY, **{**base, **change})[1]
+    assert changed.reason in ("stop", "length") and changed.text != baseline.text, change
+
+
+def test_ban_eos_and_unsupported_parameters(engine):
+    done = run(engine, temperature=0, max_new_tokens=60, ban_eos=True)[1]
+    assert done.reason == "length" and done.completion_tokens == 60
+    done = run(engine, temperature=0, max_new_tokens=20, no_repeat_ngram_size=3)[1]
+    assert any("llama.cpp ignores no_repeat_ngram_size" in n for n in done.notices)
+    special = run(engine, temperature=0, max_new_tokens=40, skip_special_tokens=False)[1]
+    assert "Paris" in special.text
+
+
+def stopped_after_three_deltas(engine) -> Finished:
+    """A long story, stopped by the user after its third streamed piece."""
+    handle = engine.submit(GenerationRequest(messages=STORY, params=SamplingParams(temperature=0, max_new_tokens=400)))
+    deltas = 0
+    for event in handle.events():
+        if isinstance(event, TextDelta):
+            deltas += 1
+            if deltas == 3:
+                handle.cancel()
+        if isinstance(event, Finished):
+            return event
+    raise AssertionError("no Finished event")
+
+
+def test_stop_ends_a_generation_mid_stream(engine):
+    done = stopped_after_three_deltas(engine)
+    assert done.reason == "cancelled" and done.completion_tokens < 20
+
+
+def test_a_second_turn_reuses_the_cached_prefix(engine):
+    with engine.models.use() as model:
+        llm = model._llm
+    evaluated = []
+    original = llm.eval
+
+    def counting_eval(tokens):
+        evaluated.append(len(tokens))
+        return original(tokens)
+
+    llm.eval = counting_eval
+    try:
+        first = run(engine, QUESTION, temperature=0, max_new_tokens=30)[1]
+        turn_two = (*QUESTION, ChatMessage(role="assistant", content=first.text),
+                    ChatMessage(role="user", content="And what is the capital of Italy?"))
+        evaluated.clear()
+        events, second = run(engine, turn_two, temperature=0, max_new_tokens=30)
+    finally:
+        del llm.eval
+    # llama.cpp's own count: every token passed to eval, minus one per generated token
+    prompt_evaluated = sum(evaluated) - second.completion_tokens
+    assert second.prompt_tokens > 40
+    assert prompt_evaluated < 0.5 * second.prompt_tokens, (prompt_evaluated, second.prompt_tokens)
+    assert "Rome" in second.text
+
+
+def test_cancel_reaches_a_long_prompt_between_chunks(engine):
+    long = (ChatMessage(role="user", content="word " * 6000 + "\nSummarise."),)
+    handle = engine.submit(GenerationRequest(messages=long, params=SamplingParams(temperature=0, max_new_tokens=5)))
+    with engine.models.use() as model:
+        llm = model._llm
+    chunks = []
+    original = llm.eval
+
+    def eval_then_cancel(tokens):
+        chunks.append(len(tokens))
+        handle.cancel()  # Stop arrives while the prompt is being read
+        return original(tokens)
+
+    llm.eval = eval_then_cancel
+    try:
+        done = handle.result()
+    finally:
+        del llm.eval
+    assert done.reason == "cancelled"
+    assert chunks == [512]  # one chunk read, then Stop was seen: not 6,000 tokens
+
+
+def test_split_gguf_parts_are_one_model():
+    names = ["m-00002-of-00003.gguf", "m-00001-of-00003.gguf", "m-00003-of-00003.gguf", "other.Q4_0.gguf"]
+    models = gguf_models(names)
+    assert [m.parts for m in models] == [
+        ("m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf"), ("other.Q4_0.gguf",)]
+    assert missing_parts(gguf_models(["m-00001-of-00003.gguf", "m-00003-of-00003.gguf"])[0]) == ["m-00002-of-00003.gguf"]
+
+
+def test_bad_gguf_files_are_one_line_errors_and_the_model_stays(engine, default_models_dir, tmp_path):
+    models = engine.settings.models_dir
+    source = default_models_dir / MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    truncated = models / "truncated"
+    truncated.mkdir(exist_ok=True)
+    with source.open("rb") as whole:
+        (truncated / "truncated.Q4_1.gguf").write_bytes(whole.read(20 * 1024 * 1024))
+    gguf_folder(models, "alien", arch="no-such-arch")
+    for name in ("truncated", "alien"):
+        with pytest.raises(LoadstarError) as refused:
+            engine.load_model(name, LOADER_NAME)
+        assert "\n" not in str(refused.value) and "Traceback" not in str(refused.value)
+        assert engine.models.loaded.name == MODEL  # the previous model is still loaded
+    alien = next(c for c in engine.models.candidates("alien") if c.loader == LOADER_NAME)
+    assert not alien.usable and "not known to llama.cpp" in alien.reason
+    assert run(engine, temperature=0, max_new_tokens=20)[1].reason == "stop"
+
+
+def with_template(source, folder, template):
+    folder.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(source),
+                    str(folder / "bad.Q4_1.gguf"), "--chat-template", template, "--force"],
+                   check=True, capture_output=True, timeout=300)
+    return folder
+
+
+def test_a_gguf_whose_template_fails_is_a_one_line_error(engine, default_models_dir):
+    models = engine.settings.models_dir
+    source = default_models_dir / MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    previous = engine.models.loaded.name
+    # a template that does not even compile: refused at load, the previous model stays
+    with_template(source, models / "uncompilable", "{{ messages[0].content | no_such_filter }}")
+    with pytest.raises(LoadstarError) as refused:
+        engine.load_model("uncompilable", LOADER_NAME)
+    assert "chat template does not compile" in str(refused.value) and "\n" not in str(refused.value)
+    assert engine.models.loaded.name == previous
+    # a template that fails while rendering: the model loads, a chat gets a one-line error
+    with_template(source, models / "failing", "{{ messages[0].content.no_such_method() }}")
+    engine.load_model("failing", LOADER_NAME)
+    try:
+        done = run(engine, temperature=0, max_new_tokens=10)[1]
+        assert done.reason == "error" and "could not be rendered" in done.error and "\n" not in done.error
+    finally:
+        engine.load_model(previous)
+        shutil.rmtree(models / "failing")
+        shutil.rmtree(models / "uncompilable")
+
+
+def test_model_work_stays_on_the_model_thread(engine):
+    threads = set()
+    with engine.models.use() as model:
+        llm = model._llm
+    original = llm.eval
+
+    def recording_eval(tokens):
+        threads.add(threading.current_thread().name)
+        return original(tokens)
+
+    llm.eval = recording_eval
+    try:
+        run(engine, temperature=0, max_new_tokens=5)
+    finally:
+        del llm.eval
+    assert threads == {"loadstar-model"}  # engine.model_thread.ModelThread's one thread
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_server(default_models_dir, tmp_path_factory):
+    """llama-cpp-python's own OpenAI-compatible server (a third-party server) with the default model."""
+    from tests.helpers import free_port, stop_server
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    path = default_models_dir / MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "smol", "--host",
+         "127.0.0.1", "--port", str(port), "--n_ctx", "8192", "--n_threads", "2", "--verbose", "false"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=5)
+            break
+        except OSError:
+            time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        stop_server(process)
+
+
+def test_remote_engine_drives_llama_cpps_own_server(engine, llama_cpp_server, tmp_path):
+    import json
+
+    models = tmp_path / "models"
+    (models / "smol-llama-server").mkdir(parents=True)
+    (models / "smol-llama-server" / "remote.json").write_text(
+        json.dumps({"base_url": llama_cpp_server, "model": "smol", "extra_params": True}))
+    remote = Engine(Settings(models_dir=models, data_dir=tmp_path / "data"))
+    try:
+        info = remote.load_model("smol-llama-server")
+        assert info.loader == "Remote (OpenAI API)"
+        events, done = run(remote, temperature=0, top_k=0, max_new_tokens=40)
+        local = run(engine, temperature=0, top_k=0, max_new_tokens=40)[1]
+        assert done.reason == "stop" and "Paris" in done.text
+        assert done.text.strip() == local.text.strip()  # the same greedy answer as llama.cpp here
+        assert len([e for e in events if isinstance(e, TextDelta)]) > 3  # streamed
+        assert stopped_after_three_deltas(remote).reason == "cancelled"
+        assert run(remote, temperature=0, max_new_tokens=10)[1].reason in ("stop", "length")  # the server goes on
+    finally:
+        remote.close()
