@@ -303,11 +303,19 @@ def run_download(argv: list[str], environ: dict[str, str]) -> int:
 
 
 def list_branches(client, repo_id: str) -> int:
-    from engine.branch_picker import list_branches as rows_for, memory_budget
+    from engine.branch_picker import list_branches as rows_for, list_gguf_files, memory_budget
     from engine.model_folder import format_size
     from engine.plugins import PluginHost
 
-    for row in rows_for(client, repo_id, PluginHost().loaders(), memory_budget()):
+    budget = memory_budget()
+    ggufs = list_gguf_files(client, repo_id, budget)
+    for row in rows_for(client, repo_id, PluginHost().loaders(), budget):
+        files = [g for g in ggufs if g.branch == row.branch]
+        if files:  # a GGUF repo: one line per model file, to pick with --gguf-file
+            print(f"{row.branch}: {len(files)} GGUF files, loader {row.best_loader or 'none'}")
+            for gguf in files:
+                print(f"    {gguf.describe()}")
+            continue
         print(f"{row.branch}: {row.quantization}, {format_size(row.download_bytes)}, "
               f"loader {row.best_loader or 'none'}, {row.fits}")
         for line in row.loaders:

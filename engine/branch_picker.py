@@ -15,7 +15,10 @@ from engine.downloads import HubClient, select_files
 from engine.errors import LoadstarError
 from engine.loader_api import Loader
 from engine.loader_choice import rank_loaders
-from engine.model_folder import ModelFolder, Quantization, WeightFile, quantization_from_config, weight_format
+from engine.model_folder import (
+    ModelFolder, Quantization, WeightFile, gguf_bits_per_weight, gguf_models, gguf_type_from_name,
+    quantization_from_config, weight_format,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,27 @@ class BranchRow:
     best_loader: str | None
     memory_needed: int | None
     fits: str
+
+
+@dataclass(frozen=True)
+class GGUFFileRow:
+    """One model file of a GGUF repo (split parts counted together), for the user to pick."""
+
+    branch: str
+    file: str  # the file to name with --gguf-file (the first part of a split model)
+    parts: int
+    quant_type: str | None
+    bits_per_weight: float | None
+    size: int
+    fits: str
+
+    def describe(self) -> str:
+        from engine.model_folder import format_size
+
+        quant = f"GGUF {self.quant_type}" if self.quant_type else "GGUF"
+        bits = f", ~{self.bits_per_weight:g} bits/weight" if self.bits_per_weight else ""
+        parts = f", {self.parts} parts" if self.parts > 1 else ""
+        return f"{self.file}: {quant}{bits}, {format_size(self.size)}{parts}, {self.fits}"
 
 
 def memory_budget() -> MemoryBudget:
@@ -70,6 +94,25 @@ def list_branches(client: HubClient, repo_id: str, loaders: Mapping[str, Loader]
     rows = []
     for branch, commit in client.branches(repo_id):
         rows.append(_row(client, repo_id, branch, commit, loaders, budget))
+    return rows
+
+
+def list_gguf_files(client: HubClient, repo_id: str, budget: MemoryBudget, branches: list[str] | None = None) -> list[GGUFFileRow]:
+    """Every GGUF model file of the repo's branches (TheBloke-style ``*-GGUF`` repos hold Q2_K ... Q8_0)."""
+    from engine.hub_names import ModelRef
+
+    rows = []
+    for branch, commit in client.branches(repo_id):
+        if branches is not None and branch not in branches:
+            continue
+        snapshot = client.snapshot(ModelRef(repo_id, commit))
+        sizes = {f.path: f.size for f in snapshot.files if "/" not in f.path and weight_format(f.path) == "gguf"}
+        for model in gguf_models(list(sizes)):
+            size = sum(sizes[p] for p in model.parts)
+            quant = gguf_type_from_name(model.first)
+            # llama.cpp maps the file; the KV cache and buffers come on top (~10% for small contexts)
+            rows.append(GGUFFileRow(branch, model.first, len(model.parts), quant, gguf_bits_per_weight(quant), size,
+                                    _fits(int(size * 1.1), "llama.cpp", budget)))
     return rows
 
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from engine.atomic import write_atomic
 from engine.errors import LoadstarError, one_line
 from engine.hub_names import ModelRef
-from engine.model_folder import weight_format
+from engine.model_folder import gguf_models, weight_format
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +168,18 @@ def select_files(files: tuple[RemoteFile, ...] | list[RemoteFile], gguf_file: st
 
     top_weights = [f for f in files if is_weight(f) and "/" not in f.path]
     ggufs = [f for f in top_weights if weight_format(f.path) == "gguf"]
+    models = gguf_models([f.path for f in ggufs])  # split parts (-00001-of-00003) are one model
     skipped: list[tuple[str, str]] = []
     if gguf_file is not None:
-        if gguf_file not in {f.path for f in ggufs}:
-            names = ", ".join(f.path for f in ggufs) or "none"
+        model = next((m for m in models if gguf_file in m.parts), None)
+        if model is None:
+            names = ", ".join(m.first for m in models) or "none"
             raise DownloadError(f"no GGUF file named {gguf_file} in the repo (it has: {names})")
-        chosen = [f for f in ggufs if f.path == gguf_file]
+        chosen = [f for f in ggufs if f.path in model.parts]
     elif ggufs and len(ggufs) == len(top_weights):
-        if len(ggufs) > 1:
-            names = ", ".join(f.path for f in ggufs)
-            raise DownloadError(f"the repo has {len(ggufs)} GGUF files: choose one with --gguf-file ({names})")
+        if len(models) > 1:
+            names = ", ".join(m.first for m in models)
+            raise DownloadError(f"the repo has {len(models)} GGUF files: choose one with --gguf-file ({names})")
         chosen = ggufs
     else:
         preference = ("safetensors", "bin", "pt")
@@ -195,7 +197,7 @@ def select_files(files: tuple[RemoteFile, ...] | list[RemoteFile], gguf_file: st
         if is_weight(f) and f.path not in chosen_paths:
             why = "another weights format is preferred" if "/" not in f.path else "weights in a subfolder"
             if weight_format(f.path) == "gguf":
-                why = "another GGUF file was chosen" if gguf_file or len(ggufs) > 1 else "not the chosen format"
+                why = "another GGUF file was chosen" if gguf_file or len(models) > 1 else "not the chosen format"
             skipped.append((f.path, why))
             continue
         selected.append(f)

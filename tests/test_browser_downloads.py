@@ -10,6 +10,8 @@ from tests.test_downloads import REPO, gptq_branch, safetensors_bytes
 
 pytestmark = pytest.mark.browser
 
+GGUF_REPO = "TheBloke/Tiny-Chat-GGUF"
+
 
 @pytest.fixture(scope="module")
 def hub():
@@ -19,6 +21,10 @@ def hub():
     branch = gptq_branch(4, 32, True, 2)
     branch["model.safetensors"] = safetensors_bytes(4096, 2)  # 4 MiB, sent at 1 MiB/s: progress shows
     repo.add_commit("gptq-4bit-32g-actorder_True", branch)
+    hub.repo(GGUF_REPO).add_commit("main", {
+        "some.Q2_K.gguf": b"a" * 2000, "some.Q4_K_M.gguf": b"b" * 4000,
+        "big.Q6_K-00001-of-00002.gguf": b"c" * 3000, "big.Q6_K-00002-of-00002.gguf": b"d" * 3000,
+    })
     yield hub
     hub.stop()
 
@@ -67,5 +73,34 @@ def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, bro
         page.locator("#model-choice input").click()
         options = page.locator("li[role=option]").all_inner_texts()
         assert any("TheBloke_Tiny-Chat-GPTQ_gptq-4bit-32g-actorder_True" in o for o in options), options
+    finally:
+        context.close()
+
+
+def test_a_gguf_repo_lists_its_files_and_a_click_picks_one(server, browser):
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(server)
+        page.get_by_role("tab", name="Model").click()
+        page.locator("#download-name textarea, #download-name input").first.fill(GGUF_REPO)
+        page.locator("#list-branches").click()
+        table = page.locator("#branch-table")
+        text = wait_text(table, "some.Q4_K_M.gguf")
+        assert "GGUF Q4_K_M · ~4.5 bits/weight" in text and "GGUF Q2_K · ~2.62 bits/weight" in text
+        assert "big.Q6_K-00001-of-00002.gguf (2 parts)" in text and "5.9 KiB" in text
+        assert "3 GGUF files of" in page.locator("#download-status").inner_text()
+        row = next(i for i in range(3) if "Q4_K_M" in table.get_by_test_id(f"cell-{i}-1").inner_text())
+        table.get_by_test_id(f"cell-{row}-1").click()
+        gguf_box = page.locator("#download-gguf textarea, #download-gguf input").first
+        deadline = time.monotonic() + 30
+        while gguf_box.input_value() != "some.Q4_K_M.gguf":
+            assert time.monotonic() < deadline, gguf_box.input_value()
+            time.sleep(0.05)
+        page.locator("#start-download").click()
+        status = page.locator("#download-status")
+        wait_text(status, "✅", timeout=60)
+        assert "TheBloke_Tiny-Chat-GGUF" in status.inner_text()
     finally:
         context.close()

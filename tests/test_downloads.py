@@ -13,7 +13,7 @@ import pytest
 from engine.downloads import METADATA_FILE, DownloadError, HubClient, download
 from engine.hub_names import BadModelNameError, ModelRef, parse_model_name
 from engine.model_folder import inspect_model_folder, list_model_folders
-from tests.helpers import ROOT, assert_one_line_error
+from tests.helpers import ROOT, assert_one_line_error, run_server
 from tests.hub_standin import HubStandIn
 
 REPO = "TheBloke/Tiny-Chat-GPTQ"
@@ -323,3 +323,33 @@ def test_an_unreachable_hub_and_a_bad_models_dir_are_one_line_errors(hub, tmp_pa
         assert time.monotonic() < deadline, "the download job never ended"
         time.sleep(0.05)
     assert job.state == "failed" and "cannot create" in job.message
+
+
+def test_a_gguf_repo_lists_every_quant_file_and_downloads_split_parts_together(hub, tmp_path):
+    from engine.branch_picker import MemoryBudget, list_gguf_files
+
+    hub.repo("TheBloke/Some-GGUF").add_commit("main", {
+        "README.md": b"# card", "config.json": b"{}",
+        "some.Q2_K.gguf": b"a" * 2000, "some.Q4_K_M.gguf": b"b" * 4000, "some.Q8_0.gguf": b"c" * 8000,
+        "big.Q6_K-00001-of-00002.gguf": b"d" * 3000, "big.Q6_K-00002-of-00002.gguf": b"e" * 3000,
+    })
+    rows = list_gguf_files(client_for(hub), "TheBloke/Some-GGUF", MemoryBudget(ram_free=6000, vram_free=None))
+    by_file = {r.file: r for r in rows}
+    assert list(by_file) == ["big.Q6_K-00001-of-00002.gguf", "some.Q2_K.gguf", "some.Q4_K_M.gguf", "some.Q8_0.gguf"]
+    assert (by_file["some.Q4_K_M.gguf"].quant_type, by_file["some.Q4_K_M.gguf"].bits_per_weight) == ("Q4_K_M", 4.5)
+    assert by_file["some.Q8_0.gguf"].bits_per_weight == 8.5 and by_file["some.Q2_K.gguf"].bits_per_weight == 2.62
+    assert (by_file["big.Q6_K-00001-of-00002.gguf"].parts, by_file["big.Q6_K-00001-of-00002.gguf"].size) == (2, 6000)
+    assert by_file["some.Q2_K.gguf"].fits.startswith("fits") and by_file["some.Q8_0.gguf"].fits.startswith("too big")
+    result = download(client_for(hub), parse_model_name("TheBloke/Some-GGUF"), tmp_path,
+                      gguf_file="big.Q6_K-00001-of-00002.gguf")
+    assert sorted(p.name for p in result.folder.glob("*.gguf")) == [
+        "big.Q6_K-00001-of-00002.gguf", "big.Q6_K-00002-of-00002.gguf"]
+
+
+def test_the_cli_lists_gguf_files_with_their_quantization(hub, tmp_path, monkeypatch):
+    hub.repo("TheBloke/Cli-GGUF").add_commit("main", {"some.Q2_K.gguf": b"a" * 2000, "some.Q5_K_S.gguf": b"b" * 5000})
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    result = run_server("download", "TheBloke/Cli-GGUF", "--list-branches")
+    assert result.returncode == 0, result.stderr
+    assert "main: 2 GGUF files" in result.stdout
+    assert "some.Q5_K_S.gguf: GGUF Q5_K_S, ~5.5 bits/weight, 4.9 KiB" in result.stdout

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from engine.branch_picker import list_branches, memory_budget
+from engine.branch_picker import list_branches, list_gguf_files, memory_budget
 from engine.engine import Engine
 from engine.errors import LoadstarError
 from engine.hub_names import parse_model_name
 from engine.model_folder import format_size
 
-BRANCH_COLUMNS = ["Branch", "Quantization", "Download", "Loader here", "Memory"]
+BRANCH_COLUMNS = ["Branch", "GGUF file", "Quantization", "Download", "Loader here", "Memory"]
 
 
 class DownloadHandlers:
@@ -20,11 +20,27 @@ class DownloadHandlers:
         try:
             ref = parse_model_name(name)
             client = self.engine.downloads.client(token or None)
-            rows = list_branches(client, ref.repo_id, self.engine.plugins.loaders(), memory_budget())
+            budget = memory_budget()
+            rows = list_branches(client, ref.repo_id, self.engine.plugins.loaders(), budget)
+            ggufs = list_gguf_files(client, ref.repo_id, budget)
         except LoadstarError as error:
             return [], f"⚠️ {error}"
-        table = [[r.branch, r.quantization, format_size(r.download_bytes), r.best_loader or "none", r.fits] for r in rows]
-        return table, f"{len(rows)} branches of {ref.repo_id}: pick one to fill in its name."
+        table = []
+        for r in rows:
+            files = [g for g in ggufs if g.branch == r.branch]
+            for g in files:  # a GGUF repo: one row per model file, picked by clicking it
+                quant = f"GGUF {g.quant_type or '?'}" + (f" · ~{g.bits_per_weight:g} bits/weight" if g.bits_per_weight else "")
+                parts = f" ({g.parts} parts)" if g.parts > 1 else ""
+                table.append([r.branch, g.file + parts, quant, format_size(g.size), r.best_loader or "none", g.fits])
+            if not files:
+                table.append([r.branch, "", r.quantization, format_size(r.download_bytes), r.best_loader or "none", r.fits])
+        what = f"{len(ggufs)} GGUF files" if ggufs else f"{len(rows)} branches"
+        return table, f"{what} of {ref.repo_id}: pick one to fill in its name."
+
+    @staticmethod
+    def gguf_for_row(row: list[str]) -> str:
+        """The GGUF file a table row names ('' for a branch row)."""
+        return (row[1] if len(row) > 1 else "").split(" (")[0]
 
     @staticmethod
     def name_for_branch(name: str, branch: str) -> str:

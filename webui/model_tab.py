@@ -78,9 +78,11 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
     demo.load(describe, *describe_io).then(models.loaded_status, None, loaded)
 
     # -- download wiring ----------------------------------------------------------------------
-    def pick_branch(name, event: gr.SelectData):
+    def pick_branch(name, gguf, event: gr.SelectData):
         row = event.row_value or []
-        return downloads.name_for_branch(name, row[0]) if row else name
+        if not row:
+            return name, gguf
+        return downloads.name_for_branch(name, row[0]), downloads.gguf_for_row(row)
 
     def start_download(name, token, gguf):
         job_id, status = downloads.start(name, token, gguf)
@@ -92,7 +94,7 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
         return status, gr.Timer(active=not finished), choices
 
     branches_button.click(downloads.branches, [download_name, download_token], [branch_table, download_status])
-    branch_table.select(pick_branch, [download_name], download_name)
+    branch_table.select(pick_branch, [download_name, gguf_file], [download_name, gguf_file])
     download_button.click(start_download, [download_name, download_token, gguf_file],
                           [download_job, download_status, download_timer])
     download_timer.tick(poll_download, download_job, [download_status, download_timer, model_choice])
