@@ -40,6 +40,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu,
         "python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
+        "llama_cpp_python": version("llama_cpp_python"),
         "gptqmodel": version("gptqmodel"), "huggingface_hub": version("huggingface_hub"),
     }
 
@@ -57,6 +58,7 @@ def main(argv: list[str]) -> int:
         "decode": lambda: SECTIONS["decode"](args.runs, args.tokens),
         "kernels": lambda: SECTIONS["kernels"](args.runs, min(args.tokens, 64)),
         "loading": lambda: SECTIONS["loading"](args.runs),
+        "llamacpp_build": lambda: SECTIONS["llamacpp_build"](1),
         "downloads": lambda: SECTIONS["downloads"](args.runs, args.download_mib),
         "concurrency": lambda: SECTIONS["concurrency"](min(args.tokens, 64)),
         "gpu": lambda: SECTIONS["gpu"](args.runs, args.tokens),
@@ -105,10 +107,21 @@ def render(report: dict[str, Any]) -> str:
         d = s["decode"]
         lines += ["## Decode speed and time to first token (default model, greedy, same prompt)", "",
                   "| path | tokens/s | TTFT (s) | decode vs raw | TTFT vs raw |", "|---|---|---|---|---|"]
-        for face in ("raw", "engine", "api", "ui"):
-            row = d[face]
-            lines.append(f"| {face} | {_f(row['tokens_per_second'], 1)} | {_f(row['ttft_seconds'], 3)} | "
+        names = {"raw": "llama.cpp's own generate", "engine": "engine (llama.cpp loader)", "api": "API",
+                 "ui": "browser", "transformers_engine": "engine, Transformers loader (same GGUF)"}
+        for face in ("raw", "engine", "api", "ui", "transformers_engine"):
+            row = d.get(face)
+            if row is None:
+                continue
+            lines.append(f"| {names[face]} | {_f(row['tokens_per_second'], 1)} | {_f(row['ttft_seconds'], 3)} | "
                          f"{_f(row.get('decode_vs_raw', 1.0))} | {_f(row.get('ttft_vs_raw', 1.0))} |")
+        if "llama_cpp_vs_transformers_decode" in d:
+            lines += ["", f"llama.cpp vs Transformers decode on the same GGUF: {_f(d['llama_cpp_vs_transformers_decode'])}x."]
+        if "prefix_cache" in d:
+            pc = d["prefix_cache"]
+            lines += [f"Prefix cache: turn 1 evaluated {pc['turn1']['prompt_tokens_evaluated']} of "
+                      f"{pc['turn1']['prompt_tokens']} prompt tokens; turn 2 {pc['turn2']['prompt_tokens_evaluated']} of "
+                      f"{pc['turn2']['prompt_tokens']} ({_f(100 * pc['turn2_evaluated_fraction'], 0)}%)."]
         lines += ["", "Goals: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in d["goals"].items()), ""]
     if "kernels" in s:
         k = s["kernels"]
@@ -120,14 +133,20 @@ def render(report: dict[str, Any]) -> str:
         lines += ["", "Goals: " + ", ".join(f"{g}: {'met' if v else 'MISSED'}" for g, v in k["goals"].items()), ""]
     if "loading" in s:
         lines += ["## Load time and memory (fresh process each)", "",
-                  "| loader: model | load (s) | peak RSS (MiB) | RSS added (MiB) | left after unload (MiB) |",
-                  "|---|---|---|---|---|"]
+                  "| loader: model | load (s) | peak RSS (MiB) | RSS added (MiB) | RSS added / file | left after unload (MiB) |",
+                  "|---|---|---|---|---|---|"]
         for name, row in s["loading"].items():
             if name.startswith("_"):
                 continue
-            lines.append(f"| {name} | {_f(row['load_seconds'], 1)} | {_f(row['peak_rss_mib'], 0)} | "
-                         f"{_f(row['rss_loaded_mib'], 0)} | {_f(row['rss_left_after_unload_mib'], 0)} |")
+            ratio = row["rss_loaded_mib"] / row["file_mib"] if row.get("file_mib") else None
+            lines.append(f"| {name} | {_f(row['load_seconds'], 2)} | {_f(row['peak_rss_mib'], 0)} | "
+                         f"{_f(row['rss_loaded_mib'], 0)} | {_f(ratio)} | {_f(row['rss_left_after_unload_mib'], 0)} |")
         lines.append("")
+    if "llamacpp_build" in s and "build_seconds" in s["llamacpp_build"]:
+        b = s["llamacpp_build"]
+        lines += ["## First install: llama-cpp-python built from source", "",
+                  f"`pip wheel llama_cpp_python=={b['version']}` with no cache: {_f(b['build_seconds'] / 60, 1)} minutes on "
+                  f"{b['cores']} cores. Later installs take the wheel from pip's cache.", ""]
     if "downloads" in s:
         dl = s["downloads"]
         lines += ["## Downloads (local Hub stand-in)", "",

@@ -44,11 +44,14 @@ def _default_models(tmp: Path) -> Path:
     return models
 
 
-# -- 1. decode: raw generate vs engine vs API vs browser -------------------------------------------
+# -- 1. decode: llama.cpp's own generate vs engine vs API vs browser; llama.cpp vs Transformers ---
+
+def _prompt(run: int) -> str:
+    """A different opening per run, so that no path reuses the previous run's prompt cache."""
+    return f"Story {run + 1}. {PROMPT}"
+
 
 def decode(runs: int, tokens: int) -> dict[str, Any]:
-    import torch
-
     from engine.default_model import DEFAULT_MODEL_NAME
     from engine.generation import GenerationRequest, TextDelta, Finished
     from engine.sampling import SamplingParams
@@ -56,57 +59,65 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
     models = _default_models(tmp)
     engine = _engine(models, tmp / "data")
-    engine.load_model(DEFAULT_MODEL_NAME)
-    params = SamplingParams(temperature=0, max_new_tokens=tokens)
-    results: dict[str, dict[str, list[float]]] = {k: {"tps": [], "ttft": []} for k in ("raw", "engine", "api", "ui")}
+    info = engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp")
+    # ban_eos: every path writes exactly ``tokens`` tokens
+    params = SamplingParams(temperature=0, max_new_tokens=tokens, ban_eos=True)
+    results: dict[str, dict[str, list[float]]] = {
+        k: {"tps": [], "ttft": []} for k in ("raw", "engine", "api", "ui", "transformers_engine")}
 
     with engine.models.use() as model:
-        hf, tok = model.model, model.tokenizer
-        ids = torch.tensor([model.encode(PROMPT)])
+        llm = model._llm
+        eos = llm.token_eos()
 
-    class Clock:
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.prompt_seen = False
+    def ban_eos(input_ids: Any, scores: Any) -> Any:
+        scores[eos] = -float("inf")
+        return scores
 
-        def put(self, value: Any) -> None:
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            self.times.append(time.perf_counter())
+    def raw_generate(prompt_tokens: list[int]) -> list[float]:
+        """llama.cpp's own generate loop, nothing of ours around it."""
+        llm.reset()
+        times = []
+        for _token in llm.generate(list(prompt_tokens), temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                                   logits_processor=[ban_eos]):
+            times.append(time.perf_counter())
+            if len(times) >= tokens:
+                break
+        return times
 
-        def end(self) -> None:
-            pass
-
-    def raw_generate(clock: Clock) -> None:
-        with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
-                        streamer=clock, pad_token_id=tok.eos_token_id)
-
-    for _ in range(runs):
-        clock = Clock()
-        start = time.perf_counter()
-        # On the engine's model thread, as the engine itself does: torch's OpenMP team belongs to
-        # the thread that computes first, and another thread runs ~40% slower (engine/model_thread.py).
-        engine.models.model_thread.call(raw_generate, clock)
-        results["raw"]["ttft"].append(clock.times[0] - start)
-        results["raw"]["tps"].append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
-
+    def timed_engine(eng: Any, prompt: str) -> tuple[float, float]:
         start = time.perf_counter()
         first = None
-        for event in engine.submit(GenerationRequest(prompt=PROMPT, params=params)).events():
+        for event in eng.submit(GenerationRequest(prompt=prompt, params=params)).events():
             if isinstance(event, TextDelta) and first is None:
                 first = time.perf_counter()
             if isinstance(event, Finished):
                 done = time.perf_counter()
-                results["engine"]["ttft"].append(first - start)
-                results["engine"]["tps"].append((event.completion_tokens - 1) / (done - first))
+                return first - start, (event.completion_tokens - 1) / (done - first)
+        raise RuntimeError("no Finished event")
+
+    for run in range(runs):
+        with engine.models.use() as model:
+            prompt_tokens = model.encode(_prompt(run))
+        start = time.perf_counter()
+        # On the engine's model thread, as the engine itself does (engine/model_thread.py).
+        times = engine.models.model_thread.call(raw_generate, prompt_tokens)
+        results["raw"]["ttft"].append(times[0] - start)
+        results["raw"]["tps"].append((len(times) - 1) / (times[-1] - times[0]))
+        engine.models.model_thread.call(llm.reset)  # the engine gets no head start from the cache either
+        ttft, tps = timed_engine(engine, _prompt(run))
+        results["engine"]["ttft"].append(ttft)
+        results["engine"]["tps"].append(tps)
+    engine.load_model(DEFAULT_MODEL_NAME, "Transformers")  # the same file, dequantized by transformers
+    for run in range(runs):
+        ttft, tps = timed_engine(engine, _prompt(run))
+        results["transformers_engine"]["ttft"].append(ttft)
+        results["transformers_engine"]["tps"].append(tps)
     engine.close()
 
     port, server = _start_server(models, tmp / "api-data")
     try:
-        for _ in range(runs):
-            ttft, tps, _ = _api_stream(port, prompt=PROMPT, tokens=tokens)
+        for run in range(runs):
+            ttft, tps, _ = _api_stream(port, prompt=_prompt(run), tokens=tokens)
             results["api"]["ttft"].append(ttft)
             results["api"]["tps"].append(tps)
         results["ui"] = _ui_decode(port, runs, tokens)
@@ -118,17 +129,50 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
         summary[face] = {"tokens_per_second": median(values["tps"]), "ttft_seconds": median(values["ttft"]),
                          "runs": len(values["tps"])}
     raw = summary["raw"]
-    for face in ("engine", "api", "ui"):
+    for face in ("engine", "api", "ui", "transformers_engine"):
         summary[face]["decode_vs_raw"] = summary[face]["tokens_per_second"] / raw["tokens_per_second"]
         summary[face]["ttft_vs_raw"] = summary[face]["ttft_seconds"] / raw["ttft_seconds"]
+    llama_vs_hf = summary["engine"]["tokens_per_second"] / summary["transformers_engine"]["tokens_per_second"]
+    summary["llama_cpp_vs_transformers_decode"] = llama_vs_hf
     summary["goals"] = {
         "engine_decode_ge_0.97x_raw": summary["engine"]["decode_vs_raw"] >= 0.97,
         "api_decode_ge_0.95x_raw": summary["api"]["decode_vs_raw"] >= 0.95,
         "engine_ttft_le_1.1x_raw": summary["engine"]["ttft_vs_raw"] <= 1.1,
         "api_ttft_le_1.1x_raw": summary["api"]["ttft_vs_raw"] <= 1.1,
+        "llama_cpp_ge_3x_transformers_gguf": llama_vs_hf >= 3.0,
     }
-    summary["settings"] = {"prompt": PROMPT, "max_new_tokens": tokens, "greedy": True, "model": DEFAULT_MODEL_NAME}
+    summary["settings"] = {"prompt": PROMPT, "max_new_tokens": tokens, "greedy": True, "ban_eos": True,
+                           "model": DEFAULT_MODEL_NAME, "loader": info.loader, "details": info.details}
+    summary["prefix_cache"] = _second_turn(models, tmp / "turns")
     return summary
+
+
+def _second_turn(models: Path, data: Path) -> dict[str, Any]:
+    """A two-turn chat through the engine: prompt tokens llama.cpp evaluated on each turn."""
+    from engine.chat import ChatMessage
+    from engine.default_model import DEFAULT_MODEL_NAME
+    from engine.generation import GenerationRequest
+    from engine.sampling import SamplingParams
+
+    engine = _engine(models, data)
+    engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp")
+    params = SamplingParams(temperature=0, max_new_tokens=64)
+    turns = [ChatMessage(role="user", content=CHAT[0]["content"])]
+    out: dict[str, Any] = {}
+    try:
+        for turn in (1, 2):
+            start = time.perf_counter()
+            done = engine.submit(GenerationRequest(messages=tuple(turns), params=params)).result()
+            with engine.models.use() as model:
+                evaluated = model.prompt_tokens_evaluated
+            out[f"turn{turn}"] = {"prompt_tokens": done.prompt_tokens, "prompt_tokens_evaluated": evaluated,
+                                  "seconds": time.perf_counter() - start}
+            turns += [ChatMessage(role="assistant", content=done.text),
+                      ChatMessage(role="user", content="Now tell it again, shorter.")]
+    finally:
+        engine.close()
+    out["turn2_evaluated_fraction"] = out["turn2"]["prompt_tokens_evaluated"] / out["turn2"]["prompt_tokens"]
+    return out
 
 
 def _start_server(models: Path, data: Path, *extra: str) -> tuple[int, subprocess.Popen]:
@@ -271,7 +315,8 @@ def loading(runs: int) -> dict[str, Any]:
     }
     for name, path in links.items():
         (models / name).symlink_to(path, target_is_directory=True)
-    cases = [("SmolLM2-135M-Instruct", "Transformers", "GGUF"), ("smol-safetensors", "Transformers", "safetensors bf16"),
+    cases = [("SmolLM2-135M-Instruct", "llama.cpp", "GGUF Q4_1"), ("SmolLM2-135M-Instruct", "Transformers", "GGUF"),
+             ("smol-safetensors", "Transformers", "safetensors bf16"),
              ("smol-gptq-4bit-g64", "AutoGPTQ", "GPTQ 4-bit g64"), ("smol-gptq-8bit", "AutoGPTQ", "GPTQ 8-bit")]
     out = {}
     for model, loader, label in cases:
@@ -284,12 +329,32 @@ def loading(runs: int) -> dict[str, Any]:
             samples.append(json.loads(result.stdout.strip().splitlines()[-1]))
         mib = 1024 * 1024
         out[f"{loader}: {label}"] = {
+            "file_mib": _size_mib(models / model),
             "load_seconds": median([s["load_seconds"] for s in samples]),
             "peak_rss_mib": median([s["peak_rss"] / mib for s in samples]),
             "rss_loaded_mib": median([(s["rss_loaded"] - s["rss_before"]) / mib for s in samples]),
             "rss_left_after_unload_mib": median([(s["rss_after_unload"] - s["rss_before"]) / mib for s in samples]),
         }
     return out
+
+
+def _size_mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.resolve().rglob("*") if p.is_file()) / (1024 * 1024)
+
+
+def llamacpp_build(runs: int) -> dict[str, Any]:
+    """What a fresh machine pays once: building llama-cpp-python from its source (no pip cache)."""
+    from importlib.metadata import version
+
+    wanted = version("llama_cpp_python")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-build-"))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-q", "-w", str(tmp),
+                             f"llama_cpp_python=={wanted}"], capture_output=True, text=True, timeout=3600)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        return {"error": result.stderr[-1000:], "seconds": seconds}
+    return {"version": wanted, "build_seconds": seconds, "cores": os.cpu_count()}
 
 
 # -- 4. downloads vs snapshot_download, and a killed download --------------------------------------
@@ -431,6 +496,6 @@ def gpu(runs: int, tokens: int) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
-    "decode": decode, "kernels": kernels, "loading": loading, "downloads": downloads,
+    "decode": decode, "kernels": kernels, "loading": loading, "llamacpp_build": llamacpp_build, "downloads": downloads,
     "concurrency": concurrency, "gpu": gpu,
 }

@@ -20,6 +20,7 @@ def main(models_dir: str, data_dir: str, model: str, loader: str) -> None:
     engine = Engine(Settings(models_dir=Path(models_dir), data_dir=Path(data_dir)))
     engine.plugins.loaders()
     import gptqmodel  # noqa: F401  imports are not the model: take them out of the numbers
+    import llama_cpp  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
