@@ -89,6 +89,7 @@ class ModelFolder:
     quantization: Quantization | None = None
     chat_template_source: str | None = None  # where the chat template was found, if anywhere
     context_length: int | None = None
+    kv_bytes_per_token: int | None = None  # f16 keys and values per token of context (GGUF headers state it)
     size_bytes: int = 0
     has_config: bool = False
     has_tokenizer: bool = False
@@ -210,12 +211,14 @@ def inspect_model_folder(path: Path) -> ModelFolder:
     problems.extend(corrupt + conflicts)
 
     gguf_files = [w for w in weights if w.format == "gguf"]
+    kv_bytes_per_token = None
     if gguf_files:
         meta = _gguf_metadata(path / gguf_files[0].path, problems)
         if meta:
             architecture = architecture or meta.get("architecture")
             model_type = model_type or meta.get("architecture")
             context_length = context_length or meta.get("context_length")
+            kv_bytes_per_token = meta.get("kv_bytes_per_token")
             if meta.get("chat_template") and chat_template_source is None:
                 chat_template_source = gguf_files[0].path
             if quantization is None:
@@ -234,6 +237,7 @@ def inspect_model_folder(path: Path) -> ModelFolder:
         quantization=quantization,
         chat_template_source=chat_template_source,
         context_length=context_length,
+        kv_bytes_per_token=kv_bytes_per_token,
         size_bytes=_folder_size(path),
         has_config=config is not None,
         has_tokenizer=has_tokenizer,
@@ -375,33 +379,140 @@ def _check_safetensors_header(path: Path) -> str | None:
 
 
 def _gguf_metadata(path: Path, problems: list[str]) -> dict[str, Any] | None:
-    """Architecture, context length, file type and chat template from a GGUF header."""
+    """Architecture, context length, file type, chat template and KV-cache sizes from a GGUF header."""
     try:
-        from gguf import GGUFReader, LlamaFileType
-
-        reader = GGUFReader(str(path), "r")
-    except Exception as error:  # gguf raises ValueError, struct.error, ... on bad files
-        problems.append(f"{path.name} is not a readable GGUF file ({error.__class__.__name__})")
+        meta = read_gguf_metadata(path)
+    except (OSError, ValueError) as error:
+        problems.append(f"{path.name} is not a readable GGUF file ({one_line_reason(error)})")
         return None
+    from gguf import LlamaFileType
 
-    def value(key: str) -> Any:
-        field_ = reader.fields.get(key)
-        return None if field_ is None else field_.contents()
-
-    architecture = value("general.architecture")
-    file_type = value("general.file_type")
+    architecture = meta.get("general.architecture")
+    architecture = architecture if isinstance(architecture, str) else None
+    file_type = meta.get("general.file_type")
     try:
         file_type_name = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
         file_type_name = None
     if file_type_name is None:
         file_type_name = gguf_type_from_name(path.name)
+
+    def of_arch(key: str) -> Any:
+        return meta.get(f"{architecture}.{key}") if architecture else None
+
+    template = meta.get("tokenizer.chat_template")
     return {
         "architecture": architecture,
-        "context_length": _int_or_none(value(f"{architecture}.context_length")) if architecture else None,
+        "context_length": _int_or_none(of_arch("context_length")),
         "file_type": file_type_name,
-        "chat_template": value("tokenizer.chat_template"),
+        "chat_template": template if isinstance(template, str) else None,
+        "kv_bytes_per_token": _kv_bytes_per_token(
+            *(_int_or_none(of_arch(k)) for k in ("block_count", "attention.head_count", "attention.head_count_kv",
+                                                 "attention.key_length", "attention.value_length", "embedding_length"))
+        ),
     }
+
+
+def _kv_bytes_per_token(layers: int | None, heads: int | None, kv_heads: int | None, key_length: int | None,
+                        value_length: int | None, embedding: int | None) -> int | None:
+    """Bytes of f16 keys and values per token of context."""
+    kv_heads = kv_heads or heads
+    if not (layers and heads and kv_heads and (key_length or embedding)):
+        return None
+    k = key_length or embedding // heads
+    return layers * kv_heads * (k + (value_length or k)) * 2
+
+
+def one_line_reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else error.__class__.__name__
+
+
+# GGUF value types (ggml's gguf_type): fixed-size ones by struct code; 8 = string, 9 = array.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_MAX_STRING = 16 * 1024 * 1024  # a chat template is kilobytes; a longer "string" is a broken file
+_GGUF_MAX_KV = 100_000
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file: scalars and strings; arrays are skipped, not read.
+
+    gguf's GGUFReader builds every field, the tokenizer's 49,152-entry arrays included: seconds per
+    file. This walks the memory-mapped header and stops before the tensor list, in milliseconds.
+    A file that is not GGUF, is truncated, or states impossible sizes raises ValueError.
+    """
+    import mmap
+    import struct
+
+    with path.open("rb") as handle:
+        try:
+            view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file
+            raise ValueError("empty file") from None
+    with view:
+        size = len(view)
+        offset = 0
+
+        def number(code: str) -> Any:
+            nonlocal offset
+            width = struct.calcsize(code)
+            if offset + width > size:
+                raise ValueError("truncated header")
+            found = struct.unpack_from(code, view, offset)[0]
+            offset += width
+            return found
+
+        def string(skip: bool = False) -> str | None:
+            nonlocal offset
+            length = number("<Q")
+            if length > _GGUF_MAX_STRING or offset + length > size:
+                raise ValueError(f"a string of {length} bytes")
+            start, offset = offset, offset + length
+            return None if skip else view[start:offset].decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            nonlocal offset
+            if kind in _GGUF_SCALARS:
+                return number(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind != 9:
+                raise ValueError(f"a value of unknown type {kind}")
+            element, count = number("<I"), number("<Q")
+            if element in _GGUF_SCALARS:
+                offset += struct.calcsize(_GGUF_SCALARS[element]) * count
+                if offset > size:
+                    raise ValueError(f"an array of {count} values")
+            elif element == 8:
+                if count > size // 8:
+                    raise ValueError(f"an array of {count} strings")
+                unpack = struct.Struct("<Q").unpack_from
+                for _ in range(count):  # skip each string: its length, then its bytes
+                    if offset + 8 > size:
+                        raise ValueError("truncated header")
+                    offset += 8 + unpack(view, offset)[0]
+                if offset > size:
+                    raise ValueError("truncated header")
+            else:
+                raise ValueError(f"an array of type {element}")
+            return None
+
+        if size < 4 or view[:4] != b"GGUF":
+            raise ValueError("no GGUF magic")
+        offset = 4
+        version = number("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version}")
+        _tensors, count = number("<Q"), number("<Q")
+        if count > _GGUF_MAX_KV:
+            raise ValueError(f"{count} metadata entries")
+        meta: dict[str, Any] = {}
+        for _ in range(count):
+            key = string()
+            found = value(number("<I"))
+            if found is not None and key is not None:
+                meta[key] = found
+        return meta
 
 
 def _folder_size(path: Path) -> int:

@@ -23,7 +23,6 @@ import codecs
 import importlib.util
 import logging
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -99,7 +98,7 @@ class LlamaCppLoader:
             raise ModelLoadError(verdict.reason)
         model_file = _pick_model(folder, options.gguf_file)
         path = folder.path / model_file.first
-        n_ctx, cap = _context_length(path, options.n_ctx, folder.context_length)
+        n_ctx, cap = _context_length(options.n_ctx, folder.context_length, folder.kv_bytes_per_token)
         gpu_layers = _gpu_layers(options.n_gpu_layers)
         threads = options.n_threads or _physical_cores()
         from llama_cpp import Llama
@@ -265,12 +264,11 @@ def _pick_model(folder: ModelFolder, requested: str | None) -> GGUFModelFile:
     raise ModelLoadError(f"{folder.name} has no GGUF file named {requested} (it has: {names})")
 
 
-def _context_length(path: Path, requested: int, model_context: int | None) -> tuple[int, str]:
+def _context_length(requested: int, model_context: int | None, per_token: int | None) -> tuple[int, str]:
     """The context to use, and why it is smaller than the model's (empty when it is not)."""
     if requested:
         return requested, ""
     full = model_context or 4096
-    per_token = kv_bytes_per_token(path)
     if per_token is None:
         return full, ""
     import psutil
@@ -280,35 +278,6 @@ def _context_length(path: Path, requested: int, model_context: int | None) -> tu
         return full, ""
     capped = max(MIN_CONTEXT, fits // 256 * 256)
     return capped, f"capped from {full}: the KV cache must fit in free memory"
-
-
-def kv_bytes_per_token(path: Path) -> int | None:
-    """Bytes of f16 keys and values per token of context, from the GGUF header."""
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path), "r")
-        arch = reader.fields["general.architecture"].contents()
-
-        def number(key: str) -> int | None:
-            field = reader.fields.get(f"{arch}.{key}")
-            value = field.contents() if field is not None else None
-            return int(value[0] if isinstance(value, list) else value) if value is not None else None
-
-        layers = number("block_count")
-        heads = number("attention.head_count")
-        kv_heads = number("attention.head_count_kv") or heads
-        key_length = number("attention.key_length")
-        value_length = number("attention.value_length")
-        embedding = number("embedding_length")
-        if not (layers and heads and kv_heads and (key_length or embedding)):
-            return None
-        k = key_length or embedding // heads
-        v = value_length or k
-        return layers * kv_heads * (k + v) * 2
-    except Exception as error:  # a header this reader does not follow: no cap, llama.cpp decides
-        log.debug("no KV size for %s: %s", path.name, error)
-        return None
 
 
 def _gpu_layers(requested: int) -> int:

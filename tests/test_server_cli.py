@@ -13,7 +13,8 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for flag in ("--model", "--loader", "--models-dir", "--host", "--port", "--auth", "--auth-file",
                  "--no-model", "--device", "--list-plugins", "--allow-pt", "--extensions",
-                 "--api-key", "--admin-key", "--no-api", "--cors-origin", "--queue-timeout", "--api-max-tokens", "LOADSTAR_NO_THIRD_PARTY_PLUGINS"):
+                 "--api-key", "--admin-key", "--no-api", "--cors-origin", "--queue-timeout", "--api-max-tokens",
+                 "--remote-key-env", "LOADSTAR_NO_THIRD_PARTY_PLUGINS"):
         assert flag in result.stdout
 
 
@@ -107,3 +108,17 @@ def test_list_plugins_shows_extensions_and_remembers_the_extensions_flag(tmp_pat
     listed = run_server("--list-plugins", "--data-dir", str(tmp_path))
     assert "render_prompt, webui_contribution [on]" in listed.stdout
     assert "(extensions/remote_engine): configure, generate, register_loaders [off]" in listed.stdout
+
+
+@pytest.mark.parametrize("remembered, problem", [
+    ({"loader": "Nope", "options": {}}, "Nope"),
+    ({"loader": "llama.cpp", "options": {"n_ctx": "lots"}}, "n_ctx"),
+])
+def test_a_bad_remembered_loader_or_option_names_settings_json(default_models_dir, tmp_path, remembered, problem):
+    import json
+
+    name = "SmolLM2-135M-Instruct"
+    (tmp_path / "settings.json").write_text(json.dumps({"last_model": name, "models": {name: remembered}}))
+    result = run_server("--models-dir", str(default_models_dir), "--data-dir", str(tmp_path), "--port", str(free_port()))
+    assert_one_line_error(result, problem, 1)
+    assert str(tmp_path / "settings.json") in result.stderr and "--loader NAME" in result.stderr

@@ -159,3 +159,26 @@ def test_a_reply_cut_inside_a_character_never_ends_in_a_replacement_mark(real_en
     request = GenerationRequest(prompt="Write three emoji: 😀", params=SamplingParams(temperature=0, max_new_tokens=1))
     done = list(real_engine.submit(request).events())[-1]
     assert not done.text.endswith("\ufffd")
+
+
+@pytest.mark.slow
+def test_stop_reaches_a_long_prompt_between_prefill_chunks(real_engine):
+    long = (ChatMessage(role="user", content="word " * 3000 + "\nSummarise."),)
+    handle = real_engine.submit(GenerationRequest(messages=long, params=SamplingParams(temperature=0, max_new_tokens=5)))
+    with real_engine.models.use() as model:
+        module = model.model
+    calls = []
+    original = module.forward
+
+    def forward_then_cancel(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[1] if "input_ids" in kwargs and kwargs["input_ids"] is not None else -1)
+        handle.cancel()  # the client goes away while the prompt is being read
+        return original(*args, **kwargs)
+
+    module.forward = forward_then_cancel
+    try:
+        done = handle.result()
+    finally:
+        del module.forward
+    assert done.reason == "cancelled"
+    assert calls == [512]  # one chunk of the ~3,000-token prompt, then Stop was seen
