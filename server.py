@@ -308,11 +308,12 @@ def list_branches(client, repo_id: str) -> int:
     from engine.plugins import PluginHost
 
     budget = memory_budget()
-    ggufs = list_gguf_files(client, repo_id, budget)
-    for row in rows_for(client, repo_id, PluginHost().loaders(), budget):
+    loaders = PluginHost().loaders()
+    ggufs = list_gguf_files(client, repo_id, loaders, budget)
+    for row in rows_for(client, repo_id, loaders, budget):
         files = [g for g in ggufs if g.branch == row.branch]
         if files:  # a GGUF repo: one line per model file, to pick with --gguf-file
-            print(f"{row.branch}: {len(files)} GGUF files, loader {row.best_loader or 'none'}")
+            print(f"{row.branch}: {len(files)} GGUF files")
             for gguf in files:
                 print(f"    {gguf.describe()}")
             continue

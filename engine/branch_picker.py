@@ -16,8 +16,8 @@ from engine.errors import LoadstarError
 from engine.loader_api import Loader
 from engine.loader_choice import rank_loaders
 from engine.model_folder import (
-    ModelFolder, Quantization, WeightFile, gguf_bits_per_weight, gguf_models, gguf_type_from_name,
-    quantization_from_config, weight_format,
+    ModelFolder, Quantization, WeightFile, gguf_bits_per_weight, gguf_facts, gguf_models, gguf_type_from_name,
+    parse_gguf_metadata, quantization_from_config, weight_format,
 )
 
 
@@ -53,6 +53,7 @@ class GGUFFileRow:
     bits_per_weight: float | None
     size: int
     fits: str
+    best_loader: str | None = None
 
     def describe(self) -> str:
         from engine.model_folder import format_size
@@ -60,7 +61,8 @@ class GGUFFileRow:
         quant = f"GGUF {self.quant_type}" if self.quant_type else "GGUF"
         bits = f", ~{self.bits_per_weight:g} bits/weight" if self.bits_per_weight else ""
         parts = f", {self.parts} parts" if self.parts > 1 else ""
-        return f"{self.file}: {quant}{bits}, {format_size(self.size)}{parts}, {self.fits}"
+        loader = f", loader {self.best_loader or 'none'}"
+        return f"{self.file}: {quant}{bits}, {format_size(self.size)}{parts}{loader}, {self.fits}"
 
 
 def memory_budget() -> MemoryBudget:
@@ -97,7 +99,8 @@ def list_branches(client: HubClient, repo_id: str, loaders: Mapping[str, Loader]
     return rows
 
 
-def list_gguf_files(client: HubClient, repo_id: str, budget: MemoryBudget, branches: list[str] | None = None) -> list[GGUFFileRow]:
+def list_gguf_files(client: HubClient, repo_id: str, loaders: Mapping[str, Loader], budget: MemoryBudget,
+                    branches: list[str] | None = None) -> list[GGUFFileRow]:
     """Every GGUF model file of the repo's branches (TheBloke-style ``*-GGUF`` repos hold Q2_K ... Q8_0)."""
     from engine.hub_names import ModelRef
 
@@ -107,13 +110,40 @@ def list_gguf_files(client: HubClient, repo_id: str, budget: MemoryBudget, branc
             continue
         snapshot = client.snapshot(ModelRef(repo_id, commit))
         sizes = {f.path: f.size for f in snapshot.files if "/" not in f.path and weight_format(f.path) == "gguf"}
-        for model in gguf_models(list(sizes)):
+        models = gguf_models(list(sizes))
+        # The quant files of one branch share a model: one header (its first bytes) says what it is.
+        facts = _remote_gguf_facts(client, repo_id, commit, models[0].first) if models else {}
+        for model in models:
             size = sum(sizes[p] for p in model.parts)
             quant = gguf_type_from_name(model.first)
-            # llama.cpp maps the file; the KV cache and buffers come on top (~10% for small contexts)
+            record = ModelFolder(
+                name=f"{repo_id}:{branch}:{model.first}", path=Path("/nonexistent/hub") / repo_id / branch,
+                weight_files=tuple(WeightFile(path=p, format="gguf", size=sizes[p]) for p in model.parts),
+                architecture=facts.get("architecture"), model_type=facts.get("architecture"),
+                quantization=Quantization(method="gguf", source=model.first, gguf_type=quant),
+                context_length=facts.get("context_length"), kv_bytes_per_token=facts.get("kv_bytes_per_token"),
+                size_bytes=size, has_tokenizer=True,
+            )
+            best = next((c for c in rank_loaders(record, loaders) if c.usable), None)
+            kv = (facts.get("kv_bytes_per_token") or 0) * (facts.get("context_length") or 0)
+            needed = size + kv if kv else int(size * 1.1)  # llama.cpp maps the file; the KV cache comes on top
             rows.append(GGUFFileRow(branch, model.first, len(model.parts), quant, gguf_bits_per_weight(quant), size,
-                                    _fits(int(size * 1.1), "llama.cpp", budget)))
+                                    _fits(needed, best.loader if best else None, budget),
+                                    best.loader if best else None))
     return rows
+
+
+GGUF_HEAD_BYTES = 64 * 1024  # general.* and the architecture's sizes come before the tokenizer's arrays
+
+
+def _remote_gguf_facts(client: HubClient, repo_id: str, commit: str, path: str) -> dict[str, Any]:
+    head = client.read_head(repo_id, commit, path, GGUF_HEAD_BYTES)
+    if not head:
+        return {}
+    try:
+        return gguf_facts(parse_gguf_metadata(head, partial=True), path)
+    except ValueError:
+        return {}
 
 
 def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Mapping[str, Loader],

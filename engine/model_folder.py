@@ -385,6 +385,11 @@ def _gguf_metadata(path: Path, problems: list[str]) -> dict[str, Any] | None:
     except (OSError, ValueError) as error:
         problems.append(f"{path.name} is not a readable GGUF file ({one_line_reason(error)})")
         return None
+    return gguf_facts(meta, path.name)
+
+
+def gguf_facts(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    """What Loadstar uses of a GGUF header (a local file's, or the start of a remote one)."""
     from gguf import LlamaFileType
 
     architecture = meta.get("general.architecture")
@@ -395,7 +400,7 @@ def _gguf_metadata(path: Path, problems: list[str]) -> dict[str, Any] | None:
     except ValueError:
         file_type_name = None
     if file_type_name is None:
-        file_type_name = gguf_type_from_name(path.name)
+        file_type_name = gguf_type_from_name(name)
 
     def of_arch(key: str) -> Any:
         return meta.get(f"{architecture}.{key}") if architecture else None
@@ -442,7 +447,6 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     A file that is not GGUF, is truncated, or states impossible sizes raises ValueError.
     """
     import mmap
-    import struct
 
     with path.open("rb") as handle:
         try:
@@ -450,14 +454,28 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         except ValueError:  # an empty file
             raise ValueError("empty file") from None
     with view:
-        size = len(view)
-        offset = 0
+        return parse_gguf_metadata(view)
+
+
+class _HeaderEnds(Exception):
+    """The bytes given end inside the header (a partial read of a remote file)."""
+
+
+def parse_gguf_metadata(view: Any, partial: bool = False) -> dict[str, Any]:
+    """``read_gguf_metadata`` over bytes. ``partial``: the bytes are the start of a longer file, and
+    what was read before they end is returned (architecture and sizes come before the tokenizer)."""
+    import struct
+
+    meta: dict[str, Any] = {}
+    size = len(view)
+    offset = 0
+    try:
 
         def number(code: str) -> Any:
             nonlocal offset
             width = struct.calcsize(code)
             if offset + width > size:
-                raise ValueError("truncated header")
+                raise _HeaderEnds if partial else ValueError("truncated header")
             found = struct.unpack_from(code, view, offset)[0]
             offset += width
             return found
@@ -465,6 +483,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         def string(skip: bool = False) -> str | None:
             nonlocal offset
             length = number("<Q")
+            if partial and length <= _GGUF_MAX_STRING and offset + length > size:
+                raise _HeaderEnds
             if length > _GGUF_MAX_STRING or offset + length > size:
                 raise ValueError(f"a string of {length} bytes")
             start, offset = offset, offset + length
@@ -482,22 +502,22 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             if element in _GGUF_SCALARS:
                 offset += struct.calcsize(_GGUF_SCALARS[element]) * count
                 if offset > size:
-                    raise ValueError(f"an array of {count} values")
+                    raise _HeaderEnds if partial else ValueError(f"an array of {count} values")
             elif element == 8:
-                if count > size // 8:
+                if count > size // 8 and not partial:
                     raise ValueError(f"an array of {count} strings")
                 unpack = struct.Struct("<Q").unpack_from
                 for _ in range(count):  # skip each string: its length, then its bytes
                     if offset + 8 > size:
-                        raise ValueError("truncated header")
+                        raise _HeaderEnds if partial else ValueError("truncated header")
                     offset += 8 + unpack(view, offset)[0]
                 if offset > size:
-                    raise ValueError("truncated header")
+                    raise _HeaderEnds if partial else ValueError("truncated header")
             else:
                 raise ValueError(f"an array of type {element}")
             return None
 
-        if size < 4 or view[:4] != b"GGUF":
+        if size < 4 or bytes(view[:4]) != b"GGUF":
             raise ValueError("no GGUF magic")
         offset = 4
         version = number("<I")
@@ -506,13 +526,14 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         _tensors, count = number("<Q"), number("<Q")
         if count > _GGUF_MAX_KV:
             raise ValueError(f"{count} metadata entries")
-        meta: dict[str, Any] = {}
         for _ in range(count):
             key = string()
             found = value(number("<I"))
             if found is not None and key is not None:
                 meta[key] = found
-        return meta
+    except _HeaderEnds:
+        pass
+    return meta
 
 
 def _folder_size(path: Path) -> int:

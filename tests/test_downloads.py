@@ -325,22 +325,38 @@ def test_an_unreachable_hub_and_a_bad_models_dir_are_one_line_errors(hub, tmp_pa
     assert job.state == "failed" and "cannot create" in job.message
 
 
-def test_a_gguf_repo_lists_every_quant_file_and_downloads_split_parts_together(hub, tmp_path):
-    from engine.branch_picker import MemoryBudget, list_gguf_files
+def gguf_bytes(tmp_path, padding: int) -> bytes:
+    """A real GGUF header (llama, context 4096) followed by ``padding`` bytes standing for tensors."""
+    from tests.folders import gguf_folder
 
+    folder = gguf_folder(tmp_path / f"gguf-{padding}", "g")
+    return next(folder.glob("*.gguf")).read_bytes() + b"\0" * padding
+
+
+def test_a_gguf_repo_lists_every_quant_file_and_downloads_split_parts_together(hub, tmp_path):
+    from engine.branch_picker import GGUF_HEAD_BYTES, MemoryBudget, list_gguf_files
+    from engine.plugins import PluginHost
+
+    big = gguf_bytes(tmp_path, 300_000)
     hub.repo("TheBloke/Some-GGUF").add_commit("main", {
         "README.md": b"# card", "config.json": b"{}",
-        "some.Q2_K.gguf": b"a" * 2000, "some.Q4_K_M.gguf": b"b" * 4000, "some.Q8_0.gguf": b"c" * 8000,
-        "big.Q6_K-00001-of-00002.gguf": b"d" * 3000, "big.Q6_K-00002-of-00002.gguf": b"e" * 3000,
+        "some.Q2_K.gguf": gguf_bytes(tmp_path, 2000), "some.Q4_K_M.gguf": gguf_bytes(tmp_path, 4000),
+        "some.Q8_0.gguf": gguf_bytes(tmp_path, 8000),
+        "big.Q6_K-00001-of-00002.gguf": big, "big.Q6_K-00002-of-00002.gguf": b"e" * 3000,
     })
-    rows = list_gguf_files(client_for(hub), "TheBloke/Some-GGUF", MemoryBudget(ram_free=6000, vram_free=None))
+    hub.sent.clear()
+    rows = list_gguf_files(client_for(hub), "TheBloke/Some-GGUF", PluginHost().loaders(),
+                           MemoryBudget(ram_free=len(big) + 6000, vram_free=None))
     by_file = {r.file: r for r in rows}
     assert list(by_file) == ["big.Q6_K-00001-of-00002.gguf", "some.Q2_K.gguf", "some.Q4_K_M.gguf", "some.Q8_0.gguf"]
     assert (by_file["some.Q4_K_M.gguf"].quant_type, by_file["some.Q4_K_M.gguf"].bits_per_weight) == ("Q4_K_M", 4.5)
     assert by_file["some.Q8_0.gguf"].bits_per_weight == 8.5 and by_file["some.Q2_K.gguf"].bits_per_weight == 2.62
-    assert (by_file["big.Q6_K-00001-of-00002.gguf"].parts, by_file["big.Q6_K-00001-of-00002.gguf"].size) == (2, 6000)
-    assert by_file["some.Q2_K.gguf"].fits.startswith("fits") and by_file["some.Q8_0.gguf"].fits.startswith("too big")
-    result = download(client_for(hub), parse_model_name("TheBloke/Some-GGUF"), tmp_path,
+    first = by_file["big.Q6_K-00001-of-00002.gguf"]
+    assert (first.parts, first.size) == (2, len(big) + 3000)
+    assert {r.best_loader for r in rows} == {"llama.cpp"}  # the architecture came from a remote header read
+    assert sum(hub.sent.values()) <= GGUF_HEAD_BYTES  # one header's first bytes, not the weights
+    assert by_file["some.Q2_K.gguf"].fits.startswith("fits") and first.fits.startswith("too big")
+    result = download(client_for(hub), parse_model_name("TheBloke/Some-GGUF"), tmp_path / "models",
                       gguf_file="big.Q6_K-00001-of-00002.gguf")
     assert sorted(p.name for p in result.folder.glob("*.gguf")) == [
         "big.Q6_K-00001-of-00002.gguf", "big.Q6_K-00002-of-00002.gguf"]
@@ -352,4 +368,4 @@ def test_the_cli_lists_gguf_files_with_their_quantization(hub, tmp_path, monkeyp
     result = run_server("download", "TheBloke/Cli-GGUF", "--list-branches")
     assert result.returncode == 0, result.stderr
     assert "main: 2 GGUF files" in result.stdout
-    assert "some.Q5_K_S.gguf: GGUF Q5_K_S, ~5.5 bits/weight, 4.9 KiB" in result.stdout
+    assert "some.Q5_K_S.gguf: GGUF Q5_K_S, ~5.5 bits/weight, 4.9 KiB, loader none" in result.stdout

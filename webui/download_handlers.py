@@ -22,7 +22,7 @@ class DownloadHandlers:
             client = self.engine.downloads.client(token or None)
             budget = memory_budget()
             rows = list_branches(client, ref.repo_id, self.engine.plugins.loaders(), budget)
-            ggufs = list_gguf_files(client, ref.repo_id, budget)
+            ggufs = list_gguf_files(client, ref.repo_id, self.engine.plugins.loaders(), budget)
         except LoadstarError as error:
             return [], f"⚠️ {error}"
         table = []
@@ -31,7 +31,7 @@ class DownloadHandlers:
             for g in files:  # a GGUF repo: one row per model file, picked by clicking it
                 quant = f"GGUF {g.quant_type or '?'}" + (f" · ~{g.bits_per_weight:g} bits/weight" if g.bits_per_weight else "")
                 parts = f" ({g.parts} parts)" if g.parts > 1 else ""
-                table.append([r.branch, g.file + parts, quant, format_size(g.size), r.best_loader or "none", g.fits])
+                table.append([r.branch, g.file + parts, quant, format_size(g.size), g.best_loader or "none", g.fits])
             if not files:
                 table.append([r.branch, "", r.quantization, format_size(r.download_bytes), r.best_loader or "none", r.fits])
         what = f"{len(ggufs)} GGUF files" if ggufs else f"{len(rows)} branches"
