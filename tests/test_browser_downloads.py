@@ -1,6 +1,7 @@
 """The Model tab's download section in Chromium, against the Hub stand-in."""
 
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -45,16 +46,24 @@ def wait_text(locator, needle, timeout=60):
     return locator.inner_text()
 
 
-def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, browser):
+@contextmanager
+def branch_table(browser, server, repo):
+    """A new page's Model tab after "List branches" for ``repo``: (page, table)."""
     context = browser.new_context()
     try:
         page = context.new_page()
         page.set_default_timeout(60_000)
         page.goto(server)
         page.get_by_role("tab", name="Model").click()
-        page.locator("#download-name textarea, #download-name input").first.fill(REPO)
+        page.locator("#download-name textarea, #download-name input").first.fill(repo)
         page.locator("#list-branches").click()
-        table = page.locator("#branch-table")
+        yield page, page.locator("#branch-table")
+    finally:
+        context.close()
+
+
+def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, browser):
+    with branch_table(browser, server, REPO) as (page, table):
         wait_text(table, "gptq-4bit-32g-actorder_True")
         assert "GPTQ 4-bit group 32 act-order" in table.inner_text() and "AutoGPTQ" in table.inner_text()
         page.locator("#branch-table").get_by_test_id("cell-1-0").click()
@@ -73,20 +82,10 @@ def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, bro
         page.locator("#model-choice input").click()
         options = page.locator("li[role=option]").all_inner_texts()
         assert any("TheBloke_Tiny-Chat-GPTQ_gptq-4bit-32g-actorder_True" in o for o in options), options
-    finally:
-        context.close()
 
 
 def test_a_gguf_repo_lists_its_files_and_a_click_picks_one(server, browser):
-    context = browser.new_context()
-    try:
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(server)
-        page.get_by_role("tab", name="Model").click()
-        page.locator("#download-name textarea, #download-name input").first.fill(GGUF_REPO)
-        page.locator("#list-branches").click()
-        table = page.locator("#branch-table")
+    with branch_table(browser, server, GGUF_REPO) as (page, table):
         text = wait_text(table, "some.Q4_K_M.gguf")
         assert "GGUF Q4_K_M · ~4.5 bits/weight" in text and "GGUF Q2_K · ~2.62 bits/weight" in text
         assert "big.Q6_K-00001-of-00002.gguf (2 parts)" in text and "5.9 KiB" in text
@@ -102,5 +101,3 @@ def test_a_gguf_repo_lists_its_files_and_a_click_picks_one(server, browser):
         status = page.locator("#download-status")
         wait_text(status, "✅", timeout=60)
         assert "TheBloke_Tiny-Chat-GGUF" in status.inner_text()
-    finally:
-        context.close()

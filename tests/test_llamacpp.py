@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -119,25 +120,32 @@ def test_stop_ends_a_generation_mid_stream(engine):
     assert done.reason == "cancelled" and done.completion_tokens < 20
 
 
-def test_a_second_turn_reuses_the_cached_prefix(engine):
+@contextmanager
+def watching_eval(engine, watch):
+    """Call ``watch(tokens)`` on every llama.cpp ``eval`` (what llama.cpp really processes), then restore."""
     with engine.models.use() as model:
         llm = model._llm
-    evaluated = []
     original = llm.eval
 
-    def counting_eval(tokens):
-        evaluated.append(len(tokens))
+    def watched(tokens):
+        watch(tokens)
         return original(tokens)
 
-    llm.eval = counting_eval
+    llm.eval = watched
     try:
+        yield
+    finally:
+        del llm.eval
+
+
+def test_a_second_turn_reuses_the_cached_prefix(engine):
+    evaluated = []
+    with watching_eval(engine, lambda tokens: evaluated.append(len(tokens))):
         first = run(engine, QUESTION, temperature=0, max_new_tokens=30)[1]
         turn_two = (*QUESTION, ChatMessage(role="assistant", content=first.text),
                     ChatMessage(role="user", content="And what is the capital of Italy?"))
         evaluated.clear()
         events, second = run(engine, turn_two, temperature=0, max_new_tokens=30)
-    finally:
-        del llm.eval
     # llama.cpp's own count: every token passed to eval, minus one per generated token
     prompt_evaluated = sum(evaluated) - second.completion_tokens
     assert second.prompt_tokens > 40
@@ -148,21 +156,14 @@ def test_a_second_turn_reuses_the_cached_prefix(engine):
 def test_cancel_reaches_a_long_prompt_between_chunks(engine):
     long = (ChatMessage(role="user", content="word " * 6000 + "\nSummarise."),)
     handle = engine.submit(GenerationRequest(messages=long, params=SamplingParams(temperature=0, max_new_tokens=5)))
-    with engine.models.use() as model:
-        llm = model._llm
     chunks = []
-    original = llm.eval
 
     def eval_then_cancel(tokens):
         chunks.append(len(tokens))
         handle.cancel()  # Stop arrives while the prompt is being read
-        return original(tokens)
 
-    llm.eval = eval_then_cancel
-    try:
+    with watching_eval(engine, eval_then_cancel):
         done = handle.result()
-    finally:
-        del llm.eval
     assert done.reason == "cancelled"
     assert chunks == [512]  # one chunk read, then Stop was seen: not 6,000 tokens
 
@@ -225,19 +226,8 @@ def test_a_gguf_whose_template_fails_is_a_one_line_error(engine, default_models_
 
 def test_model_work_stays_on_the_model_thread(engine):
     threads = set()
-    with engine.models.use() as model:
-        llm = model._llm
-    original = llm.eval
-
-    def recording_eval(tokens):
-        threads.add(threading.current_thread().name)
-        return original(tokens)
-
-    llm.eval = recording_eval
-    try:
+    with watching_eval(engine, lambda tokens: threads.add(threading.current_thread().name)):
         run(engine, temperature=0, max_new_tokens=5)
-    finally:
-        del llm.eval
     assert threads == {"loadstar-model"}  # engine.model_thread.ModelThread's one thread
 
 
