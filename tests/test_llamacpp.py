@@ -29,8 +29,13 @@ STORY = (ChatMessage(role="user", content="Write a short story about a cat who f
 
 
 @pytest.fixture(scope="module")
-def engine(default_models_dir, tmp_path_factory):
-    engine = Engine(Settings(models_dir=default_models_dir, data_dir=tmp_path_factory.mktemp("data")))
+def engine(tmp_path_factory):
+    """The default model in a models folder of this module's own (tests add bad folders beside it)."""
+    from engine.default_model import place_default_model
+
+    models = tmp_path_factory.mktemp("llamacpp-models")
+    place_default_model(models)
+    engine = Engine(Settings(models_dir=models, data_dir=tmp_path_factory.mktemp("data")))
     info = engine.load_startup_model()
     assert info is not None and info.loader == LOADER_NAME
     yield engine
