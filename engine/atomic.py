@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
@@ -32,8 +34,6 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def remove_stale_temps(folder: Path, older_than: float = 60.0) -> int:
     """Delete temporary files that ``write_atomic`` left behind when its process was killed mid-save."""
-    import time
-
     removed = 0
     now = time.time()
     try:
@@ -52,8 +52,6 @@ def remove_stale_temps(folder: Path, older_than: float = 60.0) -> int:
 
 def login_folder_name(user: str | None) -> str:
     """The folder name for a login's own files (``local`` without logins); never a path."""
-    import re
-
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user or "local")[:64].lstrip(".")
     return safe or "local"
 

@@ -17,7 +17,7 @@ from engine.loader_api import Loader
 from engine.loader_choice import rank_loaders
 from engine.model_folder import (
     ModelFolder, Quantization, WeightFile, gguf_bits_per_weight, gguf_facts, gguf_models, gguf_type_from_name,
-    parse_gguf_metadata, quantization_from_config, weight_format,
+    kv_bytes_per_token, parse_gguf_metadata, quantization_from_config, weight_format,
 )
 
 
@@ -88,8 +88,8 @@ def kv_cache_bytes(config: dict[str, Any], bytes_per_value: int = 2) -> int | No
     context = config.get("max_position_embeddings")
     if not all(isinstance(v, int) and v > 0 for v in (layers, heads, kv_heads, hidden, context)):
         return None
-    head_dim = config.get("head_dim") or hidden // heads
-    return 2 * layers * kv_heads * head_dim * context * bytes_per_value
+    per_token = kv_bytes_per_token(layers, heads, kv_heads, config.get("head_dim"), None, hidden, bytes_per_value)
+    return per_token * context if per_token else None
 
 
 def list_branches(client: HubClient, repo_id: str, loaders: Mapping[str, Loader], budget: MemoryBudget) -> list[BranchRow]:

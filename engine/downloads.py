@@ -251,14 +251,16 @@ class HubClient:
     def read_head(self, repo_id: str, commit: str, path: str, size: int) -> bytes | None:
         """The first ``size`` bytes of a file (a ranged GET: a weights header, not the weights)."""
         url = self.file_url(repo_id, commit, path)
-        _status, content = self._call(lambda: self._get_bounded(url, f"{repo_id}/{path}", size, {"Range": f"bytes=0-{size - 1}"}),
+        _status, content = self._call(lambda: self._get_bounded(url, f"{repo_id}/{path}", size, ranged=True),
                                       f"{repo_id}/{path}")
         return content
 
     def _get_bounded(self, url: str, what: str, limit: int = MAX_JSON_BYTES,
-                     extra: dict[str, str] | None = None) -> tuple[int, bytes | None]:
-        """GET at most ``limit`` bytes; a larger answer is None for a whole file, cut for a range."""
-        headers = {**self.headers(), **(extra or {})}
+                     ranged: bool = False) -> tuple[int, bytes | None]:
+        """GET at most ``limit`` bytes: a whole file (None if larger), or with ``ranged`` its first bytes."""
+        headers = self.headers()
+        if ranged:
+            headers["Range"] = f"bytes=0-{limit - 1}"
         with self.session.stream("GET", url, headers=headers, follow_redirects=True, timeout=30) as response:
             if response.status_code == 404:
                 return 404, None
@@ -267,7 +269,7 @@ class HubClient:
             for chunk in response.iter_bytes(64 * 1024):
                 content += chunk
                 if len(content) > limit:
-                    if extra and "Range" in extra:  # a server that ignores Range: keep the start
+                    if ranged:  # a server that ignores Range: keep the start
                         return response.status_code, bytes(content[:limit])
                     log.warning("%s: larger than %d bytes, not read", what, limit)
                     return response.status_code, None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.errors import BadModelFolderError, ModelNotFoundError
+from engine.errors import BadModelFolderError, ModelNotFoundError, one_line
 from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors, read_safetensors_header
 
 WeightFormat = Literal["safetensors", "bin", "pt", "gguf"]
@@ -383,7 +383,7 @@ def _gguf_metadata(path: Path, problems: list[str]) -> dict[str, Any] | None:
     try:
         meta = read_gguf_metadata(path)
     except (OSError, ValueError) as error:
-        problems.append(f"{path.name} is not a readable GGUF file ({one_line_reason(error)})")
+        problems.append(f"{path.name} is not a readable GGUF file ({one_line(error)})")
         return None
     return gguf_facts(meta, path.name)
 
@@ -411,26 +411,21 @@ def gguf_facts(meta: dict[str, Any], name: str) -> dict[str, Any]:
         "context_length": _int_or_none(of_arch("context_length")),
         "file_type": file_type_name,
         "chat_template": template if isinstance(template, str) else None,
-        "kv_bytes_per_token": _kv_bytes_per_token(
+        "kv_bytes_per_token": kv_bytes_per_token(
             *(_int_or_none(of_arch(k)) for k in ("block_count", "attention.head_count", "attention.head_count_kv",
                                                  "attention.key_length", "attention.value_length", "embedding_length"))
         ),
     }
 
 
-def _kv_bytes_per_token(layers: int | None, heads: int | None, kv_heads: int | None, key_length: int | None,
-                        value_length: int | None, embedding: int | None) -> int | None:
-    """Bytes of f16 keys and values per token of context."""
+def kv_bytes_per_token(layers: int | None, heads: int | None, kv_heads: int | None, key_length: int | None,
+                       value_length: int | None, embedding: int | None, bytes_per_value: int = 2) -> int | None:
+    """Bytes of keys and values (f16 by default) per token of context, for every layer."""
     kv_heads = kv_heads or heads
     if not (layers and heads and kv_heads and (key_length or embedding)):
         return None
     k = key_length or embedding // heads
-    return layers * kv_heads * (k + (value_length or k)) * 2
-
-
-def one_line_reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else error.__class__.__name__
+    return layers * kv_heads * (k + (value_length or k)) * bytes_per_value
 
 
 # GGUF value types (ggml's gguf_type): fixed-size ones by struct code; 8 = string, 9 = array.

@@ -31,6 +31,11 @@ class Who:
     user: str | None  # the login name: whose conversations these are
 
 
+def who(request: Any) -> Who:
+    """Who a Gradio request comes from (``gr.Request``: its session and, with logins, its login)."""
+    return Who(owner=getattr(request, "session_hash", None) or "anonymous", user=getattr(request, "username", None))
+
+
 @dataclass(frozen=True)
 class ChatUpdate:
     chatbot: list[dict[str, str]]

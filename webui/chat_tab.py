@@ -8,17 +8,13 @@ from typing import Any
 import gradio as gr
 
 from engine.engine import Engine
-from webui.chat_handlers import ChatHandlers, ChatUpdate, Who, chat_messages
+from webui.chat_handlers import ChatHandlers, ChatUpdate, chat_messages, who
 from webui.conversation_handlers import ConversationHandlers
 from webui.parameters_tab import ParameterControls
 
 # Chat events run concurrently in Gradio; the engine's own queue orders generation fairly and
 # reports positions, and Stop must never wait behind a running reply.
 UNLIMITED = None
-
-
-def who(request: gr.Request) -> Who:
-    return Who(owner=request.session_hash or "anonymous", user=getattr(request, "username", None))
 
 
 def build_chat_tab(engine: Engine) -> "ChatTab":

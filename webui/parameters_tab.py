@@ -11,6 +11,7 @@ from engine.engine import Engine
 from engine.errors import LoadstarError
 from engine.prompt_formats import AUTO, NAMED_FORMATS
 from engine.sampling import parameter_specs
+from webui.chat_handlers import who
 from webui.preset_handlers import MODEL_DEFAULTS, PresetHandlers
 
 
@@ -41,11 +42,6 @@ def _control(spec: Any) -> Any:
     return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, value=spec.default, **common)
 
 
-def login(request: gr.Request | None) -> str | None:
-    """The signed-in login (None without logins): whose presets these are."""
-    return getattr(request, "username", None) if request is not None else None
-
-
 def build_parameters_tab(engine: Engine) -> ParameterControls:
     presets = PresetHandlers(engine)
     with gr.Row():
@@ -71,18 +67,18 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
     parameters = ParameterControls(controls, stops)
 
     def load_preset(chosen, request: gr.Request):
-        values, status = presets.load(login(request), chosen)
+        values, status = presets.load(who(request).user, chosen)
         return [*(gr.update() if v is None else v for v in values), status]
 
     def save_preset(data, request: gr.Request):
         values, _ = parameters.read(data)
-        user = login(request)
+        user = who(request).user
         status = presets.save(user, data[name], values)
         chosen = data[name] if status.startswith("Saved") else data[preset]
         return status, gr.update(choices=presets.names(user), value=chosen)
 
     def delete_preset(chosen, request: gr.Request):
-        user = login(request)
+        user = who(request).user
         status = presets.delete(user, chosen)
         return status, gr.update(choices=presets.names(user), value=MODEL_DEFAULTS if status.startswith("Deleted") else chosen)
 
@@ -102,7 +98,7 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
         return describe_format()
 
     def page_opened(request: gr.Request):
-        user = login(request)
+        user = who(request).user
         values, _ = presets.load(user, MODEL_DEFAULTS)  # the loaded model's generation_config defaults
         labels = presets.labels()
         return [*(gr.update(value=v, label=label) for v, label in zip(values, labels)), *describe_format(),

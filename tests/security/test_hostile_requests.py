@@ -156,9 +156,20 @@ def test_a_tiny_temperature_is_greedy_not_an_internal_error(real_engine):
 
 @pytest.mark.slow
 def test_a_reply_cut_inside_a_character_never_ends_in_a_replacement_mark(real_engine):
-    request = GenerationRequest(prompt="Write three emoji: 😀", params=SamplingParams(temperature=0, max_new_tokens=1))
-    done = list(real_engine.submit(request).events())[-1]
-    assert not done.text.endswith("\ufffd")
+    import torch
+
+    from loaders.hf_causal_lm import _PieceStreamer
+
+    with real_engine.models.use() as model:
+        tokenizer = model.tokenizer
+    ids = tokenizer("😀", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1 and tokenizer.decode(ids[:1]).endswith("\ufffd")  # one token is half a character
+    pieces = []
+    streamer = _PieceStreamer(tokenizer, pieces.append)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, which generate() hands over first
+    streamer.put(torch.tensor([ids[0]]))  # then max_new_tokens cuts the reply here
+    streamer.end()
+    assert "".join(p.text for p in pieces) == "" and sum(p.tokens for p in pieces) == 1
 
 
 @pytest.mark.slow
