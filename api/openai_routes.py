@@ -136,7 +136,7 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
         except BaseException:
             handle.cancel()
             raise
-        ids = Ids(chat=chat, model=loaded.name)
+        ids = Ids(chat=chat, model=loaded.name, started=started)
         if body.stream:
             return StreamingResponse(
                 _sse(handle, request, ids, early, include_usage=body.include_usage()),
@@ -156,8 +156,9 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
 class Ids:
     """Identity and shapes of one response (ids, timestamps, the chat or text flavour)."""
 
-    def __init__(self, *, chat: bool, model: str) -> None:
+    def __init__(self, *, chat: bool, model: str, started: Started | None = None) -> None:
         self.chat = chat
+        self.started = started
         self.model = model
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -173,7 +174,17 @@ class Ids:
         else:
             choice = {"index": 0, "text": finished.text, "finish_reason": reason, "logprobs": None}
             head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": _usage(finished)}
+        return {**head, "choices": [choice], "usage": _usage(finished), "loadstar": self.extra(finished)}
+
+    def extra(self, finished: Finished) -> dict[str, Any]:
+        """What Loadstar adds to a response (clients ignore unknown fields): the prompt format and how
+        it was found, and the notices the UI shows (ignored parameters, why a reply is empty, ...)."""
+        started = self.started
+        return {
+            "prompt_format": started.format_name if started else None,
+            "prompt_format_source": started.format_why if started else None,
+            "notices": list(finished.notices),
+        }
 
     def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict[str, Any]:
         if self.chat:
@@ -278,7 +289,7 @@ async def _sse(
         if finished.reason == "error":
             yield data(error_body(finished.error or "generation failed", "server_error"))
         else:
-            yield data(ids.chunk(None, _finish_reason(finished)))
+            yield data({**ids.chunk(None, _finish_reason(finished)), "loadstar": ids.extra(finished)})
             if include_usage:
                 yield data(ids.usage_chunk(finished))
         yield "data: [DONE]\n\n"

@@ -15,7 +15,8 @@ from engine.loader_api import LoadedModel, LoadedModelInfo
 from engine.model_manager import ModelManager
 from engine.plugins import PluginHost
 from engine.presets import PresetStore, generation_config_defaults
-from engine.prompt_formats import AUTO, NAMED_FORMATS, ChosenFormat, choose_format
+from engine.format_detection import ChosenFormat, choose_format
+from engine.prompt_formats import AUTO, NAMED_FORMATS
 from engine.request_pipeline import PreparedRequest, RequestPipeline
 from engine.sampling import SamplingParams
 from engine.settings import Settings

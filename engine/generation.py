@@ -76,6 +76,7 @@ class Started:
     prompt_tokens: int
     seed: int
     format_name: str | None = None  # the prompt format used for a chat; None for raw prompts
+    format_why: str | None = None  # how that format was found: the model's template, its card, ...
     notices: tuple[str, ...] = ()  # what the user should know: ignored parameters, a cut prompt, ...
 
 
@@ -350,7 +351,7 @@ class GenerationService:
             seed = params.seed if params.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
             handle._emit(Started(
                 model=model.info.name, prompt=prepared.prompt, prompt_tokens=prepared.prompt_tokens, seed=seed,
-                format_name=prepared.format_name, notices=prepared.notices,
+                format_name=prepared.format_name, format_why=prepared.format_why, notices=prepared.notices,
             ))
             started = time.perf_counter()
             parts: list[str] = []
@@ -407,4 +408,17 @@ class GenerationService:
                 reason = "length"
             else:
                 reason = "stop"
+            if reason != "cancelled" and not "".join(parts).strip():
+                notices.append(empty_reply_reason(reason, tokens, stops.matched, params.max_new_tokens))
             handle._emit(finished(reason))
+
+
+def empty_reply_reason(reason: FinishReason, tokens: int, stop: str | None, max_new_tokens: int) -> str:
+    """Why a reply came out empty, in words (an empty reply never comes without its reason)."""
+    if stop is not None:
+        return f"the reply is empty: the stop string {stop!r} came first"
+    if reason == "length":
+        return f"the reply is empty: max_new_tokens ({max_new_tokens}) ran out before any visible text"
+    if tokens <= 1:  # the end-of-sequence token itself may be counted
+        return "the reply is empty: the model ended it at its first token (end of sequence); check the prompt format"
+    return f"the reply is empty: the model wrote {tokens} tokens of whitespace or special tokens, then ended it"

@@ -1,9 +1,7 @@
 """Prompt formats: how a conversation becomes the text a model continues.
 
-A model's own chat template wins (``chat_template.jinja``, then ``tokenizer_config.json``, then
-GGUF metadata, as the tokenizer found it). For a model without one, a named format is picked from
-its model card and folder name (TheBloke-style cards name theirs under "Prompt template"), or
-chosen by the user; a base model with no chat format gets plain completion.
+The named formats TheBloke-style model cards use, and rendering. Which format a model gets is
+worked out in ``engine.format_detection``.
 
 Every template, the model's own included, renders in Jinja's immutable sandbox: a template is
 data from the internet and must not reach Python objects.
@@ -11,9 +9,7 @@ data from the internet and must not reach Python objects.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from engine.chat import ChatMessage
@@ -30,6 +26,7 @@ class PromptFormat:
     template: str  # Jinja, with the variables transformers gives chat templates
     default_system: str | None = None  # supplied when the conversation has no system message
     description: str = ""
+    stop: tuple[str, ...] = ()  # where the model's turn ends when it writes the next turn itself
 
 
 _VICUNA_SYSTEM = (
@@ -51,6 +48,7 @@ NAMED_FORMATS: dict[str, PromptFormat] = {
             "{% if add_generation_prompt %} ASSISTANT:{% endif %}",
             default_system=_VICUNA_SYSTEM,
             description="USER: / ASSISTANT: turns after a system line (Vicuna, WizardLM 1.x, many merges).",
+            stop=("USER:",),
         ),
         PromptFormat(
             "Llama-2 chat",
@@ -61,6 +59,7 @@ NAMED_FORMATS: dict[str, PromptFormat] = {
             "{% else %} {{ m.content }} {{ eos_token }}{% endif %}"
             "{% endfor %}",
             description="[INST] … [/INST] with an optional <<SYS>> block (Llama-2-chat and fine-tunes).",
+            stop=("[INST]",),
         ),
         PromptFormat(
             "ChatML",
@@ -69,6 +68,7 @@ NAMED_FORMATS: dict[str, PromptFormat] = {
             "{% for m in turns %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
             description="<|im_start|>role … <|im_end|> (OpenHermes, Dolphin, Qwen); wants a system message.",
+            stop=("<|im_end|>", "<|im_start|>"),
         ),
         PromptFormat(
             "Zephyr",
@@ -76,6 +76,7 @@ NAMED_FORMATS: dict[str, PromptFormat] = {
             "{% for m in turns %}<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
             description="<|user|> / <|assistant|> turns each ended by </s> (Zephyr, TinyLlama-chat).",
+            stop=("<|user|>",),
         ),
         PromptFormat(
             "Alpaca",
@@ -87,6 +88,7 @@ NAMED_FORMATS: dict[str, PromptFormat] = {
             "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}",
             default_system=_ALPACA_SYSTEM,
             description="### Instruction: / ### Response: sections (Alpaca and instruction-tuned models).",
+            stop=("### Instruction:",),
         ),
         PromptFormat(
             "Completion",
@@ -97,15 +99,6 @@ NAMED_FORMATS: dict[str, PromptFormat] = {
     )
 }
 COMPLETION = NAMED_FORMATS["Completion"]
-
-
-@dataclass(frozen=True)
-class ChosenFormat:
-    """The format a model uses and why (shown in the UI next to the prompt)."""
-
-    format: PromptFormat
-    why: str
-    own_template: bool = False  # the model's own chat template
 
 
 @dataclass(frozen=True)
@@ -123,66 +116,6 @@ class RenderedPrompt:
 
 def own_format(template: str, source: str | None) -> PromptFormat:
     return PromptFormat("model's own", template, description=f"the chat template from {source or 'the tokenizer'}")
-
-
-def choose_format(
-    *, own_template: str | None, own_source: str | None, folder: Path | None, pinned: str | None = None
-) -> ChosenFormat:
-    """Pick the prompt format: the user's pin, else the model's template, else a guess, else completion."""
-    if pinned and pinned != AUTO:
-        if pinned not in NAMED_FORMATS:
-            raise BadRequestError(f"unknown prompt format '{pinned}' (known: {', '.join(NAMED_FORMATS)})")
-        return ChosenFormat(NAMED_FORMATS[pinned], "chosen by you for this model")
-    if own_template:
-        chosen = own_format(own_template, own_source)
-        return ChosenFormat(chosen, chosen.description, own_template=True)
-    guessed = guess_format(folder) if folder is not None else None
-    if guessed is not None:
-        return guessed
-    return ChosenFormat(COMPLETION, "no chat template and none named in the model card: plain completion")
-
-
-# Evidence for each named format, strongest first: what model cards and folder names say.
-_CARD_HINTS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("ChatML", re.compile(r"<\|im_start\|>|prompt template:\s*chatml", re.I)),
-    ("Zephyr", re.compile(r"<\|assistant\|>|prompt template:\s*zephyr", re.I)),
-    ("Llama-2 chat", re.compile(r"\[INST\]|prompt template:\s*llama-?2-chat", re.I)),
-    ("Alpaca", re.compile(r"### Instruction:|prompt template:\s*alpaca", re.I)),
-    ("Vicuna v1.1", re.compile(r"USER:.{0,40}ASSISTANT:|prompt template:\s*vicuna", re.I | re.S)),
-)
-_NAME_HINTS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("ChatML", re.compile(r"chatml|hermes|dolphin", re.I)),
-    ("Zephyr", re.compile(r"zephyr", re.I)),
-    ("Llama-2 chat", re.compile(r"llama-?2-.*chat", re.I)),
-    ("Vicuna v1.1", re.compile(r"vicuna|wizard-?vicuna", re.I)),
-    ("Alpaca", re.compile(r"alpaca", re.I)),
-)
-_PROMPT_SECTION = re.compile(r"prompt (?:template|format)\s*:?([^\n]*)\n(.{0,800}?)(?=\n#|\Z)", re.I | re.S)
-
-
-def guess_format(folder: Path) -> ChosenFormat | None:
-    """A named format from the model card's "Prompt template" section, else from the folder name."""
-    section = _PROMPT_SECTION.search(_read_card(folder))
-    if section is not None:
-        title, body = section.group(1).strip(), section.group(2)
-        for name, pattern in _CARD_HINTS:
-            if pattern.search(f"prompt template: {title}\n{body}"):
-                return ChosenFormat(NAMED_FORMATS[name], f"{name}, as the model card's prompt template shows")
-        if title.lower().startswith("none"):
-            return ChosenFormat(COMPLETION, "the model card says it has no prompt template: plain completion")
-    for name, pattern in _NAME_HINTS:
-        if pattern.search(folder.name):
-            return ChosenFormat(NAMED_FORMATS[name], f"{name}, guessed from the folder name")
-    return None
-
-
-def _read_card(folder: Path) -> str:
-    card = folder / "README.md"
-    try:
-        with card.open(encoding="utf-8", errors="replace") as handle:
-            return handle.read(200_000)
-    except OSError:
-        return ""
 
 
 def render(

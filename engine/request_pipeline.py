@@ -14,14 +14,15 @@ Without a plugin host (engine unit tests) only the rendering and the notices rem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError, LoadstarError
 from engine.extension_api import ReplyDraft, RequestDraft
 from engine.loader_api import CancelToken, LoadedModel, StreamPiece
 from engine.plugins import PluginHost
-from engine.prompt_formats import ChosenFormat, choose_format, render
+from engine.format_detection import NO_FORMAT_NOTICE, ChosenFormat, choose_format
+from engine.prompt_formats import render
 from engine.sampling import ALL_PARAMS, SamplingParams, ignored_params, prompt_budget
 from engine.template_sandbox import TemplateRenderer
 
@@ -40,6 +41,14 @@ class PreparedRequest:
     messages: tuple[ChatMessage, ...]
     format_name: str | None  # None for raw prompts
     notices: tuple[str, ...] = field(default=())
+    format_why: str | None = None  # how the format was found (the card, the tokenizer, ...)
+
+
+class ChatPrompt(NamedTuple):
+    text: str
+    format_name: str
+    why: str  # how the format was found
+    stop: tuple[str, ...]  # the format's own turn ends, added to the request's stop strings
 
 
 def default_format(model: LoadedModel) -> ChosenFormat:
@@ -70,9 +79,11 @@ class RequestPipeline:
             raise BadRequestError("an extension left the request without messages or a prompt")
         params = SamplingParams.model_validate(draft.params.model_dump())
         if draft.prompt is not None:
-            prompt, format_name = draft.prompt, None
+            prompt, format_name, format_why, stop = draft.prompt, None, None, tuple(draft.stop)
         else:
-            prompt, format_name = self.render_chat(model, draft.messages, draft.continue_last, notices)
+            chat = self.render_chat(model, draft.messages, draft.continue_last, notices)
+            prompt, format_name, format_why = chat.text, chat.format_name, chat.why
+            stop = tuple(dict.fromkeys((*draft.stop, *chat.stop)))
         prompt_tokens = model.count_tokens(prompt)
         supported = getattr(model, "supported_params", ALL_PARAMS)
         ignored = ignored_params(params, supported)
@@ -84,13 +95,16 @@ class RequestPipeline:
                 f"the prompt ({prompt_tokens} tokens) was cut to its last {budget} tokens to fit the context"
             )
         return PreparedRequest(
-            prompt, prompt_tokens, params, tuple(draft.stop), tuple(draft.messages), format_name, tuple(notices)
+            prompt, prompt_tokens, params, stop, tuple(draft.messages), format_name, tuple(notices),
+            format_why,
         )
 
     def render_chat(
         self, model: LoadedModel, messages: list[ChatMessage], continue_last: bool, notices: list[str]
-    ) -> tuple[str, str]:
-        """The prompt for a chat; when continuing, the open assistant message is written after it."""
+    ) -> ChatPrompt:
+        """The prompt for a chat, its format's name and how that format was found; when continuing,
+        the open assistant message is written after it. A chat for a model with no known format
+        is sent as plain text with a notice saying so, never silently."""
         tail = ""
         if continue_last:
             if not messages or messages[-1].role != "assistant":
@@ -104,11 +118,13 @@ class RequestPipeline:
                 model=model.info, add_generation_prompt=True,
             )
             if answer is not None:
-                return answer + tail, "an extension's"
+                return ChatPrompt(answer + tail, "an extension's", "rendered by an extension", chosen.format.stop)
         rendered = render(chosen.format, messages, special, renderer=self.renderer, add_generation_prompt=True)
+        if not chosen.known:
+            notices.append(NO_FORMAT_NOTICE)
         if rendered.notice:
             notices.append(rendered.notice)
-        return rendered.text + tail, chosen.format.name
+        return ChatPrompt(rendered.text + tail, chosen.format.name, chosen.why, chosen.format.stop)
 
     def generate(
         self, request: "GenerationRequest", prompt: str, model: LoadedModel, cancel: CancelToken,

@@ -16,14 +16,16 @@ class StopStringFilter:
     stops: tuple[str, ...]
     _held: str = ""
     stopped: bool = False
+    matched: str | None = None  # the stop string that ended the reply
 
     def feed(self, text: str) -> str:
         """Take the next piece; return the text that is safe to show now."""
         if self.stopped:
             return ""
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops if s) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if s and (i := buffer.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.stopped = True
             self._held = ""
             return buffer[:cut]

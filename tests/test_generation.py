@@ -7,6 +7,7 @@ import pytest
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError
 from engine.generation import Finished, GenerationRequest, GenerationService, Queued, Started, TextDelta
+from engine.loader_api import StreamPiece
 from engine.sampling import SamplingParams
 from tests.fakes import FakeModel
 
@@ -192,3 +193,34 @@ def test_close_cancels_pending_work(service_for):
     assert time.monotonic() - started < 5
     with pytest.raises(BadRequestError):
         service.submit(prompt_request("z"))
+
+
+class NoTemplateModel(FakeModel):
+    chat_template = None
+
+
+def test_a_chat_with_no_known_format_carries_the_notice(service_for):
+    """Sent as plain text only with the notice: never silently."""
+    service = service_for(NoTemplateModel(reply="Paris"))
+    events = list(service.submit(GenerationRequest(messages=(ChatMessage(role="user", content="hi"),))).events())
+    started = next(e for e in events if isinstance(e, Started))
+    assert "no chat format known for this model: pick one in Parameters" in started.notices
+    assert started.format_name == "Completion" and "pick one in Parameters" in started.format_why
+    assert "no chat format known for this model: pick one in Parameters" in events[-1].notices
+
+
+@pytest.mark.parametrize(("reply", "stop", "max_new_tokens", "reason"), [
+    ("", (), 10, "the model ended it at its first token"),
+    ("END and more", ("END",), 10, "the stop string 'END' came first"),
+    ("\n \n \n", (), 3, "max_new_tokens (3) ran out before any visible text"),
+])
+def test_an_empty_reply_always_says_why(service_for, reply, stop, max_new_tokens, reason):
+    model = FakeModel(reply=reply)
+    model.stream = lambda prompt, params, cancel, *, seed: iter(
+        [StreamPiece(p, 1) for p in (["END", " and more"] if stop else reply.split(" ") if reply else [])][:max_new_tokens]
+    )
+    service = service_for(model)
+    result = service.submit(GenerationRequest(prompt="q", stop=stop,
+                                              params=SamplingParams(max_new_tokens=max_new_tokens))).result()
+    assert result.text.strip() == ""
+    assert any(reason in n for n in result.notices), result.notices

@@ -4,9 +4,10 @@ import pytest
 
 from engine.chat import ChatMessage
 from engine.errors import BadRequestError
+from engine.format_detection import choose_format, guess_format
 from engine.template_sandbox import TemplateRenderer
 from engine.prompt_formats import (
-    COMPLETION, DEFAULT_SYSTEM_MESSAGE, NAMED_FORMATS, choose_format, guess_format, own_format, render,
+    COMPLETION, DEFAULT_SYSTEM_MESSAGE, NAMED_FORMATS, own_format, render,
 )
 
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
@@ -100,7 +101,7 @@ def card(tmp_path, name, readme=None):
 def test_llama_2_base_gets_plain_completion(tmp_path):
     folder = card(tmp_path, "Llama-2-7B-GPTQ", "# Llama 2 7B - GPTQ\n## Prompt template: None\n\n```\n{prompt}\n```\n\n## Files\n[INST] appears later\n")
     chosen = choose_format(own_template=None, own_source=None, folder=folder)
-    assert chosen.format is COMPLETION and "no prompt template" in chosen.why
+    assert chosen.format is COMPLETION and "says the model has no chat format" in chosen.why and chosen.known
 
 
 @pytest.mark.parametrize(("name", "readme", "expected"), [
@@ -132,3 +133,72 @@ def test_templates_run_in_a_sandbox():
     mutate = "{% set x = messages.append(1) %}{{ messages|length }}"
     with pytest.raises(BadRequestError, match="could not be rendered"):
         render(own_format(mutate, None), CHAT, TOKENS, renderer=RENDERER)
+
+
+# -- detection on TheBloke-style cards (issue: the format of a chat model must be found) -----------
+
+from engine.format_detection import NO_FORMAT_NOTICE, format_from_card  # noqa: E402
+from tests.thebloke_cards import thebloke_card  # noqa: E402
+
+
+@pytest.mark.parametrize("plain_text", [False, True], ids=["markdown", "plain-text"])
+@pytest.mark.parametrize("front_matter", [True, False], ids=["front-matter", "no-front-matter"])
+@pytest.mark.parametrize(("template", "expected"), [
+    ("ChatML", "ChatML"), ("Vicuna", "Vicuna v1.1"), ("None", "Completion"),
+])
+def test_thebloke_cards_name_their_format_in_every_form(plain_text, front_matter, template, expected):
+    card_text = thebloke_card("CausalLM-7B", "CausalLM", template, plain_text=plain_text,
+                              front_matter_template=front_matter)
+    chosen = format_from_card(card_text)
+    assert chosen is not None and chosen.format.name == expected
+    assert f'"Prompt template: {template}" line' in chosen.why
+
+
+def test_the_old_section_parser_missed_the_plain_text_card():
+    """The plain text form has no heading after the template line: the format must still be found."""
+    card_text = thebloke_card("CausalLM-7B", "CausalLM", "ChatML", plain_text=True, front_matter_template=False)
+    assert "\n#" not in card_text.split("Prompt template: ChatML", 1)[1]
+    assert format_from_card(card_text).format.name == "ChatML"
+
+
+def test_a_card_block_that_matches_no_named_format_becomes_a_format(tmp_path):
+    folder = card(tmp_path, "Orca-Mini-GPTQ", thebloke_card("Orca-Mini", "psmathur", "Orca-Hashes"))
+    chosen = choose_format(own_template=None, own_source=None, folder=folder)
+    assert chosen.format.name == "card: Orca-Hashes" and chosen.known
+    chat = [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello."),
+            ChatMessage(role="user", content="Bye")]
+    text = render(chosen.format, chat, TOKENS, renderer=RENDERER).text
+    assert text == (f"### System:\n{DEFAULT_SYSTEM_MESSAGE}\n\n### User:\nHi\n\n### Assistant:\nHello.\n"
+                    "\n### User:\nBye\n\n### Assistant:\n")
+    assert chosen.format.stop == ("### User:",)
+
+
+def test_card_text_is_never_run_as_a_template():
+    hostile = "## Prompt template: Custom\n\n```\n{{ ''.__class__ }} {prompt}\n```\n"
+    assert format_from_card(hostile) is None  # the block holds Jinja syntax: not turned into a format
+
+
+def test_special_tokens_name_the_format_when_nothing_else_does(tmp_path):
+    folder = card(tmp_path, "CausalLM-7B-GPTQ")
+    (folder / "tokenizer_config.json").write_text(
+        '{"added_tokens_decoder": {"1": {"content": "<|im_start|>", "special": true},'
+        ' "2": {"content": "<|im_end|>", "special": true}}, "eos_token": "<|im_end|>"}'
+    )
+    chosen = choose_format(own_template=None, own_source=None, folder=folder)
+    assert chosen.format.name == "ChatML" and chosen.source == "tokens"
+    assert "tokenizer's special tokens" in chosen.why
+
+
+def test_the_card_comes_before_the_tokens_and_the_tokens_before_the_name(tmp_path):
+    folder = card(tmp_path, "vicuna-7B-GPTQ", thebloke_card("X", "Y", "ChatML"))
+    (folder / "tokenizer.json").write_text('{"added_tokens": [{"content": "[INST]"}, {"content": "[/INST]"}]}')
+    assert choose_format(own_template=None, own_source=None, folder=folder).format.name == "ChatML"
+    (folder / "README.md").unlink()
+    assert choose_format(own_template=None, own_source=None, folder=folder).format.name == "Llama-2 chat"
+    (folder / "tokenizer.json").unlink()
+    assert choose_format(own_template=None, own_source=None, folder=folder).format.name == "Vicuna v1.1"
+
+
+def test_no_format_known_is_said_not_silent(tmp_path):
+    chosen = choose_format(own_template=None, own_source=None, folder=card(tmp_path, "mystery-7B"))
+    assert not chosen.known and chosen.format is COMPLETION and NO_FORMAT_NOTICE in chosen.why

@@ -152,7 +152,8 @@ class ChatHandlers:
         except (LoadstarError, ValidationError) as error:
             return "", f"⚠️ {_problem(error)}"
         notes = "".join(f" ⚠️ {notice}." for notice in prepared.notices)
-        return prepared.prompt, f"{prepared.prompt_tokens} tokens, {prepared.format_name} format.{notes}"
+        why = f" ({prepared.format_why})" if prepared.format_why else ""
+        return prepared.prompt, f"{prepared.prompt_tokens} tokens, {prepared.format_name} format{why}.{notes}"
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class ChatHandlers:
         state = self._save(state, who)  # the user's message is safe before the reply starts
 
         prefix = messages.pop()["content"] if continue_last else ""
-        reply, status, prompt = "", "Queued…", None
+        reply, status, prompt, format_note = "", "Queued…", None, ""
         last_yield = 0.0
         finished: Finished | None = None
         try:
@@ -191,7 +192,8 @@ class ChatHandlers:
                 if isinstance(event, Queued):
                     status = f"Waiting in the queue: position {event.position}."
                 elif isinstance(event, Started):
-                    status = f"Generating with {event.model}…" + _notices(event.notices)
+                    format_note = f" Prompt format: {event.format_why}." if event.format_why else ""
+                    status = f"Generating with {event.model}…" + _notices(event.notices) + format_note
                     prompt = event.prompt
                 elif isinstance(event, TextDelta):
                     reply += event.text
@@ -201,7 +203,7 @@ class ChatHandlers:
                         continue
                 elif isinstance(event, Finished):
                     finished = event
-                    status = finished_status(event)
+                    status = finished_status(event) + format_note
                     reply = event.text if event.reason != "error" else reply
                 shown = [*messages, {"role": "assistant", "content": prefix + reply}]
                 if isinstance(event, Finished):
