@@ -16,7 +16,8 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from engine.errors import LoadstarError, ModelLoadError, one_line
+from engine.errors import LoadstarError, ModelLoadError
+from engine.load_failures import load_failure
 from engine.loader_api import LoadedModel, LoadedModelInfo
 from engine.loader_choice import LoaderCandidate, choose_loader, rank_loaders
 from engine.model_folder import ModelFolder, inspect_model_folder, list_model_folders, resolve_model_folder
@@ -105,7 +106,8 @@ class ModelManager:
                 raise
             except Exception as error:
                 log.exception("%s failed to load %s", chosen.loader, name)
-                raise ModelLoadError(f"{chosen.loader} could not load {name}: {one_line(error)}") from error
+                files = [w.path for w in folder.weight_files]
+                raise ModelLoadError(f"{chosen.loader} could not load {name}: {load_failure(error, files, folder.path)}") from None
             self._swap(model, folder)
             return model.info
 

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import ModelLoadError, one_line
+from engine.errors import ModelLoadError
+from engine.load_failures import load_failure
 from engine.hookspecs import hookimpl
 from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
 from engine.model_folder import ModelFolder
@@ -120,7 +121,7 @@ class ExLlamaV2Loader:
         except Exception as error:
             log.exception("exllamav2 failed on %s", path)
             weights = ", ".join(w.path for w in folder.files_of("safetensors"))
-            raise ModelLoadError(f"ExLlamaV2 could not load {folder.name} ({weights}): {one_line(error)}") from error
+            raise ModelLoadError(f"ExLlamaV2 could not load {folder.name}: {load_failure(error, weights.split(', '))}") from None
         info = LoadedModelInfo(
             name=folder.name, loader=self.name, device="cuda", dtype="float16",
             context_length=ex_config.max_seq_len, details=folder.gptq.describe() if folder.gptq else "",

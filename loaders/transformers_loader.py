@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ModelLoadError
 from engine.hookspecs import hookimpl
+from engine.load_failures import load_failure
 from engine.loader_api import Assessment, Availability, LoadedModelInfo
 from engine.model_folder import ModelFolder
 from loaders.hf_causal_lm import HFCausalLM
@@ -99,9 +100,10 @@ class TransformersLoader:
                 weights_only=True,
                 **common,
             )
-        except (OSError, ValueError, RuntimeError) as error:
-            what = gguf_file or ", ".join(w.path for w in folder.weight_files[:3])
-            raise ModelLoadError(f"Transformers could not load {folder.name} ({what}): {_first_line(error)}") from error
+        except Exception as error:
+            log.exception("Transformers failed on %s", folder.path)
+            files = [gguf_file] if gguf_file else [w.path for w in folder.weight_files]
+            raise ModelLoadError(f"Transformers could not load {folder.name}: {load_failure(error, files, folder.path)}") from None
         model.eval()
         info = LoadedModelInfo(
             name=folder.name,
@@ -127,11 +129,6 @@ def _assess_gptq(folder: ModelFolder) -> Assessment:
 @hookimpl
 def register_loaders(register) -> None:
     register(TransformersLoader())
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _cuda_available() -> bool:

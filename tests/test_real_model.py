@@ -139,8 +139,13 @@ def test_pickled_code_in_a_bin_file_never_runs(checkpoint_cache, tmp_path):
         pickle.dump({"model.embed_tokens.weight": _RunsCode(marker)}, handle)
     engine = Engine(Settings(models_dir=models, data_dir=tmp_path / "data"))
     try:
-        with pytest.raises(ModelLoadError, match="evil"):
+        with pytest.raises(ModelLoadError) as refused:
             engine.load_model("evil")
         assert not marker.exists()
+        message = str(refused.value)
+        # One line, the file and the code it would have called; no escape codes, no torch advice.
+        assert message == "Transformers could not load evil: pytorch_model.bin contains pickled code (io.open); " \
+                          "refused: only tensors are loaded", message
+        assert "\n" not in message and "\x1b" not in message and "weights_only" not in message
     finally:
         engine.close()
