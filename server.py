@@ -319,6 +319,8 @@ def list_branches(client, repo_id: str) -> int:
             continue
         print(f"{row.branch}: {row.quantization}, {format_size(row.download_bytes)}, "
               f"loader {row.best_loader or 'none'}, {row.fits}")
+        for warning in row.warnings:
+            print(f"    warning: {warning}")
         for line in row.loaders:
             print(f"    {line}")
     return 0

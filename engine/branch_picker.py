@@ -1,8 +1,12 @@
 """The branch picker: every branch of a repo with its quantization, download size, the loaders that
 could run it here, and the memory it needs against what this machine has free.
 
-Reads each branch's ``quantize_config.json`` and ``config.json`` remotely (small files) and builds
-the same ``ModelFolder`` record a local folder gets, so the loaders' own ``assess`` answers.
+Reads each branch's ``quantize_config.json`` and ``config.json`` remotely (small files), and the
+start of its first safetensors file (a ranged GET of the header, then of one small ``g_idx``
+tensor: tens of KiB, not the weights), and builds the same ``ModelFolder`` record a local folder
+gets, so the loaders' own ``assess`` answers. The tensors say what a legacy branch without a
+quantization config really is, and a branch whose config or names contradict its tensors is
+flagged before anyone downloads it.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.downloads import HubClient, select_files
+from engine.downloads import DownloadError, HubClient, select_files
+from engine.gptq_tensors import TensorGPTQ, gptq_from_header, parse_header_prefix
 from engine.errors import LoadstarError
 from engine.loader_api import Loader
 from engine.loader_choice import rank_loaders
 from engine.model_folder import (
     ModelFolder, Quantization, WeightFile, gguf_bits_per_weight, gguf_facts, gguf_models, gguf_type_from_name,
-    kv_bytes_per_token, parse_gguf_metadata, quantization_from_config, weight_format,
+    gptq_disagreements, kv_bytes_per_token, parse_gguf_metadata, quantization_from_config, weight_format,
 )
 
 
@@ -40,6 +45,7 @@ class BranchRow:
     best_loader: str | None
     memory_needed: int | None
     fits: str
+    warnings: tuple[str, ...] = ()  # the config or names contradict the tensors, or the header is unreadable
 
 
 @dataclass(frozen=True)
@@ -167,30 +173,65 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
         WeightFile(path=f.path, format=weight_format(f.path), size=f.size)
         for f in files if "/" not in f.path and weight_format(f.path) is not None
     )
+    tensors, warnings = None, []
+    first = next((w.path for w in sorted(weights, key=lambda w: w.path) if w.format == "safetensors"), None)
+    if first is not None and (quantization is None or quantization.method == "gptq"):
+        try:
+            tensors = remote_tensor_gptq(client, repo_id, commit, first)
+        except (ValueError, KeyError, TypeError, IndexError, DownloadError) as error:
+            warnings.append(f"the header of {first} could not be read: {str(error).splitlines()[0]}")
+    conflicts = gptq_disagreements(quantization, tensors) if tensors is not None else []
+    if tensors is not None:
+        warnings += gptq_disagreements(quantization, tensors, (branch,), act_order=True)
     archs = config.get("architectures") or []
     record = ModelFolder(
         name=f"{repo_id}:{branch}", path=Path("/nonexistent/hub") / repo_id / branch, weight_files=weights,
         architecture=archs[0] if archs else None, model_type=config.get("model_type"), quantization=quantization,
         context_length=config.get("max_position_embeddings"), size_bytes=sum(f.size for f in files),
         has_config=bool(config), config_quantization=isinstance(config.get("quantization_config"), dict),
+        tensor_gptq=tensors, gptq_conflicts=tuple(conflicts),
     )
     candidates = rank_loaders(record, loaders)
     best = next((c for c in candidates if c.usable), None)
     weight_bytes = sum(w.size for w in weights)
     kv = kv_cache_bytes(config)
     needed = weight_bytes + kv if kv is not None else None
+    shown = quantization or record.gptq
+    described = shown.describe() if shown else "unquantized"
+    if quantization is None and tensors is not None:
+        described += f" (read from the tensors in {tensors.file})"
     return BranchRow(
         branch=branch, commit=commit,
-        quantization=quantization.describe() if quantization else "unquantized",
-        bits=quantization.bits if quantization else None,
-        group_size=quantization.group_size if quantization else None,
-        desc_act=quantization.desc_act if quantization else None,
+        quantization=described,
+        bits=shown.bits if shown else None,
+        group_size=shown.group_size if shown else None,
+        desc_act=shown.desc_act if shown else None,
         download_bytes=sum(f.size for f in files),
         loaders=tuple(c.describe() for c in candidates),
         best_loader=best.loader if best else None,
         memory_needed=needed,
         fits=_fits(needed, best.loader if best else None, budget),
+        warnings=tuple(dict.fromkeys(warnings)),
     )
+
+
+SAFETENSORS_HEAD_BYTES = 48 * 1024  # the header's first entries: norms, then whole layers in file order
+
+
+def remote_tensor_gptq(client: HubClient, repo_id: str, commit: str, path: str) -> TensorGPTQ | None:
+    """GPTQ parameters of a remote safetensors file, from its header's first bytes and one small
+    ``g_idx`` tensor: the same inference as for a local file (``gptq_from_header``)."""
+    head = client.read_head(repo_id, commit, path, SAFETENSORS_HEAD_BYTES)
+    if not head:
+        return None
+    header, data_start, complete = parse_header_prefix(head, path)
+
+    def read(start: int, length: int) -> bytes:
+        if start + length <= len(head):
+            return head[start: start + length]
+        return client.read_range(repo_id, commit, path, start, length) or b""
+
+    return gptq_from_header(header, data_start, read, path, complete=complete, symmetry=False)
 
 
 def _fits(needed: int | None, loader: str | None, budget: MemoryBudget) -> str:

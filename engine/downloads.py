@@ -250,21 +250,29 @@ class HubClient:
 
     def read_head(self, repo_id: str, commit: str, path: str, size: int) -> bytes | None:
         """The first ``size`` bytes of a file (a ranged GET: a weights header, not the weights)."""
+        return self.read_range(repo_id, commit, path, 0, size)
+
+    def read_range(self, repo_id: str, commit: str, path: str, start: int, size: int) -> bytes | None:
+        """``size`` bytes of a file from ``start`` (one ranged GET); None if the file is absent."""
         url = self.file_url(repo_id, commit, path)
-        _status, content = self._call(lambda: self._get_bounded(url, f"{repo_id}/{path}", size, ranged=True),
-                                      f"{repo_id}/{path}")
+        _status, content = self._call(
+            lambda: self._get_bounded(url, f"{repo_id}/{path}", size, ranged=True, start=start), f"{repo_id}/{path}"
+        )
         return content
 
     def _get_bounded(self, url: str, what: str, limit: int = MAX_JSON_BYTES,
-                     ranged: bool = False) -> tuple[int, bytes | None]:
-        """GET at most ``limit`` bytes: a whole file (None if larger), or with ``ranged`` its first bytes."""
+                     ranged: bool = False, start: int = 0) -> tuple[int, bytes | None]:
+        """GET at most ``limit`` bytes: a whole file (None if larger), or with ``ranged`` the bytes
+        from ``start``."""
         headers = self.headers()
         if ranged:
-            headers["Range"] = f"bytes=0-{limit - 1}"
+            headers["Range"] = f"bytes={start}-{start + limit - 1}"
         with self.session.stream("GET", url, headers=headers, follow_redirects=True, timeout=30) as response:
             if response.status_code == 404:
                 return 404, None
             self._check(response, what)
+            if ranged and start and response.status_code != 206:
+                raise DownloadError(f"{what}: the server ignored a Range request")
             content = bytearray()
             for chunk in response.iter_bytes(64 * 1024):
                 content += chunk

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.errors import BadModelFolderError, ModelNotFoundError, one_line
-from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors, read_safetensors_header
+from engine.gptq_tensors import (
+    TensorGPTQ, act_order_hint, filename_hint, infer_gptq_from_safetensors, read_safetensors_header,
+)
 
 WeightFormat = Literal["safetensors", "bin", "pt", "gguf"]
 
@@ -205,7 +207,7 @@ def inspect_model_folder(path: Path) -> ModelFolder:
                 corrupt.append(problem)
             elif tensor_gptq is None:
                 tensor_gptq = _tensor_gptq(path / weight.path, problems)
-    conflicts = _gptq_disagreements(quantization, tensor_gptq) if tensor_gptq is not None else []
+    conflicts = gptq_disagreements(quantization, tensor_gptq) if tensor_gptq is not None else []
     if quantization is None and tensor_gptq is None:
         quantization = _pt_only_hint(weights)
     problems.extend(corrupt + conflicts)
@@ -351,21 +353,33 @@ def _tensor_gptq(path: Path, problems: list[str]) -> TensorGPTQ | None:
         return None
 
 
-def _gptq_disagreements(declared: Quantization | None, tensors: TensorGPTQ) -> list[str]:
-    """Where quantize_config/config.json or the file name contradict the tensor shapes."""
+def gptq_disagreements(declared: Quantization | None, tensors: TensorGPTQ, names: tuple[str, ...] = (), *,
+                       act_order: bool = False) -> list[str]:
+    """Where quantize_config/config.json or the names (the weights file, a branch) contradict the
+    tensors. Used for a local folder and, before download, by the branch picker. Bits and group
+    size decide whether a load can work; ``act_order`` adds act-order mismatches, which only
+    mislabel a checkpoint (the kernels follow g_idx whatever the config says)."""
     problems = []
+    checked = (("bits", tensors.bits), ("group_size", tensors.group_size)) + (
+        (("desc_act", tensors.desc_act),) if act_order else ())
     if declared is not None and declared.method == "gptq":
-        for name, actual in (("bits", tensors.bits), ("group_size", tensors.group_size)):
+        for name, actual in checked:
             said = getattr(declared, name)
             if said is not None and said != actual:
                 problems.append(
                     f"{declared.source} says {name}={said} but the tensors in {tensors.file} have {name}={actual}"
                 )
-    bits, group = filename_hint(tensors.file)
-    if bits is not None and bits != tensors.bits:
-        problems.append(f"the file name {tensors.file} says {bits}-bit but its tensors are {tensors.bits}-bit")
-    if group is not None and group != tensors.group_size:
-        problems.append(f"the file name {tensors.file} says group {group} but its tensors have group {tensors.group_size}")
+    for where in (tensors.file, *names):
+        what = "file name" if where == tensors.file else "name"
+        bits, group = filename_hint(where)
+        if bits is not None and bits != tensors.bits:
+            problems.append(f"the {what} {where} says {bits}-bit but the tensors are {tensors.bits}-bit")
+        if group is not None and group != tensors.group_size:
+            problems.append(f"the {what} {where} says group {group} but the tensors have group {tensors.group_size}")
+        act = act_order_hint(where)
+        if act_order and act is not None and tensors.group_size != -1 and act != tensors.desc_act:
+            said = "act-order" if act else "no act-order"
+            problems.append(f"the {what} {where} says {said} but the tensors' g_idx says otherwise")
     return problems
 
 
