@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     calls = {
         "decode": lambda: SECTIONS["decode"](args.runs, args.tokens),
         "kernels": lambda: SECTIONS["kernels"](args.runs, min(args.tokens, 64)),
+        "gptq_accuracy": lambda: SECTIONS["gptq_accuracy"](args.runs),
         "loading": lambda: SECTIONS["loading"](args.runs),
         "llamacpp_build": lambda: SECTIONS["llamacpp_build"](1),
         "downloads": lambda: SECTIONS["downloads"](args.runs, args.download_mib),
@@ -131,6 +132,20 @@ def render(report: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {name} | {_f(row['tokens_per_second'], 1)} | {_f(row['vs_fp32'])} | {row['details']} |")
         lines += ["", "Goals: " + ", ".join(f"{g}: {'met' if v else 'MISSED'}" for g, v in k["goals"].items()), ""]
+    if "gptq_accuracy" in s:
+        acc = s["gptq_accuracy"]
+        lines += ["## GPTQ CPU kernels against an exact float32 dequantization", "",
+                  "Largest |logit - exact logit| over a chat prompt (\"What is the capital of France?\"), whether "
+                  "greedy decoding gives the exact model's answer, and decode tokens/s (SmolLM2-135M, 2 cores).", "",
+                  "| checkpoint | kernel/dtype | max logit error | same answer | tokens/s |", "|---|---|---|---|---|"]
+        for name, rows in acc.items():
+            if name.startswith("_") or name == "worst_error":
+                continue
+            for kernel, row in rows.items():
+                lines.append(f"| {name} | {kernel} | {_f(row['max_logit_error'], 3)} | "
+                             f"{'yes' if row['same_answer'] else '**no**'} | {_f(row['tokens_per_second'], 1)} |")
+        lines += ["", "Worst error per kernel (the bounds in loaders/autogptq_loader.py): "
+                  + ", ".join(f"{k} {_f(v, 2)}" for k, v in acc["worst_error"].items()), ""]
     if "loading" in s:
         lines += ["## Load time and memory (fresh process each)", "",
                   "| loader: model | load (s) | peak RSS (MiB) | RSS added (MiB) | RSS added / file | left after unload (MiB) |",

@@ -300,6 +300,50 @@ def kernels(runs: int, tokens: int) -> dict[str, Any]:
     return out
 
 
+def gptq_accuracy(runs: int) -> dict[str, Any]:
+    """Every CPU kernel on every GPTQ checkpoint of the test set against an exact float32
+    dequantization: the largest logit difference over a chat prompt, whether greedy decoding
+    writes the same answer, and decode speed. The loader's kernel table comes from here."""
+    import gc
+
+    from loaders.autogptq_loader import CPU_KERNELS, DENSE
+    from tests.checkpoints import gptq_checkpoint
+    from tests.kernel_accuracy import decode_speed, exact_model, greedy, kernel_model, logits, max_error, prompt_ids
+    from engine.gptq_tensors import infer_gptq_from_safetensors
+
+    cache = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
+    combos = {"4bit-g64-act": (4, 64, True), "4bit-g128": (4, 128, False), "8bit-nogroup-act": (8, -1, True),
+              "8bit-g128-act": (8, 128, True), "8bit-g128": (8, 128, False)}
+    out: dict[str, Any] = {}
+    for name, combo in combos.items():
+        folder = gptq_checkpoint(cache, *combo)
+        whole = infer_gptq_from_safetensors(folder / "model.safetensors").group_divides_inputs()
+        ids = prompt_ids(folder)
+        exact = exact_model(folder)
+        reference, answer = logits(exact, ids), greedy(exact, ids)
+        rows = {f"{DENSE}/float32": {"max_logit_error": 0.0, "same_answer": True,
+                                     "tokens_per_second": median([decode_speed(exact, ids) for _ in range(runs)])}}
+        del exact
+        for kernel in CPU_KERNELS:
+            if kernel.backend == DENSE or combo[0] not in kernel.bits or (kernel.needs_whole_groups and not whole):
+                continue
+            model = kernel_model(folder, kernel.backend, kernel.dtype)
+            rows[f"{kernel.backend}/{kernel.dtype}"] = {
+                "max_logit_error": max_error(logits(model, ids), reference),
+                "same_answer": greedy(model, ids) == answer,
+                "tokens_per_second": median([decode_speed(model, ids) for _ in range(runs)]),
+            }
+            del model
+            gc.collect()
+        out[name] = rows
+    worst: dict[str, float] = {}
+    for rows in out.values():
+        for kernel, row in rows.items():
+            worst[kernel] = max(worst.get(kernel, 0.0), row["max_logit_error"])
+    out["worst_error"] = worst
+    return out
+
+
 # -- 3. load time, peak RSS, RSS after unload ------------------------------------------------------
 
 def loading(runs: int) -> dict[str, Any]:
@@ -496,6 +540,6 @@ def gpu(runs: int, tokens: int) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
-    "decode": decode, "kernels": kernels, "loading": loading, "llamacpp_build": llamacpp_build, "downloads": downloads,
+    "decode": decode, "kernels": kernels, "gptq_accuracy": gptq_accuracy, "loading": loading, "llamacpp_build": llamacpp_build, "downloads": downloads,
     "concurrency": concurrency, "gpu": gpu,
 }

@@ -6,12 +6,14 @@ sym or asym, formats ``gptq`` and ``gptq_v2``, on CPU and CUDA. GPTQ parameters 
 are read from the tensor shapes (see ``engine.gptq_tensors``), and the files gptqmodel needs are
 put in a derived folder under Loadstar's data folder: the user's model folder is never written.
 
-CPU kernels, chosen for the model's shapes (measured on SmolLM2-135M, 2 cores):
-- 4-bit whose group size divides every layer's input width: the ATen int4 kernel (41 tok/s);
-- 4-bit otherwise (e.g. group 128 with 576 inputs): the ATen kernel crashes, so the torch kernel;
-- 8-bit: the int8 kernel, with float32 activations; in bfloat16 it is 2.5x faster but rounds
-  near-tie logits differently (SmolLM2 then answers "L'Étoile" instead of "Paris"), so bfloat16
-  is the user's choice (``dtype``), not our default.
+CPU kernels are chosen for accuracy first (``choose_kernel``). Each candidate has a measured
+bound on its error: the largest difference between its logits and those of an exact float32
+dequantization of the same tensors, over a fixed chat prompt, on every checkpoint of the test set
+(``tests/test_gptq_accuracy.py`` checks the bounds, ``make bench`` measures them again). A packed
+kernel is the default only where that bound is small; none of gptqmodel's CPU kernels is (they
+compute in bfloat16, or re-quantize to int8 per channel), so on CPU the default is the exact
+path (``loaders.gptq_dense``: the layers dequantized once into float32) when it fits in memory,
+else the most accurate packed kernel, with its error bound stated in the load details.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import ModelLoadError, one_line
+from engine.errors import ModelLoadError
+from engine.load_failures import load_failure
 from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors
 from engine.hookspecs import hookimpl
 from engine.loader_api import Assessment, Availability, LoadedModelInfo
 from engine.model_folder import ModelFolder, Quantization, weight_format
 from loaders.derived_folder import derived_folder
+from loaders.gptq_dense import dense_bytes, load_dense
 from loaders.hf_causal_lm import HFCausalLM
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 _STANDARD_WEIGHTS = ("model.safetensors",)
 
 Backend = Literal[
-    "auto", "gptq_torch", "gptq_torch_int8", "gptq_torch_aten", "gptq_torch_fused",
+    "auto", "dense_float32", "gptq_torch", "gptq_torch_int8", "gptq_torch_aten", "gptq_torch_fused",
     "gptq_triton", "gptq_exllama_v2", "gptq_marlin",
 ]
 
@@ -53,9 +57,11 @@ class AutoGPTQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
-    backend: Backend = Field("auto", description="gptqmodel kernel; auto = the fastest that works for the model's shapes.")
+    backend: Backend = Field("auto", description=(
+        "Kernel; auto = on CUDA gptqmodel's pick, on CPU the fastest within 0.05 logits of the exact model "
+        "(dense_float32: the layers dequantized to float32 once, exact, 32/bits times the memory)."))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Activation dtype; auto = float16 on CUDA, on CPU float32 for 8-bit and bfloat16 otherwise."
+        "auto", description="Activation dtype; auto = float16 on CUDA, on CPU the kernel's measured dtype."
     )
     allow_pt: bool = Field(False, description="Allow a pickled .pt weights file (read with torch weights_only).")
     scratch_dir: Path | None = Field(None, description="Where derived files go (set by Loadstar to its data folder).")
@@ -68,20 +74,58 @@ class KernelChoice:
     why: str
 
 
-def choose_kernel(gptq: Quantization, tensors: TensorGPTQ | None, device: str) -> KernelChoice:
-    """The fastest gptqmodel kernel that works for these shapes on ``device``."""
+@dataclass(frozen=True)
+class CPUKernel:
+    """A CPU kernel and its measured error against an exact float32 dequantization."""
+
+    backend: str
+    dtype: str
+    bits: tuple[int, ...]
+    max_logit_error: float  # the largest |logit - exact logit| measured (see the module docstring)
+    decode_speed: float  # tokens/s on SmolLM2-135M, 2 cores (bench), for ordering only
+    needs_whole_groups: bool = False  # the ATen int4 kernels need groups that divide every input width
+
+
+DENSE = "dense_float32"
+ACCURACY_BOUND = 0.05  # logits: a default kernel must stay this close to the exact model
+DENSE_RAM_SHARE = 0.6  # the exact path is taken when the float32 model fits in this share of free RAM
+# Measured by bench/gptq_kernels.py on the test set (4-bit g64 act-order, 4-bit g128, 8-bit
+# no group act-order, 8-bit g128 with and without act-order); fastest first.
+CPU_KERNELS: tuple[CPUKernel, ...] = (
+    CPUKernel("gptq_torch_fused", "bfloat16", (4,), 1.27, 25.2, needs_whole_groups=True),
+    CPUKernel("gptq_torch_int8", "bfloat16", (2, 4, 8), 2.92, 21.0),
+    CPUKernel("gptq_torch_fused", "float32", (4,), 1.03, 21.3, needs_whole_groups=True),  # bf16 inside
+    CPUKernel("gptq_torch_aten", "bfloat16", (4,), 1.27, 16.4, needs_whole_groups=True),
+    CPUKernel(DENSE, "float32", (2, 4, 8), 0.001, 13.0),
+    CPUKernel("gptq_torch_int8", "float32", (2, 4, 8), 2.59, 5.4),
+    CPUKernel("gptq_torch", "bfloat16", (2, 3, 4, 8), 2.57, 2.5),
+)
+
+
+def kernel_error(backend: str, dtype: str) -> float | None:
+    return next((k.max_logit_error for k in CPU_KERNELS if (k.backend, k.dtype) == (backend, dtype)), None)
+
+
+def choose_kernel(gptq: Quantization, tensors: TensorGPTQ | None, device: str, *, dense_fits: bool = True) -> KernelChoice:
+    """The kernel for these shapes on ``device``: on CPU the fastest whose measured error is within
+    ``ACCURACY_BOUND``, else the exact float32 path if it fits in memory, else the most accurate."""
     if device == "cuda":
         return KernelChoice("auto", "float16", "CUDA: gptqmodel picks the kernel")
-    if gptq.bits == 8:
-        return KernelChoice("gptq_torch_int8", "float32", "8-bit: int8 kernel, float32 activations")
-    if gptq.bits == 4 and tensors is not None and tensors.group_divides_inputs():
-        return KernelChoice("gptq_torch_aten", "bfloat16", "4-bit: ATen int4 kernel")
-    if gptq.bits == 4 and tensors is not None:
-        width = next(w for w in tensors.in_features if w % tensors.group_size)
-        return KernelChoice(
-            "gptq_torch", "bfloat16", f"4-bit: group {tensors.group_size} does not divide input width {width}, torch kernel"
-        )
-    return KernelChoice("gptq_torch", "bfloat16", f"{gptq.bits}-bit: torch kernel")
+    bits = gptq.bits or 4
+    whole_groups = tensors is not None and tensors.group_divides_inputs()
+    usable = [k for k in CPU_KERNELS if bits in k.bits and (whole_groups or not k.needs_whole_groups)
+              and (k.backend != DENSE or dense_fits)]
+    accurate = [k for k in usable if k.max_logit_error <= ACCURACY_BOUND]
+    if accurate:
+        best = accurate[0]
+        why = ("exact float32 dequantization (no packed CPU kernel is within "
+               f"{ACCURACY_BOUND} logits of it)" if best.backend == DENSE else
+               f"{best.backend} ({best.dtype}), within {best.max_logit_error} logits of exact")
+        return KernelChoice(best.backend, best.dtype, why)
+    best = min(usable, key=lambda k: k.max_logit_error)
+    return KernelChoice(best.backend, best.dtype,
+                        f"{best.backend} ({best.dtype}): the exact float32 model does not fit in free memory; "
+                        f"answers may differ from it by up to {best.max_logit_error} logits")
 
 
 class AutoGPTQLoader:
@@ -118,27 +162,40 @@ class AutoGPTQLoader:
 
         device = _pick_device(options.device, torch)
         staged, gptq, tensors, notes = stage_gptq_folder(folder, options)
-        kernel = choose_kernel(gptq, tensors, device)
+        weight_bytes = sum(w.size for w in folder.weight_files if w.format in ("safetensors", "pt"))
+        kernel = choose_kernel(gptq, tensors, device, dense_fits=_dense_fits(weight_bytes, gptq.bits or 4))
         backend = kernel.backend if options.backend == "auto" else options.backend
-        dtype = kernel.dtype if options.dtype == "auto" else options.dtype
+        dtype = options.dtype if options.dtype != "auto" else (
+            kernel.dtype if options.backend == "auto" else _measured_dtype(backend, device))
+        if backend == DENSE:
+            dtype = "float32"
         weights = ", ".join(w.path for w in folder.weight_files if w.format in ("safetensors", "pt"))
         try:
-            from gptqmodel import BACKEND, GPTQModel
             from transformers import AutoTokenizer
 
-            wrapper = GPTQModel.load(
-                str(staged), device=device, backend=BACKEND(backend), dtype=getattr(torch, dtype), trust_remote_code=False
-            )
             tokenizer = AutoTokenizer.from_pretrained(staged, trust_remote_code=False)
+            if backend == DENSE:
+                wrapper = None
+                model = load_dense(staged, gptq).to(device)
+            else:
+                from gptqmodel import BACKEND, GPTQModel
+
+                wrapper = GPTQModel.load(
+                    str(staged), device=device, backend=BACKEND(backend), dtype=getattr(torch, dtype),
+                    trust_remote_code=False,
+                )
+                model = wrapper.model
         except ModelLoadError:
             raise
         except Exception as error:
             log.exception("gptqmodel failed on %s", staged)
-            raise ModelLoadError(f"AutoGPTQ could not load {folder.name} ({weights}): {one_line(error)}") from error
-        model = wrapper.model
+            raise ModelLoadError(f"AutoGPTQ could not load {folder.name}: {load_failure(error, weights.split(', '), folder.path)}") from None
         model.eval()
         kernels = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Linear")} - {"Linear"})
-        details = f"{gptq.describe()}, {backend} kernel ({', '.join(kernels)})"
+        error_bound = kernel_error(backend, dtype) if device == "cpu" else None
+        accuracy = f", measured error ≤ {error_bound} logits" if error_bound is not None else ""
+        why = f" ({kernel.why})" if options.backend == "auto" and device == "cpu" else ""
+        details = f"{gptq.describe()}, {backend} kernel{' (' + ', '.join(kernels) + ')' if kernels else ''}{accuracy}{why}"
         if notes:
             details += "; " + "; ".join(notes)
         info = LoadedModelInfo(
@@ -151,6 +208,20 @@ class AutoGPTQLoader:
 @hookimpl
 def register_loaders(register) -> None:
     register(AutoGPTQLoader())
+
+
+def _measured_dtype(backend: str, device: str) -> str:
+    """For a kernel the user picked: the dtype with its smallest measured error (float16 on CUDA)."""
+    if device == "cuda":
+        return "float16"
+    measured = [k for k in CPU_KERNELS if k.backend == backend]
+    return min(measured, key=lambda k: k.max_logit_error).dtype if measured else "bfloat16"
+
+
+def _dense_fits(weight_bytes: int, bits: int) -> bool:
+    import psutil
+
+    return dense_bytes(weight_bytes, bits) <= psutil.virtual_memory().available * DENSE_RAM_SHARE
 
 
 def _pick_device(requested: str, torch) -> str:
@@ -263,7 +334,8 @@ def _convert_pt(source: Path, target: Path) -> None:
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ModelLoadError(f"{source.name} could not be read safely (weights_only): {one_line(error)}") from error
+        log.warning("torch.load refused %s", source, exc_info=True)
+        raise ModelLoadError(load_failure(error, [source.name], source.parent)) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

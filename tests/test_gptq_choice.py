@@ -159,16 +159,19 @@ def q(bits, group):
     return Quantization(method="gptq", source="test", bits=bits, group_size=group)
 
 
-def test_kernel_choice_follows_the_shapes(tmp_path):
+def test_kernel_choice_puts_accuracy_first_then_follows_the_shapes(tmp_path):
     g64 = infer_gptq_from_safetensors(write_safetensors(tmp_path / "a.safetensors", gptq_tensors(4, 64)))
     g128 = infer_gptq_from_safetensors(write_safetensors(tmp_path / "b.safetensors", gptq_tensors(4, 128)))
-    assert choose_kernel(q(4, 64), g64, "cpu").backend == "gptq_torch_aten"
-    slow = choose_kernel(q(4, 128), g128, "cpu")
-    assert slow.backend == "gptq_torch" and "group 128 does not divide input width 576" in slow.why
-    eight = choose_kernel(q(8, -1), None, "cpu")
-    assert (eight.backend, eight.dtype) == ("gptq_torch_int8", "float32")
+    # No packed CPU kernel is within the bound: the exact float32 path wherever it fits.
+    for quant, tensors in ((q(4, 64), g64), (q(4, 128), g128), (q(8, -1), None), (q(8, 128), None)):
+        exact = choose_kernel(quant, tensors, "cpu")
+        assert (exact.backend, exact.dtype) == ("dense_float32", "float32") and "exact" in exact.why
+    # Without the memory for it: the most accurate kernel that runs these shapes, and the bound said.
+    fused = choose_kernel(q(4, 64), g64, "cpu", dense_fits=False)
+    assert (fused.backend, fused.dtype) == ("gptq_torch_fused", "float32") and "up to 1.03 logits" in fused.why
+    assert choose_kernel(q(4, 128), g128, "cpu", dense_fits=False).backend != "gptq_torch_fused"  # 128 ∤ 576
+    assert choose_kernel(q(3, 128), None, "cpu").backend == "gptq_torch"  # 3-bit does not unpack to float32
     assert choose_kernel(q(4, 64), g64, "cuda").backend == "auto"
-    assert choose_kernel(q(3, 128), None, "cpu").backend == "gptq_torch"
 
 
 def test_exllamav2_gets_rope_theta_at_the_top_level():

@@ -24,7 +24,7 @@ QUESTION = "What is the capital of France?"
 FORMAT_REPOS = {
     "TheBloke/CausalSmol-135M-GPTQ": ("gptq-8bit-g128-act", "ChatML-plain",
                                       'ChatML, from the model card\'s "Prompt template: ChatML" line'),
-    "TheBloke/Smol-135M-fp16": ("bf16", None, "ChatML, from the tokenizer's special tokens"),
+    "TheBloke/Smol-135M-fp16": ("bf16", None, "ChatML, from the tokenizer's special tokens (<|im_start|>, <|im_end|>)"),
     "TheBloke/WizardSmol-135M-fp16": ("bf16", "Vicuna", 'Vicuna v1.1, from the model card\'s "Prompt template: Vicuna" line'),
 }
 
@@ -149,9 +149,9 @@ def test_a_chat_model_without_a_template_finds_its_format_and_answers(server, br
     from tests.browser import bot_messages, open_page, send, set_parameter, wait_for_status
 
     expected_source = FORMAT_REPOS[repo][2]
-    download_and_load(server, repo)
+    loaded = download_and_load(server, repo)
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=300)
-    reply = client.chat.completions.create(model="any", temperature=0, max_tokens=30,
+    reply = client.chat.completions.create(model=loaded["name"], temperature=0, max_tokens=30,
                                            messages=[{"role": "user", "content": QUESTION}])
     assert "Paris" in reply.choices[0].message.content, reply
     extra = reply.model_extra["loadstar"]
