@@ -32,9 +32,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ModelLoadError
-from engine.load_failures import load_failure
 from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors
 from engine.hookspecs import hookimpl
+from engine.load_failures import load_failure
 from engine.loader_api import Assessment, Availability, LoadedModelInfo
 from engine.model_folder import ModelFolder, Quantization, weight_format
 from loaders.derived_folder import derived_folder

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ModelLoadError
-from engine.load_failures import load_failure
 from engine.hookspecs import hookimpl
+from engine.load_failures import load_failure
 from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
 from engine.model_folder import ModelFolder
 from engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget

@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import ModelLoadError, one_line
+from engine.errors import ModelLoadError
 from engine.hookspecs import hookimpl
+from engine.load_failures import load_failure
 from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
 from engine.model_folder import ModelFolder, gguf_models, missing_parts
 from engine.sampling import SamplingParams, prompt_budget
@@ -111,7 +112,7 @@ class LlamaCppLoader:
             )
         except Exception as error:  # noqa: BLE001 - llama-cpp-python also compiles the GGUF's chat template (Jinja)
             what = "its chat template does not compile" if type(error).__module__.startswith("jinja2") else "llama.cpp could not load it"
-            raise ModelLoadError(f"{model_file.first}: {what}: {one_line(error)}") from None
+            raise ModelLoadError(f"{model_file.first}: {what}: {load_failure(error, [model_file.first])}") from None
         details = f"{model_file.describe()}, {threads} threads, context {n_ctx}"
         if cap:
             details += f" ({cap})"

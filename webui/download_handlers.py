@@ -33,7 +33,7 @@ class DownloadHandlers:
                 parts = f" ({g.parts} parts)" if g.parts > 1 else ""
                 table.append([r.branch, g.file + parts, quant, format_size(g.size), g.best_loader or "none", g.fits])
             if not files:
-                quant = r.quantization + "".join(f" ⚠️ {w}" for w in r.warnings)
+                quant = r.quantization + "".join(f"\n⚠️ {w}" for w in r.warnings)
                 table.append([r.branch, "", quant, format_size(r.download_bytes), r.best_loader or "none", r.fits])
         what = f"{len(ggufs)} GGUF files" if ggufs else f"{len(rows)} branches"
         return table, f"{what} of {ref.repo_id}: pick one to fill in its name."

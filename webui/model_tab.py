@@ -47,7 +47,8 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
         branches_button = gr.Button("List branches", elem_id="list-branches")
         download_button = gr.Button("Download", variant="primary", elem_id="start-download")
         cancel_download = gr.Button("Cancel download", variant="stop", elem_id="cancel-download")
-    branch_table = gr.Dataframe(headers=BRANCH_COLUMNS, interactive=False, elem_id="branch-table", wrap=True)
+    branch_table = gr.Dataframe(headers=BRANCH_COLUMNS, interactive=False, elem_id="branch-table", wrap=True,
+                                line_breaks=True, column_widths=["16%", "14%", "34%", "8%", "10%", "18%"])
     download_status = gr.Markdown(elem_id="download-status")
     download_job = gr.State(None)
     download_timer = gr.Timer(0.5, active=False)
