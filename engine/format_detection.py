@@ -123,7 +123,7 @@ def _format_for(title: str, block: str | None, where: str) -> ChosenFormat | Non
     if name is not None:
         return ChosenFormat(NAMED_FORMATS[name], f"{name}, from {where}")
     if block and "{prompt}" in block:
-        custom = format_from_block(block, title or "model card")
+        custom = format_from_block(block, title)
         if custom is not None:
             return ChosenFormat(custom, f"{custom.name}: the template block after {where}")
     return None
@@ -214,10 +214,10 @@ def format_from_block(block: str, title: str) -> PromptFormat | None:
         "{% else %}{{ m.content }}\n{% endif %}"
         "{% endfor %}"
     )
-    name = f"card: {title}"[:60]
+    name = f"card: {title}"[:60] if title else "the card's template"
     cue = user_cue.strip()
     return PromptFormat(name, template, default_system=default_system,
-                        description=f"the one-turn template from the model card ({title})",
+                        description=f"the one-turn template from the model card ({title or 'front matter'})",
                         stop=(cue,) if cue else ())
 
 

@@ -138,7 +138,7 @@ def test_templates_run_in_a_sandbox():
 # -- detection on TheBloke-style cards (issue: the format of a chat model must be found) -----------
 
 from engine.format_detection import NO_FORMAT_NOTICE, format_from_card  # noqa: E402
-from tests.thebloke_cards import thebloke_card  # noqa: E402
+from tests.thebloke_cards import thebloke_card, yaml_quoted  # noqa: E402
 
 
 @pytest.mark.parametrize("plain_text", [False, True], ids=["markdown", "plain-text"])
@@ -202,3 +202,14 @@ def test_the_card_comes_before_the_tokens_and_the_tokens_before_the_name(tmp_pat
 def test_no_format_known_is_said_not_silent(tmp_path):
     chosen = choose_format(own_template=None, own_source=None, folder=card(tmp_path, "mystery-7B"))
     assert not chosen.known and chosen.format is COMPLETION and NO_FORMAT_NOTICE in chosen.why
+
+
+def test_the_front_matter_template_is_used_when_the_card_has_no_template_line():
+    card_text = f"---\nmodel_name: X\nprompt_template: '{yaml_quoted(TEMPLATES_FOR_TEST)}'\n---\n# X\nNo template line.\n"
+    chosen = format_from_card(card_text)
+    assert chosen.format.name == "the card's template" and "prompt_template (front matter)" in chosen.why
+    text = render(chosen.format, [ChatMessage(role="user", content="Hi")], TOKENS, renderer=RENDERER).text
+    assert text == f"### System:\n{DEFAULT_SYSTEM_MESSAGE}\n### User:\nHi\n### Assistant:\n"
+
+
+TEMPLATES_FOR_TEST = "### System:\n{system_message}\n### User:\n{prompt}\n### Assistant:\n"

@@ -4,6 +4,8 @@ becomes when it is copied from the rendered page."""
 
 from __future__ import annotations
 
+import re
+
 TEMPLATES = {
     "ChatML": "<|im_start|>system\n{system_message}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
     "Vicuna": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -13,17 +15,23 @@ TEMPLATES = {
 }
 
 
+def yaml_quoted(block: str) -> str:
+    """A template as TheBloke's front matter holds it: a single-quoted YAML scalar, where n line
+    breaks are written as a break and n empty lines, and continuation lines are indented."""
+    return re.sub(r"\n+", lambda run: "\n" * (len(run.group()) + 1) + "  ", block.replace("'", "''"))
+
+
 def thebloke_card(model: str, creator: str, template_name: str, *, plain_text: bool = False,
                   front_matter_template: bool = True) -> str:
     """A README in TheBloke's layout. ``plain_text`` drops the markdown (no headings, no fences),
     as when a card is pasted from the web page."""
     block = TEMPLATES[template_name]
-    yaml_block = "".join(f"  {line}\n\n" for line in block.splitlines())
+    yaml_block = yaml_quoted(block)
     front = (
         "---\n"
         f"base_model: {creator}/{model}\ninference: false\nlicense: wtfpl\nmodel_creator: {creator}\n"
         f"model_name: {model}\nmodel_type: llama\n"
-        + (f"prompt_template: '{yaml_block.rstrip()}\n\n  '\n" if front_matter_template else "")
+        + (f"prompt_template: '{yaml_block}'\n" if front_matter_template else "")
         + "quantized_by: TheBloke\n---\n"
     )
     body = f"""
