@@ -16,7 +16,7 @@ from engine.model_manager import ModelManager
 from engine.plugins import PluginHost
 from engine.presets import PresetStore, generation_config_defaults
 from engine.format_detection import ChosenFormat, choose_format
-from engine.prompt_formats import AUTO, NAMED_FORMATS
+from engine.prompt_formats import AUTO, COMPLETION, NAMED_FORMATS
 from engine.request_pipeline import PreparedRequest, RequestPipeline
 from engine.sampling import SamplingParams
 from engine.settings import Settings
@@ -149,6 +149,12 @@ class Engine:
             return cached[1]
         folder = self.models.loaded_folder
         saved = self.saved_choice(model.info.name)
+        elsewhere = getattr(model, "chat_rendered_by", None)  # e.g. a remote server with its own template
+        if elsewhere:
+            chosen = ChosenFormat(COMPLETION, f"chats go to {elsewhere} as messages; it applies its own chat template",
+                                  source="remote")
+            self._chosen_format = (model.info, chosen)
+            return chosen
         chosen = choose_format(
             own_template=getattr(model, "chat_template", None),
             own_source=folder.chat_template_source if folder else None,

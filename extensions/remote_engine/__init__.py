@@ -91,6 +91,7 @@ def read_config(path: Any) -> RemoteConfig:
 
 class RemoteModel:
     chat_template = None  # chats are sent as messages: the server renders them
+    chat_rendered_by = "the remote server"  # so no local prompt format is looked for
     special_tokens: dict[str, str] = {}
 
     def __init__(self, info: LoadedModelInfo, config: RemoteConfig, client: Any, key: str | None) -> None:
