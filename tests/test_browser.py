@@ -147,3 +147,20 @@ def test_two_users_chat_at_once_and_each_stop_is_their_own(browser, ui_server):
     finally:
         for page in pages:
             page.context.close()
+
+
+def test_enter_sends_and_shift_enter_adds_a_line(page):
+    box = page.locator("#chat-input textarea")
+    assert "Enter sends" in box.get_attribute("placeholder")
+    set_parameter(page, "max_new_tokens", 5)
+    box.click()
+    box.type("first line")
+    box.press("Shift+Enter")
+    box.type("second line")
+    time.sleep(1)
+    assert box.input_value() == "first line\nsecond line"  # Shift+Enter: a new line, nothing sent
+    assert page.locator('#chatbot [data-testid="user"]').count() == 0
+    box.press("Enter")
+    wait_for_status(page, r"^(Done|Reached)")
+    assert page.locator('#chatbot [data-testid="user"]').last.inner_text() == "first line\nsecond line"
+    assert box.input_value() == ""

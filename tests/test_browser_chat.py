@@ -85,6 +85,9 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
     wait_until(lambda: any(o.startswith("Tell me about zebrafish.") for o in conversation_options(page)),
                "the conversation in the list")
     first_reply = bot_messages(page).last.inner_text()
+    title = page.locator("#conversation-title input, #conversation-title textarea").first
+    # The Title box follows the automatic title, so Rename starts from it (it used to stay "New chat").
+    wait_until(lambda: title.input_value().startswith("Tell me about zebrafish."), "the automatic title in the box")
 
     page.locator("#new-chat").click()
     wait_until(lambda: user_messages(page).count() == 0, "a new, empty chat")
@@ -97,7 +100,6 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
     wait_until(lambda: user_messages(page).count() == 1, "the conversation to reopen")
     assert bot_messages(page).last.inner_text() == first_reply
 
-    title = page.locator("#conversation-title input, #conversation-title textarea").first
     title.fill("Fish notes")
     page.locator("#rename-chat").click()
     wait_for_status(page, "Renamed", selector="#conversation-status")

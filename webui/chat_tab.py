@@ -41,8 +41,10 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
             with gr.Accordion("System message", open=False):
                 system = gr.Textbox(label="System message", lines=2, elem_id="system-message",
                                     placeholder="Empty: the prompt format's default, if it has one")
-            message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", lines=2,
-                                 elem_id="chat-input")
+            # lines=1 with room to grow: Gradio sends on Enter and leaves Shift+Enter to the textarea
+            # (a new line); with lines > 1 it would send on Shift+Enter only.
+            message = gr.Textbox(label="Message", placeholder="Message (Enter sends, Shift+Enter for a new line)",
+                                 lines=1, max_lines=10, elem_id="chat-input")
             with gr.Row():
                 send_button = gr.Button("Send", variant="primary", elem_id="send")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -103,10 +105,12 @@ class ChatTab:
             return chat_messages(state), state.get("system", ""), state.get("title", "")
 
         def listing(request: gr.Request, state=None):
+            """The conversation list, and the Title box in step with the saved title (the automatic
+            one after a first message, so that Rename starts from it)."""
             user = who(request).user
             choices = conversations.choices(user)
             value = state["id"] if state and any(cid == state["id"] for _, cid in choices) else None
-            return gr.update(choices=choices, value=value)
+            return gr.update(choices=choices, value=value), state.get("title", "") if state else gr.update()
 
         # -- turns ------------------------------------------------------------------------------
         def stream(updates, clear_message: bool):
@@ -153,7 +157,7 @@ class ChatTab:
 
         inputs = {w.message, w.state, w.system, *parameters.inputs}
         turn_outputs = [w.chatbot, w.state, w.status, w.prompt_box]
-        after = dict(fn=listing, inputs=[w.state], outputs=w.conversation_list)
+        after = dict(fn=listing, inputs=[w.state], outputs=[w.conversation_list, w.title])
         for trigger in (w.send_button.click, w.message.submit):
             trigger(send, inputs, [w.message, *turn_outputs], concurrency_limit=UNLIMITED).then(**after)
         w.regenerate_button.click(regenerate, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after)
