@@ -63,6 +63,11 @@ def branch_table(browser, server, repo):
 
 
 def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, browser):
+    other = browser.new_context()  # a second user's page, open before the download
+    other_page = other.new_page()
+    other_page.set_default_timeout(60_000)
+    other_page.goto(server)
+    other_page.get_by_role("tab", name="Model").click()
     with branch_table(browser, server, REPO) as (page, table):
         wait_text(table, "gptq-4bit-32g-actorder_True")
         assert "GPTQ 4-bit group 32 act-order" in table.inner_text() and "AutoGPTQ" in table.inner_text()
@@ -82,6 +87,24 @@ def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, bro
         page.locator("#model-choice input").click()
         options = page.locator("li[role=option]").all_inner_texts()
         assert any("TheBloke_Tiny-Chat-GPTQ_gptq-4bit-32g-actorder_True" in o for o in options), options
+    # The other page sees the new model when it opens its list: no Refresh needed.
+    other_page.locator("#model-choice input").click()
+    deadline = time.monotonic() + 30
+    while not any("TheBloke_Tiny-Chat-GPTQ_gptq-4bit-32g-actorder_True" in o
+                  for o in other_page.locator("li[role=option]").all_inner_texts()):
+        assert time.monotonic() < deadline, other_page.locator("li[role=option]").all_inner_texts()
+        time.sleep(0.1)
+    other.close()
+
+
+def test_typing_a_new_name_clears_the_previous_branch_table(server, browser):
+    with branch_table(browser, server, REPO) as (page, table):
+        wait_text(table, "gptq-4bit-32g-actorder_True")
+        page.locator("#download-name textarea, #download-name input").first.press_sequentially("-x")
+        deadline = time.monotonic() + 30
+        while "gptq-4bit-32g-actorder_True" in table.inner_text():
+            assert time.monotonic() < deadline, table.inner_text()
+            time.sleep(0.1)
 
 
 def test_a_gguf_repo_lists_its_files_and_a_click_picks_one(server, browser):

@@ -76,7 +76,14 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
         (unload_button, models.unload, None),
     ):
         button.click(action, inputs, loaded).then(refresh_fn, None, refresh_outputs)
-    demo.load(describe, *describe_io).then(models.loaded_status, None, loaded)
+    # Fresh on every page load, and whenever the list is opened: a model downloaded or removed from
+    # another page (or the disk) shows without pressing Refresh.
+    demo.load(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
+
+    def fresh_choices():
+        return gr.update(choices=models.model_names())
+
+    model_choice.focus(fresh_choices, None, model_choice, queue=False)
 
     # -- download wiring ----------------------------------------------------------------------
     def pick_branch(name, gguf, event: gr.SelectData):
@@ -96,6 +103,8 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
 
     branches_button.click(downloads.branches, [download_name, download_token], [branch_table, download_status])
     branch_table.select(pick_branch, [download_name, gguf_file], [download_name, gguf_file])
+    # A new name typed: the previous repo's branches no longer apply (.input: typing, not a picked row).
+    download_name.input(lambda: [], None, branch_table, queue=False)
     download_button.click(start_download, [download_name, download_token, gguf_file],
                           [download_job, download_status, download_timer])
     download_timer.tick(poll_download, download_job, [download_status, download_timer, model_choice])
