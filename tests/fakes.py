@@ -61,7 +61,8 @@ class FakeLoader:
     Options = FakeOptions
 
     def __init__(self, name: str, *, available: bool = True, can_load: bool = True, priority: int = 50,
-                 reason: str = "fake reason", fail_load: bool = False, raise_in_assess: bool = False):
+                 reason: str = "fake reason", fail_load: bool = False, raise_in_assess: bool = False,
+                 load_seconds: float = 0.0):
         self.name = name
         self._available = available
         self._can_load = can_load
@@ -69,6 +70,7 @@ class FakeLoader:
         self._reason = reason
         self._fail_load = fail_load
         self._raise_in_assess = raise_in_assess
+        self._load_seconds = load_seconds
         self.loaded: list[FakeModel] = []
 
     def availability(self) -> Availability:
@@ -82,6 +84,8 @@ class FakeLoader:
         return Assessment(self._can_load, self._reason, self._priority)
 
     def load(self, folder: ModelFolder, options: BaseModel) -> FakeModel:
+        if self._load_seconds:
+            time.sleep(self._load_seconds)
         if self._fail_load:
             raise RuntimeError(f"cannot read {folder.weight_files[0].path}")
         model = FakeModel(name=folder.name, loader=self.name)

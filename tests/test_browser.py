@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.browser import MODEL, bot_messages, send, set_parameter, wait_for_status
+from tests.browser import MODEL, bot_messages, send, set_parameter, wait_for_status, wait_until
 from tests.helpers import CAPITAL_QUESTION
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -164,3 +164,21 @@ def test_enter_sends_and_shift_enter_adds_a_line(page):
     wait_for_status(page, r"^(Done|Reached)")
     assert page.locator('#chatbot [data-testid="user"]').last.inner_text() == "first line\nsecond line"
     assert box.input_value() == ""
+
+
+def test_loading_shows_what_is_loading_then_the_loaded_model(page):
+    page.get_by_role("tab", name="Model").click()
+    page.evaluate("""() => {
+        window.__statuses = [];
+        const status = document.querySelector('#model-status');
+        new MutationObserver(() => window.__statuses.push(status.innerText))
+            .observe(status, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.locator("#load-model").click()
+
+    def seen():
+        statuses = page.evaluate("window.__statuses")
+        return statuses if statuses and statuses[-1].startswith(f"Loaded: {MODEL}") else None
+
+    statuses = wait_until(seen, "the loaded model's name after loading")
+    assert any(s.startswith(f"⏳ Loading {MODEL} with llama.cpp… 0 s") for s in statuses), statuses

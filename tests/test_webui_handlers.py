@@ -114,11 +114,23 @@ def test_model_handlers_describe_candidates_with_reasons(engine):
 def test_model_handlers_report_errors_as_text(engine):
     models = ModelHandlers(engine)
     hf_folder(engine.settings.models_dir, "hollow", weights=())
-    status = models.load("hollow", AUTO_LOADER)
+    status = list(models.load("hollow", AUTO_LOADER))[-1]
     assert status.startswith("⚠️ hollow holds no weight files") and "Loaded: **m**" in status
     assert models.describe("../etc", AUTO_LOADER)[0].startswith("⚠️ '../etc' is not a model folder name")
-    assert models.load(None, AUTO_LOADER) == "⚠️ Pick a model first."
+    assert list(models.load(None, AUTO_LOADER)) == ["⚠️ Pick a model first."]
     assert models.unload() == "Model unloaded." and models.unload() == "No model was loaded."
+
+
+def test_loading_says_what_is_loading_while_it_loads(tmp_path):
+    slow = engine_with(tmp_path, FakeLoader("Slow", reason="fits", load_seconds=1.5))
+    try:
+        hf_folder(slow.settings.models_dir, "big")
+        lines = list(ModelHandlers(slow).load("big", AUTO_LOADER))
+        assert lines[0].startswith("⏳ Loading **big** with Slow… 0 s")
+        assert any("… 1 s" in line for line in lines)  # the seconds count while it loads
+        assert lines[-1].startswith("Loaded: **big** with Slow")
+    finally:
+        slow.close()
 
 
 def test_a_message_sent_while_answering_stays_in_the_textbox(engine):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Iterator
+
 from engine.engine import Engine
 from engine.errors import LoadstarError
 from engine.loader_choice import LoaderCandidate
@@ -87,20 +92,42 @@ class ModelHandlers:
         saved = self.engine.saved_choice(name) if name else None
         return saved.loader if saved is not None and saved.loader else AUTO_LOADER
 
-    def load(self, name: str | None, loader: str | None, allow_pt: bool = False) -> str:
+    def load(self, name: str | None, loader: str | None, allow_pt: bool = False) -> Iterator[str]:
+        """Status lines while loading: "Loading X with L… N s" (the previous model answers until
+        the new one is ready), then the loaded model, or the one-line reason it failed."""
         if not name:
-            return "⚠️ Pick a model first."
+            yield "⚠️ Pick a model first."
+            return
         pinned = None if loader in (None, AUTO_LOADER) else loader
         try:
             options = self._options_for(name, pinned, allow_pt)
+            best = next((c for c in self.engine.models.candidates(name, pinned) if c.usable), None)
+        except LoadstarError as error:
+            yield f"⚠️ {error}\n\n{self.loaded_status()}"
+            return
+        with_loader = f" with {best.loader}" if best else ""
+
+        def work() -> None:
             if pinned is None and options is None:
                 self.engine.load_model(name)  # as it was loaded last time, if it was
             else:
                 self.engine.load_model(name, pinned, options or {})
-        except LoadstarError as error:
-            previous = self.loaded_status()
-            return f"⚠️ {error}\n\n{previous}"
-        return self.loaded_status()
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ui-load") as pool:
+            job = pool.submit(work)
+            while True:
+                seconds = int(time.monotonic() - started)
+                yield f"⏳ Loading **{name}**{with_loader}… {seconds} s (the current model answers until it is ready)"
+                try:
+                    job.result(timeout=0.5)
+                    break
+                except FutureTimeout:
+                    continue
+                except LoadstarError as error:
+                    yield f"⚠️ {error}\n\n{self.loaded_status()}"
+                    return
+        yield self.loaded_status()
 
     def reload(self) -> str:
         try:
