@@ -1,11 +1,16 @@
 """Helpers for the browser tests: Debian chromium driven by playwright (never `playwright install`)."""
 
+import os
 import re
 import time
+from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 MODEL = "SmolLM2-135M-Instruct"
+# Screenshots the browser tests take, to look at (git-ignored).
+ARTEFACTS = Path(os.environ.get("LOADSTAR_TEST_ARTEFACTS", Path(__file__).resolve().parent.parent / "test-artefacts"))
+ARTEFACTS.mkdir(parents=True, exist_ok=True)
 
 
 def open_page(browser, url, **context_options):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.browser import MODEL, bot_messages, send, set_parameter, wait_for_status, wait_until
+from tests.browser import ARTEFACTS, MODEL, bot_messages, send, set_parameter, wait_for_status, wait_until
 from tests.helpers import CAPITAL_QUESTION
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -182,3 +182,30 @@ def test_loading_shows_what_is_loading_then_the_loaded_model(page):
 
     statuses = wait_until(seen, "the loaded model's name after loading")
     assert any(s.startswith(f"⏳ Loading {MODEL} with llama.cpp… 0 s") for s in statuses), statuses
+
+
+def test_the_chat_names_the_model_renders_math_and_dark_mode_is_remembered(browser, ui_server):
+    from tests.browser import open_page
+
+    page = open_page(browser, ui_server)
+    try:
+        line = page.locator("#chat-model")
+        wait_until(lambda: MODEL in line.inner_text(), "the model above the chat")
+        assert "llama.cpp" in line.inner_text()
+        # Inline and display math in a message render with KaTeX (an edited reply is enough: no model needed).
+        set_parameter(page, "max_new_tokens", 1)
+        send(page, "Inline $x^2$ and display $$\\int_0^1 x\\,dx$$")
+        wait_for_status(page, r"^(Done|Reached)")
+        user = page.locator('#chatbot [data-testid="user"]').last
+        wait_until(lambda: user.locator(".katex").count() >= 2, "KaTeX in the message")
+        assert user.locator(".katex-display").count() == 1  # $$…$$ is display math, $…$ inline
+
+        assert not page.evaluate("document.body.classList.contains('dark')")
+        page.locator("#dark-mode").click()
+        wait_until(lambda: page.evaluate("document.body.classList.contains('dark')"), "dark mode")
+        page.reload()
+        page.locator("#chat-input textarea").wait_for()
+        wait_until(lambda: page.evaluate("document.body.classList.contains('dark')"), "dark mode after a reload")
+        page.screenshot(path=str(ARTEFACTS / "chat-dark-1440.png"))
+    finally:
+        page.context.close()

@@ -225,6 +225,14 @@ class ChatHandlers:
         return saved.model_dump()
 
 
+def model_line(engine: Engine) -> str:
+    """The line above the chat: which model answers, through which loader."""
+    info = engine.models.loaded
+    if info is None:
+        return "No model is loaded: pick one in the **Model** tab."
+    return f"Model: **{info.name}** · {info.loader} on {info.device} · switch in the **Model** tab"
+
+
 def stop_status(engine: Engine, owner: str) -> str:
     """Stop ``owner``'s generations (the chat's and the notebook's alike) and say what happened."""
     return "Stopping…" if engine.stop(owner) else "Nothing is running."

@@ -15,6 +15,13 @@ from webui.parameters_tab import ParameterControls
 # Chat events run concurrently in Gradio; the engine's own queue orders generation fairly and
 # reports positions, and Stop must never wait behind a running reply.
 UNLIMITED = None
+# Display and inline math in replies: $$…$$, \[…\], and inline $…$ and \(…\).
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "$", "right": "$", "display": False},
+    {"left": "\\(", "right": "\\)", "display": False},
+]
 
 
 def build_chat_tab(engine: Engine) -> "ChatTab":
@@ -36,8 +43,9 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
             import_file = gr.File(label="Import JSON", file_types=[".json"], elem_id="import-chat", type="filepath")
             conversation_status = gr.Markdown(elem_id="conversation-status")
         with gr.Column(scale=4):
+            model = gr.Markdown(elem_id="chat-model")
             chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot", buttons=["copy", "copy_all"],
-                                 feedback_options=None, editable="all")
+                                 feedback_options=None, editable="all", latex_delimiters=LATEX)
             with gr.Accordion("System message", open=False):
                 system = gr.Textbox(label="System message", lines=2, elem_id="system-message",
                                     placeholder="Empty: the prompt format's default, if it has one")
@@ -63,6 +71,7 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
         engine, state, chatbot, conversation_list, new_button, title, rename_button, delete_button, search, hits,
         export_button, export_file, import_file, conversation_status, system, message, send_button, stop_button,
         regenerate_button, continue_button, remove_button, status, preview_button, prompt_info, prompt_box, panels,
+        model,
     )
 
 
@@ -94,6 +103,7 @@ class ChatTab:
     prompt_info: Any
     prompt_box: Any
     panels: Any  # where extensions' panels go
+    model: Any  # the line above the chat naming the loaded model
 
     def wire(self, demo: gr.Blocks, parameters: ParameterControls) -> None:
         chat = ChatHandlers(self.engine)
