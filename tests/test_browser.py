@@ -209,3 +209,18 @@ def test_the_chat_names_the_model_renders_math_and_dark_mode_is_remembered(brows
         page.screenshot(path=str(ARTEFACTS / "chat-dark-1440.png"))
     finally:
         page.context.close()
+
+
+def test_on_a_phone_the_chat_and_message_box_are_on_the_first_screen(browser, ui_server):
+    from tests.browser import open_page
+
+    page = open_page(browser, ui_server, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    try:
+        box = page.locator("#chat-input textarea").bounding_box()
+        chat = page.locator("#chatbot").bounding_box()
+        assert chat["y"] < 844 and box["y"] + box["height"] <= 844, (chat, box)  # no scrolling to reach them
+        page.screenshot(path=str(ARTEFACTS / "chat-390.png"), full_page=True)
+        page.set_viewport_size({"width": 1440, "height": 900})
+        page.screenshot(path=str(ARTEFACTS / "chat-1440.png"))
+    finally:
+        page.context.close()

@@ -9,7 +9,7 @@ from starlette.routing import Mount
 from api.host_guard import HostGuard
 from engine.engine import Engine
 from webui.session_binding import SessionBinding
-from webui.ui import build_ui
+from webui.ui import CSS, build_ui
 
 MAX_UPLOAD = "20mb"  # the largest file a page may upload (a conversation import is at most 20 MiB)
 
@@ -31,6 +31,7 @@ def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
         server_name=settings.host,
         server_port=settings.port,
         footer_links=[],
+        css=CSS,
         max_file_size=MAX_UPLOAD,
         allowed_paths=[str(engine.conversations.exports.resolve())],
     )

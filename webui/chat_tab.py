@@ -26,7 +26,7 @@ LATEX = [
 
 def build_chat_tab(engine: Engine) -> "ChatTab":
     """Create the tab's components (inside the caller's ``gr.Tab``); ``wire`` connects them later."""
-    with gr.Row():
+    with gr.Row(elem_id="chat-row"):
         with gr.Column(scale=1, min_width=240):
             conversation_list = gr.Dropdown([], label="Conversations", elem_id="conversation-list")
             new_button = gr.Button("New chat", elem_id="new-chat")

@@ -18,6 +18,13 @@ TOGGLE_DARK = """() => {
     const dark = document.body.classList.toggle('dark');
     localStorage.setItem('loadstar-dark', dark ? '1' : '0');
 }"""
+# On a phone the chat comes first and fits the screen; the conversation list follows it.
+CSS = """
+@media (max-width: 768px) {
+  #chat-row { flex-direction: column-reverse !important; }
+  #chatbot { height: 52vh !important; min-height: 260px; }
+}
+"""
 APPLY_DARK = """() => {
     const saved = localStorage.getItem('loadstar-dark');
     if (saved !== null) document.body.classList.toggle('dark', saved === '1');
