@@ -224,3 +224,37 @@ def test_on_a_phone_the_chat_and_message_box_are_on_the_first_screen(browser, ui
         page.screenshot(path=str(ARTEFACTS / "chat-1440.png"))
     finally:
         page.context.close()
+
+
+def test_loader_options_are_drawn_from_the_loader_and_remembered(browser, ui_server):
+    from tests.browser import open_page
+
+    page = open_page(browser, ui_server)
+    try:
+        page.get_by_role("tab", name="Model").click()
+        page.locator("#loader-options").get_by_text("Loader options").first.click()
+        context_box = page.locator("#option-llama-cpp-n_ctx input")
+        context_box.wait_for()
+        assert page.locator("#option-llama-cpp-use_mmap input").is_checked()
+        assert not page.locator("#options-autogptq").is_visible()  # only the loader Load would use
+        context_box.fill("1024")
+        context_box.press("Enter")
+        page.locator("#load-model").click()
+        status = page.locator("#model-status")
+        wait_until(lambda: "context 1024" in status.inner_text(), "the model loaded with context 1024")
+        page.screenshot(path=str(ARTEFACTS / "model-options-1440.png"), full_page=True)
+    finally:
+        page.context.close()
+    page = open_page(browser, ui_server)  # a new page shows what the model was loaded with
+    try:
+        page.get_by_role("tab", name="Model").click()
+        page.locator("#loader-options").get_by_text("Loader options").first.click()
+        context_box = page.locator("#option-llama-cpp-n_ctx input")
+        wait_until(lambda: context_box.input_value() == "1024", "the remembered context length")
+        context_box.fill("0")  # back to the default (the model's own context) for the other tests
+        context_box.press("Enter")
+        page.locator("#load-model").click()
+        wait_until(lambda: "context 1024" not in page.locator("#model-status").inner_text()
+                   and "Loaded:" in page.locator("#model-status").inner_text(), "the default context again")
+    finally:
+        page.context.close()

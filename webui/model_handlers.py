@@ -92,15 +92,36 @@ class ModelHandlers:
         saved = self.engine.saved_choice(name) if name else None
         return saved.loader if saved is not None and saved.loader else AUTO_LOADER
 
-    def load(self, name: str | None, loader: str | None, allow_pt: bool = False) -> Iterator[str]:
+    def resolved_loader(self, name: str | None, loader: str | None) -> str | None:
+        """The loader that Load would use: the pinned one, else the best candidate."""
+        if not name:
+            return None
+        if loader not in (None, AUTO_LOADER):
+            return loader
+        try:
+            return next((c.loader for c in self.engine.models.candidates(name, None) if c.usable), None)
+        except LoadstarError:
+            return None
+
+    def saved_options(self, name: str | None) -> dict:
+        saved = self.engine.saved_choice(name) if name else None
+        return dict(saved.options) if saved is not None else {}
+
+    def load(self, name: str | None, loader: str | None, allow_pt: bool = False,
+             options: dict | None = None) -> Iterator[str]:
         """Status lines while loading: "Loading X with L… N s" (the previous model answers until
-        the new one is ready), then the loaded model, or the one-line reason it failed."""
+        the new one is ready), then the loaded model, or the one-line reason it failed.
+
+        ``options``: the loader options set in the tab; None loads the model as it was last time.
+        """
         if not name:
             yield "⚠️ Pick a model first."
             return
         pinned = None if loader in (None, AUTO_LOADER) else loader
         try:
-            options = self._options_for(name, pinned, allow_pt)
+            pt = self._options_for(name, pinned, allow_pt)
+            if pt is not None:
+                options = {**(options or {}), **pt}
             best = next((c for c in self.engine.models.candidates(name, pinned) if c.usable), None)
         except LoadstarError as error:
             yield f"⚠️ {error}\n\n{self.loaded_status()}"

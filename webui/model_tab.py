@@ -8,6 +8,7 @@ import gradio as gr
 
 from engine.engine import Engine
 from webui.download_handlers import BRANCH_COLUMNS, DownloadHandlers
+from webui.loader_options import build_loader_options
 from webui.model_handlers import AUTO_LOADER, ModelHandlers
 
 
@@ -35,6 +36,9 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
         load_button = gr.Button("Load", variant="primary", elem_id="load-model")
         reload_button = gr.Button("Reload", elem_id="reload-model")
         unload_button = gr.Button("Unload", elem_id="unload-model")
+    with gr.Accordion("Loader options", open=False, elem_id="loader-options"):
+        gr.Markdown("For the loader that Load will use; the model remembers them for its next load.")
+        options_panel = build_loader_options(engine.plugins.loaders())
     details = gr.Markdown(elem_id="model-details")
     gr.Markdown("### Loader candidates")
     candidates = gr.Markdown(elem_id="loader-candidates")
@@ -60,18 +64,23 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
     def describe(name, loader):
         folder, table, choices = models.describe(name, loader)
         value = loader if loader in {value for _, value in choices} else AUTO_LOADER
-        return folder, table, gr.update(choices=choices, value=value)
+        shown = options_panel.show(models.resolved_loader(name, value), models.saved_options(name))
+        return [folder, table, gr.update(choices=choices, value=value), *shown]
+
+    def load(name, loader, allow_pt, *values):
+        # The controls were filled with what the model was loaded with last time: send what they say.
+        yield from models.load(name, loader, allow_pt, options_panel.options(models.resolved_loader(name, loader), values))
 
     def pick_model(name):
         return describe(name, models.saved_loader(name))  # restore this model's own choice
 
     refresh_fn, refresh_outputs = after_load
-    describe_io = ([model_choice, loader_choice], [details, candidates, loader_choice])
+    describe_io = ([model_choice, loader_choice], [details, candidates, loader_choice, *options_panel.show_outputs])
     refresh_button.click(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
     model_choice.change(pick_model, [model_choice], describe_io[1])
     loader_choice.input(describe, *describe_io)  # .input: user choices only, no update loop
     for button, action, inputs in (
-        (load_button, models.load, [model_choice, loader_choice, allow_pt]),
+        (load_button, load, [model_choice, loader_choice, allow_pt, *options_panel.components]),
         (reload_button, models.reload, None),
         (unload_button, models.unload, None),
     ):
