@@ -144,3 +144,26 @@ def test_a_message_sent_while_answering_stays_in_the_textbox(engine):
         assert update.keep_input and update.state["messages"] == [] and "press Stop first" in update.status
     finally:
         handle.cancel()
+
+
+def test_loader_options_send_only_the_chosen_loaders_changed_values():
+    import gradio as gr
+
+    from loaders.autogptq_loader import AutoGPTQLoader
+    from loaders.llamacpp_loader import LlamaCppLoader
+    from webui.loader_options import build_loader_options
+
+    with gr.Blocks():
+        panel = build_loader_options({"llama.cpp": LlamaCppLoader(), "AutoGPTQ": AutoGPTQLoader()})
+    llama, gptq = panel.groups
+    assert llama.fields[:2] == ["n_ctx", "n_threads"] and "scratch_dir" not in gptq.fields
+    assert "allow_pt" not in gptq.fields  # it has a control of its own
+    values = [*llama.defaults, *gptq.defaults]
+    values[llama.fields.index("n_ctx")] = 1024.0  # number boxes give floats
+    values[len(llama.fields) + gptq.fields.index("backend")] = "gptq_torch_fused"
+    assert panel.options("llama.cpp", values) == {"n_ctx": 1024}
+    assert panel.options("AutoGPTQ", values) == {"backend": "gptq_torch_fused"}
+    assert panel.options("Transformers", values) == {}
+    shown = panel.show("AutoGPTQ", {"backend": "dense_float32"})
+    assert [u["visible"] for u in shown[:2]] == [False, True]
+    assert shown[2 + len(llama.fields) + gptq.fields.index("backend")]["value"] == "dense_float32"
