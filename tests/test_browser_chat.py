@@ -199,3 +199,24 @@ def test_enabling_an_extension_shows_its_tab_and_panel(page):
     switches.get_by_label("example").uncheck()
     switches.get_by_label("reply_rules").uncheck()
     wait_until(lambda: page.get_by_role("tab", name="Example").count() == 0, "the Example tab to go")
+
+
+def test_editing_an_earlier_message_then_regenerate_answers_it_anew(page):
+    from tests.helpers import CAPITAL_QUESTION
+
+    set_parameter(page, "temperature", 0)
+    chat_once(page, "Say hello.", max_new_tokens=8)
+    chat_once(page, "Say goodbye.", max_new_tokens=8)
+    assert user_messages(page).count() == 2
+    set_parameter(page, "max_new_tokens", 30)
+    user_messages(page).first.hover()
+    page.locator('#chatbot button[aria-label="Edit"]').first.click()
+    page.locator("#chatbot textarea").first.fill(CAPITAL_QUESTION)
+    page.locator('#chatbot button[aria-label="Submit"]').first.click()
+    status = wait_for_status(page, "Message edited")
+    assert "the 3 messages after it will be replaced" in status
+    page.locator("#regenerate").click()
+    wait_for_status(page, FINISHED)
+    wait_until(lambda: user_messages(page).count() == 1, "the later messages replaced")
+    assert user_messages(page).first.inner_text() == CAPITAL_QUESTION
+    assert "Paris" in bot_messages(page).last.inner_text()  # the new reply answers the edited text

@@ -64,6 +64,9 @@ def stops_from_text(text: str | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
+EDITED = "edited_user_message"  # in the page's state only: the user message Regenerate answers anew
+
+
 def chat_messages(state: State) -> list[dict[str, str]]:
     return [dict(m) for m in state.get("messages", [])]
 
@@ -87,14 +90,20 @@ class ChatHandlers:
         if self.engine.generation.has_work(who.owner):  # keep the message out of the chat, not lost
             yield ChatUpdate(chat_messages(state), state, "Still answering: press Stop first.", keep_input=True)
             return
-        state = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text}]}
+        state = {**{k: v for k, v in state.items() if k != EDITED},
+                 "messages": [*chat_messages(state), {"role": "user", "content": text}]}
         if state.get("title", "New chat") == "New chat":
             state["title"] = title_from(text)
         yield from self._reply(state, who, params, stops)
 
     def regenerate(self, state: State, who: Who, params: tuple[Any, ...], stops: str) -> Iterator[ChatUpdate]:
-        """Drop the last reply and generate it again."""
+        """Drop the last reply and generate it again; after a user message was edited, answer that
+        message anew (what came after it is replaced)."""
         messages = chat_messages(state)
+        edited = state.get(EDITED)
+        state = {k: v for k, v in state.items() if k != EDITED}
+        if isinstance(edited, int) and 0 <= edited < len(messages) and messages[edited]["role"] == "user":
+            messages = messages[: edited + 1]
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()
         if not messages:
@@ -132,9 +141,15 @@ class ChatHandlers:
             return ChatUpdate(messages, state, "That message no longer exists.")
         if not content.strip():
             return ChatUpdate(messages, state, "A message cannot be empty: use Remove last instead.")
-        messages[index] = {"role": messages[index]["role"], "content": content}
+        role = messages[index]["role"]
+        messages[index] = {"role": role, "content": content}
         state = self._save({**state, "messages": messages}, who)
-        return ChatUpdate(messages, state, "Message edited.")
+        if role != "user":
+            return ChatUpdate(messages, state, "Message edited.")
+        later = len(messages) - index - 1
+        replaced = f" (the {later} message{'s' if later != 1 else ''} after it will be replaced)" if later else ""
+        return ChatUpdate(messages, {**state, EDITED: index},
+                          f"Message edited. Press **Regenerate** for a new reply to it{replaced}.")
 
     def stop(self, owner: str) -> str:
         return stop_status(self.engine, owner)
