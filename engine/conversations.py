@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.atomic import login_folder_name, private_folder, remove_stale_temps, write_atomic
 from engine.chat import ChatMessage
@@ -25,6 +25,7 @@ from engine.errors import BadRequestError
 log = logging.getLogger(__name__)
 
 FORMAT = "loadstar-conversation/1"
+MAX_ALTERNATIVES = 20  # versions kept of one regenerated reply
 MAX_IMPORT_BYTES = 20 * 1024 * 1024
 _ID = re.compile(r"^[0-9a-f]{16}$")
 
@@ -39,6 +40,27 @@ class Conversation(BaseModel):
     messages: list[ChatMessage] = Field(default_factory=list, max_length=100_000)
     created: float = Field(default_factory=time.time, allow_inf_nan=False)
     updated: float = Field(default_factory=time.time, allow_inf_nan=False)
+    # Every version of a regenerated reply, by message index, oldest first; the message's own text
+    # is the version in use (the one the model sees in later turns).
+    alternatives: dict[int, list[str]] = Field(default_factory=dict, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _alternatives_follow_the_messages(self) -> "Conversation":
+        kept = {}
+        for index, versions in self.alternatives.items():
+            if 0 <= index < len(self.messages) and self.messages[index].role == "assistant":
+                current = self.messages[index].content
+                versions = [v for v in versions if isinstance(v, str)][-MAX_ALTERNATIVES:]
+                kept[index] = versions if current in versions else [*versions, current][-MAX_ALTERNATIVES:]
+        self.alternatives = {i: v for i, v in kept.items() if len(v) > 1}
+        return self
+
+    def alternative(self, index: int) -> tuple[int, int]:
+        """(position of the version in use, how many versions) of message ``index``; (0, 1) if one."""
+        versions = self.alternatives.get(index)
+        if not versions:
+            return 0, 1
+        return versions.index(self.messages[index].content), len(versions)
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
         """What the model sees: the system message (when set) and the turns."""

@@ -220,3 +220,33 @@ def test_editing_an_earlier_message_then_regenerate_answers_it_anew(page):
     wait_until(lambda: user_messages(page).count() == 1, "the later messages replaced")
     assert user_messages(page).first.inner_text() == CAPITAL_QUESTION
     assert "Paris" in bot_messages(page).last.inner_text()  # the new reply answers the edited text
+
+
+def test_regenerate_keeps_the_earlier_replies_and_they_survive_a_reload(browser, ui_server):
+    page = open_page(browser, ui_server)
+    try:
+        chat_once(page, "Name a colour.", max_new_tokens=16)  # greedy
+        set_parameter(page, "temperature", 2)  # then replies that differ
+        replies = [bot_messages(page).last.inner_text()]
+        for count in (2, 3):
+            page.locator("#regenerate").click()
+            wait_for_status(page, rf"Reply {count}/{count} ")  # the status of this Regenerate, not the last one
+            replies.append(bot_messages(page).last.inner_text())
+        assert bot_messages(page).count() == 1
+        page.locator("#previous-reply").click()
+        wait_for_status(page, r"^Reply 2/3")
+        assert bot_messages(page).last.inner_text() == replies[1]
+        page.locator("#previous-reply").click()
+        wait_for_status(page, r"^Reply 1/3")
+        assert bot_messages(page).last.inner_text() == replies[0]
+        page.reload()  # a new page: reopen the conversation from the list
+        page.locator("#chat-input textarea").wait_for()
+        page.locator("#conversation-list input").click()
+        page.locator("li[role=option]").filter(has_text="Name a colour.").first.click()
+        wait_until(lambda: bot_messages(page).count() == 1, "the conversation to reopen")
+        assert bot_messages(page).last.inner_text() == replies[0]  # the version in use was saved
+        page.locator("#next-reply").click()
+        wait_for_status(page, r"^Reply 2/3")
+        assert bot_messages(page).last.inner_text() == replies[1]
+    finally:
+        page.context.close()

@@ -167,3 +167,17 @@ def test_loader_options_send_only_the_chosen_loaders_changed_values():
     shown = panel.show("AutoGPTQ", {"backend": "dense_float32"})
     assert [u["visible"] for u in shown[:2]] == [False, True]
     assert shown[2 + len(llama.fields) + gptq.fields.index("backend")]["value"] == "dense_float32"
+
+
+def test_regenerate_keeps_versions_and_switching_picks_one(engine):
+    chat = ChatHandlers(engine)
+    first = last(chat.send("hello there", new_state(), ME, DEFAULTS, ""))
+    state = {**first.state, "messages": [*first.state["messages"][:-1], {"role": "assistant", "content": "v1"}]}
+    second = last(chat.regenerate(state, ME, DEFAULTS, ""))
+    assert second.state["alternatives"] == {1: ["v1", second.state["messages"][1]["content"]]}
+    assert "Reply 2/2 (‹ and › switch)." in second.status
+    back = chat.switch_reply(second.state, ME, -1)
+    assert back.state["messages"][1]["content"] == "v1" and back.status.startswith("Reply 1/2")
+    saved = engine.conversations.load(None, back.state["id"])
+    assert saved.messages[1].content == "v1" and saved.alternatives[1][0] == "v1"
+    assert chat.switch_reply(back.state, ME, -1).status.startswith("Reply 1/2")  # stays at the first

@@ -102,14 +102,33 @@ class ChatHandlers:
         messages = chat_messages(state)
         edited = state.get(EDITED)
         state = {k: v for k, v in state.items() if k != EDITED}
+        previous: list[str] = []  # the versions of the reply being replaced, kept as alternatives
         if isinstance(edited, int) and 0 <= edited < len(messages) and messages[edited]["role"] == "user":
             messages = messages[: edited + 1]
+        elif messages and messages[-1]["role"] == "assistant":
+            index = len(messages) - 1
+            previous = list((state.get("alternatives") or {}).get(index) or [messages[index]["content"]])
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()
         if not messages:
             yield ChatUpdate(chat_messages(state), state, "Nothing to regenerate yet.")
             return
-        yield from self._reply({**state, "messages": messages}, who, params, stops)
+        yield from self._reply({**state, "messages": messages}, who, params, stops, earlier_versions=previous)
+
+    def switch_reply(self, state: State, who: Who, step: int) -> ChatUpdate:
+        """Show the previous (step -1) or next (+1) version of the last reply; the model sees it next."""
+        messages = chat_messages(state)
+        if self.engine.generation.has_work(who.owner):
+            return ChatUpdate(messages, state, "Still answering: press Stop first.")
+        index = len(messages) - 1
+        versions = (state.get("alternatives") or {}).get(index) or []
+        if len(versions) < 2:
+            return ChatUpdate(messages, state, "This reply has no other versions: Regenerate makes one.")
+        position = versions.index(messages[index]["content"]) if messages[index]["content"] in versions else 0
+        position = min(max(position + step, 0), len(versions) - 1)
+        messages[index] = {"role": "assistant", "content": versions[position]}
+        state = self._save({**state, "messages": messages}, who)
+        return ChatUpdate(messages, state, _reply_position(state))
 
     def continue_(self, state: State, who: Who, params: tuple[Any, ...], stops: str) -> Iterator[ChatUpdate]:
         """Make the last reply longer: the model goes on from its last word."""
@@ -182,8 +201,11 @@ class ChatHandlers:
         )
 
     def _reply(
-        self, state: State, who: Who, params: tuple[Any, ...], stops: str, continue_last: bool = False
+        self, state: State, who: Who, params: tuple[Any, ...], stops: str, continue_last: bool = False,
+        earlier_versions: list[str] | None = None,
     ) -> Iterator[ChatUpdate]:
+        """Stream a reply to ``state``'s messages. ``earlier_versions``: the replies a Regenerate
+        replaces, kept with the new one as alternatives of the same message."""
         messages = chat_messages(state)
         if self.engine.generation.has_work(who.owner):
             shown = messages[:-1] if messages and messages[-1]["role"] == "user" and not continue_last else messages
@@ -223,7 +245,14 @@ class ChatHandlers:
                 shown = [*messages, {"role": "assistant", "content": prefix + reply}]
                 if isinstance(event, Finished):
                     shown = shown if prefix + reply else messages
-                    state = self._save({**state, "messages": shown}, who)
+                    state = {**state, "messages": shown}
+                    if earlier_versions and len(shown) > len(messages):
+                        new = shown[-1]["content"]  # the same text twice is one version
+                        versions = earlier_versions if new in earlier_versions else [*earlier_versions, new]
+                        state["alternatives"] = {**(state.get("alternatives") or {}), len(messages): versions}
+                    state = self._save(state, who)
+                    if earlier_versions and len(shown) > len(messages):
+                        status = f"{status} {_reply_position(state)}"
                 last_yield = time.monotonic()
                 yield ChatUpdate(shown, state, status, prompt)
         finally:
@@ -246,6 +275,12 @@ def model_line(engine: Engine) -> str:
     if info is None:
         return "No model is loaded: pick one in the **Model** tab."
     return f"Model: **{info.name}** · {info.loader} on {info.device} · switch in the **Model** tab"
+
+
+def _reply_position(state: State) -> str:
+    conversation = Conversation.model_validate(state)
+    position, count = conversation.alternative(len(conversation.messages) - 1)
+    return f"Reply {position + 1}/{count} (‹ and › switch)." if count > 1 else ""
 
 
 def stop_status(engine: Engine, owner: str) -> str:

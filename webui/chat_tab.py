@@ -59,6 +59,8 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
                 regenerate_button = gr.Button("Regenerate", elem_id="regenerate")
                 continue_button = gr.Button("Continue", elem_id="continue")
                 remove_button = gr.Button("Remove last", elem_id="remove-last")
+                previous_reply = gr.Button("‹", elem_id="previous-reply", min_width=40, scale=0)
+                next_reply = gr.Button("›", elem_id="next-reply", min_width=40, scale=0)
             status = gr.Markdown("", elem_id="chat-status")
             with gr.Accordion("Prompt sent", open=False):
                 preview_button = gr.Button("Show the prompt for the message above", size="sm", elem_id="preview-prompt")
@@ -71,7 +73,7 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
         engine, state, chatbot, conversation_list, new_button, title, rename_button, delete_button, search, hits,
         export_button, export_file, import_file, conversation_status, system, message, send_button, stop_button,
         regenerate_button, continue_button, remove_button, status, preview_button, prompt_info, prompt_box, panels,
-        model,
+        model, previous_reply, next_reply,
     )
 
 
@@ -104,6 +106,8 @@ class ChatTab:
     prompt_box: Any
     panels: Any  # where extensions' panels go
     model: Any  # the line above the chat naming the loaded model
+    previous_reply: Any  # ‹ and ›: the versions of a regenerated reply
+    next_reply: Any
 
     def wire(self, demo: gr.Blocks, parameters: ParameterControls) -> None:
         chat = ChatHandlers(self.engine)
@@ -174,6 +178,15 @@ class ChatTab:
         w.continue_button.click(continue_, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after)
         w.remove_button.click(remove_last, w.state, [w.chatbot, w.state, w.status]).then(**after)
         w.chatbot.edit(edit, w.state, [w.chatbot, w.state, w.status])
+
+        def switch(step: int):
+            def handler(state, request: gr.Request):
+                update = chat.switch_reply(state, who(request), step)
+                return update.chatbot, update.state, update.status
+            return handler
+
+        w.previous_reply.click(switch(-1), w.state, [w.chatbot, w.state, w.status])
+        w.next_reply.click(switch(1), w.state, [w.chatbot, w.state, w.status])
         w.stop_button.click(stop, None, w.status, concurrency_limit=UNLIMITED)
         w.preview_button.click(preview, inputs, [w.prompt_box, w.prompt_info])
         demo.unload(leave)
