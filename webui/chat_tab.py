@@ -54,11 +54,11 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
             message = gr.Textbox(label="Message", placeholder="Message (Enter sends, Shift+Enter for a new line)",
                                  lines=1, max_lines=10, elem_id="chat-input")
             with gr.Row():
-                send_button = gr.Button("Send", variant="primary", elem_id="send")
-                stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                regenerate_button = gr.Button("Regenerate", elem_id="regenerate")
-                continue_button = gr.Button("Continue", elem_id="continue")
-                remove_button = gr.Button("Remove last", elem_id="remove-last")
+                send_button = gr.Button("Send", variant="primary", elem_id="send", min_width=90)
+                stop_button = gr.Button("Stop", variant="stop", elem_id="stop", min_width=90)
+                regenerate_button = gr.Button("Regenerate", elem_id="regenerate", min_width=90)
+                continue_button = gr.Button("Continue", elem_id="continue", min_width=90)
+                remove_button = gr.Button("Remove last", elem_id="remove-last", min_width=90)
                 previous_reply = gr.Button("‹", elem_id="previous-reply", min_width=40, scale=0)
                 next_reply = gr.Button("›", elem_id="next-reply", min_width=40, scale=0)
             status = gr.Markdown("", elem_id="chat-status")
