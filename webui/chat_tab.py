@@ -119,12 +119,16 @@ class ChatTab:
             return chat_messages(state), state.get("system", ""), state.get("title", "")
 
         def listing(request: gr.Request, state=None):
-            """The conversation list, and the Title box in step with the saved title (the automatic
-            one after a first message, so that Rename starts from it)."""
             user = who(request).user
             choices = conversations.choices(user)
             value = state["id"] if state and any(cid == state["id"] for _, cid in choices) else None
-            return gr.update(choices=choices, value=value), state.get("title", "") if state else gr.update()
+            return gr.update(choices=choices, value=value)
+
+        def listing_and_title(request: gr.Request, state=None):
+            """After a turn: the list, and the Title box in step with the saved title (the automatic
+            one after a first message, so that Rename starts from it). Only after turns: elsewhere
+            the box may hold a title the user is typing."""
+            return listing(request, state), state.get("title", "") if state else gr.update()
 
         # -- turns ------------------------------------------------------------------------------
         def stream(updates, clear_message: bool):
@@ -171,11 +175,12 @@ class ChatTab:
 
         inputs = {w.message, w.state, w.system, *parameters.inputs}
         turn_outputs = [w.chatbot, w.state, w.status, w.prompt_box]
-        after = dict(fn=listing, inputs=[w.state], outputs=[w.conversation_list, w.title])
+        after = dict(fn=listing, inputs=[w.state], outputs=w.conversation_list)
+        after_turn = dict(fn=listing_and_title, inputs=[w.state], outputs=[w.conversation_list, w.title])
         for trigger in (w.send_button.click, w.message.submit):
-            trigger(send, inputs, [w.message, *turn_outputs], concurrency_limit=UNLIMITED).then(**after)
-        w.regenerate_button.click(regenerate, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after)
-        w.continue_button.click(continue_, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after)
+            trigger(send, inputs, [w.message, *turn_outputs], concurrency_limit=UNLIMITED).then(**after_turn)
+        w.regenerate_button.click(regenerate, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
+        w.continue_button.click(continue_, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
         w.remove_button.click(remove_last, w.state, [w.chatbot, w.state, w.status]).then(**after)
         w.chatbot.edit(edit, w.state, [w.chatbot, w.state, w.status])
 
