@@ -216,6 +216,7 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
 
 
 SAFETENSORS_HEAD_BYTES = 48 * 1024  # the header's first entries: norms, then whole layers in file order
+MAX_REMOTE_TENSOR = 1024 * 1024  # a g_idx of 262,144 inputs: far beyond any real layer
 
 
 def remote_tensor_gptq(client: HubClient, repo_id: str, commit: str, path: str) -> TensorGPTQ | None:
@@ -229,6 +230,8 @@ def remote_tensor_gptq(client: HubClient, repo_id: str, commit: str, path: str) 
     def read(start: int, length: int) -> bytes:
         if start + length <= len(head):
             return head[start: start + length]
+        if length > MAX_REMOTE_TENSOR:  # a header's sizes are the Hub's word: never fetch weights on it
+            raise ValueError(f"{path}: its g_idx tensor is said to be {length} bytes; not read before download")
         return client.read_range(repo_id, commit, path, start, length) or b""
 
     return gptq_from_header(header, data_start, read, path, complete=complete, symmetry=False)

@@ -137,6 +137,8 @@ def gptq_from_header(header: dict[str, Any], data_start: int, read: ReadBytes, f
             qweight, qzeros, scales = (shapes[f"{prefix}.{part}"] for part in ("qweight", "qzeros", "scales"))
         except KeyError as missing:
             raise ValueError(f"{file}: {prefix} has qweight but no {missing.args[0].rsplit('.', 1)[1]}") from None
+        if not all(_is_matrix(shape) for shape in (qweight, qzeros, scales)):
+            raise ValueError(f"{file}: {prefix} has GPTQ tensors that are not non-empty matrices")
         out_features = scales[1]
         bits, remainder = divmod(32 * qzeros[1], out_features)
         if remainder or bits not in (2, 3, 4, 8):
@@ -193,6 +195,10 @@ def parse_header_prefix(prefix: bytes, file: str) -> tuple[dict[str, Any], int, 
     if not isinstance(header, dict):
         raise ValueError(f"{file} has a corrupt safetensors header")
     return header, 8 + header_len, complete
+
+
+def _is_matrix(shape: Any) -> bool:
+    return isinstance(shape, list) and len(shape) == 2 and all(type(n) is int and n > 0 for n in shape)
 
 
 def _byte_size(info: dict[str, Any]) -> int:

@@ -1,6 +1,8 @@
 """GPTQ without real weights: tensor-shape inference, kernel choice, loader ranking with CUDA
 present or absent (simulated: this is choice logic; the real kernels are tested in test_gptq.py)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -178,3 +180,35 @@ def test_exllamav2_gets_rope_theta_at_the_top_level():
     assert rope_fix({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})["rope_theta"] == 100000.0
     assert rope_fix({"rope_theta": 10000.0}) is None
     assert rope_fix({"hidden_size": 8}) is None
+
+
+@pytest.mark.parametrize("shape", [[0, 64], [64], "64x64", [64, -1], [64, 2.5]])
+def test_a_header_with_impossible_gptq_shapes_is_a_one_line_error(shape):
+    from engine.gptq_tensors import gptq_from_header
+
+    header = {f"m.{part}": {"dtype": "I32", "shape": [8, 64], "data_offsets": [0, 4]}
+              for part in ("qweight", "qzeros", "scales")}
+    header["m.scales"]["shape"] = shape  # a zero width used to divide by zero
+    with pytest.raises(ValueError, match="not non-empty matrices"):
+        gptq_from_header(header, 8, lambda start, length: b"", "w.safetensors")
+
+
+def test_the_picker_never_fetches_a_huge_tensor_a_hostile_header_names():
+    from engine.branch_picker import MAX_REMOTE_TENSOR, remote_tensor_gptq
+    from engine.downloads import HubClient
+    from tests.hub_standin import HubStandIn
+
+    header = {"m.qweight": {"dtype": "I32", "shape": [72, 576], "data_offsets": [0, 165888]},
+              "m.qzeros": {"dtype": "I32", "shape": [9, 72], "data_offsets": [165888, 168480]},
+              "m.scales": {"dtype": "F16", "shape": [9, 576], "data_offsets": [168480, 178848]},
+              "m.g_idx": {"dtype": "I32", "shape": [576], "data_offsets": [178848, 178848 + 10**10]}}
+    body = json.dumps(header).encode()
+    hostile = len(body).to_bytes(8, "little") + body + b"\0" * (300 * 1024)  # the Hub could serve 10 GB more
+    hub = HubStandIn().start()
+    try:
+        commit = hub.repo("evil/header").add_commit("main", {"model.safetensors": hostile})
+        with pytest.raises(ValueError, match="not read before download"):
+            remote_tensor_gptq(HubClient(hub.url), "evil/header", commit, "model.safetensors")
+        assert sum(hub.sent.values()) <= 48 * 1024 and 10**10 > MAX_REMOTE_TENSOR  # only the header's start
+    finally:
+        hub.stop()
