@@ -43,7 +43,19 @@ def load_dense(folder: Path, gptq: Quantization) -> Any:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder.name} has no .safetensors weights")
-    state: dict[str, Any] = {}
+    # Each tensor goes straight into the model's own parameter: the peak is the float32 model
+    # plus one layer, not two copies of the model.
+    targets = dict(model.state_dict(keep_vars=True))
+    filled: set[str] = set()
+
+    def put(name: str, tensor: Any) -> None:
+        target = targets.get(name)
+        if target is None or tuple(target.shape) != tuple(tensor.shape):
+            raise ModelLoadError(f"the dequantized weights do not fit config.json ({name})")
+        with torch.no_grad():
+            target.copy_(tensor)
+        filled.add(name)
+
     for file in files:
         with safe_open(str(file), framework="pt") as weights:
             names = list(weights.keys())
@@ -58,18 +70,17 @@ def load_dense(folder: Path, gptq: Quantization) -> Any:
                          if f"{prefix}.{p}" in names}
                 dense = dequantize_layer(parts, prefix, gptq.bits, gptq.group_size or -1,
                                          gptq.checkpoint_format or "gptq")
-                state[f"{prefix}.weight"] = torch.from_numpy(np.ascontiguousarray(dense))
+                put(f"{prefix}.weight", torch.from_numpy(np.ascontiguousarray(dense)))
             for name in names:
                 prefix, _, part = name.rpartition(".")
                 if prefix in prefixes and part in ("qweight", "qzeros", "scales", "g_idx"):
                     continue
-                state[name] = weights.get_tensor(name).to(torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+                put(name, weights.get_tensor(name).to(torch.float32))
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    left = [k for k in missing if not (tied and k.startswith("lm_head."))]
-    if left or unexpected:
-        what = (left or unexpected)[:3]
-        raise ModelLoadError(f"the dequantized weights do not fit config.json ({', '.join(what)})")
+    persistent = set(model.state_dict())
+    left = sorted(k for k in persistent - filled if not (tied and k.startswith("lm_head.")))
+    if left:
+        raise ModelLoadError(f"the dequantized weights do not fit config.json ({', '.join(left[:3])} missing)")
     if tied:
         model.tie_weights()
     model.eval()
