@@ -147,20 +147,19 @@ class Engine:
         cached = self._chosen_format
         if cached is not None and cached[0] is model.info:
             return cached[1]
-        folder = self.models.loaded_folder
-        saved = self.saved_choice(model.info.name)
         elsewhere = getattr(model, "chat_rendered_by", None)  # e.g. a remote server with its own template
         if elsewhere:
             chosen = ChosenFormat(COMPLETION, f"chats go to {elsewhere} as messages; it applies its own chat template",
                                   source="remote")
-            self._chosen_format = (model.info, chosen)
-            return chosen
-        chosen = choose_format(
-            own_template=getattr(model, "chat_template", None),
-            own_source=folder.chat_template_source if folder else None,
-            folder=folder.path if folder else None,
-            pinned=saved.prompt_format if saved else None,
-        )
+        else:
+            folder = self.models.loaded_folder
+            saved = self.saved_choice(model.info.name)
+            chosen = choose_format(
+                own_template=getattr(model, "chat_template", None),
+                own_source=folder.chat_template_source if folder else None,
+                folder=folder.path if folder else None,
+                pinned=saved.prompt_format if saved else None,
+            )
         self._chosen_format = (model.info, chosen)  # keyed by the info object: a new load makes a new one
         return chosen
 

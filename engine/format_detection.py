@@ -117,7 +117,7 @@ def format_from_card(card: str) -> ChosenFormat | None:
 def _format_for(title: str, block: str | None, where: str) -> ChosenFormat | None:
     if _NO_FORMAT_TITLES.match(title) and (block is None or block.strip() == "{prompt}"):
         return ChosenFormat(COMPLETION, f"plain completion: {where} says the model has no chat format")
-    by_block = _signature(block) if block else None
+    by_block = _signature(block)
     by_title = next((name for name, pattern in _TITLES if pattern.search(title)), None)
     name = by_block or by_title
     if name is not None:

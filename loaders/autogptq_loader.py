@@ -162,14 +162,14 @@ class AutoGPTQLoader:
 
         device = _pick_device(options.device, torch)
         staged, gptq, tensors, notes = stage_gptq_folder(folder, options)
-        weight_bytes = sum(w.size for w in folder.weight_files if w.format in ("safetensors", "pt"))
+        weight_files = [w for w in folder.weight_files if w.format in ("safetensors", "pt")]
+        weight_bytes = sum(w.size for w in weight_files)
         kernel = choose_kernel(gptq, tensors, device, dense_fits=_dense_fits(weight_bytes, gptq.bits or 4))
         backend = kernel.backend if options.backend == "auto" else options.backend
         dtype = options.dtype if options.dtype != "auto" else (
             kernel.dtype if options.backend == "auto" else _measured_dtype(backend, device))
         if backend == DENSE:
             dtype = "float32"
-        weights = ", ".join(w.path for w in folder.weight_files if w.format in ("safetensors", "pt"))
         try:
             from transformers import AutoTokenizer
 
@@ -189,7 +189,7 @@ class AutoGPTQLoader:
             raise
         except Exception as error:
             log.exception("gptqmodel failed on %s", staged)
-            raise ModelLoadError(f"AutoGPTQ could not load {folder.name}: {load_failure(error, weights.split(', '), folder.path)}") from None
+            raise ModelLoadError(f"AutoGPTQ could not load {folder.name}: {load_failure(error, [w.path for w in weight_files], folder.path)}") from None
         model.eval()
         kernels = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Linear")} - {"Linear"})
         error_bound = kernel_error(backend, dtype) if device == "cpu" else None

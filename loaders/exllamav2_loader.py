@@ -120,8 +120,8 @@ class ExLlamaV2Loader:
             hf_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except Exception as error:
             log.exception("exllamav2 failed on %s", path)
-            weights = ", ".join(w.path for w in folder.files_of("safetensors"))
-            raise ModelLoadError(f"ExLlamaV2 could not load {folder.name}: {load_failure(error, weights.split(', '))}") from None
+            weights = [w.path for w in folder.files_of("safetensors")]
+            raise ModelLoadError(f"ExLlamaV2 could not load {folder.name}: {load_failure(error, weights, folder.path)}") from None
         info = LoadedModelInfo(
             name=folder.name, loader=self.name, device="cuda", dtype="float16",
             context_length=ex_config.max_seq_len, details=folder.gptq.describe() if folder.gptq else "",

@@ -120,13 +120,13 @@ class ChatHandlers:
         messages = chat_messages(state)
         if self.engine.generation.has_work(who.owner):
             return ChatUpdate(messages, state, "Still answering: press Stop first.")
+        conversation = Conversation.model_validate(state)
         index = len(messages) - 1
-        versions = (state.get("alternatives") or {}).get(index) or []
-        if len(versions) < 2:
+        position, count = conversation.alternative(index)
+        if count < 2:
             return ChatUpdate(messages, state, "This reply has no other versions: Regenerate makes one.")
-        position = versions.index(messages[index]["content"]) if messages[index]["content"] in versions else 0
-        position = min(max(position + step, 0), len(versions) - 1)
-        messages[index] = {"role": "assistant", "content": versions[position]}
+        position = min(max(position + step, 0), count - 1)
+        messages[index] = {"role": "assistant", "content": conversation.alternatives[index][position]}
         state = self._save({**state, "messages": messages}, who)
         return ChatUpdate(messages, state, _reply_position(state))
 
@@ -246,12 +246,11 @@ class ChatHandlers:
                 if isinstance(event, Finished):
                     shown = shown if prefix + reply else messages
                     state = {**state, "messages": shown}
-                    if earlier_versions and len(shown) > len(messages):
-                        new = shown[-1]["content"]  # the same text twice is one version
-                        versions = earlier_versions if new in earlier_versions else [*earlier_versions, new]
-                        state["alternatives"] = {**(state.get("alternatives") or {}), len(messages): versions}
+                    keep = bool(earlier_versions) and len(shown) > len(messages)
+                    if keep:  # the conversation adds the new reply to its versions (once) when it is saved
+                        state["alternatives"] = {**(state.get("alternatives") or {}), len(messages): earlier_versions}
                     state = self._save(state, who)
-                    if earlier_versions and len(shown) > len(messages):
+                    if keep:
                         status = f"{status} {_reply_position(state)}"
                 last_yield = time.monotonic()
                 yield ChatUpdate(shown, state, status, prompt)
