@@ -50,7 +50,7 @@ def load_failure(error: BaseException, files: Sequence[str] = (), folder: Path |
         return f"the weights do not fit config.json (size mismatch for {mismatch.group(1)})"
     if isinstance(error, FileNotFoundError):
         return f"a file the model needs is missing: {getattr(error, 'filename', None) or flat}"
-    if isinstance(error, (UnicodeDecodeError,)) or name == "JSONDecodeError":
+    if isinstance(error, UnicodeDecodeError) or name == "JSONDecodeError":
         return f"a configuration file is not valid JSON ({flat[:120]})"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     first = _ADVICE.sub("", first).strip() or first

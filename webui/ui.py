@@ -23,6 +23,7 @@ CSS = """
 @media (max-width: 768px) {
   #chat-row { flex-direction: column-reverse !important; }
   #chatbot { height: 52vh !important; min-height: 260px; }
+  #send, #stop, #regenerate, #continue, #remove-last { font-size: 0.85rem !important; padding-inline: 4px !important; }
 }
 """
 APPLY_DARK = """() => {
