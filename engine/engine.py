@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.conversations import ConversationStore
@@ -14,7 +14,7 @@ from engine.generation import GenerationHandle, GenerationRequest, GenerationSer
 from engine.loader_api import LoadedModel, LoadedModelInfo
 from engine.model_manager import ModelManager
 from engine.plugins import PluginHost
-from engine.presets import PresetStore, generation_config_defaults
+from engine.presets import PresetStore, generation_config_defaults, model_system_message
 from engine.format_detection import ChosenFormat, choose_format
 from engine.prompt_formats import AUTO, COMPLETION, NAMED_FORMATS
 from engine.request_pipeline import PreparedRequest, RequestPipeline
@@ -160,6 +160,8 @@ class Engine:
                 folder=folder.path if folder else None,
                 pinned=saved.prompt_format if saved else None,
             )
+            if folder is not None:
+                chosen = replace(chosen, system_message=model_system_message(folder.path))
         self._chosen_format = (model.info, chosen)  # keyed by the info object: a new load makes a new one
         return chosen
 

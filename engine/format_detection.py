@@ -40,6 +40,7 @@ class ChosenFormat:
     own_template: bool = False  # the model's own chat template
     known: bool = True  # False: nothing said which format; plain completion is a fallback
     source: str = "card"  # pinned | own | card | tokens | name | none
+    system_message: str | None = None  # the model folder's default, used when a chat has none
 
 
 def choose_format(

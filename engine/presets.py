@@ -2,7 +2,9 @@
 
 Loadstar's own presets live in ``presets/`` (read-only); the user's are saved in
 ``<data dir>/presets/``. A preset is applied on top of the model's defaults, which come from its
-``generation_config.json`` on top of ``SamplingParams``' own defaults.
+``generation_config.json`` on top of ``SamplingParams``' own defaults. A model folder may also
+name a default system message in ``loadstar.json`` (``{"system_message": "..."}``), used when a chat
+has none; it is no more trusted than the chat template, which can inject a system message itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 BUILTIN_PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]{0,63}$")
 MAX_PRESET_BYTES = 64 * 1024
+MODEL_DEFAULTS_FILE = "loadstar.json"
+MAX_SYSTEM_MESSAGE_CHARS = 4000
 
 # generation_config.json keys that map onto SamplingParams fields of the same meaning.
 _GENERATION_CONFIG_KEYS = (
@@ -135,3 +139,21 @@ def generation_config_defaults(folder: Path) -> dict[str, Any]:
             continue
         defaults[key] = value
     return defaults
+
+
+def model_system_message(folder: Path) -> str | None:
+    """The default system message a model folder names in ``loadstar.json``, if any (else None)."""
+    try:
+        data = json.loads((folder / MODEL_DEFAULTS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as error:
+        log.warning("ignoring unreadable %s in %s: %s", MODEL_DEFAULTS_FILE, folder, error)
+        return None
+    message = data.get("system_message") if isinstance(data, dict) else None
+    if not isinstance(message, str) or not message.strip() or len(message) > MAX_SYSTEM_MESSAGE_CHARS:
+        if message is not None:
+            log.warning("ignoring %s in %s: system_message must be 1-%d characters of text",
+                        MODEL_DEFAULTS_FILE, folder, MAX_SYSTEM_MESSAGE_CHARS)
+        return None
+    return message.strip()

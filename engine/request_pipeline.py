@@ -111,6 +111,8 @@ class RequestPipeline:
                 raise BadRequestError("there is no reply to continue")
             tail, messages = messages[-1].content, messages[:-1]
         chosen = self._choose(model)
+        if chosen.system_message and not any(m.role == "system" and m.content.strip() for m in messages):
+            messages = [ChatMessage(role="system", content=chosen.system_message), *messages]
         special = dict(getattr(model, "special_tokens", {}) or {})
         if self._plugins is not None:
             answer = self._plugins.render_prompt(

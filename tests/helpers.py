@@ -99,8 +99,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str, co
     assert "Traceback" not in result.stderr
 
 
-# The question the real-model tests ask. SmolLM2-135M Q4_1 run by llama.cpp (the default loader)
-# answers the bare "What is the capital of France?" with "L'Étoile, la Marseillaise…": its first token
-# is a 0.06-logit near-tie ("L" 24.33 vs "The" 24.27) that llama.cpp's 8-bit activations tip one way
-# and Transformers' exact float32 dequantization the other. This phrasing is no near-tie on either.
-CAPITAL_QUESTION = "What is the capital of France? Answer in one word."
+# The question the real-model tests ask. The embedded model's folder names a system message
+# (engine/default_model.py), and with it greedy decoding answers "The capital of France is Paris."
+# with every token at least 1.5 logits ahead of the next (measured with llama.cpp): no near-tie that
+# a loader's arithmetic could tip. (With the template's own SmolLM system message the first token was a
+# 0.06-logit tie between "L'Étoile…" and "The", and "Answer in one word." added ties of 0.02.)
+CAPITAL_QUESTION = "What is the capital of France?"

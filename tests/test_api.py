@@ -7,7 +7,7 @@ import urllib.request
 import httpx
 import pytest
 
-from engine.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, place_default_model
+from engine.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, DEFAULT_MODEL_SYSTEM_MESSAGE, place_default_model
 from tests.helpers import CAPITAL_QUESTION, run_concurrently, running_server
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,9 @@ def test_chat_completion_greedy_with_usage_matching_the_tokenizer(client, tokeni
     choice = reply.choices[0]
     assert "Paris" in choice.message.content and choice.message.role == "assistant"
     assert choice.finish_reason == "stop" and reply.object == "chat.completion"
-    prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    # The embedded model's folder names a system message (loadstar.json), used when a chat has none.
+    with_system = [{"role": "system", "content": DEFAULT_MODEL_SYSTEM_MESSAGE}, *QUESTION]
+    prompt = tokenizer.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
     assert reply.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     text_tokens = len(tokenizer(choice.message.content, add_special_tokens=False)["input_ids"])
     assert reply.usage.completion_tokens in (text_tokens, text_tokens + 1)  # + the end-of-turn token

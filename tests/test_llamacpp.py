@@ -19,6 +19,7 @@ from engine.settings import Settings
 from engine.model_folder import gguf_models, missing_parts
 from loaders.llamacpp_loader import LOADER_NAME
 from tests.folders import gguf_folder
+from engine.default_model import DEFAULT_MODEL_SYSTEM_MESSAGE
 from tests.helpers import CAPITAL_QUESTION
 
 pytestmark = pytest.mark.slow
@@ -277,8 +278,10 @@ def test_remote_engine_drives_llama_cpps_own_server(engine, llama_cpp_server, tm
     try:
         info = remote.load_model("smol-llama-server")
         assert info.loader == "Remote (OpenAI API)"
-        events, done = run(remote, temperature=0, top_k=0, max_new_tokens=40)
-        local = run(engine, temperature=0, top_k=0, max_new_tokens=40)[1]
+        # llama.cpp's server knows nothing of the folder's default system message: both get it spelled out.
+        asked = (ChatMessage(role="system", content=DEFAULT_MODEL_SYSTEM_MESSAGE), *QUESTION)
+        events, done = run(remote, asked, temperature=0, top_k=0, max_new_tokens=40)
+        local = run(engine, asked, temperature=0, top_k=0, max_new_tokens=40)[1]
         assert done.reason == "stop" and "Paris" in done.text
         assert done.text.strip() == local.text.strip()  # the same greedy answer as llama.cpp here
         assert len([e for e in events if isinstance(e, TextDelta)]) > 3  # streamed

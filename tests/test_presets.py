@@ -5,7 +5,7 @@ import json
 import pytest
 
 from engine.errors import BadRequestError
-from engine.presets import BUILTIN_PRESETS_DIR, PresetStore, generation_config_defaults
+from engine.presets import BUILTIN_PRESETS_DIR, PresetStore, generation_config_defaults, model_system_message
 from engine.sampling import SamplingParams
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder
@@ -101,3 +101,33 @@ def test_a_pinned_prompt_format_is_used_remembered_and_undone(tmp_path):
     with pytest.raises(BadRequestError, match="unknown prompt format 'Nope'"):
         engine.set_prompt_format("Nope")
     engine.close()
+
+
+def test_a_model_folders_system_message_is_used_when_the_chat_has_none(tmp_path):
+    from engine.chat import ChatMessage
+    from engine.generation import GenerationRequest
+
+    engine = engine_with(tmp_path, FakeLoader("Fake"))
+    folder = hf_folder(engine.settings.models_dir, "m")
+    (folder / "loadstar.json").write_text(json.dumps({"system_message": "Be brief."}))
+    engine.load_model("m")
+    user = ChatMessage(role="user", content="hi")
+    assert engine.preview(GenerationRequest(messages=(user,))).prompt == "<system>Be brief.<user>hi<assistant>"
+    own = ChatMessage(role="system", content="Be long.")
+    assert engine.preview(GenerationRequest(messages=(own, user))).prompt == "<system>Be long.<user>hi<assistant>"
+    for broken in ("{not json", json.dumps({"system_message": ""}), json.dumps({"system_message": 3}),
+                   json.dumps(["x"]), json.dumps({"system_message": "x" * 5000})):
+        (folder / "loadstar.json").write_text(broken)
+        assert model_system_message(folder) is None, broken
+    engine.close()
+
+
+def test_the_embedded_model_ships_its_cards_sampling_and_a_system_message(tmp_path):
+    from engine.default_model import DEFAULT_MODEL_SYSTEM_MESSAGE, place_default_model
+
+    folder = place_default_model(tmp_path)
+    assert generation_config_defaults(folder) == {"temperature": 0.2, "top_p": 0.9}
+    assert model_system_message(folder) == DEFAULT_MODEL_SYSTEM_MESSAGE
+    (folder / "loadstar.json").write_text(json.dumps({"system_message": "Mine."}))
+    place_default_model(tmp_path)  # placing again keeps what the user edited
+    assert model_system_message(folder) == "Mine."
