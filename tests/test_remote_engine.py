@@ -121,3 +121,22 @@ def test_unreachable_or_wrong_remote_is_a_one_line_load_error(tmp_path, remote):
         assert not candidate.usable and "base_url: Value error, must be an http:// or https:// URL" in candidate.reason
     finally:
         engine.close()
+
+
+def test_reasoning_streamed_in_its_own_field_becomes_a_think_block():
+    import json as json_
+
+    from extensions.remote_engine import _Pieces
+
+    def line(**delta):
+        return "data: " + json_.dumps({"choices": [{"index": 0, "delta": delta}]})
+
+    pieces = _Pieces()
+    texts = [p.text for p in map(pieces.read, [
+        line(role="assistant", content=""), line(reasoning_content="Lyon? "), line(reasoning_content="No."),
+        line(content="Paris."), "data: [DONE]", ": keep-alive",
+    ]) if p is not None]
+    assert texts == ["<think>Lyon? ", "No.", "</think>\nParis."]
+    ollama = _Pieces()  # Ollama and OpenRouter name the field "reasoning"
+    assert [ollama.read(line(reasoning="Hm.")).text, ollama.read(line(content="Yes.")).text] == [
+        "<think>Hm.", "</think>\nYes."]

@@ -181,3 +181,19 @@ def test_regenerate_keeps_versions_and_switching_picks_one(engine):
     saved = engine.conversations.load(None, back.state["id"])
     assert saved.messages[1].content == "v1" and saved.alternatives[1][0] == "v1"
     assert chat.switch_reply(back.state, ME, -1).status.startswith("Reply 1/2")  # stays at the first
+
+
+def test_reasoning_is_collapsed_for_display_and_restored_for_an_edit():
+    from webui.reasoning import displayed, reasoning_source, show_reasoning
+
+    text = "<think>\nIs it Lyon? No: <b>Paris</b> & co.\n</think>\n\nThe capital is Paris."
+    shown = show_reasoning(text)
+    assert shown.startswith('<details class="reasoning"><summary>Reasoning</summary>')
+    assert "&lt;b&gt;Paris&lt;/b&gt; &amp; co." in shown and shown.endswith("</details>\n\nThe capital is Paris.")
+    assert reasoning_source(shown) == "<think>Is it Lyon? No: <b>Paris</b> & co.</think>\nThe capital is Paris."
+    streaming = show_reasoning("<think>Still thinking")  # no end yet: open, marked as going on
+    assert streaming.startswith('<details class="reasoning" open><summary>Reasoning…</summary>')
+    assert show_reasoning("No reasoning here.") == "No reasoning here."
+    messages = [{"role": "user", "content": "<think>mine</think>"}, {"role": "assistant", "content": text}]
+    assert displayed(messages)[0] == messages[0]  # only the model's reasoning is folded
+    assert displayed(messages)[1]["content"] == shown

@@ -141,6 +141,7 @@ class RemoteModel:
 
         reader = threading.Thread(target=read, name="loadstar-remote-stream", daemon=True)
         reader.start()
+        pieces = _Pieces()
         try:
             while True:
                 try:
@@ -153,7 +154,7 @@ class RemoteModel:
                     return
                 if isinstance(line, Exception):
                     raise GenerationFailed(f"{self.config.base_url}: {one_line(line)}")
-                piece = _piece(line)
+                piece = pieces.read(line)
                 if piece is not None:
                     yield piece
                 if cancel.cancelled:
@@ -168,22 +169,46 @@ class RemoteModel:
         self._client.close()
 
 
-def _piece(line: str) -> StreamPiece | None:
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return None
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        return None
-    choices = chunk.get("choices") or []
-    if not choices:
-        return None
-    choice = choices[0]
-    text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-    return StreamPiece(text or "", 1) if text else None
+# Where servers stream a reasoning model's thinking apart from its answer (DeepSeek, vLLM and
+# llama.cpp's server say reasoning_content; Ollama and OpenRouter say reasoning).
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+class _Pieces:
+    """Text pieces from a server's SSE lines; reasoning sent in its own field is put between
+    <think> and </think>, as a model that writes it inline does, so the chat shows it the same way."""
+
+    def __init__(self) -> None:
+        self.reasoning = False
+
+    def read(self, line: str) -> StreamPiece | None:
+        if not line.startswith("data:"):
+            return None
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return None
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return None
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        if not choices or not isinstance(choices[0], dict):
+            return None
+        choice = choices[0]
+        if "delta" not in choice:
+            text = choice.get("text")
+            return StreamPiece(text, 1) if isinstance(text, str) and text else None
+        delta = choice.get("delta") or {}
+        thought = next((delta[f] for f in REASONING_FIELDS if isinstance(delta.get(f), str) and delta[f]), "")
+        text = delta.get("content") if isinstance(delta.get("content"), str) else ""
+        out = ""
+        if thought:
+            out += ("" if self.reasoning else "<think>") + thought
+            self.reasoning = True
+        if text:
+            out += ("</think>\n" if self.reasoning else "") + text
+            self.reasoning = False
+        return StreamPiece(out, 1) if out else None
 
 
 def _error_text(response: Any) -> str:
