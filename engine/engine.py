@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -61,22 +63,26 @@ class Engine:
     # -- models --------------------------------------------------------------------------------
 
     def load_model(
-        self, name: str, loader: str | None = None, options: dict[str, Any] | None = None
+        self, name: str, loader: str | None = None, options: dict[str, Any] | None = None,
+        cancel: threading.Event | None = None,
     ) -> LoadedModelInfo:
         """Load ``name``; with no loader and no options given, as it was loaded last time.
 
-        Remembers the model (for the next start) and its loader and options (for its next load).
+        Remembers the model (for the next start), its loader and options (for its next load) and
+        how long the load took (for the next load's progress bar). ``cancel``: see ModelManager.load.
         """
         if loader is None and options is None:
             saved = self.saved_choice(name)
             if saved is not None:
                 loader, options = saved.loader, saved.options
-        info = self.models.load(name, loader, options)
+        started = time.monotonic()
+        info = self.models.load(name, loader, options, cancel)
         try:
             remembered = self.remembered.read()
             previous = remembered.models.get(name)
             choice = ModelChoice(loader=loader, options=dict(options or {}),
-                                 prompt_format=previous.prompt_format if previous else None)
+                                 prompt_format=previous.prompt_format if previous else None,
+                                 load_seconds=round(time.monotonic() - started, 1))
             models = {**remembered.models, name: choice}
             self.remembered.write(remembered.model_copy(update={"last_model": name, "last_loader": loader, "models": models}))
         except OSError as error:

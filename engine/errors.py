@@ -26,6 +26,10 @@ class ModelLoadError(LoadstarError):
     """A loader tried and failed; the previously loaded model (if any) is still in place."""
 
 
+class LoadCancelled(LoadstarError):
+    """The user cancelled a load; the previously loaded model (if any) is still in place."""
+
+
 class GenerationFailed(LoadstarError):
     """Generation failed for a reason outside Loadstar (a remote server went away): not a plugin bug."""
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from engine.errors import LoadstarError, ModelLoadError
+from engine.errors import LoadCancelled, LoadstarError, ModelLoadError
 from engine.load_failures import load_failure
 from engine.loader_api import LoadedModel, LoadedModelInfo
 from engine.loader_choice import LoaderCandidate, choose_loader, rank_loaders
@@ -79,12 +79,19 @@ class ModelManager:
         with self._use_lock:
             yield self._current
 
-    def load(self, name: str, loader: str | None = None, options: dict[str, Any] | None = None) -> LoadedModelInfo:
+    def load(
+        self, name: str, loader: str | None = None, options: dict[str, Any] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> LoadedModelInfo:
         """Load model ``name`` (the pinned ``loader`` or the best one) and make it current.
 
         Raises a ``LoadstarError`` with a one-line reason; the previous model stays loaded then.
+        ``cancel``: no loader can stop half-way, so a load cancelled while it runs finishes, is
+        unloaded at once and never replaces the current model (``LoadCancelled``).
         """
         with self._load_lock:
+            if cancel is not None and cancel.is_set():
+                raise LoadCancelled(f"loading {name} was cancelled")
             folder = self.inspect(name)
             loaders = self._plugins.loaders()
             chosen = choose_loader(folder, loaders, loader)
@@ -108,6 +115,11 @@ class ModelManager:
                 log.exception("%s failed to load %s", chosen.loader, name)
                 files = [w.path for w in folder.weight_files]
                 raise ModelLoadError(f"{chosen.loader} could not load {name}: {load_failure(error, files, folder.path)}") from None
+            if cancel is not None and cancel.is_set():
+                self._unload(model)
+                del model
+                _release_memory()
+                raise LoadCancelled(f"loading {name} was cancelled")
             self._swap(model, folder)
             return model.info
 
@@ -122,14 +134,21 @@ class ModelManager:
             self._current_folder = folder
         if old is None:
             return False
-        try:
-            self.model_thread.call(old.unload)
-        except Exception:
-            log.exception("unloading %s failed", old.info.name)
+        self._unload(old)
         del old
-        gc.collect()
-        release_freed_memory()
+        _release_memory()
         return True
+
+    def _unload(self, model: LoadedModel) -> None:
+        try:
+            self.model_thread.call(model.unload)
+        except Exception:
+            log.exception("unloading %s failed", model.info.name)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    release_freed_memory()
 
 
 def release_freed_memory() -> None:

@@ -23,6 +23,7 @@ class ModelChoice(BaseModel):
     loader: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     prompt_format: str | None = None  # a named format the user picked; None = automatic
+    load_seconds: float | None = Field(None, ge=0, allow_inf_nan=False)  # the last load's time, for progress
 
 
 class UserSettings(BaseModel):

@@ -13,13 +13,54 @@ ARTEFACTS = Path(os.environ.get("LOADSTAR_TEST_ARTEFACTS", Path(__file__).resolv
 ARTEFACTS.mkdir(parents=True, exist_ok=True)
 
 
+def console_errors(browser) -> list[str]:
+    """Errors the pages of ``browser`` logged to their consoles or threw (kept on the browser)."""
+    if not hasattr(browser, "loadstar_errors"):
+        browser.loadstar_errors = []
+    return browser.loadstar_errors
+
+
+def watch_console(page) -> None:
+    """Record the page's console errors, except while it is being left on purpose (see ``reload``):
+    the page then aborts its open connections and Gradio logs each one."""
+    errors = console_errors(page.context.browser)
+
+    def record(text: str) -> None:
+        if not getattr(page, "loadstar_leaving", False):
+            errors.append(f"{page.url}: {text}")
+
+    page.on("console", lambda message: record(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: record(f"uncaught {error}"))
+
+
+def reload(page) -> None:
+    """Reload as a user does: what the old page logs while it goes is not an error of the app."""
+    page.loadstar_leaving = True
+    try:
+        page.reload()
+        page.locator("#chat-input textarea").wait_for()
+    finally:
+        page.loadstar_leaving = False
+
+
 def open_page(browser, url, **context_options):
     context = browser.new_context(**context_options)
     page = context.new_page()
+    watch_console(page)
     page.set_default_timeout(60_000)
     page.goto(url)
     page.locator("#chat-input textarea").wait_for()
     return page
+
+
+def open_tab(page, name: str) -> None:
+    """Click a tab; on a narrow screen the tabs that do not fit are under Gradio's "More tabs" (⋯)."""
+    tab = page.get_by_role("tab", name=name)
+    if tab.count() and tab.is_visible():
+        tab.click()
+        return
+    page.locator("button[aria-label='More tabs']").click()
+    page.locator(".overflow-dropdown button").filter(has_text=name).first.click()
 
 
 def set_parameter(page, name: str, value) -> None:

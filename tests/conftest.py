@@ -73,10 +73,14 @@ def browser():
         pytest.fail("Debian chromium is missing: `make test` installs it")
     from playwright.sync_api import sync_playwright
 
+    from tests.browser import console_errors
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+    # No page of the whole run logged an error to its console or threw one.
+    assert console_errors(browser) == [], "\n".join(console_errors(browser))
 
 
 @pytest.fixture

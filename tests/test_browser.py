@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from tests.browser import ARTEFACTS, MODEL, bot_messages, send, set_parameter, wait_for_status, wait_until
+from tests.browser import (
+    ARTEFACTS, MODEL, bot_messages, reload, send, set_parameter, wait_for_status, wait_until, watch_console,
+)
 from tests.helpers import CAPITAL_QUESTION
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -124,6 +126,7 @@ def test_two_users_chat_at_once_and_each_stop_is_their_own(browser, ui_server):
     for _ in range(2):
         context = browser.new_context()
         page = context.new_page()
+        watch_console(page)
         page.set_default_timeout(60_000)
         page.goto(ui_server)
         page.locator("#chat-input textarea").wait_for()
@@ -170,8 +173,12 @@ def test_loading_shows_what_is_loading_then_the_loaded_model(page):
     page.get_by_role("tab", name="Model").click()
     page.evaluate("""() => {
         window.__statuses = [];
+        window.__bars = 0;
         const status = document.querySelector('#model-status');
-        new MutationObserver(() => window.__statuses.push(status.innerText))
+        new MutationObserver(() => {
+            window.__statuses.push(status.innerText);
+            window.__bars += status.querySelectorAll('progress.load-bar').length;
+        })
             .observe(status, {subtree: true, childList: true, characterData: true});
     }""")
     page.locator("#load-model").click()
@@ -182,6 +189,14 @@ def test_loading_shows_what_is_loading_then_the_loaded_model(page):
 
     statuses = wait_until(seen, "the loaded model's name after loading")
     assert any(s.startswith(f"⏳ Loading {MODEL} with llama.cpp… 0 s") for s in statuses), statuses
+    assert page.evaluate("window.__bars") > 0  # a bar that says it is busy: no earlier load to time it by
+    page.evaluate("window.__statuses = []")
+    page.locator("#load-model").click()  # again: now timed against the load before
+    statuses = wait_until(seen, "the loaded model's name after loading again")
+    assert any(re.match(rf"⏳ Loading {MODEL} with llama.cpp… 0 s of about \d+ s \(its last load\)", s)
+               for s in statuses), statuses
+    page.locator("#cancel-load").click()  # nothing is loading now: it says so
+    wait_for_status(page, "^Nothing is loading. Loaded: ", selector="#model-status")
 
 
 def test_the_chat_names_the_model_renders_math_and_dark_mode_is_remembered(browser, ui_server):
@@ -203,8 +218,7 @@ def test_the_chat_names_the_model_renders_math_and_dark_mode_is_remembered(brows
         assert not page.evaluate("document.body.classList.contains('dark')")
         page.locator("#dark-mode").click()
         wait_until(lambda: page.evaluate("document.body.classList.contains('dark')"), "dark mode")
-        page.reload()
-        page.locator("#chat-input textarea").wait_for()
+        reload(page)
         wait_until(lambda: page.evaluate("document.body.classList.contains('dark')"), "dark mode after a reload")
         page.screenshot(path=str(ARTEFACTS / "chat-dark-1440.png"))
     finally:

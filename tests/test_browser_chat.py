@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tests.browser import (
-    bot_messages, open_page, send, set_parameter, user_messages, wait_for_status, wait_until,
+    ARTEFACTS, bot_messages, open_page, reload, send, set_parameter, user_messages, wait_for_status, wait_until,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -71,12 +71,15 @@ def test_system_message_reaches_the_prompt_shown_with_its_token_count(page):
 
 
 def conversation_options(page):
-    page.locator("#conversation-list input").click()
-    options = [text.split("\n")[-1].strip() for text in page.locator("li[role=option]").all_inner_texts()]
-    page.keyboard.press("Escape")
-    # An open list lies over the buttons below it: a later click would pick a conversation instead.
-    wait_until(lambda: page.locator("li[role=option]").count() == 0, "the conversation list to close", 10)
-    return options  # the open one carries a check mark line first
+    """The conversation list in the sidebar: each entry's label (title · date)."""
+    return [text.strip() for text in page.locator("#conversation-list label").all_inner_texts()]
+
+
+def open_menu(page):
+    menu = page.locator("#conversation-menu")
+    if not page.locator("#rename-chat").is_visible():
+        menu.get_by_text("This conversation").first.click()
+    page.locator("#rename-chat").wait_for()
 
 
 def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
@@ -85,6 +88,7 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
     wait_until(lambda: any(o.startswith("Tell me about zebrafish.") for o in conversation_options(page)),
                "the conversation in the list")
     first_reply = bot_messages(page).last.inner_text()
+    open_menu(page)
     title = page.locator("#conversation-title input, #conversation-title textarea").first
     # The Title box follows the automatic title, so Rename starts from it (it used to stay "New chat").
     wait_until(lambda: title.input_value().startswith("Tell me about zebrafish."), "the automatic title in the box")
@@ -94,11 +98,14 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
     search = page.locator("#conversation-search input, #conversation-search textarea").first
     search.fill("zebrafish")
     search.press("Enter")
-    table = page.locator("#search-results")
-    wait_until(lambda: "zebrafish" in table.inner_text().lower(), "a search hit")
-    table.get_by_test_id("cell-0-0").click()
+    wait_for_status(page, "1 conversation match", selector="#conversation-status")
+    hits = conversation_options(page)
+    assert len(hits) == 1 and "zebrafish" in hits[0].lower(), hits  # the list shows the matches only
+    page.locator("#conversation-list label").first.click()
     wait_until(lambda: user_messages(page).count() == 1, "the conversation to reopen")
     assert bot_messages(page).last.inner_text() == first_reply
+    search.fill("")
+    search.press("Enter")
 
     title.fill("Fish notes")
     page.locator("#rename-chat").click()
@@ -106,6 +113,10 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
     wait_until(lambda: any(o.startswith("Fish notes") for o in conversation_options(page)), "the new title")
 
     page.locator("#delete-chat").click()
+    page.locator("#keep-chat").click()  # a second thought: nothing is deleted
+    assert any(o.startswith("Fish notes") for o in conversation_options(page))
+    page.locator("#delete-chat").click()
+    page.locator("#confirm-delete").click()
     wait_for_status(page, "Deleted", selector="#conversation-status")
     wait_until(lambda: not any(o.startswith("Fish notes") for o in conversation_options(page)), "it to go")
     assert user_messages(page).count() == 0
@@ -113,6 +124,7 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
 
 def test_export_and_import_a_conversation(page, tmp_path):
     chat_once(page, "Name a colour of the sky.", max_new_tokens=6)
+    open_menu(page)
     with page.expect_download() as download:
         page.locator("#export-chat").click()
         page.locator("#export-file a").first.wait_for()
@@ -124,7 +136,7 @@ def test_export_and_import_a_conversation(page, tmp_path):
     upload.write_text(json.dumps(exported))
     page.locator("#new-chat").click()
     with page.expect_file_chooser() as chooser:
-        page.locator("#import-chat button[aria-label='Click to upload or drop files']").click()
+        page.locator("#import-chat").click()
     chooser.value.set_files(str(upload))
     wait_for_status(page, "Imported as a new conversation", selector="#conversation-status")
     wait_until(lambda: user_messages(page).count() == 1, "the imported chat")
@@ -144,7 +156,8 @@ def test_preset_save_and_load_changes_the_reply_length(page):
     page.locator("#preset-load").click()
     wait_for_status(page, "Loaded “Default”", selector="#preset-status")
     assert page.locator("#param-max_new_tokens input[type=number]").input_value() == "512"
-    assert page.locator("#param-temperature input[type=number]").input_value() == "0.7"
+    # the generic preset changes nothing the model's generation_config.json sets (temperature 0.2)
+    assert page.locator("#param-temperature input[type=number]").input_value() == "0.2"
 
     page.locator("#preset-choice input").click()
     page.locator('li[role=option][aria-label="seven tokens"]').click()
@@ -239,14 +252,31 @@ def test_regenerate_keeps_the_earlier_replies_and_they_survive_a_reload(browser,
         page.locator("#previous-reply").click()
         wait_for_status(page, r"^Reply 1/3")
         assert bot_messages(page).last.inner_text() == replies[0]
-        page.reload()  # a new page: reopen the conversation from the list
-        page.locator("#chat-input textarea").wait_for()
-        page.locator("#conversation-list input").click()
-        page.locator("li[role=option]").filter(has_text="Name a colour.").first.click()
+        reload(page)  # a new page: the browser reopens the conversation it had open
         wait_until(lambda: bot_messages(page).count() == 1, "the conversation to reopen")
+        assert page.locator("#conversation-list label.selected").inner_text().startswith("Name a colour.")
         assert bot_messages(page).last.inner_text() == replies[0]  # the version in use was saved
         page.locator("#next-reply").click()
         wait_for_status(page, r"^Reply 2/3")
         assert bot_messages(page).last.inner_text() == replies[1]
     finally:
         page.context.close()
+
+
+def test_a_reasoning_block_shows_collapsed_and_opens_on_a_click(page):
+    chat_once(page, "Say yes.", max_new_tokens=3)
+    bot_messages(page).last.hover()
+    page.locator('#chatbot button[aria-label="Edit"]').last.click()
+    # A reply as a reasoning model writes it (edited in, so the default model can stand in for one).
+    page.locator("#chatbot textarea").first.fill("<think>The user wants agreement.</think>\nYes.")
+    page.locator('#chatbot button[aria-label="Submit"]').first.click()
+    wait_for_status(page, "Message edited")
+    block = bot_messages(page).last.locator("details.reasoning")
+    block.wait_for()
+    assert block.locator("summary").inner_text() == "Reasoning"
+    assert not block.evaluate("b => b.open") and "Yes." in bot_messages(page).last.inner_text()
+    block.locator("summary").click()
+    wait_until(lambda: "The user wants agreement." in block.inner_text(), "the reasoning shown")
+    page.screenshot(path=str(ARTEFACTS / "reasoning-1440.png"))
+    reload(page)  # saved as the model's text, drawn again on opening
+    assert bot_messages(page).last.locator("details.reasoning summary").inner_text() == "Reasoning"

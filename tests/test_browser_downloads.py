@@ -1,10 +1,12 @@
 """The Model tab's download section in Chromium, against the Hub stand-in."""
 
+import re
 import time
 from contextlib import contextmanager
 
 import pytest
 
+from tests.browser import ARTEFACTS, wait_until, watch_console
 from tests.helpers import running_server
 from tests.hub_standin import HubStandIn
 from tests.test_downloads import REPO, gptq_branch, safetensors_bytes
@@ -52,6 +54,7 @@ def branch_table(browser, server, repo):
     context = browser.new_context()
     try:
         page = context.new_page()
+        watch_console(page)
         page.set_default_timeout(60_000)
         page.goto(server)
         page.get_by_role("tab", name="Model").click()
@@ -65,6 +68,7 @@ def branch_table(browser, server, repo):
 def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, browser):
     other = browser.new_context()  # a second user's page, open before the download
     other_page = other.new_page()
+    watch_console(other_page)
     other_page.set_default_timeout(60_000)
     other_page.goto(server)
     other_page.get_by_role("tab", name="Model").click()
@@ -80,9 +84,14 @@ def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, bro
         hub.faults.bytes_per_second = 1024 * 1024
         page.locator("#start-download").click()
         status = page.locator("#download-status")
-        seen = wait_text(status, "model.safetensors:", timeout=30)
-        assert "/s" in seen and " of " in seen  # bytes, speed, ETA per file and overall
+        bars = page.locator("#download-progress")
+        seen = wait_text(bars, "model.safetensors:", timeout=30)  # a bar for the file, one for all files
+        assert re.search(r"All: .+ of .+ · \d of \d files · .+/s", seen), seen  # bytes, files, speed
+        file_bar = page.locator("#download-file-bar")
+        wait_until(lambda: 0 < file_bar.evaluate("b => b.value") < file_bar.evaluate("b => b.max"), "a bar part-way")
+        page.screenshot(path=str(ARTEFACTS / "download-1440.png"))
         wait_text(status, "✅", timeout=60)
+        assert bars.inner_text().strip() == ""  # the bars go when it is done
         assert "TheBloke_Tiny-Chat-GPTQ_gptq-4bit-32g-actorder_True" in status.inner_text()
         page.locator("#model-choice input").click()
         options = page.locator("li[role=option]").all_inner_texts()

@@ -75,6 +75,7 @@ def test_startup_prefers_cli_then_last_used_then_default(tmp_path):
     assert engine.startup_choice().model == DEFAULT_MODEL_NAME
     engine.load_model("zzz", "Good")
     remembered = json.loads(engine.settings.settings_file.read_text())
+    assert remembered["models"]["zzz"].pop("load_seconds") >= 0
     assert remembered == {"last_model": "zzz", "last_loader": "Good", "extensions": {},
                           "models": {"zzz": {"loader": "Good", "options": {}, "prompt_format": None}}}
     again = engine_with(tmp_path, FakeLoader("Good"))
@@ -127,7 +128,8 @@ def test_default_model_placement_is_idempotent_and_atomic(tmp_path):
     inode = gguf.stat().st_ino
     assert place_default_model(tmp_path) == first
     assert gguf.stat().st_ino == inode  # not re-copied
-    assert [p.name for p in first.iterdir()] == [gguf.name]  # no partial files left
+    # no partial files left; beside the weights, the model's defaults
+    assert sorted(p.name for p in first.iterdir()) == sorted([gguf.name, "generation_config.json", "loadstar.json"])
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.com", "::"])
@@ -169,3 +171,26 @@ def test_reload_without_a_model_is_an_error(tmp_path):
 
     with pytest.raises(BadRequestError, match="no model is loaded"):
         engine_with(tmp_path, FakeLoader("Good")).reload_model()
+
+
+def test_a_load_cancelled_while_it_runs_never_replaces_the_current_model(tmp_path):
+    import threading
+
+    from engine.errors import LoadCancelled
+
+    slow = FakeLoader("Slow", load_seconds=0.5)
+    engine = engine_with(tmp_path, slow)
+    hf_folder(engine.settings.models_dir, "first")
+    hf_folder(engine.settings.models_dir, "second")
+    engine.load_model("first")
+    assert engine.saved_choice("first").load_seconds >= 0.5  # for the next load's progress bar
+    cancel = threading.Event()
+    threading.Timer(0.1, cancel.set).start()  # while the loader is busy
+    with pytest.raises(LoadCancelled, match="loading second was cancelled"):
+        engine.load_model("second", cancel=cancel)
+    assert engine.models.loaded.name == "first"
+    assert slow.loaded[-1].unloaded  # the cancelled model was unloaded at once, not kept
+    with pytest.raises(LoadCancelled):  # cancelled before it starts: nothing is loaded at all
+        engine.load_model("second", cancel=cancel)
+    assert len(slow.loaded) == 2
+    engine.close()

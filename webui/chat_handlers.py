@@ -20,6 +20,7 @@ from engine.engine import Engine
 from engine.errors import LoadstarError
 from engine.generation import Finished, GenerationRequest, Queued, Started, TextDelta
 from engine.sampling import SamplingParams, parameter_specs
+from webui.reasoning import reasoning_source
 
 State = dict[str, Any]  # a Conversation as a dict, kept per browser session
 UPDATE_INTERVAL = 0.08  # seconds between streamed chat updates
@@ -155,7 +156,7 @@ class ChatHandlers:
     def edit(self, state: State, who: Who, index: int, text: Any) -> ChatUpdate:
         """Replace message ``index`` with ``text`` (the chat keeps everything after it)."""
         messages = chat_messages(state)
-        content = _text_of(text)
+        content = reasoning_source(_text_of(text))  # a reasoning block goes back to the model's <think>
         if not isinstance(index, int) or not 0 <= index < len(messages):
             return ChatUpdate(messages, state, "That message no longer exists.")
         if not content.strip():
@@ -273,7 +274,7 @@ def model_line(engine: Engine) -> str:
     info = engine.models.loaded
     if info is None:
         return "No model is loaded: pick one in the **Model** tab."
-    return f"Model: **{info.name}** · {info.loader} on {info.device} · switch in the **Model** tab"
+    return f"Model: **{info.name}** · {info.loader} on {info.device}"
 
 
 def _reply_position(state: State) -> str:

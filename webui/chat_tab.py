@@ -11,6 +11,8 @@ from engine.engine import Engine
 from webui.chat_handlers import ChatHandlers, ChatUpdate, chat_messages, who
 from webui.conversation_handlers import ConversationHandlers
 from webui.parameters_tab import ParameterControls
+from webui.reasoning import displayed
+from webui.remembered import CLOSE_SIDEBAR_ON_PHONE, remember, remembered
 
 # Chat events run concurrently in Gradio; the engine's own queue orders generation fairly and
 # reports positions, and Stop must never wait behind a running reply.
@@ -26,32 +28,40 @@ LATEX = [
 
 def build_chat_tab(engine: Engine) -> "ChatTab":
     """Create the tab's components (inside the caller's ``gr.Tab``); ``wire`` connects them later."""
-    with gr.Row(elem_id="chat-row"):
-        with gr.Column(scale=1, min_width=240):
-            conversation_list = gr.Dropdown([], label="Conversations", elem_id="conversation-list")
-            new_button = gr.Button("New chat", elem_id="new-chat")
+    # The conversations live in a collapsible sidebar: New chat on top, search, the list (titles and
+    # dates), and a menu for the open conversation (rename, export, import, delete).
+    with gr.Sidebar(open=True, width=300, elem_id="conversation-sidebar", label="Conversations") as sidebar:
+        new_button = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
+        search = gr.Textbox(show_label=False, placeholder="Search conversations (Enter)", elem_id="conversation-search")
+        conversation_list = gr.Radio([], label="Conversations", elem_id="conversation-list")
+        with gr.Accordion("⋯ This conversation", open=False, elem_id="conversation-menu") as menu:
             title = gr.Textbox(label="Title", elem_id="conversation-title")
             with gr.Row():
-                rename_button = gr.Button("Rename", elem_id="rename-chat", size="sm")
-                delete_button = gr.Button("Delete", variant="stop", elem_id="delete-chat", size="sm")
-            search = gr.Textbox(label="Search all conversations", placeholder="words, then Enter",
-                                elem_id="conversation-search")
-            hits = gr.Dataframe(headers=["Title", "Match", "id"], interactive=False, elem_id="search-results",
-                                wrap=True, column_widths=["35%", "55%", "10%"])
-            export_button = gr.Button("Export JSON", elem_id="export-chat", size="sm")
-            export_file = gr.File(label="Exported", elem_id="export-file", interactive=False)
-            import_file = gr.File(label="Import JSON", file_types=[".json"], elem_id="import-chat", type="filepath")
-            conversation_status = gr.Markdown(elem_id="conversation-status")
+                rename_button = gr.Button("Rename", elem_id="rename-chat", size="sm", min_width=60)
+                export_button = gr.Button("Export JSON", elem_id="export-chat", size="sm", min_width=60)
+            export_file = gr.File(label="Exported", elem_id="export-file", interactive=False, visible=False)
+            import_file = gr.UploadButton("Import a JSON conversation", file_types=[".json"], elem_id="import-chat",
+                                          type="filepath", size="sm")
+            delete_button = gr.Button("Delete this conversation", variant="stop", elem_id="delete-chat", size="sm")
+            with gr.Row(visible=False) as delete_confirm:  # a second click, so one slip loses nothing
+                confirm_delete = gr.Button("Yes, delete it", variant="stop", elem_id="confirm-delete", size="sm")
+                keep = gr.Button("Keep it", elem_id="keep-chat", size="sm")
+        conversation_status = gr.Markdown(elem_id="conversation-status")
+    with gr.Row(elem_id="chat-row"):
         with gr.Column(scale=4):
-            model = gr.Markdown(elem_id="chat-model")
+            with gr.Row(equal_height=True, elem_id="chat-header"):
+                model = gr.Markdown(elem_id="chat-model")
+                model_switch = gr.Dropdown([], label="Switch model", show_label=False, elem_id="chat-model-switch",
+                                           scale=0, min_width=200, interactive=True, container=False)
             chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot", buttons=["copy", "copy_all"],
                                  feedback_options=None, editable="all", latex_delimiters=LATEX)
             with gr.Accordion("System message", open=False):
                 system = gr.Textbox(label="System message", lines=2, elem_id="system-message",
-                                    placeholder="Empty: the prompt format's default, if it has one")
+                                    placeholder="Empty: the model's default, if it has one")
             # lines=1 with room to grow: Gradio sends on Enter and leaves Shift+Enter to the textarea
             # (a new line); with lines > 1 it would send on Shift+Enter only.
-            message = gr.Textbox(label="Message", placeholder="Message (Enter sends, Shift+Enter for a new line)",
+            message = gr.Textbox(label="Message", show_label=False,
+                                 placeholder="Message (Enter sends, Shift+Enter: new line)",
                                  lines=1, max_lines=10, elem_id="chat-input")
             with gr.Row():
                 send_button = gr.Button("Send", variant="primary", elem_id="send", min_width=90)
@@ -70,10 +80,10 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
             panels = gr.Column()
     state = gr.State(None)
     return ChatTab(
-        engine, state, chatbot, conversation_list, new_button, title, rename_button, delete_button, search, hits,
+        engine, state, chatbot, conversation_list, new_button, title, rename_button, delete_button, search,
         export_button, export_file, import_file, conversation_status, system, message, send_button, stop_button,
         regenerate_button, continue_button, remove_button, status, preview_button, prompt_info, prompt_box, panels,
-        model, previous_reply, next_reply,
+        model, previous_reply, next_reply, sidebar, menu, model_switch, delete_confirm, confirm_delete, keep,
     )
 
 
@@ -88,7 +98,6 @@ class ChatTab:
     rename_button: Any
     delete_button: Any
     search: Any
-    hits: Any
     export_button: Any
     export_file: Any
     import_file: Any
@@ -108,15 +117,22 @@ class ChatTab:
     model: Any  # the line above the chat naming the loaded model
     previous_reply: Any  # ‹ and ›: the versions of a regenerated reply
     next_reply: Any
+    sidebar: Any
+    menu: Any  # the open conversation's menu
+    model_switch: Any  # the dropdown beside the model line
+    delete_confirm: Any  # the row that asks again before deleting
+    confirm_delete: Any
+    keep: Any
 
-    def wire(self, demo: gr.Blocks, parameters: ParameterControls) -> None:
+    def wire(self, demo: gr.Blocks, parameters: ParameterControls, memory: Any) -> None:
+        """``memory``: the browser's kept values (webui.remembered); the open conversation is one."""
         chat = ChatHandlers(self.engine)
         conversations = ConversationHandlers(self.engine)
         w = self
 
         def shown(state):
             """Everything that shows one conversation: chat, system, title."""
-            return chat_messages(state), state.get("system", ""), state.get("title", "")
+            return displayed(chat_messages(state)), state.get("system", ""), state.get("title", "")
 
         def listing(request: gr.Request, state=None):
             user = who(request).user
@@ -134,7 +150,7 @@ class ChatTab:
         def stream(updates, clear_message: bool):
             for update in updates:
                 assert isinstance(update, ChatUpdate)
-                out = [update.chatbot, update.state, update.status,
+                out = [displayed(update.chatbot), update.state, update.status,
                        gr.update() if update.prompt is None else update.prompt]
                 yield ([gr.update() if update.keep_input else ""] if clear_message else []) + out
 
@@ -155,12 +171,12 @@ class ChatTab:
 
         def remove_last(state, request: gr.Request):
             update = chat.remove_last(state, who(request))
-            return update.chatbot, update.state, update.status
+            return displayed(update.chatbot), update.state, update.status
 
         def edit(state, event: gr.EditData, request: gr.Request):
             index = event.index if isinstance(event.index, int) else event.index[0]
             update = chat.edit(state, who(request), index, event.value)
-            return update.chatbot, update.state, update.status
+            return displayed(update.chatbot), update.state, update.status
 
         def stop(request: gr.Request):
             return chat.stop(who(request).owner)
@@ -187,7 +203,7 @@ class ChatTab:
         def switch(step: int):
             def handler(state, request: gr.Request):
                 update = chat.switch_reply(state, who(request), step)
-                return update.chatbot, update.state, update.status
+                return displayed(update.chatbot), update.state, update.status
             return handler
 
         w.previous_reply.click(switch(-1), w.state, [w.chatbot, w.state, w.status])
@@ -199,9 +215,19 @@ class ChatTab:
         # -- conversations ------------------------------------------------------------------------
         view = [w.state, w.chatbot, w.system, w.title]
 
-        def start(request: gr.Request):
-            state, choices = conversations.start(who(request).user)
-            return [state, *shown(state), gr.update(choices=choices, value=None)]
+        def start(memory_value, request: gr.Request):
+            """A page opens the conversation this browser had open last, else a new one."""
+            user = who(request).user
+            state, choices = conversations.start(user)
+            kept = remembered(memory_value, "conversation")
+            opened, _ = conversations.open(user, kept if isinstance(kept, str) else None)
+            if opened is not None:
+                state = opened
+            value = state["id"] if any(cid == state["id"] for _, cid in choices) else None
+            return [state, *shown(state), gr.update(choices=choices, value=value)]
+
+        def keep_open(memory_value, state):
+            return remember(memory_value, conversation=state.get("id") if state else None)
 
         def new(request: gr.Request):
             self.engine.stop(who(request).owner)
@@ -224,17 +250,20 @@ class ChatTab:
         def delete(state, request: gr.Request):
             self.engine.stop(who(request).owner)
             remaining, status = conversations.delete(who(request).user, state)
-            return [remaining, *shown(remaining), status]
+            return [remaining, *shown(remaining), status, gr.update(visible=False)]
 
-        def search(query, request: gr.Request):
-            return conversations.search(who(request).user, query)
-
-        def pick_hit(event: gr.SelectData, state, request: gr.Request):
-            row = event.row_value or []
-            return open_(row[2], state, request) if len(row) > 2 else [gr.update()] * 4 + [""]
+        def search(query, state, request: gr.Request):
+            """Enter in the search box: the list shows the conversations that match (all when empty)."""
+            user = who(request).user
+            if not (query or "").strip():
+                return listing(request, state), ""
+            choices = conversations.search(user, query)
+            found = f"{len(choices)} conversation{'s' if len(choices) != 1 else ''} match; clear the search for all."
+            return gr.update(choices=choices, value=None), found
 
         def export(state, request: gr.Request):
-            return conversations.export(who(request).user, state)
+            path, status = conversations.export(who(request).user, state)
+            return gr.update(value=path, visible=path is not None), status
 
         def import_(file, request: gr.Request):
             imported, status = conversations.import_(who(request).user, file)
@@ -242,13 +271,16 @@ class ChatTab:
                 return [gr.update()] * 4 + [status]
             return [imported, *shown(imported), status]
 
-        demo.load(start, None, [*view, w.conversation_list])
+        demo.load(start, memory, [*view, w.conversation_list])
+        w.state.change(keep_open, [memory, w.state], memory)
         for trigger in (w.new_button.click, w.chatbot.clear):  # the chat's own trash icon starts anew too
-            trigger(new, None, [*view, w.conversation_list, w.conversation_status])
-        w.conversation_list.input(open_, [w.conversation_list, w.state], [*view, w.conversation_status])
+            trigger(new, None, [*view, w.conversation_list, w.conversation_status]).then(None, js=CLOSE_SIDEBAR_ON_PHONE)
+        w.conversation_list.input(open_, [w.conversation_list, w.state], [*view, w.conversation_status]).then(
+            None, js=CLOSE_SIDEBAR_ON_PHONE)
         w.rename_button.click(rename, [w.state, w.title], [w.state, w.conversation_status]).then(**after)
-        w.delete_button.click(delete, w.state, [*view, w.conversation_status]).then(**after)
-        w.search.submit(search, w.search, w.hits)  # on Enter: a search reads every saved conversation
-        w.hits.select(pick_hit, w.state, [*view, w.conversation_status]).then(**after)
+        w.delete_button.click(lambda: gr.update(visible=True), None, w.delete_confirm)
+        w.keep.click(lambda: gr.update(visible=False), None, w.delete_confirm)
+        w.confirm_delete.click(delete, w.state, [*view, w.conversation_status, w.delete_confirm]).then(**after)
+        w.search.submit(search, [w.search, w.state], [w.conversation_list, w.conversation_status])  # reads every file
         w.export_button.click(export, w.state, [w.export_file, w.conversation_status])
         w.import_file.upload(import_, w.import_file, [*view, w.conversation_status]).then(**after)

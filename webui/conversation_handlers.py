@@ -16,16 +16,23 @@ from webui.chat_handlers import State, chat_messages, new_state
 from webui.uploads import uploaded_file
 
 
+def when(timestamp: float, now: float | None = None) -> str:
+    """A short date for the list: the time today, the day this year, else the date."""
+    moment, today = time.localtime(timestamp), time.localtime(now)
+    if moment[:3] == today[:3]:
+        return time.strftime("%H:%M", moment)
+    if moment.tm_year == today.tm_year:
+        return time.strftime("%b %d", moment)
+    return time.strftime("%Y-%m-%d", moment)
+
+
 class ConversationHandlers:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.store = engine.conversations
 
     def choices(self, user: str | None) -> list[tuple[str, str]]:
-        return [
-            (f"{c.title} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(c.updated))}", c.id)
-            for c in self.store.summaries(user)
-        ]
+        return [(f"{c.title} · {when(c.updated)}", c.id) for c in self.store.summaries(user)]
 
     def start(self, user: str | None) -> tuple[State, list[tuple[str, str]]]:
         """A session starts with a new conversation (two open pages never write one file); the
@@ -58,8 +65,9 @@ class ConversationHandlers:
             return state, f"⚠️ {error}"
         return self.start(user)[0], f"Deleted “{state.get('title', '')}”."
 
-    def search(self, user: str | None, query: str) -> list[list[str]]:
-        return [[hit.title, hit.snippet, hit.id] for hit in self.store.search(user, query or "")]
+    def search(self, user: str | None, query: str) -> list[tuple[str, str]]:
+        """Matching conversations as list choices: the title, then the words around the match."""
+        return [(f"{hit.title} — “{hit.snippet}”", hit.id) for hit in self.store.search(user, query or "")]
 
     def export(self, user: str | None, state: State) -> tuple[str | None, str]:
         """A JSON file of the open conversation, for the browser to download."""

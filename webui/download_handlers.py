@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import html
+
 from engine.branch_picker import list_branches, list_gguf_files, memory_budget
+from engine.downloads import Progress
 from engine.engine import Engine
 from engine.errors import LoadstarError
 from engine.hub_names import parse_model_name
@@ -58,13 +61,15 @@ class DownloadHandlers:
             return None, f"⚠️ {error}"
         return job.id, f"Downloading {job.ref}…"
 
-    def poll(self, job_id: int | None) -> tuple[str, bool]:
-        """(status line, finished?)"""
+    def poll(self, job_id: int | None) -> tuple[str, str, bool]:
+        """(status line, progress bars as HTML, finished?)"""
         job = self.engine.downloads.get(job_id) if job_id else None
         if job is None:
-            return "", True
+            return "", "", True
         prefix = {"done": "✅ ", "failed": "⚠️ ", "cancelled": "⏹ "}.get(job.state, "⬇️ ")
-        return prefix + job.describe(), job.state != "running"
+        if job.state == "running" and job.progress:  # the numbers are on the bars
+            return f"{prefix}Downloading {job.ref}…", progress_bars(job.progress), False
+        return prefix + job.describe(), "", job.state != "running"
 
     def cancel(self, job_id: int | None) -> str:
         job = self.engine.downloads.get(job_id) if job_id else None
@@ -72,3 +77,25 @@ class DownloadHandlers:
             return "Nothing is downloading."
         job.cancel()
         return "Cancelling… (the partial download is kept: start it again to resume)"
+
+
+def progress_bars(p: Progress) -> str:
+    """Two bars: the file being fetched, and all files (bytes, files, speed, time left)."""
+    eta = p.eta_seconds
+    left = f" · {_duration(eta)} left" if eta is not None else ""
+    overall = (f"All: {format_size(p.done)} of {format_size(p.total)} · {p.files_done} of {p.files_total} files"
+               f" · {format_size(int(p.bytes_per_second))}/s{left}")
+    this_file = f"{p.file}: {format_size(p.file_done)} of {format_size(p.file_total)}"
+    return "".join(
+        f'<div class="download-bar"><label>{html.escape(text)}</label>'
+        f'<progress id="{name}" value="{done}" max="{max(total, 1)}"></progress></div>'
+        for name, text, done, total in (
+            ("download-file-bar", this_file, p.file_done, p.file_total),
+            ("download-all-bar", overall, p.done, p.total),
+        )
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"

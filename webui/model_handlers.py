@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Iterator
 
 from engine.engine import Engine
-from engine.errors import LoadstarError
+from engine.errors import LoadCancelled, LoadstarError
 from engine.loader_choice import LoaderCandidate
 from engine.model_folder import ModelFolder, format_size
 
@@ -44,9 +45,25 @@ def folder_details(folder: ModelFolder) -> str:
     return "\n".join(lines)
 
 
+def loading_line(name: str, loader: str, seconds: float, expected: float | None) -> str:
+    """The status while loading: what, how long so far, and a bar. The bar measures time against
+    the model's last load (no loader reports its own progress); the first load shows a bar that
+    only says it is busy."""
+    head = f"⏳ Loading **{name}**{loader}… {int(seconds)} s"
+    if expected:
+        bar = f'<progress class="load-bar" value="{min(seconds, expected * 0.99):.1f}" max="{expected:.1f}"></progress>'
+        return f"{head} of about {expected:.0f} s (its last load)\n\n{bar}"
+    return f'{head} (the current model answers until it is ready)\n\n<progress class="load-bar"></progress>'
+
+
 class ModelHandlers:
+    """One per page build, shared by its sessions: the model is the server's, so Cancel stops
+    whichever load is running."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._loads: set[threading.Event] = set()
+        self._loads_lock = threading.Lock()
 
     def model_names(self) -> list[str]:
         return self.engine.models.list_models()
@@ -127,28 +144,50 @@ class ModelHandlers:
             yield f"⚠️ {error}\n\n{self.loaded_status()}"
             return
         with_loader = f" with {best.loader}" if best else ""
+        saved = self.engine.saved_choice(name)
+        expected = saved.load_seconds if saved is not None and saved.load_seconds else None
+        cancel = threading.Event()
 
         def work() -> None:
             if pinned is None and options is None:
-                self.engine.load_model(name)  # as it was loaded last time, if it was
+                self.engine.load_model(name, cancel=cancel)  # as it was loaded last time, if it was
             else:
-                self.engine.load_model(name, pinned, options or {})
+                self.engine.load_model(name, pinned, options or {}, cancel=cancel)
 
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ui-load") as pool:
-            job = pool.submit(work)
-            while True:
-                seconds = int(time.monotonic() - started)
-                yield f"⏳ Loading **{name}**{with_loader}… {seconds} s (the current model answers until it is ready)"
-                try:
-                    job.result(timeout=0.5)
-                    break
-                except FutureTimeout:
-                    continue
-                except LoadstarError as error:
-                    yield f"⚠️ {error}\n\n{self.loaded_status()}"
-                    return
+        with self._loads_lock:
+            self._loads.add(cancel)
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ui-load") as pool:
+                job = pool.submit(work)
+                while True:
+                    if cancel.is_set():
+                        yield f"⏹ Cancelling: {name} is dropped once its loader is done.\n\n{self.loaded_status()}"
+                    else:
+                        yield loading_line(name, with_loader, time.monotonic() - started, expected)
+                    try:
+                        job.result(timeout=0.5)
+                        break
+                    except FutureTimeout:
+                        continue
+                    except LoadCancelled:
+                        yield f"⏹ Loading {name} was cancelled. {self.loaded_status()}"
+                        return
+                    except LoadstarError as error:
+                        yield f"⚠️ {error}\n\n{self.loaded_status()}"
+                        return
+        finally:
+            with self._loads_lock:
+                self._loads.discard(cancel)
         yield self.loaded_status()
+
+    def cancel_load(self) -> str | None:
+        """Cancel the running loads; None when nothing is loading."""
+        with self._loads_lock:
+            running = list(self._loads)
+        for cancel in running:
+            cancel.set()
+        return "⏹ Cancelling…" if running else None
 
     def reload(self) -> str:
         try:

@@ -12,9 +12,8 @@ from webui.loader_options import build_loader_options
 from webui.model_handlers import AUTO_LOADER, ModelHandlers
 
 
-def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[[], Any], list[Any]]) -> None:
-    """``after_load``: (function, outputs) re-run once a model is loaded, reloaded or unloaded."""
-    models = ModelHandlers(engine)
+def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any], Any], models: ModelHandlers) -> None:
+    """``after_load(event)`` chains what must follow a model loaded, reloaded or unloaded."""
     downloads = DownloadHandlers(engine)
     loaded = gr.Markdown(models.loaded_status(), elem_id="model-status")
     with gr.Row():
@@ -36,6 +35,7 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
         load_button = gr.Button("Load", variant="primary", elem_id="load-model")
         reload_button = gr.Button("Reload", elem_id="reload-model")
         unload_button = gr.Button("Unload", elem_id="unload-model")
+        cancel_load = gr.Button("Cancel load", variant="stop", elem_id="cancel-load")
     with gr.Accordion("Loader options", open=False, elem_id="loader-options"):
         gr.Markdown("For the loader that Load will use; the model remembers them for its next load.")
         options_panel = build_loader_options(engine.plugins.loaders())
@@ -54,6 +54,7 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
     branch_table = gr.Dataframe(headers=BRANCH_COLUMNS, interactive=False, elem_id="branch-table", wrap=True,
                                 line_breaks=True, column_widths=["16%", "14%", "34%", "8%", "10%", "18%"])
     download_status = gr.Markdown(elem_id="download-status")
+    download_bars = gr.HTML(elem_id="download-progress")
     download_job = gr.State(None)
     download_timer = gr.Timer(0.5, active=False)
 
@@ -74,7 +75,6 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
     def pick_model(name):
         return describe(name, models.saved_loader(name))  # restore this model's own choice
 
-    refresh_fn, refresh_outputs = after_load
     describe_io = ([model_choice, loader_choice], [details, candidates, loader_choice, *options_panel.show_outputs])
     refresh_button.click(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
     model_choice.change(pick_model, [model_choice], describe_io[1])
@@ -84,7 +84,12 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
         (reload_button, models.reload, None),
         (unload_button, models.unload, None),
     ):
-        button.click(action, inputs, loaded).then(refresh_fn, None, refresh_outputs)
+        after_load(button.click(action, inputs, loaded))
+
+    def cancel():
+        return gr.update() if models.cancel_load() else f"Nothing is loading. {models.loaded_status()}"
+
+    cancel_load.click(cancel, None, loaded, queue=False)  # never waits behind the load it cancels
     # Fresh on every page load, and whenever the list is opened: a model downloaded or removed from
     # another page (or the disk) shows without pressing Refresh.
     demo.load(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
@@ -106,9 +111,9 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
         return job_id, status, gr.Timer(active=job_id is not None)
 
     def poll_download(job_id):
-        status, finished = downloads.poll(job_id)
+        status, bars, finished = downloads.poll(job_id)
         choices = gr.update(choices=models.model_names()) if finished else gr.update()
-        return status, gr.Timer(active=not finished), choices
+        return status, bars, gr.Timer(active=not finished), choices
 
     branches_button.click(downloads.branches, [download_name, download_token], [branch_table, download_status])
     branch_table.select(pick_branch, [download_name, gguf_file], [download_name, gguf_file])
@@ -116,5 +121,5 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: tuple[Callable[
     download_name.input(lambda: [], None, branch_table, queue=False)
     download_button.click(start_download, [download_name, download_token, gguf_file],
                           [download_job, download_status, download_timer])
-    download_timer.tick(poll_download, download_job, [download_status, download_timer, model_choice])
+    download_timer.tick(poll_download, download_job, [download_status, download_bars, download_timer, model_choice])
     cancel_download.click(downloads.cancel, download_job, download_status)

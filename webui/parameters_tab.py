@@ -23,6 +23,8 @@ class ParameterControls:
     # and prompt format.
     refresh: Callable[[], list[Any]] | None = None
     refresh_outputs: list[Any] = field(default_factory=list)
+    preset: Any = None  # the preset dropdown
+    preset_loaded: Any = None  # the event of loading a preset, to chain on
 
     @property
     def inputs(self) -> list[Any]:
@@ -104,7 +106,8 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
         return [*(gr.update(value=v, label=label) for v, label in zip(values, labels)), *describe_format(),
                 gr.update(choices=presets.names(user))]
 
-    load.click(load_preset, preset, [*controls, preset_status])
+    parameters.preset = preset
+    parameters.preset_loaded = load.click(load_preset, preset, [*controls, preset_status])
     save.click(save_preset, {name, preset, *parameters.inputs}, [preset_status, preset])
     delete.click(delete_preset, preset, [preset_status, preset])
     fmt.input(pick_format, fmt, [fmt, fmt_status])

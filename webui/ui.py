@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import gradio as gr
 
 from engine.engine import Engine
 from webui.chat_handlers import model_line
-from webui.chat_tab import build_chat_tab
+from webui.chat_tab import ChatTab, build_chat_tab
+from webui.model_handlers import ModelHandlers
+from webui.parameters_tab import ParameterControls
+from webui.remembered import (
+    PAGE_SCRIPT, SIDEBAR_CLOSED, SIDEBAR_OPENED, browser_memory, parameters_to_remember, parameters_to_restore,
+    remember, remembered,
+)
 from webui.extensions_tab import build_contributions, build_extensions_tab, wire_extensions
 from webui.model_tab import build_model_tab
 from webui.notebook_tab import build_notebook_tab
@@ -18,22 +26,35 @@ TOGGLE_DARK = """() => {
     const dark = document.body.classList.toggle('dark');
     localStorage.setItem('loadstar-dark', dark ? '1' : '0');
 }"""
-# On a phone the chat comes first and fits the screen; the conversation list follows it.
+# On a phone the chat fits the first screen (the conversations are in the sidebar, closed there).
 CSS = """
+#conversation-list .wrap { flex-direction: column; gap: 2px; }
+#conversation-list label { width: 100%; margin: 0; }
+#conversation-list input[type=radio] { display: none; }
+#conversation-list label.selected { background: var(--color-accent-soft); border-color: var(--color-accent); }
+#chat-header { align-items: center; }
+.load-bar { width: 100%; height: 10px; accent-color: var(--color-accent); }
+.download-bar { display: flex; flex-direction: column; margin: 4px 0; }
+.download-bar progress { width: 100%; height: 14px; accent-color: var(--color-accent); }
 @media (max-width: 768px) {
-  #chat-row { flex-direction: column-reverse !important; }
-  #chatbot { height: 52vh !important; min-height: 260px; }
+  #chat-header { flex-wrap: nowrap; gap: 6px; }
+  #chat-model { font-size: 0.8rem; min-width: 0 !important; }
+  #chat-model-switch { min-width: 150px !important; }
+  #chatbot { height: 48vh !important; min-height: 240px; }
+  /* wide tables scroll sideways instead of squeezing a word to a letter per line */
+  #loader-candidates table { display: block; overflow-x: auto; }
+  #loader-candidates td, #loader-candidates th { min-width: 90px; }
+  #loader-candidates td:last-child { min-width: 220px; }
+  #branch-table table, #plugin-table table { min-width: 680px; }
   #send, #stop, #regenerate, #continue, #remove-last { font-size: 0.85rem !important; padding-inline: 4px !important; }
 }
 """
-APPLY_DARK = """() => {
-    const saved = localStorage.getItem('loadstar-dark');
-    if (saved !== null) document.body.classList.toggle('dark', saved === '1');
-}"""
 
 
 def build_ui(engine: Engine) -> gr.Blocks:
+    models = ModelHandlers(engine)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        memory = browser_memory()
         with gr.Row(equal_height=True):
             gr.Markdown(f"## {TITLE}")
             dark = gr.Button("🌓 Dark mode", size="sm", elem_id="dark-mode", scale=0, min_width=130)
@@ -46,13 +67,20 @@ def build_ui(engine: Engine) -> gr.Blocks:
             parameters = build_parameters_tab(engine)
         with notebook_slot:
             build_notebook_tab(engine, parameters)
-        def after_model_change(request: gr.Request):
-            """What shows the loaded model elsewhere: its parameter defaults, and the chat's model line."""
-            return [*parameters.refresh(request), model_line(engine)]
 
-        model_outputs = [*parameters.refresh_outputs, chat.model]
+        def model_views(request: gr.Request):
+            """What shows the loaded model elsewhere: its parameter defaults, the chat's model line
+            and switch, the system message's placeholder."""
+            return [*parameters.refresh(request), *chat_model_views(engine, models)]
+
+        model_outputs = [*parameters.refresh_outputs, chat.model, chat.model_switch, chat.system]
+
+        def after_model_change(dependency):
+            """A new model's defaults replace the parameters the browser kept."""
+            return dependency.then(model_views, None, model_outputs).then(forget_parameters, memory, memory)
+
         with gr.Tab("Model", id="model"):
-            build_model_tab(engine, demo, (after_model_change, model_outputs))
+            build_model_tab(engine, demo, after_model_change, models)
         with gr.Tab("Extensions", id="extensions"):
             extensions = build_extensions_tab(engine)
         shared = {"chatbot": chat.chatbot, "conversation": chat.state, "chat_status": chat.status,
@@ -60,8 +88,55 @@ def build_ui(engine: Engine) -> gr.Blocks:
         containers = build_contributions(engine, "tab", shared)
         with chat.panels:
             containers += build_contributions(engine, "panel", shared)
-        chat.wire(demo, parameters)
+        chat.wire(demo, parameters, memory)
         wire_extensions(engine, demo, extensions, containers)
-        demo.load(after_model_change, None, model_outputs)
-        demo.load(None, js=APPLY_DARK)
+        wire_model_switch(chat, models, after_model_change)
+        wire_remembered_parameters(parameters, memory, demo.load(model_views, None, model_outputs))
+        demo.load(None, js=PAGE_SCRIPT)
+        chat.sidebar.expand(None, js=SIDEBAR_OPENED)
+        chat.sidebar.collapse(None, js=SIDEBAR_CLOSED)
     return demo
+
+
+def chat_model_views(engine: Engine, models: ModelHandlers) -> list[Any]:
+    """The model line above the chat, the switch beside it, and the system message's placeholder."""
+    loaded = engine.models.loaded
+    chosen = engine.loaded_prompt_format()
+    default = chosen.system_message if chosen else None
+    placeholder = f"Empty: the model's default ({default})" if default else "Empty: the model's default, if it has one"
+    return [model_line(engine), gr.update(choices=models.model_names(), value=loaded.name if loaded else None),
+            gr.update(placeholder=placeholder)]
+
+
+def wire_model_switch(chat: ChatTab, models: ModelHandlers, after_model_change: Callable[[Any], Any]) -> None:
+    """The dropdown beside the model line loads another model (as it was loaded last time)."""
+    def switch(name):
+        yield from models.load(name, None)
+
+    chat.model_switch.focus(lambda: gr.update(choices=models.model_names()), None, chat.model_switch, queue=False)
+    after_model_change(chat.model_switch.input(switch, chat.model_switch, chat.status))
+
+
+def forget_parameters(memory_value: Any) -> dict[str, Any]:
+    return remember(memory_value, parameters=None, preset=None)
+
+
+def wire_remembered_parameters(parameters: ParameterControls, memory: Any, page_opened: Any) -> None:
+    """The parameters a browser set by hand or by a preset come back when it opens the page again
+    (``page_opened``: the event that shows the model's defaults; the kept values go on top)."""
+    def keep(memory_value, preset, *values):
+        return remember(memory_value, parameters=parameters_to_remember(values[:-1], values[-1]), preset=preset)
+
+    def restore(memory_value):
+        saved = parameters_to_restore(remembered(memory_value, "parameters"))
+        preset = remembered(memory_value, "preset")
+        if saved is None:
+            return [gr.update()] * (len(parameters.inputs) + 1)
+        values, stops = saved
+        return [*values, stops, preset if isinstance(preset, str) else gr.update()]
+
+    keep_io = dict(fn=keep, inputs=[memory, parameters.preset, *parameters.inputs], outputs=memory)
+    for control in parameters.inputs:
+        control.input(**keep_io)
+    parameters.preset_loaded.then(**keep_io)
+    page_opened.then(restore, memory, [*parameters.inputs, parameters.preset])
