@@ -268,13 +268,18 @@ def test_a_reasoning_block_shows_collapsed_and_opens_on_a_click(page):
     bot_messages(page).last.hover()
     page.locator('#chatbot button[aria-label="Edit"]').last.click()
     # A reply as a reasoning model writes it (edited in, so the default model can stand in for one).
-    page.locator("#chatbot textarea").first.fill("<think>The user wants agreement.</think>\nYes.")
+    page.locator("#chatbot textarea").first.fill(
+        "<think>The user wants agreement.</think>\nYes.\n\n```python\nprint('yes')\n```")
     page.locator('#chatbot button[aria-label="Submit"]').first.click()
     wait_for_status(page, "Message edited")
     block = bot_messages(page).last.locator("details.reasoning")
     block.wait_for()
     assert block.locator("summary").inner_text() == "Reasoning"
     assert not block.evaluate("b => b.open") and "Yes." in bot_messages(page).last.inner_text()
+    # a code block in a reply comes with its own copy button
+    code = bot_messages(page).last.locator("pre")
+    code.hover()
+    assert code.locator("button").count() >= 1 or bot_messages(page).last.locator(".copy_code_button").count() >= 1
     block.locator("summary").click()
     wait_until(lambda: "The user wants agreement." in block.inner_text(), "the reasoning shown")
     page.screenshot(path=str(ARTEFACTS / "reasoning-1440.png"))

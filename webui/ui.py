@@ -33,6 +33,8 @@ CSS = """
 #conversation-list input[type=radio] { display: none; }
 #conversation-list label.selected { background: var(--color-accent-soft); border-color: var(--color-accent); }
 #chat-header { align-items: center; }
+#chatbot details.reasoning { color: var(--body-text-color-subdued); border-left: 3px solid var(--border-color-primary);
+  padding-left: 8px; margin-bottom: 8px; font-size: 0.92em; }
 .load-bar { width: 100%; height: 10px; accent-color: var(--color-accent); }
 .download-bar { display: flex; flex-direction: column; margin: 4px 0; }
 .download-bar progress { width: 100%; height: 14px; accent-color: var(--color-accent); }
