@@ -101,6 +101,25 @@ class LoadedModel(Protocol):
     # ``emit`` instead of yielding it, which saves a thread hand-off per request.
 
 
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a load would take, for the Model tab (shown next to the loader options as they change)."""
+
+    weights: int  # bytes the weights take once loaded (RAM or VRAM)
+    kv_cache: int | None = None  # bytes of keys and values at ``context`` tokens, when known
+    context: int | None = None
+
+    def describe(self, free: int | None = None) -> str:
+        from engine.model_folder import format_size
+
+        parts = [f"{format_size(self.weights)} of weights"]
+        if self.kv_cache is not None and self.context:
+            parts.append(f"{format_size(self.kv_cache)} of KV cache for {self.context:,} tokens")
+        total = self.weights + (self.kv_cache or 0)
+        room = f" (free now: {format_size(free)}{'' if free >= total else ', too little'})" if free else ""
+        return f"About {format_size(total)}: {' + '.join(parts)}{room}."
+
+
 @runtime_checkable
 class Loader(Protocol):
     name: str
@@ -114,3 +133,6 @@ class Loader(Protocol):
 
     def load(self, folder: ModelFolder, options: BaseModel) -> LoadedModel:
         """Load the model; raise ``engine.errors.ModelLoadError`` with a one-line reason on failure."""
+
+    # Optional, used when present: ``estimate_memory(folder, options) -> MemoryEstimate`` says what
+    # a load with these options would take, without loading (the Model tab shows it as options change).

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.errors import ModelLoadError
 from engine.hookspecs import hookimpl
 from engine.load_failures import load_failure
-from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, MemoryEstimate, StreamPiece
 from engine.model_folder import ModelFolder, gguf_models, missing_parts
 from engine.sampling import SamplingParams, prompt_budget
 
@@ -91,6 +91,16 @@ class LlamaCppLoader:
         kind = quant.gguf_type if quant and quant.gguf_type else "GGUF"
         which = f"{len(models)} GGUF models, choose one (gguf_file)" if len(models) > 1 else models[0].describe()
         return Assessment(True, f"{which} ({kind}), run quantized by llama.cpp", priority=100)
+
+    def estimate_memory(self, folder: ModelFolder, options: BaseModel) -> MemoryEstimate:
+        """The GGUF file as it is (llama.cpp runs it quantized) plus an f16 KV cache for the context."""
+        assert isinstance(options, LlamaCppOptions)
+        model_file = _pick_model(folder, options.gguf_file)
+        sizes = {w.path: w.size for w in folder.weight_files}
+        n_ctx, _ = _context_length(options.n_ctx, folder.context_length, folder.kv_bytes_per_token)
+        per_token = folder.kv_bytes_per_token
+        return MemoryEstimate(sum(sizes.get(p, 0) for p in model_file.parts),
+                              per_token * n_ctx if per_token else None, n_ctx)
 
     def load(self, folder: ModelFolder, options: BaseModel) -> "LlamaCppModel":
         assert isinstance(options, LlamaCppOptions)

@@ -251,8 +251,12 @@ def test_loader_options_are_drawn_from_the_loader_and_remembered(browser, ui_ser
         context_box.wait_for()
         assert page.locator("#option-llama-cpp-use_mmap input").is_checked()
         assert not page.locator("#options-autogptq").is_visible()  # only the loader Load would use
+        estimate = page.locator("#memory-estimate")
+        wait_until(lambda: "of weights" in estimate.inner_text(), "the memory estimate")
         context_box.fill("1024")
         context_box.press("Enter")
+        # the estimate follows the option: the KV cache for 1,024 tokens
+        wait_until(lambda: "KV cache for 1,024 tokens" in estimate.inner_text(), "the estimate for 1024 tokens")
         page.locator("#load-model").click()
         status = page.locator("#model-status")
         wait_until(lambda: "context 1024" in status.inner_text(), "the model loaded with context 1024")

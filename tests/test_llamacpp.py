@@ -289,3 +289,18 @@ def test_remote_engine_drives_llama_cpps_own_server(engine, llama_cpp_server, tm
         assert run(remote, temperature=0, max_new_tokens=10)[1].reason in ("stop", "length")  # the server goes on
     finally:
         remote.close()
+
+
+def test_the_memory_estimate_is_the_file_plus_the_kv_cache_for_the_context(default_models_dir):
+    from engine.model_folder import inspect_model_folder
+    from loaders.llamacpp_loader import LlamaCppLoader, LlamaCppOptions
+
+    folder = inspect_model_folder(default_models_dir / MODEL)
+    loader = LlamaCppLoader()
+    small = loader.estimate_memory(folder, LlamaCppOptions(n_ctx=1024))
+    large = loader.estimate_memory(folder, LlamaCppOptions(n_ctx=4096))
+    assert small.weights == large.weights == (default_models_dir / MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size
+    assert small.context == 1024 and large.kv_cache == 4 * small.kv_cache
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values in f16
+    assert small.kv_cache == 30 * 3 * (64 + 64) * 2 * 1024
+    assert small.describe(free=10**12).startswith("About ") and "1,024 tokens" in small.describe()

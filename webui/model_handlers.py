@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Iterator
 
+from pydantic import ValidationError
+
 from engine.engine import Engine
 from engine.errors import LoadCancelled, LoadstarError
 from engine.loader_choice import LoaderCandidate
@@ -180,6 +182,27 @@ class ModelHandlers:
             with self._loads_lock:
                 self._loads.discard(cancel)
         yield self.loaded_status()
+
+    def estimate(self, name: str | None, loader: str | None, options: dict) -> str:
+        """What loading ``name`` with ``loader`` and ``options`` would take, as one line."""
+        if not name or not loader:
+            return ""
+        plugin = self.engine.plugins.loaders().get(loader)
+        estimate = getattr(plugin, "estimate_memory", None)
+        if estimate is None:
+            return f"Memory: {loader} gives no estimate before loading."
+        try:
+            folder = self.engine.models.inspect(name)
+            validated = plugin.Options.model_validate(options)
+            found = estimate(folder, validated)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            return f"⚠️ {loader} option {'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
+        except LoadstarError as error:
+            return f"⚠️ {error}"
+        import psutil
+
+        return f"Memory: {found.describe(psutil.virtual_memory().available)}"
 
     def cancel_load(self) -> str | None:
         """Cancel the running loads; None when nothing is loading."""

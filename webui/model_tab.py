@@ -39,6 +39,7 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
     with gr.Accordion("Loader options", open=False, elem_id="loader-options"):
         gr.Markdown("For the loader that Load will use; the model remembers them for its next load.")
         options_panel = build_loader_options(engine.plugins.loaders())
+    estimate = gr.Markdown(elem_id="memory-estimate")
     details = gr.Markdown(elem_id="model-details")
     gr.Markdown("### Loader candidates")
     candidates = gr.Markdown(elem_id="loader-candidates")
@@ -75,10 +76,18 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
     def pick_model(name):
         return describe(name, models.saved_loader(name))  # restore this model's own choice
 
+    def estimate_memory(name, loader, *values):
+        chosen = models.resolved_loader(name, loader)
+        return models.estimate(name, chosen, options_panel.options(chosen, values))
+
     describe_io = ([model_choice, loader_choice], [details, candidates, loader_choice, *options_panel.show_outputs])
-    refresh_button.click(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
-    model_choice.change(pick_model, [model_choice], describe_io[1])
-    loader_choice.input(describe, *describe_io)  # .input: user choices only, no update loop
+    estimate_io = dict(fn=estimate_memory, inputs=[model_choice, loader_choice, *options_panel.components],
+                       outputs=estimate)
+    refresh_button.click(refresh, None, [model_choice, loaded]).then(describe, *describe_io).then(**estimate_io)
+    model_choice.change(pick_model, [model_choice], describe_io[1]).then(**estimate_io)
+    for control in options_panel.components:  # the estimate follows the options as they change
+        control.input(**estimate_io)
+    loader_choice.input(describe, *describe_io).then(**estimate_io)  # .input: user choices only, no update loop
     for button, action, inputs in (
         (load_button, load, [model_choice, loader_choice, allow_pt, *options_panel.components]),
         (reload_button, models.reload, None),
@@ -92,7 +101,7 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
     cancel_load.click(cancel, None, loaded, queue=False)  # never waits behind the load it cancels
     # Fresh on every page load, and whenever the list is opened: a model downloaded or removed from
     # another page (or the disk) shows without pressing Refresh.
-    demo.load(refresh, None, [model_choice, loaded]).then(describe, *describe_io)
+    demo.load(refresh, None, [model_choice, loaded]).then(describe, *describe_io).then(**estimate_io)
 
     def fresh_choices():
         return gr.update(choices=models.model_names())
