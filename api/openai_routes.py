@@ -40,8 +40,19 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
 
     @router.get("/v1/models", dependencies=[user])
     def list_models() -> dict[str, Any]:
-        info = engine.models.loaded
-        data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "loadstar"}] if info else []
+        """Every local model, with the loader that would load it and whether it is the loaded one
+        (the loaded model first). Inspections are cached by folder contents: no weights are read."""
+        loaded = engine.models.loaded
+        data = []
+        for name in engine.models.list_models():
+            try:
+                best = next((c.loader for c in engine.models.candidates(name) if c.usable), None)
+            except LoadstarError:
+                best = None
+            is_loaded = bool(loaded and loaded.name == name)
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "loadstar",
+                         "loader": loaded.loader if is_loaded and loaded else best, "loaded": is_loaded})
+        data.sort(key=lambda row: not row["loaded"])
         return {"object": "list", "data": data}
 
     @router.post("/v1/chat/completions")
@@ -110,9 +121,9 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
         if loaded is None:
             raise ApiError(503, "no model is loaded: load one in the UI or with POST /admin/models/load",
                            "server_error", code="model_not_loaded")
-        if body.model != loaded.name:
-            raise ApiError(404, f"model '{body.model}' is not loaded (loaded: {loaded.name})",
-                           "invalid_request_error", param="model", code="model_not_found")
+        # Any name is served by the loaded model (clients often send a fixed one, e.g. "gpt-4"); the
+        # response names the model that answered, and a notice says so.
+        asked = body.model if body.model != loaded.name else None
         requested = body.max_completion_tokens or body.max_tokens or max_tokens_cap
         try:
             optional = {name: getattr(body, name) for name in (
@@ -136,7 +147,7 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
         except BaseException:
             handle.cancel()
             raise
-        ids = Ids(chat=chat, model=loaded.name, started=started)
+        ids = Ids(chat=chat, model=loaded.name, started=started, asked=asked)
         if body.stream:
             return StreamingResponse(
                 _sse(handle, request, ids, early, include_usage=body.include_usage()),
@@ -156,10 +167,11 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
 class Ids:
     """Identity and shapes of one response (ids, timestamps, the chat or text flavour)."""
 
-    def __init__(self, *, chat: bool, model: str, started: Started | None = None) -> None:
+    def __init__(self, *, chat: bool, model: str, started: Started | None = None, asked: str | None = None) -> None:
         self.chat = chat
         self.started = started
         self.model = model
+        self.asked = asked  # the name the client sent, when it is not the loaded model's
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
@@ -183,8 +195,11 @@ class Ids:
         return {
             "prompt_format": started.format_name if started else None,
             "prompt_format_source": started.format_why if started else None,
-            "notices": list(finished.notices),
+            "notices": [*self.substitution(), *finished.notices],
         }
+
+    def substitution(self) -> list[str]:
+        return [f"model '{self.asked}' is not loaded: {self.model} answered"] if self.asked else []
 
     def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict[str, Any]:
         if self.chat:

@@ -34,7 +34,8 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=256, description="The loaded model's name (see /v1/models).")
+    model: str = Field(min_length=1, max_length=256, description=(
+        "Any name: the loaded model answers (the response names it; see /v1/models)."))
     max_tokens: int | None = Field(None, ge=1, le=32768, description="Most new tokens; capped by the server's limit.")
     max_completion_tokens: int | None = Field(None, ge=1, le=32768, description="Newer name for max_tokens.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
@@ -73,6 +74,22 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one).")
+    echo: bool = Field(False, description="Not supported: the prompt is never echoed back.")
+    suffix: str | None = Field(None, description="Not supported: no fill-in-the-middle.")
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported: the reply never repeats the prompt")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix (fill-in-the-middle) is not supported")
+        return value
 
     @field_validator("prompt")
     @classmethod

@@ -158,6 +158,22 @@ def list_model_folders(models_dir: Path) -> list[str]:
     return sorted(names, key=str.lower)
 
 
+def folder_signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Every file under ``path`` as (relative path, size, mtime in ns), from stat alone (no reads):
+    the key under which an inspection of the folder stays valid."""
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                info = os.stat(full)
+            except OSError:
+                continue
+            found.append((os.path.relpath(full, path), info.st_size, info.st_mtime_ns))
+    return tuple(found)
+
+
 def resolve_model_folder(models_dir: Path, name: str) -> Path:
     """The folder for a user-supplied model name, checked to be a plain folder inside ``models_dir``."""
     if not _FOLDER_NAME.match(name or ""):

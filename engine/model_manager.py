@@ -20,7 +20,9 @@ from engine.errors import LoadCancelled, LoadstarError, ModelLoadError
 from engine.load_failures import load_failure
 from engine.loader_api import LoadedModel, LoadedModelInfo
 from engine.loader_choice import LoaderCandidate, choose_loader, rank_loaders
-from engine.model_folder import ModelFolder, inspect_model_folder, list_model_folders, resolve_model_folder
+from engine.model_folder import (
+    ModelFolder, folder_signature, inspect_model_folder, list_model_folders, resolve_model_folder,
+)
 from engine.model_thread import ModelThread
 from engine.plugins import PluginHost
 
@@ -42,6 +44,10 @@ class ModelManager:
         self._current_folder: ModelFolder | None = None
         self._use_lock = threading.RLock()  # held while a generation runs, and for a swap
         self._load_lock = threading.Lock()  # one load at a time
+        # Inspections by folder name, each with the folder's signature (names, sizes, mtimes):
+        # listing and describing models never reads weights again while nothing changed on disk.
+        self._inspected: dict[str, tuple[tuple[Any, ...], ModelFolder]] = {}
+        self._inspected_lock = threading.Lock()
 
     # -- what is on disk -----------------------------------------------------------------------
 
@@ -49,7 +55,19 @@ class ModelManager:
         return list_model_folders(self.models_dir)
 
     def inspect(self, name: str) -> ModelFolder:
-        return inspect_model_folder(resolve_model_folder(self.models_dir, name))
+        """The folder's facts; read once, then again only when a file in it changes."""
+        path = resolve_model_folder(self.models_dir, name)
+        signature = folder_signature(path)
+        with self._inspected_lock:
+            cached = self._inspected.get(name)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        folder = inspect_model_folder(path)
+        with self._inspected_lock:
+            self._inspected[name] = (signature, folder)
+            for gone in set(self._inspected) - set(self.list_models()):
+                del self._inspected[gone]
+        return folder
 
     def candidates(self, name: str, pinned: str | None = None) -> list[LoaderCandidate]:
         """Every loader's verdict on model ``name``, best first (for the UI)."""

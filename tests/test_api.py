@@ -18,8 +18,13 @@ QUESTION = [{"role": "user", "content": CAPITAL_QUESTION}]
 
 
 @pytest.fixture(scope="module")
-def api_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
+def api_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("api")
+
+
+@pytest.fixture(scope="module")
+def api_server(api_root):
+    root = api_root
     models = root / "models"
     place_default_model(models)
     with running_server(root, "--models-dir", str(models), "--api-key", USER_KEY, "--admin-key", ADMIN_KEY,
@@ -41,8 +46,36 @@ def tokenizer(default_models_dir):
     return AutoTokenizer.from_pretrained(default_models_dir / DEFAULT_MODEL_NAME, gguf_file=DEFAULT_MODEL_FILE)
 
 
-def test_models_lists_the_loaded_model(client):
+def test_models_lists_every_local_model_with_its_loader_the_loaded_one_first(client, api_root):
+    from tests.folders import hf_folder
+
+    import shutil
+
+    other = hf_folder(api_root / "models", "other-model")  # a Transformers folder beside the loaded GGUF
+    try:
+        listed = client.models.list().data
+        assert [m.id for m in listed] == [DEFAULT_MODEL_NAME, "other-model"]
+        assert (listed[0].model_extra["loaded"], listed[0].model_extra["loader"]) == (True, "llama.cpp")
+        assert (listed[1].model_extra["loaded"], listed[1].model_extra["loader"]) == (False, "Transformers")
+    finally:
+        shutil.rmtree(other)
     assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL_NAME]
+
+
+def test_any_model_name_is_answered_by_the_loaded_model_and_said_so(client):
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=QUESTION, temperature=0, max_tokens=20)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.model == DEFAULT_MODEL_NAME  # the response names the model that answered
+    assert "model 'gpt-4o-mini' is not loaded: SmolLM2-135M-Instruct answered" in reply.model_extra["loadstar"]["notices"]
+
+
+def test_echo_and_suffix_are_refused_with_a_clear_400(client):
+    import openai
+
+    for unsupported, words in (({"echo": True}, "echo is not supported"), ({"suffix": "}"}, "suffix")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=DEFAULT_MODEL_NAME, prompt="def f(", max_tokens=4, **unsupported)
+        assert words in refused.value.body["message"]
 
 
 def test_chat_completion_greedy_with_usage_matching_the_tokenizer(client, tokenizer):
@@ -117,9 +150,6 @@ def test_penalties_and_server_extensions_take_effect(client):
 def test_errors_have_the_openai_shape(client, api_server):
     import openai
 
-    with pytest.raises(openai.NotFoundError) as not_loaded:
-        client.chat.completions.create(model="gpt-4", messages=QUESTION)
-    assert not_loaded.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, n=2)
     with pytest.raises(openai.BadRequestError):

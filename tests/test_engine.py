@@ -194,3 +194,19 @@ def test_a_load_cancelled_while_it_runs_never_replaces_the_current_model(tmp_pat
         engine.load_model("second", cancel=cancel)
     assert len(slow.loaded) == 2
     engine.close()
+
+
+def test_inspections_are_cached_until_a_file_in_the_folder_changes(tmp_path):
+    import os
+
+    engine = engine_with(tmp_path, FakeLoader("Good"))
+    folder = hf_folder(engine.settings.models_dir, "m")
+    first = engine.models.inspect("m")
+    assert engine.models.inspect("m") is first  # nothing changed: not read again
+    config = folder / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000))
+    assert engine.models.inspect("m") is not first  # a newer file: read again
+    second = engine.models.inspect("m")
+    (folder / "README.md").write_text("a card")
+    assert engine.models.inspect("m") is not second  # a new file: read again
+    engine.close()
