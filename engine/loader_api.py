@@ -19,7 +19,7 @@ from typing import Iterator, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from engine.model_folder import ModelFolder
+from engine.model_folder import ModelFolder, format_size
 from engine.sampling import SamplingParams
 
 
@@ -110,8 +110,6 @@ class MemoryEstimate:
     context: int | None = None
 
     def describe(self, free: int | None = None) -> str:
-        from engine.model_folder import format_size
-
         parts = [f"{format_size(self.weights)} of weights"]
         if self.kv_cache is not None and self.context:
             parts.append(f"{format_size(self.kv_cache)} of KV cache for {self.context:,} tokens")

@@ -89,6 +89,7 @@ def test_pick_a_branch_download_it_and_see_it_in_the_model_list(hub, server, bro
         assert re.search(r"All: .+ of .+ · \d of \d files · .+/s", seen), seen  # bytes, files, speed
         file_bar = page.locator("#download-file-bar")
         wait_until(lambda: 0 < file_bar.evaluate("b => b.value") < file_bar.evaluate("b => b.max"), "a bar part-way")
+        page.locator("#start-download").scroll_into_view_if_needed()
         page.screenshot(path=str(ARTEFACTS / "download-1440.png"))
         wait_text(status, "✅", timeout=60)
         assert bars.inner_text().strip() == ""  # the bars go when it is done

@@ -258,7 +258,7 @@ class ChatTab:
             if not (query or "").strip():
                 return listing(request, state), ""
             choices = conversations.search(user, query)
-            found = f"{len(choices)} conversation{'s' if len(choices) != 1 else ''} match; clear the search for all."
+            found = f"{len(choices)} conversation{' matches' if len(choices) == 1 else 's match'}; clear the search for all."
             return gr.update(choices=choices, value=None), found
 
         def export(state, request: gr.Request):

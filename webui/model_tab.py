@@ -52,10 +52,11 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
         branches_button = gr.Button("List branches", elem_id="list-branches")
         download_button = gr.Button("Download", variant="primary", elem_id="start-download")
         cancel_download = gr.Button("Cancel download", variant="stop", elem_id="cancel-download")
-    branch_table = gr.Dataframe(headers=BRANCH_COLUMNS, interactive=False, elem_id="branch-table", wrap=True,
-                                line_breaks=True, column_widths=["16%", "14%", "34%", "8%", "10%", "18%"])
+    # Progress right under the buttons, above the (possibly long) branch table.
     download_status = gr.Markdown(elem_id="download-status")
     download_bars = gr.HTML(elem_id="download-progress")
+    branch_table = gr.Dataframe(headers=BRANCH_COLUMNS, interactive=False, elem_id="branch-table", wrap=True,
+                                line_breaks=True, column_widths=["16%", "14%", "34%", "8%", "10%", "18%"])
     download_job = gr.State(None)
     download_timer = gr.Timer(0.5, active=False)
 

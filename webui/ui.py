@@ -7,10 +7,11 @@ from typing import Any, Callable
 import gradio as gr
 
 from engine.engine import Engine
-from webui.chat_handlers import model_line
+from webui.chat_handlers import model_line, who
 from webui.chat_tab import ChatTab, build_chat_tab
 from webui.model_handlers import ModelHandlers
 from webui.parameters_tab import ParameterControls
+from webui.preset_handlers import PresetHandlers
 from webui.remembered import (
     PAGE_SCRIPT, SIDEBAR_CLOSED, SIDEBAR_OPENED, browser_memory, parameters_to_remember, parameters_to_restore,
     remember, remembered,
@@ -78,8 +79,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         model_outputs = [*parameters.refresh_outputs, chat.model, chat.model_switch, chat.system]
 
         def after_model_change(dependency):
-            """A new model's defaults replace the parameters the browser kept."""
-            return dependency.then(model_views, None, model_outputs).then(forget_parameters, memory, memory)
+            return dependency.then(model_views, None, model_outputs)
 
         with gr.Tab("Model", id="model"):
             build_model_tab(engine, demo, after_model_change, models)
@@ -93,7 +93,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
         chat.wire(demo, parameters, memory)
         wire_extensions(engine, demo, extensions, containers)
         wire_model_switch(chat, models, after_model_change)
-        wire_remembered_parameters(parameters, memory, demo.load(model_views, None, model_outputs))
+        wire_remembered_parameters(engine, parameters, memory, demo.load(model_views, None, model_outputs))
         demo.load(None, js=PAGE_SCRIPT)
         chat.sidebar.expand(None, js=SIDEBAR_OPENED)
         chat.sidebar.collapse(None, js=SIDEBAR_CLOSED)
@@ -119,23 +119,28 @@ def wire_model_switch(chat: ChatTab, models: ModelHandlers, after_model_change: 
     after_model_change(chat.model_switch.input(switch, chat.model_switch, chat.status))
 
 
-def forget_parameters(memory_value: Any) -> dict[str, Any]:
-    return remember(memory_value, parameters=None, preset=None)
-
-
-def wire_remembered_parameters(parameters: ParameterControls, memory: Any, page_opened: Any) -> None:
+def wire_remembered_parameters(engine: Engine, parameters: ParameterControls, memory: Any, page_opened: Any) -> None:
     """The parameters a browser set by hand or by a preset come back when it opens the page again
-    (``page_opened``: the event that shows the model's defaults; the kept values go on top)."""
-    def keep(memory_value, preset, *values):
-        return remember(memory_value, parameters=parameters_to_remember(values[:-1], values[-1]), preset=preset)
+    (``page_opened``: the event that shows the model's defaults; the kept values go on top). They
+    are kept for the model they were set with: after another model is loaded, its defaults show."""
+    presets = PresetHandlers(engine)
 
-    def restore(memory_value):
+    def loaded_name() -> str | None:
+        loaded = engine.models.loaded
+        return loaded.name if loaded else None
+
+    def keep(memory_value, preset, *values):
+        return remember(memory_value, parameters=parameters_to_remember(values[:-1], values[-1]), preset=preset,
+                        parameters_model=loaded_name())
+
+    def restore(memory_value, request: gr.Request):
         saved = parameters_to_restore(remembered(memory_value, "parameters"))
-        preset = remembered(memory_value, "preset")
-        if saved is None:
+        if saved is None or remembered(memory_value, "parameters_model") != loaded_name():
             return [gr.update()] * (len(parameters.inputs) + 1)
         values, stops = saved
-        return [*values, stops, preset if isinstance(preset, str) else gr.update()]
+        preset = remembered(memory_value, "preset")
+        known = preset in presets.names(who(request).user)  # a preset deleted since is not picked
+        return [*values, stops, preset if known else gr.update()]
 
     keep_io = dict(fn=keep, inputs=[memory, parameters.preset, *parameters.inputs], outputs=memory)
     for control in parameters.inputs:
