@@ -1,8 +1,11 @@
 """The generation service: typed requests, token streaming, per-request cancel, a fair queue.
 
-One worker thread runs one generation at a time on the loaded model, so two users never
-interleave tokens. Waiting requests are served round-robin by owner (a browser session, an API
-key), so one busy client cannot starve the others. Each request gets a ``GenerationHandle``: its
+All model work runs on the engine's one model thread. A model that batches (``max_batch`` and
+``open_batch``, see loader_api.py) decodes several requests together, each with its own KV cache
+and sampler: a waiting request joins at the next decode step and leaves when it is done, and Stop
+removes one sequence without touching the others. Other models serve one request at a time.
+Waiting requests are taken round-robin by owner (a browser session, an API key), so one busy
+client cannot starve the others. Each request gets a ``GenerationHandle``: its
 events (queue position, start, text, finish) and its own ``cancel()``; cancelling one request
 never touches another.
 """
@@ -24,10 +27,10 @@ from typing import Callable, Iterator, Literal, Protocol, Union
 from engine.chat import ChatMessage, check_text
 from engine.errors import BadRequestError, one_line
 from engine.extension_api import ReplyDraft
-from engine.loader_api import CancelToken, LoadedModel, StreamPiece
+from engine.loader_api import CancelToken, DecodeBatch, LoadedModel, StreamPiece
 from engine.metrics import GenerationMetrics
 from engine.model_thread import ModelThread
-from engine.request_pipeline import RequestPipeline
+from engine.request_pipeline import PreparedRequest, RequestPipeline
 from engine.sampling import SEED_MAX, SamplingParams
 from engine.stop_strings import StopStringFilter
 
@@ -119,7 +122,10 @@ class _RunToken(CancelToken):
 
 class ModelSlot(Protocol):
     def use(self) -> AbstractContextManager[LoadedModel | None]:
-        """Hold the loaded model (or None) for the duration of one generation."""
+        """Hold the loaded model (or None) for the duration of one generation or batch."""
+
+    # Optional: ``load_pending`` (bool), True while a model load waits; no request joins a running
+    # batch then, so the batch drains and the load gets the model thread.
 
 
 class GenerationHandle:
@@ -173,6 +179,8 @@ class GenerationHandle:
 
     def result(self) -> Finished:
         """Wait for the end and return the ``Finished`` event (with the whole text)."""
+        if self._finished is not None:
+            return self._finished
         for event in self.events():
             if isinstance(event, Finished):
                 return event
@@ -192,8 +200,119 @@ class GenerationHandle:
         self._events.put(event)
 
 
+class _Run:
+    """One request on the model thread: prepared and started, fed the model's pieces, finished.
+
+    The same for a request served alone and for one in a batch: stop strings, the reply's
+    extensions, the finish reason and the notices do not depend on how its tokens were made.
+    """
+
+    def __init__(self, handle: GenerationHandle, model: LoadedModel, pipeline: RequestPipeline) -> None:
+        self.handle = handle
+        self.model = model
+        self._pipeline = pipeline
+        self.notices: list[str] = []
+        self.parts: list[str] = []
+        self.tokens = 0
+        self.prepared: PreparedRequest | None = None
+        self.seed = 0
+        self.started = 0.0
+        self.stops = StopStringFilter(())
+        self.token: CancelToken = handle.cancel_token
+
+    @property
+    def params(self) -> SamplingParams:
+        assert self.prepared is not None
+        return self.prepared.params
+
+    @property
+    def prompt(self) -> str:
+        assert self.prepared is not None
+        return self.prepared.prompt
+
+    @property
+    def stopped(self) -> bool:
+        """Cancelled, or a stop string was met: no more tokens are wanted."""
+        return self.token.cancelled
+
+    def start(self) -> bool:
+        """Prepare the request and send ``Started``; False (with ``Finished`` sent) when it cannot run."""
+        handle = self.handle
+        if handle.cancelled:
+            handle._emit(Finished(reason="cancelled", text=""))
+            return False
+        try:
+            prepared = self.prepared = self._pipeline.prepare(self.model, handle.request, self.notices)
+        except BadRequestError as error:
+            handle._emit(Finished(reason="error", text="", error=str(error), notices=tuple(self.notices)))
+            return False
+        params = prepared.params
+        self.seed = params.seed if params.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
+        self.stops = StopStringFilter(prepared.stop)
+        self.token = _RunToken(handle.cancel_token, self.stops)
+        handle._emit(Started(
+            model=self.model.info.name, prompt=prepared.prompt, prompt_tokens=prepared.prompt_tokens, seed=self.seed,
+            format_name=prepared.format_name, format_why=prepared.format_why, notices=prepared.notices,
+        ))
+        self.started = time.perf_counter()
+        return True
+
+    def by_extension(self) -> bool:
+        """Whether an extension produced the reply itself (the ``generate`` hook)."""
+        assert self.prepared is not None
+        prepared, request = self.prepared, self.handle.request
+        effective = dataclasses.replace(  # what the extensions made of the request
+            request, messages=prepared.messages, params=prepared.params, stop=prepared.stop,
+            prompt=prepared.prompt if request.prompt is not None else None,
+        )
+        return self._pipeline.generate(effective, prepared.prompt, self.model, self.token, self.take, self.seed,
+                                       self.notices)
+
+    def take(self, piece: StreamPiece) -> None:
+        self.tokens += piece.tokens
+        self._show(self.stops.feed(piece.text))
+
+    def _show(self, text: str) -> None:
+        if text:
+            self.parts.append(text)
+            self.handle._emit(TextDelta(text))
+
+    def end(self, error: str | None = None) -> None:
+        """Send ``Finished``: the reason (stop, length, cancelled) from how it ended, or the error."""
+        if error is not None:
+            self.handle._emit(self._finished("error", error))
+            return
+        self._show(self.stops.flush())
+        params = self.params
+        if self.stops.stopped:
+            reason: FinishReason = "stop"
+        elif self.handle.cancelled:
+            reason = "cancelled"
+        elif self.tokens >= params.max_new_tokens:
+            reason = "length"
+        else:
+            reason = "stop"
+        if reason != "cancelled" and not "".join(self.parts).strip():
+            self.notices.append(empty_reply_reason(reason, self.tokens, self.stops.matched, params.max_new_tokens))
+        self.handle._emit(self._finished(reason))
+
+    def _finished(self, reason: FinishReason, error: str | None = None) -> Finished:
+        text = "".join(self.parts)
+        prepared = self.prepared
+        if reason != "error" and prepared is not None:
+            draft = ReplyDraft(text=text, reason=reason, model=self.model.info.name, owner=self.handle.owner,
+                               messages=prepared.messages, prompt=prepared.prompt)
+            text = self._pipeline.finish(draft, self.notices)
+        return Finished(
+            reason=reason, text=text, prompt_tokens=prepared.prompt_tokens if prepared else 0,
+            completion_tokens=self.tokens, seed=self.seed if prepared else None,
+            seconds=time.perf_counter() - self.started if prepared else 0.0, error=error, notices=tuple(self.notices),
+        )
+
+
 class GenerationService:
-    """Runs generation requests one at a time on the model held by ``slot``."""
+    """Runs generation requests on the model held by ``slot``: decoded together when the model
+    batches (continuous batching), else one at a time; waiting requests join in fair order."""
 
     def __init__(
         self, slot: ModelSlot, model_thread: ModelThread | None = None, pipeline: RequestPipeline | None = None
@@ -203,7 +322,7 @@ class GenerationService:
         self._model_thread = model_thread or ModelThread()
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
-        self._running: GenerationHandle | None = None
+        self._running: dict[int, GenerationHandle] = {}
         self._worker: threading.Thread | None = None
         self._closed = False
         self._ids = itertools.count(1)
@@ -227,8 +346,7 @@ class GenerationService:
         """Cancel every waiting or running request of ``owner``; returns how many."""
         with self._cond:
             mine = list(self._waiting.get(owner, ()))
-            if self._running is not None and self._running.owner == owner:
-                mine.append(self._running)
+            mine += [h for h in self._running.values() if h.owner == owner]
         for handle in mine:
             handle.cancel()
         return len(mine)
@@ -236,7 +354,7 @@ class GenerationService:
     def has_work(self, owner: str) -> bool:
         """Whether ``owner`` has a request waiting or running."""
         with self._cond:
-            running = self._running is not None and self._running.owner == owner and self._running.finished is None
+            running = any(h.owner == owner and h.finished is None for h in self._running.values())
             return running or bool(self._waiting.get(owner))
 
     @property
@@ -245,21 +363,25 @@ class GenerationService:
             return sum(len(jobs) for jobs in self._waiting.values())
 
     @property
+    def running(self) -> int:
+        """Requests being generated now (more than one when the model batches)."""
+        with self._cond:
+            return len(self._running)
+
+    @property
     def busy(self) -> bool:
         with self._cond:
-            return self._running is not None
+            return bool(self._running)
 
     def close(self) -> None:
         """Cancel everything and stop the worker."""
         with self._cond:
             self._closed = True
             pending = [h for jobs in self._waiting.values() for h in jobs]
-            running = self._running
+            running = list(self._running.values())
             self._cond.notify_all()
-        for handle in pending:
+        for handle in pending + running:
             handle.cancel()
-        if running is not None:
-            running.cancel()
         if self._worker is not None:
             self._worker.join(timeout=30)
 
@@ -297,20 +419,34 @@ class GenerationService:
         if done is not None:
             self.metrics.record(done.reason, done.prompt_tokens, done.completion_tokens, done.seconds)
 
-    def _next(self) -> GenerationHandle | None:
+    def _take(self, wait: bool) -> GenerationHandle | None:
+        """The next waiting handle in fair order (the owner goes to the back of the line), now running.
+
+        ``wait``: block until there is one (None once closed); else None when none is waiting or
+        a model load is waiting for the model (no one joins then, so the batch drains).
+        """
         with self._cond:
-            while not self._closed and not self._waiting:
-                self._cond.wait()
-            if self._closed:
+            if wait:
+                while not self._closed and not self._waiting:
+                    self._cond.wait()
+            if self._closed or not self._waiting or (not wait and self._slot_load_pending()):
                 return None
             owner, jobs = next(iter(self._waiting.items()))
             handle = jobs.popleft()
             del self._waiting[owner]
             if jobs:  # this owner goes to the back of the line
                 self._waiting[owner] = jobs
-            self._running = handle
+            self._running[handle.id] = handle
             self._announce_positions()
             return handle
+
+    def _slot_load_pending(self) -> bool:
+        return bool(getattr(self._slot, "load_pending", False))
+
+    def _done(self, handle: GenerationHandle) -> None:
+        with self._cond:
+            self._running.pop(handle.id, None)
+        self._record(handle)
 
     def _start_worker(self) -> None:
         if self._worker is None:
@@ -319,98 +455,133 @@ class GenerationService:
 
     def _work(self) -> None:
         while True:
-            handle = self._next()
+            handle = self._take(wait=True)
             if handle is None:
                 return
             try:
-                self._model_thread.call(self._run, handle)  # all model work on one thread (see model_thread.py)
+                self._model_thread.call(self._serve, handle)  # all model work on one thread (see model_thread.py)
             except Exception as error:  # never let one request kill the worker
                 log.exception("generation %s failed", handle.id)
                 handle._emit(Finished(reason="error", text="", error=one_line(error)))
             finally:
                 with self._cond:
-                    self._running = None
-                self._record(handle)
+                    stranded = list(self._running.values())
+                for left in stranded:  # a failure in the batch loop leaves no request hanging
+                    left._emit(Finished(reason="error", text="", error="generation stopped unexpectedly"))
+                    self._done(left)
 
-    def _run(self, handle: GenerationHandle) -> None:
-        request = handle.request
-        if handle.cancelled:
-            handle._emit(Finished(reason="cancelled", text=""))
-            return
+    def _serve(self, handle: GenerationHandle) -> None:
         with self._slot.use() as model:
             if model is None:
                 handle._emit(Finished(reason="error", text="", error="no model is loaded: load one first"))
+                self._done(handle)
                 return
-            notices: list[str] = []
-            try:
-                prepared = self._pipeline.prepare(model, request, notices)
-            except BadRequestError as error:
-                handle._emit(Finished(reason="error", text="", error=str(error), notices=tuple(notices)))
+            if int(getattr(model, "max_batch", 1)) > 1 and hasattr(model, "open_batch"):
+                self._serve_batch(model, handle)
+            else:
+                self._serve_alone(model, handle)
+
+    def _serve_alone(self, model: LoadedModel, handle: GenerationHandle) -> None:
+        run = _Run(handle, model, self._pipeline)
+        try:
+            if not run.start():
                 return
-            params = prepared.params
-            seed = params.seed if params.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
-            handle._emit(Started(
-                model=model.info.name, prompt=prepared.prompt, prompt_tokens=prepared.prompt_tokens, seed=seed,
-                format_name=prepared.format_name, format_why=prepared.format_why, notices=prepared.notices,
-            ))
-            started = time.perf_counter()
-            parts: list[str] = []
-            tokens = 0
-            stops = StopStringFilter(prepared.stop)
-
-            def show(text: str) -> None:
-                if text:
-                    parts.append(text)
-                    handle._emit(TextDelta(text))
-
-            token = _RunToken(handle.cancel_token, stops)
-
-            def take(piece: StreamPiece) -> None:
-                nonlocal tokens
-                tokens += piece.tokens
-                show(stops.feed(piece.text))
-
-            def finished(reason: FinishReason, error: str | None = None) -> Finished:
-                text = "".join(parts)
-                if reason != "error":
-                    draft = ReplyDraft(text=text, reason=reason, model=model.info.name, owner=request.owner,
-                                       messages=prepared.messages, prompt=prepared.prompt)
-                    text = self._pipeline.finish(draft, notices)
-                return Finished(
-                    reason=reason, text=text, prompt_tokens=prepared.prompt_tokens, completion_tokens=tokens,
-                    seed=seed, seconds=time.perf_counter() - started, error=error, notices=tuple(notices),
-                )
-
             try:
-                effective = dataclasses.replace(  # what the extensions made of the request
-                    request, messages=prepared.messages, params=params, stop=prepared.stop,
-                    prompt=prepared.prompt if request.prompt is not None else None,
-                )
-                if self._pipeline.generate(effective, prepared.prompt, model, token, take, seed, notices):
-                    pass  # an extension produced the reply
+                if run.by_extension():
+                    pass
                 elif (stream_to := getattr(model, "stream_to", None)) is not None:
-                    stream_to(prepared.prompt, params, token, seed=seed, emit=take)  # the fast path: no hand-off
+                    stream_to(run.prompt, run.params, run.token, seed=run.seed, emit=run.take)  # no hand-off
                 else:
-                    for piece in model.stream(prepared.prompt, params, token, seed=seed):
-                        take(piece)
-                        if token.cancelled:
+                    for piece in model.stream(run.prompt, run.params, run.token, seed=run.seed):
+                        run.take(piece)
+                        if run.stopped:
                             break
-                show(stops.flush())
             except Exception as error:
                 log.exception("generation %s failed in the model", handle.id)
-                handle._emit(finished("error", one_line(error)))
+                run.end(one_line(error))
                 return
-            if stops.stopped:
-                reason: FinishReason = "stop"
-            elif handle.cancelled:
-                reason = "cancelled"
-            elif tokens >= params.max_new_tokens:
-                reason = "length"
-            else:
-                reason = "stop"
-            if reason != "cancelled" and not "".join(parts).strip():
-                notices.append(empty_reply_reason(reason, tokens, stops.matched, params.max_new_tokens))
-            handle._emit(finished(reason))
+            run.end()
+        finally:
+            self._done(handle)
+
+    def _serve_batch(self, model: LoadedModel, first: GenerationHandle) -> None:
+        """Continuous batching: waiting requests join at the next step (fair order, up to the
+        model's ``max_batch`` and the room its batch has); each leaves when it is done."""
+        batch: DecodeBatch = model.open_batch()  # type: ignore[attr-defined]
+        limit = int(model.max_batch)  # type: ignore[attr-defined]
+        runs: dict[int, _Run] = {}
+        parked: deque[_Run] = deque()  # started, waiting for room in the batch
+        arrived: GenerationHandle | None = first
+        try:
+            while True:
+                while parked and len(runs) < limit:  # those who waited for room first
+                    run = parked[0]
+                    if run.stopped:
+                        parked.popleft()
+                        self._end(run)
+                    elif batch.add(run.handle.id, run.prompt, run.params, seed=run.seed):
+                        runs[run.handle.id] = parked.popleft()
+                    else:
+                        break
+                while not parked and len(runs) < limit:
+                    handle = arrived or self._take(wait=False)
+                    arrived = None
+                    if handle is None:
+                        break
+                    run = _Run(handle, model, self._pipeline)
+                    if not run.start():
+                        self._done(handle)
+                    elif self._by_extension(run):
+                        pass
+                    elif batch.add(handle.id, run.prompt, run.params, seed=run.seed):
+                        runs[handle.id] = run
+                    elif not runs:
+                        self._end(run, "the prompt does not fit in the context")
+                    else:
+                        parked.append(run)
+                if not runs:
+                    for run in parked:
+                        self._end(run, "no room in the KV cache")
+                    return
+                try:
+                    steps = batch.step()
+                except Exception as error:
+                    log.exception("a batched decode step failed")
+                    for key in list(runs):
+                        batch.remove(key)
+                        self._end(runs.pop(key), one_line(error))
+                    continue
+                for key, step in steps.items():
+                    run = runs[key]
+                    if step.piece is not None:
+                        run.take(step.piece)
+                    if step.done:
+                        del runs[key]
+                        self._end(run)
+                for key in [key for key, run in runs.items() if run.stopped]:
+                    batch.remove(key)  # Stop or a stop string: this sequence leaves, the others go on
+                    self._end(runs.pop(key))
+        finally:
+            for run in [*runs.values(), *parked]:
+                self._end(run, "generation stopped unexpectedly")
+            batch.close()
+
+    def _by_extension(self, run: _Run) -> bool:
+        try:
+            produced = run.by_extension()
+        except Exception as error:
+            log.exception("generation %s failed in an extension", run.handle.id)
+            self._end(run, one_line(error))
+            return True
+        if produced:
+            self._end(run)
+        return produced
+
+    def _end(self, run: _Run, error: str | None = None) -> None:
+        try:
+            run.end(error)
+        finally:
+            self._done(run.handle)
 
 
 def empty_reply_reason(reason: FinishReason, tokens: int, stop: str | None, max_new_tokens: int) -> str:

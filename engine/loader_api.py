@@ -99,6 +99,41 @@ class LoadedModel(Protocol):
     # Optional fast path, used when present: ``stream_to(prompt, params, cancel, *, seed, emit)``
     # generates on the calling thread (the engine's model thread) and hands each StreamPiece to
     # ``emit`` instead of yielding it, which saves a thread hand-off per request.
+    #
+    # Optional continuous batching, used when present: ``max_batch`` (int, > 1) and
+    # ``open_batch() -> DecodeBatch``. The engine then decodes up to ``max_batch`` requests
+    # together: a waiting request joins at the next step and leaves when it is done. A model
+    # without them is served one request at a time.
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """What one decode step gave one sequence of a batch."""
+
+    piece: StreamPiece | None = None  # new text and the tokens it took (None: still reading its prompt)
+    done: bool = False  # ended: end of sequence, max_new_tokens, or the context is full
+
+
+class DecodeBatch(Protocol):
+    """Sequences decoded together, each with its own KV cache, sampler and seed (continuous batching).
+
+    Everything runs on the engine's model thread. A sequence's tokens never depend on the others
+    in the batch: greedy answers are the answers the model gives alone.
+    """
+
+    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> bool:
+        """Start a sequence for ``prompt``; False when there is no room now (KV cache): the engine
+        tries again when a sequence has left. Its prompt is read during the next steps."""
+
+    def step(self) -> dict[int, SequenceStep]:
+        """One forward pass: each decoding sequence gains a token, and waiting prompts are read
+        (in chunks). Returns what changed, by key; a sequence that is ``done`` has left."""
+
+    def remove(self, key: int) -> None:
+        """Drop a sequence now (cancelled, or a stop string): the others go on untouched."""
+
+    def close(self) -> None:
+        """Drop every sequence (the engine is done with the batch)."""
 
 
 @dataclass(frozen=True)
@@ -108,11 +143,13 @@ class MemoryEstimate:
     weights: int  # bytes the weights take once loaded (RAM or VRAM)
     kv_cache: int | None = None  # bytes of keys and values at ``context`` tokens, when known
     context: int | None = None
+    sequences: int = 1  # requests decoded together, each with ``context`` tokens of KV cache
 
     def describe(self, free: int | None = None) -> str:
         parts = [f"{format_size(self.weights)} of weights"]
         if self.kv_cache is not None and self.context:
-            parts.append(f"{format_size(self.kv_cache)} of KV cache for {self.context:,} tokens")
+            each = f" ({self.sequences} requests × {self.context:,} tokens)" if self.sequences > 1 else f" for {self.context:,} tokens"
+            parts.append(f"{format_size(self.kv_cache)} of KV cache{each}")
         total = self.weights + (self.kv_cache or 0)
         room = f" (free now: {format_size(free)}{'' if free >= total else ', too little'})" if free else ""
         return f"About {format_size(total)}: {' + '.join(parts)}{room}."

@@ -92,6 +92,11 @@ class ModelManager:
         """The inspected folder of the loaded model (its path, chat template source, ...)."""
         return self._current_folder if self._current is not None else None
 
+    @property
+    def load_pending(self) -> bool:
+        """Whether a load (or unload) is under way: the generation service lets its batch drain."""
+        return self._load_lock.locked()
+
     @contextmanager
     def use(self) -> Iterator[LoadedModel | None]:
         with self._use_lock:

@@ -10,20 +10,21 @@ Transformers stays the fallback and is still offered with its reason.
 - The engine renders every prompt (the GGUF's own chat template, in the same bounded sandbox);
   this loader counts tokens with llama.cpp's tokenizer and generates token by token, with Stop
   checked between tokens and between chunks of a long prompt.
-- llama.cpp keeps the previous prompt's KV cache: a new prompt that starts the same way (the next
+- Continuous batching (``max_batch`` sequences in one context, loaders/llamacpp_batch.py): the
+  engine decodes several requests together; one alone is a batch of one, so both give the same tokens.
+- Each sequence slot keeps its prompt's KV cache: a new prompt that starts the same way (the next
   turn of a chat) only evaluates what is new.
-- All of it runs on the engine's one model thread (``stream_to``).
+- All of it runs on the engine's one model thread.
 
 ``llama_cpp`` is imported inside functions only.
 """
 
 from __future__ import annotations
 
-import codecs
 import importlib.util
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +35,9 @@ from engine.loader_api import Assessment, Availability, CancelToken, LoadedModel
 from engine.model_folder import ModelFolder, gguf_models, missing_parts
 from engine.sampling import SamplingParams, prompt_budget
 
+if TYPE_CHECKING:
+    from loaders.llamacpp_batch import LlamaCppBatch
+
 log = logging.getLogger(__name__)
 
 LOADER_NAME = "llama.cpp"
@@ -43,8 +47,8 @@ SUPPORTED = frozenset({
     "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "max_new_tokens", "seed", "ban_eos", "skip_special_tokens", "truncation_length",
 })
-PREFILL_CHUNK = 512  # prompt tokens evaluated between two looks at Stop
-KV_SHARE_OF_FREE_MEMORY = 0.5  # the default context is capped so its KV cache takes at most this much
+ALONE = -1  # the batch key of a request run through ``stream`` (not through the engine's batch)
+KV_SHARE_OF_FREE_MEMORY = 0.5  # the default context is capped so the KV caches take at most this much
 MIN_CONTEXT = 512
 
 
@@ -52,7 +56,8 @@ class LlamaCppOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_ctx: int = Field(0, ge=0, le=1_048_576, description=(
-        "Context length in tokens; 0 = the model's own, capped so the KV cache fits in half the free memory."))
+        "Context length in tokens, for each request; 0 = the model's own, capped so the KV caches of "
+        "max_batch requests fit in half the free memory."))
     n_threads: int = Field(0, ge=0, le=512, description="CPU threads; 0 = the physical cores.")
     n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens evaluated per batch.")
     use_mmap: bool = Field(True, description="Memory-map the file (shared with the page cache, loads at once).")
@@ -61,6 +66,8 @@ class LlamaCppOptions(BaseModel):
         "Layers on the GPU; -1 = all when this build has a GPU backend, else 0."))
     flash_attn: bool = Field(True, description="Flash attention (used where the build supports it).")
     gguf_file: str | None = Field(None, description="Which model to load when the folder holds several.")
+    max_batch: int = Field(4, ge=1, le=64, description=(
+        "Requests decoded together (continuous batching), each with a KV cache of n_ctx tokens; 1 = one at a time."))
 
 
 class LlamaCppLoader:
@@ -97,10 +104,10 @@ class LlamaCppLoader:
         assert isinstance(options, LlamaCppOptions)
         model_file = _pick_model(folder, options.gguf_file)
         sizes = {w.path: w.size for w in folder.weight_files}
-        n_ctx, _ = _context_length(options.n_ctx, folder.context_length, folder.kv_bytes_per_token)
+        n_ctx, _ = _context_length(options.n_ctx, folder.context_length, folder.kv_bytes_per_token, options.max_batch)
         per_token = folder.kv_bytes_per_token
         return MemoryEstimate(sum(sizes.get(p, 0) for p in model_file.parts),
-                              per_token * n_ctx if per_token else None, n_ctx)
+                              per_token * n_ctx * options.max_batch if per_token else None, n_ctx, options.max_batch)
 
     def load(self, folder: ModelFolder, options: BaseModel) -> "LlamaCppModel":
         assert isinstance(options, LlamaCppOptions)
@@ -109,7 +116,7 @@ class LlamaCppLoader:
             raise ModelLoadError(verdict.reason)
         model_file = _pick_model(folder, options.gguf_file)
         path = folder.path / model_file.first
-        n_ctx, cap = _context_length(options.n_ctx, folder.context_length, folder.kv_bytes_per_token)
+        n_ctx, cap = _context_length(options.n_ctx, folder.context_length, folder.kv_bytes_per_token, options.max_batch)
         gpu_layers = _gpu_layers(options.n_gpu_layers)
         threads = options.n_threads or _physical_cores()
         from llama_cpp import Llama
@@ -123,21 +130,50 @@ class LlamaCppLoader:
         except Exception as error:  # noqa: BLE001 - llama-cpp-python also compiles the GGUF's chat template (Jinja)
             what = "its chat template does not compile" if type(error).__module__.startswith("jinja2") else "llama.cpp could not load it"
             raise ModelLoadError(f"{model_file.first}: {what}: {load_failure(error, [model_file.first])}") from None
-        details = f"{model_file.describe()}, {threads} threads, context {n_ctx}"
+        try:
+            _make_context_batched(llm, options.max_batch, n_ctx)
+        except Exception as error:  # noqa: BLE001 - out of memory for the context, mostly
+            llm.close()
+            raise ModelLoadError(f"{model_file.first}: llama.cpp could not make its context: {load_failure(error, [model_file.first])}") from None
+        details = f"{model_file.describe()}, {threads} threads, context {n_ctx}, batch {options.max_batch}"
         if cap:
             details += f" ({cap})"
         info = LoadedModelInfo(name=folder.name, loader=self.name, device="cuda" if gpu_layers else "cpu",
                                dtype=(folder.quantization.gguf_type if folder.quantization else None) or "gguf",
                                context_length=n_ctx, details=details)
-        return LlamaCppModel(llm, info)
+        return LlamaCppModel(llm, info, options.max_batch)
+
+
+def _make_context_batched(llm: Any, sequences: int, n_ctx: int) -> None:
+    """Give ``llm`` a context for ``sequences`` sequences of ``n_ctx`` tokens each (llama-cpp-python
+    makes a one-sequence context and has no option for more): the first is freed, then remade.
+
+    Each sequence gets a KV cache of its own (not one unified cache): in a shared cache a
+    sequence's cells end up out of position order as others come and go, attention then adds
+    them up in another order, and measured greedy answers changed (1 of 16 in a batch); with
+    a cache each they are the answers given alone, token for token."""
+    from llama_cpp import _internals
+
+    if sequences == 1:
+        return
+    params = llm.context_params
+    params.n_seq_max = sequences
+    params.n_ctx = n_ctx * sequences  # llama.cpp gives each sequence n_ctx / n_seq_max
+    params.kv_unified = False
+    llm._ctx.close()
+    llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
 
 
 class LlamaCppModel:
     supported_params = SUPPORTED
 
-    def __init__(self, llm: Any, info: LoadedModelInfo) -> None:
+    def __init__(self, llm: Any, info: LoadedModelInfo, max_batch: int = 1) -> None:
+        from loaders.llamacpp_batch import LlamaCppBatch
+
         self._llm = llm
         self.info = info
+        self.max_batch = max_batch
+        self._batch = LlamaCppBatch(self, max_batch)
         self.prompt_tokens_evaluated = 0  # of the last prompt: what the prefix cache did not cover
         model = llm._model
         self._eos = llm.token_eos()
@@ -158,107 +194,49 @@ class LlamaCppModel:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
+    def fit_prompt(self, tokens: list[int], params: SamplingParams) -> list[int]:
+        """The prompt cut to its last tokens when it exceeds the budget (the engine tells the user)."""
+        budget = prompt_budget(params, self.info.context_length)
+        return tokens[-budget:] if budget is not None and len(tokens) > budget else tokens
+
     # -- generation ----------------------------------------------------------------------------
 
+    def open_batch(self) -> "LlamaCppBatch":
+        """The model's one batch (its slots own the context's sequences and their cached prefixes)."""
+        return self._batch
+
+    def clear_cache(self) -> None:
+        """Forget every cached prefix (benchmarks: the next prompt is read in full)."""
+        self._batch.clear()
+
     def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
-        pieces: list[StreamPiece] = []
-        for _ in self._generate(prompt, params, cancel, seed, pieces.append):
-            yield from pieces
-            pieces.clear()
-        yield from pieces
+        """One request alone: a batch of one, so its tokens are those it gets in any batch."""
+        batch = self._batch
+        if not batch.add(ALONE, prompt, params, seed=seed):
+            raise RuntimeError("no room in the KV cache while other sequences are generating")
+        try:
+            while not cancel.cancelled:
+                step = batch.step().get(ALONE)
+                if step is None:
+                    continue
+                if step.piece is not None:
+                    yield step.piece
+                if step.done:
+                    return
+        finally:
+            batch.remove(ALONE)
 
     def stream_to(
         self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, emit: Callable[[StreamPiece], None]
     ) -> None:
-        for _ in self._generate(prompt, params, cancel, seed, emit):
-            pass
-
-    def _generate(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken, seed: int, emit: Callable[[StreamPiece], None]
-    ) -> Iterator[None]:
-        """Generate, handing pieces to ``emit``; yields after each token so ``stream`` can pass them on."""
-        tokens = self.encode(prompt)
-        budget = prompt_budget(params, self.info.context_length)
-        if budget is not None and len(tokens) > budget:
-            tokens = tokens[-budget:]  # the engine tells the user; the oldest text goes first
-        room = (self.info.context_length or 0) - len(tokens)
-        max_new = min(params.max_new_tokens, room) if self.info.context_length else params.max_new_tokens
-        if max_new <= 0 or not tokens:
-            return
-        self._prefill(tokens, cancel)
-        if cancel.cancelled:
-            return
-        import llama_cpp
-
-        llm = self._llm
-        vocab = llm._model.vocab
-        llm.set_seed(seed)
-        processors = _ban(self._eos) if params.ban_eos and self._eos >= 0 else None
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        special = not params.skip_special_tokens
-        previous = list(tokens)
-        generated = pending = 0
-        for token in llm.generate(
-            list(tokens), reset=True, temp=0.0 if params.greedy else params.temperature,
-            top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, typical_p=params.typical_p,
-            repeat_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty, logits_processor=processors,
-        ):
-            if llama_cpp.llama_vocab_is_eog(vocab, token) and not params.ban_eos:
-                break
-            generated += 1
-            pending += 1
-            text = decoder.decode(llm.detokenize([token], prev_tokens=previous, special=special))
-            previous.append(token)
-            if text:  # a token that ends inside a character waits for the next one
-                emit(StreamPiece(text, pending))
-                pending = 0
-            yield
-            if cancel.cancelled or generated >= max_new:
-                break
-        if pending:  # a character cut off by max_new_tokens or Stop is dropped, not shown as "�"
-            emit(StreamPiece("", pending))
-
-    def _prefill(self, tokens: list[int], cancel: CancelToken) -> None:
-        """Evaluate a long prompt chunk by chunk (Stop is checked between chunks), reusing the cached prefix.
-
-        ``generate`` then finds the whole prompt cached and only samples. What had to be evaluated
-        is kept in ``prompt_tokens_evaluated`` (the benchmark and tests read it).
-        """
-        llm = self._llm
-        cached = _common_prefix(list(llm._input_ids[: llm.n_tokens]), tokens)
-        if cached == len(tokens):
-            cached -= 1  # the last prompt token is evaluated again so that there are logits to sample from
-        self.prompt_tokens_evaluated = len(tokens) - cached
-        llm.n_tokens = cached  # eval drops the cache past this point
-        for start in range(cached, len(tokens), PREFILL_CHUNK):
-            if cancel.cancelled:
-                return
-            llm.eval(tokens[start : start + PREFILL_CHUNK])
+        for piece in self.stream(prompt, params, cancel, seed=seed):
+            emit(piece)
 
     def unload(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
+            self._batch.free()
             llm.close()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _ban(token: int) -> Any:
-    import numpy as np
-
-    def ban(input_ids: Any, scores: Any) -> Any:
-        scores[token] = -np.inf
-        return scores
-
-    return [ban]
 
 
 def _pick_model(folder: ModelFolder, requested: str | None) -> GGUFModelFile:
@@ -275,8 +253,10 @@ def _pick_model(folder: ModelFolder, requested: str | None) -> GGUFModelFile:
     raise ModelLoadError(f"{folder.name} has no GGUF file named {requested} (it has: {names})")
 
 
-def _context_length(requested: int, model_context: int | None, per_token: int | None) -> tuple[int, str]:
-    """The context to use, and why it is smaller than the model's (empty when it is not)."""
+def _context_length(
+    requested: int, model_context: int | None, per_token: int | None, sequences: int = 1
+) -> tuple[int, str]:
+    """The context for each sequence, and why it is smaller than the model's (empty when it is not)."""
     if requested:
         return requested, ""
     full = model_context or 4096
@@ -284,11 +264,11 @@ def _context_length(requested: int, model_context: int | None, per_token: int | 
         return full, ""
     import psutil
 
-    fits = int(psutil.virtual_memory().available * KV_SHARE_OF_FREE_MEMORY // per_token)
+    fits = int(psutil.virtual_memory().available * KV_SHARE_OF_FREE_MEMORY // (per_token * sequences))
     if fits >= full:
         return full, ""
     capped = max(MIN_CONTEXT, fits // 256 * 256)
-    return capped, f"capped from {full}: the KV cache must fit in free memory"
+    return capped, f"capped from {full}: the KV caches of {sequences} requests must fit in free memory"
 
 
 def _gpu_layers(requested: int) -> int:

@@ -255,8 +255,8 @@ def test_loader_options_are_drawn_from_the_loader_and_remembered(browser, ui_ser
         wait_until(lambda: "of weights" in estimate.inner_text(), "the memory estimate")
         context_box.fill("1024")
         context_box.press("Enter")
-        # the estimate follows the option: the KV cache for 1,024 tokens
-        wait_until(lambda: "KV cache for 1,024 tokens" in estimate.inner_text(), "the estimate for 1024 tokens")
+        # the estimate follows the option: a KV cache of 1,024 tokens for each of the 4 requests of a batch
+        wait_until(lambda: "4 requests × 1,024 tokens" in estimate.inner_text(), "the estimate for 1024 tokens")
         page.locator("#load-model").click()
         status = page.locator("#model-status")
         wait_until(lambda: "context 1024" in status.inner_text(), "the model loaded with context 1024")

@@ -128,31 +128,31 @@ def test_stop_ends_a_generation_mid_stream(engine):
 
 @contextmanager
 def watching_eval(engine, watch):
-    """Call ``watch(tokens)`` on every llama.cpp ``eval`` (what llama.cpp really processes), then restore."""
-    with engine.models.use() as model:
-        llm = model._llm
-    original = llm.eval
+    """Call ``watch(n_tokens)`` on every ``llama_decode`` (what llama.cpp really processes), then restore."""
+    import llama_cpp
 
-    def watched(tokens):
-        watch(tokens)
-        return original(tokens)
+    original = llama_cpp.llama_decode
 
-    llm.eval = watched
+    def watched(ctx, batch):
+        watch(batch.n_tokens)
+        return original(ctx, batch)
+
+    llama_cpp.llama_decode = watched
     try:
         yield
     finally:
-        del llm.eval
+        llama_cpp.llama_decode = original
 
 
 def test_a_second_turn_reuses_the_cached_prefix(engine):
     evaluated = []
-    with watching_eval(engine, lambda tokens: evaluated.append(len(tokens))):
+    with watching_eval(engine, evaluated.append):
         first = run(engine, QUESTION, temperature=0, max_new_tokens=30)[1]
         turn_two = (*QUESTION, ChatMessage(role="assistant", content=first.text),
                     ChatMessage(role="user", content="And what is the capital of Italy?"))
         evaluated.clear()
         events, second = run(engine, turn_two, temperature=0, max_new_tokens=30)
-    # llama.cpp's own count: every token passed to eval, minus one per generated token
+    # llama.cpp's own count: every token decoded, minus one per generated token
     prompt_evaluated = sum(evaluated) - second.completion_tokens
     assert second.prompt_tokens > 40
     assert prompt_evaluated < 0.5 * second.prompt_tokens, (prompt_evaluated, second.prompt_tokens)
@@ -164,8 +164,8 @@ def test_cancel_reaches_a_long_prompt_between_chunks(engine):
     handle = engine.submit(GenerationRequest(messages=long, params=SamplingParams(temperature=0, max_new_tokens=5)))
     chunks = []
 
-    def eval_then_cancel(tokens):
-        chunks.append(len(tokens))
+    def eval_then_cancel(n_tokens):
+        chunks.append(n_tokens)
         handle.cancel()  # Stop arrives while the prompt is being read
 
     with watching_eval(engine, eval_then_cancel):
@@ -301,6 +301,82 @@ def test_the_memory_estimate_is_the_file_plus_the_kv_cache_for_the_context(defau
     large = loader.estimate_memory(folder, LlamaCppOptions(n_ctx=4096))
     assert small.weights == large.weights == (default_models_dir / MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size
     assert small.context == 1024 and large.kv_cache == 4 * small.kv_cache
-    # SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values in f16
-    assert small.kv_cache == 30 * 3 * (64 + 64) * 2 * 1024
-    assert small.describe(free=10**12).startswith("About ") and "1,024 tokens" in small.describe()
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values in f16; a cache for each of 4 requests
+    assert small.sequences == 4 and small.kv_cache == 4 * 30 * 3 * (64 + 64) * 2 * 1024
+    assert small.describe(free=10**12).startswith("About ") and "(4 requests × 1,024 tokens)" in small.describe()
+    alone = loader.estimate_memory(folder, LlamaCppOptions(n_ctx=1024, max_batch=1))
+    assert alone.kv_cache == small.kv_cache // 4 and "KV cache for 1,024 tokens" in alone.describe()
+
+
+# -- continuous batching ----------------------------------------------------------------------------
+
+QUESTIONS = [
+    CAPITAL_QUESTION, "What is the capital of Italy?", "Name three colours.", "What is 2 + 2?",
+    "Write a haiku about the sea.", "What do bees make?", "Who wrote Hamlet?", "What is water made of?",
+]
+GREEDY = dict(temperature=0, max_new_tokens=48)
+
+
+def ask(question):
+    return GenerationRequest(messages=(ChatMessage(role="user", content=question),), params=SamplingParams(**GREEDY),
+                             owner=f"client-{question}")
+
+
+@pytest.fixture(scope="module")
+def alone(engine):
+    """Each question's greedy answer asked alone (a batch of one)."""
+    return {q: engine.submit(ask(q)).result().text for q in QUESTIONS}
+
+
+def test_a_batch_answers_as_each_request_alone(engine, alone):
+    handles = [engine.submit(ask(q)) for q in QUESTIONS * 2]  # 16 requests: 4 decode together, the others join as they leave
+    seen_running = 0
+    while not all(h.finished for h in handles):
+        seen_running = max(seen_running, engine.generation.running)
+        threading.Event().wait(0.01)
+    for handle in handles:
+        done = handle.result()
+        assert done.reason in ("stop", "length") and done.text == alone[_question(handle)], _question(handle)
+    assert seen_running > 1  # they really ran together
+
+
+def _question(handle):
+    return handle.request.messages[-1].content
+
+
+def test_a_request_joins_a_running_batch(engine, alone):
+    long = GenerationRequest(messages=STORY, params=SamplingParams(temperature=0, max_new_tokens=200), owner="writer")
+    writer = engine.submit(long)
+    for event in writer.events():
+        if isinstance(event, TextDelta):
+            break  # the story is being written
+    joiner = engine.submit(ask(QUESTIONS[1]))
+    answer = joiner.result()
+    assert writer.finished is None  # it joined, and finished, while the story went on
+    assert answer.text == alone[QUESTIONS[1]]
+    story = writer.result()
+    assert story.reason in ("stop", "length") and story.completion_tokens > answer.completion_tokens
+
+
+def test_stopping_one_sequence_leaves_the_others_untouched(engine, alone):
+    handles = [engine.submit(ask(q)) for q in QUESTIONS[:4]]
+    victim = handles[2]
+    deltas = 0
+    for event in victim.events():
+        if isinstance(event, TextDelta):
+            deltas += 1
+            if deltas == 3:
+                victim.cancel()  # mid-way, while the others decode beside it
+    assert victim.result().reason == "cancelled" and victim.result().completion_tokens < 48
+    for handle in handles[:2] + handles[3:]:
+        assert handle.result().text == alone[_question(handle)]
+
+
+def test_a_stop_string_ends_one_sequence_of_a_batch(engine, alone):
+    handles = [engine.submit(ask(q)) for q in QUESTIONS[:3]]
+    cut = GenerationRequest(messages=(ChatMessage(role="user", content=CAPITAL_QUESTION),),
+                            params=SamplingParams(**GREEDY), stop=("Paris",), owner="cutter")
+    stopped = engine.submit(cut).result()
+    assert stopped.reason == "stop" and "Paris" not in stopped.text
+    for handle in handles:
+        assert handle.result().text == alone[_question(handle)]

@@ -1,0 +1,242 @@
+"""Continuous batching for llama.cpp: several sequences in one context, decoded together.
+
+The context is made with ``n_seq_max`` = the model's batch size and a KV cache per sequence (see
+``_make_context_batched`` for why not one shared cache). Each sequence has a slot: a llama.cpp
+sequence id, the tokens whose keys and values are in its cache, and, while it generates, its own
+sampler chain with its own seed.
+
+One step is one ``llama_decode``: the next token of every generating sequence, then as much of the
+waiting prompts as fits in ``n_batch`` (a joining prompt is read beside the others' decoding, as
+llama.cpp's server does). A slot keeps its cache after its sequence ends, so the next turn of a
+chat, which starts with the same tokens, only reads what is new: a new request takes the free slot
+whose cache shares the longest start with its prompt, else the one least recently used.
+
+Room: a prompt is cut to fit its slot's context and ``max_new_tokens`` to the room left, so
+``llama_decode`` never runs out of cells mid-reply.
+
+``llama_cpp`` is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engine.loader_api import SequenceStep, StreamPiece
+from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from loaders.llamacpp_loader import LlamaCppModel
+
+PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama-cpp-python's default)
+
+
+@dataclass
+class _Sequence:
+    """A generating sequence: its prompt, sampler and the text decoded so far."""
+
+    key: int
+    tokens: list[int]  # the prompt
+    max_new: int
+    sampler: Any  # llama_cpp._internals.LlamaSampler
+    ban_eos: bool
+    special: bool
+    fed: int = 0  # prompt tokens whose KV is in the cache
+    last: int | None = None  # the sampled token, read at the next step
+    generated: int = 0
+    pending: int = 0  # tokens not yet shown (a character cut between two tokens)
+    previous: list[int] = field(default_factory=list)  # for detokenizing with the right spacing
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in the cache for this seq_id
+    sequence: _Sequence | None = None
+    used: int = 0  # when it last started a sequence (least recently used slots are reused first)
+
+
+class LlamaCppBatch:
+    """The ``DecodeBatch`` of one loaded llama.cpp model (one per model: it owns the context's slots)."""
+
+    def __init__(self, model: "LlamaCppModel", slots: int) -> None:
+        from llama_cpp import _internals
+
+        self._model = model
+        self._llm = model._llm
+        self._ctx = self._llm._ctx
+        self._n_batch = self._llm.n_batch
+        self._n_ctx = model.info.context_length or self._ctx.n_ctx()  # each sequence's
+        self._batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._by_key: dict[int, _Slot] = {}
+        self._clock = 0
+
+    # -- DecodeBatch ---------------------------------------------------------------------------
+
+    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> bool:
+        tokens = self._model.fit_prompt(self._model.encode(prompt), params)
+        if not tokens:
+            raise ValueError("the prompt is empty after tokenizing")
+        room = self._n_ctx - len(tokens)
+        sequence = _Sequence(
+            key=key, tokens=tokens, max_new=max(0, min(params.max_new_tokens, room)),
+            sampler=self._sampler(params, seed), ban_eos=params.ban_eos, special=not params.skip_special_tokens,
+            previous=list(tokens),
+        )
+        free = [s for s in self._slots if s.sequence is None]
+        if not free:
+            sequence.sampler.close()
+            return False
+        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.used))
+        cached = _common_prefix(slot.cached, tokens)
+        if cached == len(tokens):
+            cached -= 1  # the last prompt token is read again so that there are logits to sample from
+        self._forget(slot, cached)
+        sequence.fed = cached
+        self._model.prompt_tokens_evaluated = len(tokens) - cached
+        self._clock += 1
+        slot.sequence, slot.used = sequence, self._clock
+        self._by_key[key] = slot
+        return True
+
+    def step(self) -> dict[int, SequenceStep]:
+        import llama_cpp
+
+        active = [s for s in self._slots if s.sequence is not None]
+        if not active:
+            return {}
+        results: dict[int, SequenceStep] = {}
+        for slot in active:  # nothing to generate (no room or max_new_tokens = 0)
+            if slot.sequence is not None and slot.sequence.max_new == 0:
+                results[slot.sequence.key] = SequenceStep(done=True)
+                self._finish(slot)
+        batch = self._batch.batch
+        batch.n_tokens = 0
+        outputs: list[tuple[_Slot, int]] = []
+
+        def put(slot: _Slot, token: int, logits: bool) -> None:
+            i = batch.n_tokens
+            batch.token[i] = token
+            batch.pos[i] = len(slot.cached)
+            batch.seq_id[i][0] = slot.seq_id
+            batch.n_seq_id[i] = 1
+            batch.logits[i] = logits
+            batch.n_tokens = i + 1
+            slot.cached.append(token)
+            if logits:
+                outputs.append((slot, i))
+
+        generating = [s for s in self._slots if s.sequence is not None and s.sequence.last is not None]
+        for slot in generating:
+            assert slot.sequence is not None and slot.sequence.last is not None
+            put(slot, slot.sequence.last, True)
+        reading = sorted((s for s in self._slots if s.sequence is not None and s.sequence.last is None),
+                         key=lambda s: s.used)  # prompts are read in the order they joined
+        for slot in reading:
+            sequence = slot.sequence
+            assert sequence is not None
+            take = min(self._n_batch - batch.n_tokens, len(sequence.tokens) - sequence.fed)
+            for token in sequence.tokens[sequence.fed : sequence.fed + take]:
+                sequence.fed += 1
+                put(slot, token, sequence.fed == len(sequence.tokens))
+            if batch.n_tokens >= self._n_batch:
+                break
+        if batch.n_tokens == 0:
+            return results
+        code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}" + (" (no room left in the KV cache)" if code == 1 else ""))
+        vocab = self._llm._model.vocab
+        for slot, index in outputs:
+            sequence = slot.sequence
+            assert sequence is not None
+            token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self._ctx.ctx, index)
+            if llama_cpp.llama_vocab_is_eog(vocab, token) and not sequence.ban_eos:
+                results[sequence.key] = SequenceStep(StreamPiece("", sequence.pending), done=True)
+                self._finish(slot)
+                continue
+            sequence.generated += 1
+            sequence.pending += 1
+            text = sequence.decoder.decode(
+                self._llm.detokenize([token], prev_tokens=sequence.previous, special=sequence.special))
+            sequence.previous.append(token)
+            sequence.last = token
+            done = sequence.generated >= sequence.max_new
+            if text or done:  # a token that ends inside a character waits for the next one
+                results[sequence.key] = SequenceStep(StreamPiece(text, sequence.pending), done=done)
+                sequence.pending = 0
+            if done:
+                self._finish(slot)
+        return results
+
+    def remove(self, key: int) -> None:
+        slot = self._by_key.get(key)
+        if slot is not None:
+            self._finish(slot)
+
+    def close(self) -> None:
+        for slot in list(self._by_key.values()):
+            self._finish(slot)
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Drop every cached prefix (nothing may be generating)."""
+        self.close()
+        for slot in self._slots:
+            self._forget(slot, 0)
+
+    def free(self) -> None:
+        self.close()
+        self._batch.close()
+
+    def _forget(self, slot: _Slot, keep: int) -> None:
+        """Drop the slot's cache past its first ``keep`` tokens."""
+        import llama_cpp
+
+        if len(slot.cached) > keep:
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, keep, -1)
+            del slot.cached[keep:]
+
+    def _finish(self, slot: _Slot) -> None:
+        sequence, slot.sequence = slot.sequence, None
+        if sequence is None:
+            return
+        self._by_key.pop(sequence.key, None)
+        sequence.sampler.close()
+        if sequence.last is None and sequence.fed < len(sequence.tokens):
+            self._forget(slot, sequence.fed)  # a prompt read part-way is kept as far as it was read
+
+    def _sampler(self, params: SamplingParams, seed: int) -> Any:
+        """The sampler chain llama-cpp-python builds for ``generate``, with this sequence's own seed."""
+        from llama_cpp import _internals
+
+        llm = self._llm
+        sampler = _internals.LlamaSampler()
+        if params.ban_eos and llm.token_eos() >= 0:
+            sampler.add_logit_bias(llm.n_vocab(), {llm.token_eos(): float("-inf")})
+        sampler.add_penalties(n_vocab=llm.n_vocab(), penalty_last_n=PENALTY_LAST_N,
+                              penalty_repeat=params.repetition_penalty, penalty_freq=params.frequency_penalty,
+                              penalty_present=params.presence_penalty)
+        if params.greedy:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(params.top_k)
+            sampler.add_typical(params.typical_p, 1)
+            sampler.add_top_p(params.top_p, 1)
+            sampler.add_min_p(params.min_p, 1)
+            sampler.add_temp(params.temperature)
+            sampler.add_dist(seed)
+        return sampler
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
