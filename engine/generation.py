@@ -431,9 +431,11 @@ class GenerationService:
                     self._cond.wait()
             if self._closed or not self._waiting or (not wait and self._slot_load_pending()):
                 return None
-            owner, jobs = next(iter(self._waiting.items()))
+            running = {h.owner for h in self._running.values()}
+            # an owner with nothing running goes before one who already has a request in the batch
+            owner = next((o for o in self._waiting if o not in running), next(iter(self._waiting)))
+            jobs = self._waiting.pop(owner)
             handle = jobs.popleft()
-            del self._waiting[owner]
             if jobs:  # this owner goes to the back of the line
                 self._waiting[owner] = jobs
             self._running[handle.id] = handle

@@ -8,7 +8,7 @@ from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, SequenceStep, StreamPiece
 from engine.model_folder import ModelFolder
 from engine.sampling import SamplingParams
 
@@ -91,3 +91,46 @@ class FakeLoader:
         model = FakeModel(name=folder.name, loader=self.name)
         self.loaded.append(model)
         return model
+
+
+class FakeBatch:
+    """A ``DecodeBatch`` whose sequences write their prompt's words, one per step; it records who
+    was in each step."""
+
+    def __init__(self, model: "FakeBatchModel") -> None:
+        self._model = model
+        self._words: dict[int, list[str]] = {}
+
+    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> bool:
+        self._words[key] = prompt.split()[: params.max_new_tokens]
+        return True
+
+    def step(self) -> dict[int, SequenceStep]:
+        if self._model.delay:
+            time.sleep(self._model.delay)
+        self._model.steps.append(sorted(self._words))
+        out = {}
+        for key, words in list(self._words.items()):
+            out[key] = SequenceStep(StreamPiece(words.pop(0) + " ", 1), done=not words[1:] and len(words) == 0)
+            if not words:
+                del self._words[key]
+        return out
+
+    def remove(self, key: int) -> None:
+        self._words.pop(key, None)
+
+    def close(self) -> None:
+        self._words.clear()
+
+
+class FakeBatchModel(FakeModel):
+    """A fake model that batches: up to ``max_batch`` sequences per step."""
+
+    def __init__(self, max_batch: int = 2, delay: float = 0.01) -> None:
+        super().__init__(name="fake-batch", delay=delay)
+        self.max_batch = max_batch
+        self.steps: list[list[int]] = []  # the keys (request ids) decoded in each step
+        self._batch = FakeBatch(self)
+
+    def open_batch(self) -> FakeBatch:
+        return self._batch

@@ -224,3 +224,61 @@ def test_an_empty_reply_always_says_why(service_for, reply, stop, max_new_tokens
                                               params=SamplingParams(max_new_tokens=max_new_tokens))).result()
     assert result.text.strip() == ""
     assert any(reason in n for n in result.notices), result.notices
+
+
+# -- continuous batching (a fake model that batches; the real one is in test_llamacpp.py) ----------
+
+def test_requests_join_a_running_batch_in_fair_order_up_to_its_size(service_for):
+    from tests.fakes import FakeBatchModel
+
+    model = FakeBatchModel(max_batch=2, delay=0.03)
+    service = service_for(model)
+    long = service.submit(prompt_request("w " * 12, owner="a"))
+    short = service.submit(prompt_request("v " * 4, owner="d"))
+    for event in long.events():
+        if isinstance(event, TextDelta):
+            break
+    a2 = service.submit(prompt_request("x " * 3, owner="a"))  # the batch is full: these wait
+    b1 = service.submit(prompt_request("y " * 3, owner="b"))
+    c1 = service.submit(prompt_request("z " * 3, owner="c"))
+    results = [h.result() for h in (long, short, a2, b1, c1)]
+    assert [r.text for r in results] == ["w " * 12, "v " * 4, "x " * 3, "y " * 3, "z " * 3]
+    assert max(len(keys) for keys in model.steps) == 2  # never more than max_batch
+    joined = {h: next(i for i, keys in enumerate(model.steps) if h.id in keys) for h in (long, short, a2, b1, c1)}
+    # b joins the running batch first when short leaves: a already has a request running, so a's
+    # second waits although it came first
+    assert joined[short] < joined[b1] and long.id in model.steps[joined[b1]]
+    assert joined[b1] < joined[a2] and joined[c1] <= joined[a2]
+
+
+def test_stopping_one_sequence_of_a_batch_leaves_the_others(service_for):
+    from tests.fakes import FakeBatchModel
+
+    model = FakeBatchModel(max_batch=3, delay=0.02)
+    service = service_for(model)
+    handles = [service.submit(prompt_request(f"{n} " * 8, owner=n)) for n in "abc"]
+    for event in handles[1].events():
+        if isinstance(event, TextDelta):
+            handles[1].cancel()
+            break
+    assert handles[1].result().reason == "cancelled"
+    assert [handles[i].result().text for i in (0, 2)] == ["a " * 8, "c " * 8]
+    assert handles[1].id not in model.steps[-1]
+
+
+def test_a_pending_load_lets_the_batch_drain(service_for):
+    from tests.fakes import FakeBatchModel
+
+    model = FakeBatchModel(max_batch=4, delay=0.02)
+    service = service_for(model)
+    slot = service._slot
+    first = service.submit(prompt_request("w " * 5))
+    for event in first.events():
+        if isinstance(event, TextDelta):
+            break
+    slot.load_pending = True  # a load waits for the model: nobody joins, the batch ends
+    later = service.submit(prompt_request("x " * 2, owner="b"))
+    first.result()
+    assert later.finished is None and all(later.id not in keys for keys in model.steps)
+    slot.load_pending = False
+    assert later.result().text == "x " * 2
