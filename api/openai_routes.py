@@ -4,10 +4,15 @@ Generation goes through the same engine queue as the web UI, so API clients and 
 are served fairly (round-robin by owner: an API key counts as one owner). A client that
 disconnects cancels its generation; a request still waiting after ``queue_timeout`` seconds
 gets a 503 timeout error.
+
+A request's events come to the event loop (``GenerationHandle.listen``): a streaming client costs
+no thread, so sync endpoints (``/health``, ``/metrics``) never wait behind streams. A client that
+reads slower than the model writes gets the text that piled up in one chunk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -30,7 +35,7 @@ from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
 from engine.generation import Finished, GenerationEvent, GenerationHandle, GenerationRequest, Queued, Started, TextDelta
 from engine.sampling import SamplingParams
 
-POLL_SECONDS = 0.25
+POLL_SECONDS = 0.25  # how often a waiting request looks whether its client went away
 
 
 def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tokens_cap: int) -> APIRouter:
@@ -142,19 +147,20 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
             ))
         except (BadRequestError, ValidationError) as error:
             raise ApiError(400, str(error).splitlines()[0], "invalid_request_error") from None
+        events = handle.listen(asyncio.get_running_loop())
         try:
-            started, early = await _wait_until_started(handle, request, queue_timeout)
+            started, early = await _wait_until_started(events, request, queue_timeout)
         except BaseException:
             handle.cancel()
             raise
         ids = Ids(chat=chat, model=loaded.name, started=started, asked=asked)
         if body.stream:
             return StreamingResponse(
-                _sse(handle, request, ids, early, include_usage=body.include_usage()),
+                _sse(handle, events, request, ids, early, include_usage=body.include_usage()),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            finished = early if isinstance(early, Finished) else await _wait_finished(handle, request)
+            finished = early if isinstance(early, Finished) else await _wait_finished(handle, events, request)
         finally:
             handle.cancel()
         if finished.reason == "error":
@@ -245,22 +251,36 @@ def _loaded_dict(engine: Engine) -> dict[str, Any] | None:
     return {"name": info.name, "loader": info.loader, "device": info.device, "dtype": info.dtype, "details": info.details}
 
 
-async def _next(handle: GenerationHandle) -> GenerationEvent | None:
-    # An event that is already there is taken without a thread hop (most tokens, under load).
-    ready = handle.next_event(0)
-    if ready is not None:
-        return ready
-    return await anyio.to_thread.run_sync(handle.next_event, POLL_SECONDS, abandon_on_cancel=True)
+async def _next(events: "asyncio.Queue[GenerationEvent]") -> GenerationEvent | None:
+    """The next event, or None after ``POLL_SECONDS`` without one (time to look at the client)."""
+    if not events.empty():
+        return events.get_nowait()  # most tokens under load: no waiting at all
+    try:
+        return await asyncio.wait_for(events.get(), POLL_SECONDS)
+    except asyncio.TimeoutError:
+        return None
+
+
+def _pending_text(events: "asyncio.Queue[GenerationEvent]") -> tuple[str, GenerationEvent | None]:
+    """The text of the deltas already waiting, joined (a lagging client gets one chunk), and the
+    first other event, if one came after them."""
+    parts = []
+    while not events.empty():
+        event = events.get_nowait()
+        if not isinstance(event, TextDelta):
+            return "".join(parts), event
+        parts.append(event.text)
+    return "".join(parts), None
 
 
 async def _wait_until_started(
-    handle: GenerationHandle, request: Request, timeout: float
+    events: "asyncio.Queue[GenerationEvent]", request: Request, timeout: float
 ) -> tuple[Started | None, GenerationEvent | None]:
     """Wait through the queue. Returns (Started, None), or (None, Finished) if it ended first."""
     deadline = time.monotonic() + timeout
     position = None
     while True:
-        event = await _next(handle)
+        event = await _next(events)
         if isinstance(event, Started):
             return event, None
         if isinstance(event, Finished):
@@ -275,9 +295,9 @@ async def _wait_until_started(
                            "timeout_error", code="queue_timeout")
 
 
-async def _wait_finished(handle: GenerationHandle, request: Request) -> Finished:
+async def _wait_finished(handle: GenerationHandle, events: "asyncio.Queue[GenerationEvent]", request: Request) -> Finished:
     while True:
-        event = await _next(handle)
+        event = await _next(events)
         if isinstance(event, Finished):
             return event
         if event is None and await request.is_disconnected():
@@ -285,7 +305,8 @@ async def _wait_finished(handle: GenerationHandle, request: Request) -> Finished
 
 
 async def _sse(
-    handle: GenerationHandle, request: Request, ids: Ids, early: GenerationEvent | None, *, include_usage: bool
+    handle: GenerationHandle, events: "asyncio.Queue[GenerationEvent]", request: Request, ids: Ids,
+    early: GenerationEvent | None, *, include_usage: bool,
 ) -> AsyncIterator[str]:
     def data(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -294,10 +315,12 @@ async def _sse(
         yield data(ids.chunk("" if ids.chat else None, None, role=True))
         finished = early if isinstance(early, Finished) else None
         while finished is None:
-            event = await _next(handle)
+            event = await _next(events)
             if isinstance(event, TextDelta):
-                yield data(ids.chunk(event.text, None))
-            elif isinstance(event, Finished):
+                more, after = _pending_text(events)
+                yield data(ids.chunk(event.text + more, None))
+                event = after
+            if isinstance(event, Finished):
                 finished = event
             elif event is None and await request.is_disconnected():
                 return

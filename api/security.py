@@ -27,8 +27,9 @@ class ApiKeys:
         self.user_key = user_key
         self.admin_key = admin_key
 
-    def require_user(self, request: Request) -> str:
-        """Check the key; return the queue owner for this caller (one per key, never the key itself)."""
+    async def require_user(self, request: Request) -> str:
+        """Check the key; return the queue owner for this caller (one per key, never the key itself).
+        Async: it does no blocking work, and a sync dependency would take a worker thread per request."""
         given = _bearer(request)
         if self.user_key is None:
             client = request.client.host if request.client else "unknown"
@@ -38,7 +39,7 @@ class ApiKeys:
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_request_error",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    def require_admin(self, request: Request) -> None:
+    async def require_admin(self, request: Request) -> None:
         if self.admin_key is None:
             raise ApiError(403, "the admin API is off: start the server with --admin-key", "permission_error")
         given = _bearer(request)

@@ -12,6 +12,7 @@ never touches another.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -139,6 +140,8 @@ class GenerationHandle:
         self._on_cancel = on_cancel
         self._finished: Finished | None = None
         self._last_position: int | None = None
+        self._lock = threading.Lock()
+        self._listener: Callable[[GenerationEvent], None] | None = None
 
     @property
     def owner(self) -> str:
@@ -189,15 +192,40 @@ class GenerationHandle:
     # -- called by the service -----------------------------------------------------------------
 
     def _emit(self, event: GenerationEvent) -> None:
-        if self._finished is not None:
-            return
-        if isinstance(event, Queued):
-            if event.position == self._last_position:
+        with self._lock:  # one order for every consumer; a listener only schedules, it never blocks
+            if self._finished is not None:
                 return
-            self._last_position = event.position
-        if isinstance(event, Finished):
-            self._finished = event
-        self._events.put(event)
+            if isinstance(event, Queued):
+                if event.position == self._last_position:
+                    return
+                self._last_position = event.position
+            if isinstance(event, Finished):
+                self._finished = event
+            if self._listener is not None:
+                self._listener(event)
+            else:
+                self._events.put(event)
+
+    def listen(self, loop: asyncio.AbstractEventLoop) -> "asyncio.Queue[GenerationEvent]":
+        """Deliver the events to ``loop`` instead (with ``call_soon_threadsafe``): a client on an
+        event loop awaits them with no thread of its own. Call it on that loop; events that came
+        before are in the queue first. ``events()`` and ``next_event`` get nothing afterwards."""
+        delivered: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        with self._lock:
+            while True:
+                try:
+                    delivered.put_nowait(self._events.get_nowait())
+                except queue.Empty:
+                    break
+
+            def deliver(event: GenerationEvent) -> None:
+                try:
+                    loop.call_soon_threadsafe(delivered.put_nowait, event)
+                except RuntimeError:  # the loop is closed: nobody is listening any more
+                    pass
+
+            self._listener = deliver
+        return delivered
 
 
 class _Run:

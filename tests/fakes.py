@@ -102,7 +102,7 @@ class FakeBatch:
         self._words: dict[int, list[str]] = {}
 
     def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> bool:
-        self._words[key] = prompt.split()[: params.max_new_tokens]
+        self._words[key] = (self._model.reply or prompt).split()[: params.max_new_tokens]
         return True
 
     def step(self) -> dict[int, SequenceStep]:
@@ -126,8 +126,8 @@ class FakeBatch:
 class FakeBatchModel(FakeModel):
     """A fake model that batches: up to ``max_batch`` sequences per step."""
 
-    def __init__(self, max_batch: int = 2, delay: float = 0.01) -> None:
-        super().__init__(name="fake-batch", delay=delay)
+    def __init__(self, max_batch: int = 2, delay: float = 0.01, reply: str | None = None, name: str = "fake-batch") -> None:
+        super().__init__(name=name, delay=delay, reply=reply)
         self.max_batch = max_batch
         self.steps: list[list[int]] = []  # the keys (request ids) decoded in each step
         self._batch = FakeBatch(self)

@@ -1,0 +1,117 @@
+"""Many open streams cost no threads: events reach the event loop without one (fake batching model,
+a real uvicorn server and real HTTP clients)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from api.app import build_http_app
+from engine.engine import Engine
+from engine.hookspecs import hookimpl
+from engine.plugins import PluginHost
+from engine.settings import Settings
+from tests.fakes import FakeBatchModel, FakeLoader
+from tests.folders import hf_folder
+
+STREAMS = 150
+WORDS = 60  # each stream lasts WORDS steps of 0.05 s: long enough to hold them all open at once
+
+
+class BatchLoader(FakeLoader):
+    def load(self, folder, options):
+        return FakeBatchModel(max_batch=STREAMS, delay=0.05, reply=" ".join(["word"] * WORDS), name=folder.name)
+
+
+@pytest.fixture
+def server(tmp_path):
+    host = PluginHost([])
+
+    class Plugin:
+        @hookimpl
+        def register_loaders(self, register):
+            register(BatchLoader("Batch"))
+
+    host.register(Plugin(), name="batch")
+    hf_folder(tmp_path / "models", "batch-model")
+    engine = Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", queue_timeout=60.0,
+                             api_max_tokens=WORDS), plugins=host)
+    engine.load_model("batch-model")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(build_http_app(engine), log_level="warning", limit_concurrency=1000)
+    served = uvicorn.Server(config)
+    thread = threading.Thread(target=served.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not served.started:
+        time.sleep(0.05)
+    yield engine, f"http://127.0.0.1:{port}"
+    served.should_exit = True
+    thread.join(30)
+    engine.close()
+
+
+async def open_streams(base: str, count: int, opened: asyncio.Event, results: list[str]) -> None:
+    body = {"model": "anything", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
+    started = 0
+
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+        async def one() -> None:
+            nonlocal started
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                text = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"content"' in line:
+                        if not text:
+                            started += 1
+                            if started == count:
+                                opened.set()
+                        text.append(line)
+                    if line == "data: [DONE]":
+                        results.append("done")
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_150_open_streams_take_no_threads_and_health_answers(server):
+    engine, base = server
+    with httpx.Client(base_url=base, timeout=60) as client:
+        assert client.get("/health").status_code == 200  # the server's pools are warm
+    threads_before = threading.active_count()
+    results: list[str] = []
+    box: dict[str, object] = {}
+
+    def streams() -> None:
+        async def main() -> None:
+            opened = asyncio.Event()
+            task = asyncio.create_task(open_streams(base, STREAMS, opened, results))
+            await asyncio.wait_for(opened.wait(), 120)
+            box["opened"] = time.monotonic()
+            await task
+        asyncio.run(main())
+
+    runner = threading.Thread(target=streams)
+    runner.start()
+    deadline = time.monotonic() + 180
+    while "opened" not in box and time.monotonic() < deadline and runner.is_alive():
+        time.sleep(0.05)
+    assert "opened" in box, "the streams did not all start"
+    peak_threads = threading.active_count()
+    with httpx.Client(base_url=base, timeout=60) as client:
+        health = [client.get("/health").status_code for _ in range(20)]
+        peak_threads = max(peak_threads, threading.active_count())
+    assert engine.generation.running == STREAMS  # all open at once, in one batch
+    runner.join(180)
+    assert results == ["done"] * STREAMS
+    assert health == [200] * 20
+    # the client side's event loop is one thread; the server added none per stream
+    assert peak_threads <= threads_before + 5, (threads_before, peak_threads)
