@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--no-model", action="store_true", help="start without loading a model")
     model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="where to run the model (default: CUDA when present, else CPU)")
+    model.add_argument("--max-batch", metavar="N", type=int, default=None,
+                       help="requests decoded together by a loader that batches (llama.cpp; default 4); 1 = one at a time")
     model.add_argument("--allow-pt", action="store_true",
                        help="allow pickled .pt weights when a model has no .safetensors (read with torch "
                             "weights_only; only for sources you trust)")
@@ -118,6 +120,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             load_model=not args.no_model,
             device=args.device,
             allow_pt=args.allow_pt,
+            max_batch=args.max_batch,
             host=args.host,
             port=args.port,
             auth=parse_auth(args.auth, args.auth_file),

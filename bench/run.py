@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
         "llamacpp_build": lambda: SECTIONS["llamacpp_build"](1),
         "downloads": lambda: SECTIONS["downloads"](args.runs, args.download_mib),
         "concurrency": lambda: SECTIONS["concurrency"](min(args.tokens, 64)),
+        "streams": lambda: SECTIONS["streams"](),
         "gpu": lambda: SECTIONS["gpu"](args.runs, args.tokens),
     }
     previous = _latest()
@@ -171,12 +172,32 @@ def render(report: dict[str, Any]) -> str:
                   f"again ({_f(100 * dl['retransferred_fraction'], 2)}%)",
                   "- Goals: " + ", ".join(f"{g}: {'met' if v else 'MISSED'}" for g, v in dl["goals"].items()), ""]
     if "concurrency" in s:
-        lines += ["## Concurrent streaming API clients", "", "| clients | total tokens/s | p95 latency (s) |", "|---|---|---|"]
-        for clients, row in s["concurrency"].items():
-            if clients.startswith("_"):
+        lines += ["## Concurrent streaming API clients (64 tokens each)", "",
+                  "| max batch | clients | total tokens/s | p95 latency (s) |", "|---|---|---|---|"]
+        for batch, rows in s["concurrency"].items():
+            if batch.startswith("_") or not isinstance(rows, dict):
                 continue
-            lines.append(f"| {clients} | {_f(row['total_tokens_per_second'], 1)} | {_f(row['p95_latency_seconds'], 1)} |")
+            for clients, row in rows.items():
+                if isinstance(row, dict) and "total_tokens_per_second" in row:
+                    lines.append(f"| {batch.removeprefix('max_batch_')} | {clients} | "
+                                 f"{_f(row['total_tokens_per_second'], 1)} | {_f(row['p95_latency_seconds'], 1)} |")
         lines.append("")
+        for batch, rows in s["concurrency"].items():
+            if isinstance(rows, dict) and "throughput_8_vs_1" in rows:
+                lines.append(f"- max batch {batch.removeprefix('max_batch_')}: 8 clients give "
+                             f"{_f(rows['throughput_8_vs_1'])}x the tokens/s of one, p95 latency {_f(rows['p95_8_vs_1'])}x one alone.")
+            if isinstance(rows, dict) and "16_clients" in rows:
+                row = rows["16_clients"]
+                lines.append(f"- 16 clients at once: {row['errors']} errors, {row['identical_to_alone']} of {row['of']} "
+                             "greedy answers identical to the same question asked alone.")
+        lines.append("")
+    if "streams" in s:
+        row = s["streams"]
+        lines += ["## Open streams and /health (fake batching model)", "",
+                  f"- {row['streams']} streams open, decoding together; {row['streams_completed']} completed.",
+                  f"- /health p99: {_f(row['health_p99_ms'], 1)} ms with them open, {_f(row['health_idle_p99_ms'], 1)} ms idle "
+                  f"(max {_f(row['health_max_ms'], 1)} ms).",
+                  f"- Threads in the server process: {row['threads_idle']} idle, {row['threads_peak']} at most with the streams open.", ""]
     if "gpu" in s:
         lines += ["## GPU", "", "```", json.dumps(s["gpu"], indent=2, default=str), "```", ""]
     notes = ROOT / "bench" / "NOTES.md"

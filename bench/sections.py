@@ -474,34 +474,136 @@ def _killed_download(hub: Any, repo: str) -> dict[str, Any]:
 
 # -- 5. concurrency over the API -------------------------------------------------------------------
 
+QUESTIONS = [
+    "What is the capital of France?", "What is the capital of Italy?", "Name three colours.", "What is 2 + 2?",
+    "Write a haiku about the sea.", "What do bees make?", "Who wrote Hamlet?", "What is water made of?",
+    "Name a planet.", "What is the opposite of hot?", "How many legs has a spider?", "What colour is the sky?",
+    "Name a fruit.", "What is ice?", "Who painted the Mona Lisa?", "What is the largest ocean?",
+]
+
+
+def _api_answer(port: int, question: str) -> str:
+    import httpx
+
+    body = {"model": "any", "temperature": 0, "max_tokens": 64, "messages": [{"role": "user", "content": question}]}
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600)
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def _clients(port: int, clients: int, tokens: int) -> dict[str, float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        ttft, tps, total = _api_stream(port, messages=CHAT, tokens=tokens)
+        with lock:
+            latencies.append(total)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"total_tokens_per_second": clients * tokens / wall, "p95_latency_seconds": p95(latencies)}
+
+
 def concurrency(tokens: int, levels: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
+    """Streaming API clients on the default model, one at a time (--max-batch 1, as before
+    continuous batching) and batched (--max-batch 8); then 16 clients at once, each answer
+    compared with the same question asked alone."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-conc-"))
     models = _default_models(tmp)
-    port, server = _start_server(models, tmp / "data")
-    out = {}
-    try:
-        for clients in levels:
-            latencies: list[float] = []
-            token_counts: list[int] = []
-            lock = threading.Lock()
+    out: dict[str, Any] = {}
+    for batch in (1, 8):
+        port, server = _start_server(models, tmp / f"data-{batch}", "--max-batch", str(batch))
+        try:
+            _clients(port, 1, tokens)  # warm-up
+            rows = {str(clients): _clients(port, clients, tokens) for clients in levels}
+            rows["throughput_8_vs_1"] = rows["8"]["total_tokens_per_second"] / rows["1"]["total_tokens_per_second"]
+            rows["p95_8_vs_1"] = rows["8"]["p95_latency_seconds"] / rows["1"]["p95_latency_seconds"]
+            if batch > 1:
+                alone = [_api_answer(port, q) for q in QUESTIONS]
+                together: list[str | None] = [None] * len(QUESTIONS)
+                errors: list[str] = []
 
-            def one() -> None:
-                ttft, tps, total = _api_stream(port, messages=CHAT, tokens=tokens)
-                with lock:
-                    latencies.append(total)
-                    token_counts.append(tokens)
+                def ask(i: int) -> None:
+                    try:
+                        together[i] = _api_answer(port, QUESTIONS[i])
+                    except Exception as error:  # counted, not raised: the point is how many
+                        errors.append(str(error))
 
-            start = time.perf_counter()
-            threads = [threading.Thread(target=one) for _ in range(clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - start
-            out[str(clients)] = {"total_tokens_per_second": sum(token_counts) / wall, "p95_latency_seconds": p95(latencies)}
-    finally:
-        _stop(server)
+                threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                rows["16_clients"] = {"errors": len(errors),
+                                      "identical_to_alone": sum(a == b for a, b in zip(alone, together)),
+                                      "of": len(QUESTIONS)}
+        finally:
+            _stop(server)
+        out[f"max_batch_{batch}"] = rows
     return out
+
+
+def streams(count: int = 150, calls: int = 300) -> dict[str, Any]:
+    """/health while ``count`` streams are open: a fake batching model behind the real app and
+    uvicorn in one process, the streams' client in a second and /health timed from this one;
+    latency percentiles and the server process's thread count."""
+    import psutil
+
+    def p99(values: list[float]) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+
+    def health(base: str) -> None:
+        """GET /health on a fresh socket, nothing else timed: a kept-alive httpx connection took
+        ~44 ms a call, idle or not (a delayed-ACK stall on that path, still to be traced), and a new
+        httpx client costs ~40 ms of its own, either of which would hide the server."""
+        import socket
+
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        if not reply.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(reply[:80])
+
+    def timed(base: str, proc: psutil.Process) -> tuple[list[float], int]:
+        times, peak = [], 0
+        for _ in range(calls):
+            start = time.perf_counter()
+            health(base)
+            times.append(time.perf_counter() - start)
+            peak = max(peak, proc.num_threads())
+        return times, peak
+
+    env = {**os.environ, "STREAMS": str(count), "WORDS": "400"}  # 400 steps of 0.05 s: open for 20 s
+    server = subprocess.Popen([sys.executable, "-m", "tests.test_api_streams", "serve"], cwd=ROOT, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        base = server.stdout.readline().strip()
+        proc = psutil.Process(server.pid)
+        timed(base, proc)  # warm
+        idle, threads_idle = timed(base, proc)
+        streams_client = subprocess.Popen([sys.executable, "-m", "tests.test_api_streams", "streams", base, str(count)],
+                                          cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        assert streams_client.stdout.readline().strip() == "opened"
+        loaded, threads_peak = timed(base, proc)
+        done = streams_client.stdout.readline().strip()
+        streams_client.wait(120)
+    finally:
+        server.stdin.close()
+        server.wait(60)
+    return {"streams": count, "streams_completed": int(done.split()[-1]) if done.startswith("done") else 0,
+            "health_idle_p99_ms": 1000 * p99(idle), "health_p99_ms": 1000 * p99(loaded),
+            "health_max_ms": 1000 * max(loaded), "threads_idle": threads_idle, "threads_peak": threads_peak}
 
 
 # -- 6. GPU ------------------------------------------------------------------------------------------
@@ -541,5 +643,5 @@ def gpu(runs: int, tokens: int) -> dict[str, Any]:
 
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "decode": decode, "kernels": kernels, "gptq_accuracy": gptq_accuracy, "loading": loading, "llamacpp_build": llamacpp_build, "downloads": downloads,
-    "concurrency": concurrency, "gpu": gpu,
+    "concurrency": concurrency, "streams": streams, "gpu": gpu,
 }

@@ -52,6 +52,7 @@ class Engine:
                 "device": settings.device,
                 "scratch_dir": settings.data_dir / "derived",
                 "allow_pt": settings.allow_pt,
+                **({"max_batch": settings.max_batch} if settings.max_batch is not None else {}),
             },
         )
         self.pipeline = RequestPipeline(self.plugins, self.prompt_format)

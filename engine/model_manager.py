@@ -35,7 +35,7 @@ class ModelManager:
         model_thread: ModelThread | None = None,
     ) -> None:
         """``load_defaults`` fill loader options of the same name the user did not set
-        (``device``, ``scratch_dir``, ``allow_pt``), whichever a loader's Options declare."""
+        (``device``, ``scratch_dir``, ``allow_pt``, ``max_batch``), whichever a loader's Options declare."""
         self.models_dir = models_dir
         self._plugins = plugins
         self._load_defaults = dict(load_defaults or {})

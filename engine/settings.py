@@ -23,6 +23,8 @@ class Settings(BaseModel):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(7860, ge=1, le=65535, description="Port to listen on.")
     auth: tuple[tuple[str, str], ...] = Field((), description="(user, password) pairs for the web UI.")
+    max_batch: int | None = Field(None, ge=1, le=64, description=(
+        "Requests a batching loader decodes together (continuous batching); None = the loader's default."))
     allow_pt: bool = Field(False, description="Allow pickled .pt weights (read with torch weights_only) when no safetensors exist.")
     api_enabled: bool = Field(True, description="Serve the OpenAI-compatible API under /v1.")
     api_key: str | None = Field(None, min_length=8, description="Bearer key for /v1 and /metrics (required off loopback).")

@@ -4,9 +4,13 @@ a real uvicorn server and real HTTP clients)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -20,8 +24,8 @@ from engine.settings import Settings
 from tests.fakes import FakeBatchModel, FakeLoader
 from tests.folders import hf_folder
 
-STREAMS = 150
-WORDS = 60  # each stream lasts WORDS steps of 0.05 s: long enough to hold them all open at once
+STREAMS = int(os.environ.get("STREAMS", "150"))
+WORDS = int(os.environ.get("WORDS", "60"))  # each stream lasts WORDS steps of 0.05 s: long enough to hold them all open at once
 
 
 class BatchLoader(FakeLoader):
@@ -31,6 +35,13 @@ class BatchLoader(FakeLoader):
 
 @pytest.fixture
 def server(tmp_path):
+    with fake_batch_server(tmp_path) as running:
+        yield running
+
+
+@contextmanager
+def fake_batch_server(tmp_path: Path) -> Iterator[tuple[Engine, str]]:
+    """A real uvicorn server over the real app, with a fake model that batches STREAMS requests."""
     host = PluginHost([])
 
     class Plugin:
@@ -52,10 +63,12 @@ def server(tmp_path):
     thread.start()
     while not served.started:
         time.sleep(0.05)
-    yield engine, f"http://127.0.0.1:{port}"
-    served.should_exit = True
-    thread.join(30)
-    engine.close()
+    try:
+        yield engine, f"http://127.0.0.1:{port}"
+    finally:
+        served.should_exit = True
+        thread.join(30)
+        engine.close()
 
 
 async def open_streams(base: str, count: int, opened: asyncio.Event, results: list[str]) -> None:
@@ -82,12 +95,9 @@ async def open_streams(base: str, count: int, opened: asyncio.Event, results: li
         await asyncio.gather(*(one() for _ in range(count)))
 
 
-def test_150_open_streams_take_no_threads_and_health_answers(server):
-    engine, base = server
-    with httpx.Client(base_url=base, timeout=60) as client:
-        assert client.get("/health").status_code == 200  # the server's pools are warm
-    threads_before = threading.active_count()
-    results: list[str] = []
+def while_streams_are_open(base: str, during, results: list[str]):
+    """Open STREAMS streams, call ``during()`` once all have started, wait for them to end;
+    returns what ``during`` returned."""
     box: dict[str, object] = {}
 
     def streams() -> None:
@@ -105,13 +115,63 @@ def test_150_open_streams_take_no_threads_and_health_answers(server):
     while "opened" not in box and time.monotonic() < deadline and runner.is_alive():
         time.sleep(0.05)
     assert "opened" in box, "the streams did not all start"
-    peak_threads = threading.active_count()
+    try:
+        return during()
+    finally:
+        runner.join(180)
+
+
+def test_150_open_streams_take_no_threads_and_health_answers(server):
+    engine, base = server
     with httpx.Client(base_url=base, timeout=60) as client:
-        health = [client.get("/health").status_code for _ in range(20)]
-        peak_threads = max(peak_threads, threading.active_count())
-    assert engine.generation.running == STREAMS  # all open at once, in one batch
-    runner.join(180)
+        assert client.get("/health").status_code == 200  # the server's pools are warm
+    threads_before = threading.active_count()
+    results: list[str] = []
+
+    def during():
+        peak = threading.active_count()
+        with httpx.Client(base_url=base, timeout=60) as client:
+            health = [client.get("/health").status_code for _ in range(20)]
+        assert engine.generation.running == STREAMS  # all open at once, in one batch
+        return health, max(peak, threading.active_count())
+
+    health, peak_threads = while_streams_are_open(base, during, results)
     assert results == ["done"] * STREAMS
     assert health == [200] * 20
     # the client side's event loop is one thread; the server added none per stream
     assert peak_threads <= threads_before + 5, (threads_before, peak_threads)
+
+
+def _serve_until_stdin_closes() -> None:
+    """``python -m tests.test_api_streams serve``: the fake batching server for the benchmark, in a
+    process of its own; prints its URL and pid, stops when stdin closes."""
+    import sys
+    import tempfile
+
+    with fake_batch_server(Path(tempfile.mkdtemp(prefix="streams-server-"))) as (_engine, base):
+        print(base, flush=True)
+        sys.stdin.read()
+
+
+def _streams_then_exit(base: str, count: int) -> None:
+    """``python -m tests.test_api_streams streams URL N``: open N streams, print when all started, wait."""
+    results: list[str] = []
+
+    async def main() -> None:
+        opened = asyncio.Event()
+        task = asyncio.create_task(open_streams(base, count, opened, results))
+        await asyncio.wait_for(opened.wait(), 120)
+        print("opened", flush=True)
+        await task
+        print(f"done {len(results)}", flush=True)
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1] == "serve":
+        _serve_until_stdin_closes()
+    else:
+        _streams_then_exit(sys.argv[2], int(sys.argv[3]))
