@@ -256,8 +256,9 @@ async def _next(events: "asyncio.Queue[GenerationEvent]") -> GenerationEvent | N
     if not events.empty():
         return events.get_nowait()  # most tokens under load: no waiting at all
     try:
-        return await asyncio.wait_for(events.get(), POLL_SECONDS)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(POLL_SECONDS):  # no task of its own, unlike wait_for
+            return await events.get()
+    except TimeoutError:
         return None
 
 

@@ -173,13 +173,6 @@ class GenerationHandle:
             if isinstance(event, Finished):
                 return
 
-    def next_event(self, timeout: float) -> GenerationEvent | None:
-        """The next event, or None if none came within ``timeout`` seconds (0: do not wait)."""
-        try:
-            return self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
-        except queue.Empty:
-            return None
-
     def result(self) -> Finished:
         """Wait for the end and return the ``Finished`` event (with the whole text)."""
         if self._finished is not None:
@@ -209,7 +202,7 @@ class GenerationHandle:
     def listen(self, loop: asyncio.AbstractEventLoop) -> "asyncio.Queue[GenerationEvent]":
         """Deliver the events to ``loop`` instead (with ``call_soon_threadsafe``): a client on an
         event loop awaits them with no thread of its own. Call it on that loop; events that came
-        before are in the queue first. ``events()`` and ``next_event`` get nothing afterwards."""
+        before are in the queue first. ``events()`` gets nothing afterwards."""
         delivered: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         with self._lock:
             while True:
@@ -536,24 +529,14 @@ class GenerationService:
 
     def _serve_batch(self, model: LoadedModel, first: GenerationHandle) -> None:
         """Continuous batching: waiting requests join at the next step (fair order, up to the
-        model's ``max_batch`` and the room its batch has); each leaves when it is done."""
+        model's ``max_batch``); each leaves when it is done."""
         batch: DecodeBatch = model.open_batch()  # type: ignore[attr-defined]
         limit = int(model.max_batch)  # type: ignore[attr-defined]
         runs: dict[int, _Run] = {}
-        parked: deque[_Run] = deque()  # started, waiting for room in the batch
         arrived: GenerationHandle | None = first
         try:
             while True:
-                while parked and len(runs) < limit:  # those who waited for room first
-                    run = parked[0]
-                    if run.stopped:
-                        parked.popleft()
-                        self._end(run)
-                    elif batch.add(run.handle.id, run.prompt, run.params, seed=run.seed):
-                        runs[run.handle.id] = parked.popleft()
-                    else:
-                        break
-                while not parked and len(runs) < limit:
+                while len(runs) < limit:
                     handle = arrived or self._take(wait=False)
                     arrived = None
                     if handle is None:
@@ -561,17 +544,9 @@ class GenerationService:
                     run = _Run(handle, model, self._pipeline)
                     if not run.start():
                         self._done(handle)
-                    elif self._by_extension(run):
-                        pass
-                    elif batch.add(handle.id, run.prompt, run.params, seed=run.seed):
+                    elif not self._by_extension(run) and self._join(batch, run):
                         runs[handle.id] = run
-                    elif not runs:
-                        self._end(run, "the prompt does not fit in the context")
-                    else:
-                        parked.append(run)
                 if not runs:
-                    for run in parked:
-                        self._end(run, "no room in the KV cache")
                     return
                 try:
                     steps = batch.step()
@@ -592,9 +567,19 @@ class GenerationService:
                     batch.remove(key)  # Stop or a stop string: this sequence leaves, the others go on
                     self._end(runs.pop(key))
         finally:
-            for run in [*runs.values(), *parked]:
+            for run in runs.values():
                 self._end(run, "generation stopped unexpectedly")
             batch.close()
+
+    def _join(self, batch: DecodeBatch, run: _Run) -> bool:
+        """Add ``run`` to the batch; a request the model refuses ends with its error, alone."""
+        try:
+            batch.add(run.handle.id, run.prompt, run.params, seed=run.seed)
+        except Exception as error:
+            log.exception("generation %s could not join the batch", run.handle.id)
+            self._end(run, one_line(error))
+            return False
+        return True
 
     def _by_extension(self, run: _Run) -> bool:
         try:

@@ -121,9 +121,9 @@ class DecodeBatch(Protocol):
     in the batch: greedy answers are the answers the model gives alone.
     """
 
-    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> bool:
-        """Start a sequence for ``prompt``; False when there is no room now (KV cache): the engine
-        tries again when a sequence has left. Its prompt is read during the next steps."""
+    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> None:
+        """Start a sequence for ``prompt`` (the engine adds at most ``max_batch``); its prompt is
+        read during the next steps. Raises with a one-line reason for a prompt it cannot take."""
 
     def step(self) -> dict[int, SequenceStep]:
         """One forward pass: each decoding sequence gains a token, and waiting prompts are read

@@ -76,7 +76,10 @@ class LlamaCppBatch:
 
     # -- DecodeBatch ---------------------------------------------------------------------------
 
-    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> bool:
+    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> None:
+        free = [s for s in self._slots if s.sequence is None]
+        if not free:
+            raise RuntimeError(f"the batch is full ({len(self._slots)} requests)")
         tokens = self._model.fit_prompt(self._model.encode(prompt), params)
         if not tokens:
             raise ValueError("the prompt is empty after tokenizing")
@@ -86,10 +89,6 @@ class LlamaCppBatch:
             sampler=self._sampler(params, seed), ban_eos=params.ban_eos, special=not params.skip_special_tokens,
             previous=list(tokens),
         )
-        free = [s for s in self._slots if s.sequence is None]
-        if not free:
-            sequence.sampler.close()
-            return False
         slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.used))
         cached = _common_prefix(slot.cached, tokens)
         if cached == len(tokens):
@@ -100,7 +99,6 @@ class LlamaCppBatch:
         self._clock += 1
         slot.sequence, slot.used = sequence, self._clock
         self._by_key[key] = slot
-        return True
 
     def step(self) -> dict[int, SequenceStep]:
         import llama_cpp
@@ -148,6 +146,8 @@ class LlamaCppBatch:
             return results
         code = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if code != 0:
+            for slot in active:  # what their caches hold is unknown now: start them afresh
+                self._forget(slot, 0)
             raise RuntimeError(f"llama_decode returned {code}" + (" (no room left in the KV cache)" if code == 1 else ""))
         vocab = self._llm._model.vocab
         for slot, index in outputs:
@@ -184,10 +184,14 @@ class LlamaCppBatch:
     # -- cache ---------------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """Drop every cached prefix (nothing may be generating)."""
+        """Drop every cached prefix and everything else in the context's KV cache (nothing may be
+        generating): after anything wrote to the context behind the slots' backs."""
+        import llama_cpp
+
         self.close()
+        llama_cpp.llama_memory_clear(self._ctx.memory, True)
         for slot in self._slots:
-            self._forget(slot, 0)
+            slot.cached.clear()
 
     def free(self) -> None:
         self.close()
@@ -207,8 +211,6 @@ class LlamaCppBatch:
             return
         self._by_key.pop(sequence.key, None)
         sequence.sampler.close()
-        if sequence.last is None and sequence.fed < len(sequence.tokens):
-            self._forget(slot, sequence.fed)  # a prompt read part-way is kept as far as it was read
 
     def _sampler(self, params: SamplingParams, seed: int) -> Any:
         """The sampler chain llama-cpp-python builds for ``generate``, with this sequence's own seed."""

@@ -206,14 +206,14 @@ class LlamaCppModel:
         return self._batch
 
     def clear_cache(self) -> None:
-        """Forget every cached prefix (benchmarks: the next prompt is read in full)."""
+        """Empty the KV cache, every slot's cached prefix included (benchmarks: after llama.cpp's own
+        generate wrote to the context; the next prompt is read in full)."""
         self._batch.clear()
 
     def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
         """One request alone: a batch of one, so its tokens are those it gets in any batch."""
         batch = self._batch
-        if not batch.add(ALONE, prompt, params, seed=seed):
-            raise RuntimeError("no room in the KV cache while other sequences are generating")
+        batch.add(ALONE, prompt, params, seed=seed)
         try:
             while not cancel.cancelled:
                 step = batch.step().get(ALONE)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.engine import Engine
+from engine.hookspecs import hookimpl
 from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, SequenceStep, StreamPiece
 from engine.model_folder import ModelFolder
+from engine.plugins import PluginHost
 from engine.sampling import SamplingParams
+from engine.settings import Settings
 
 
 class FakeModel:
@@ -101,9 +106,10 @@ class FakeBatch:
         self._model = model
         self._words: dict[int, list[str]] = {}
 
-    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> bool:
+    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> None:
+        if "refuse" in prompt:
+            raise ValueError("the fake model refuses this prompt")
         self._words[key] = (self._model.reply or prompt).split()[: params.max_new_tokens]
-        return True
 
     def step(self) -> dict[int, SequenceStep]:
         if self._model.delay:
@@ -134,3 +140,18 @@ class FakeBatchModel(FakeModel):
 
     def open_batch(self) -> FakeBatch:
         return self._batch
+
+
+def engine_with(tmp_path: Path, *loaders: object, **settings: object) -> Engine:
+    """An engine whose only loaders are ``loaders`` (no built-in ones), models in ``tmp_path/models``."""
+    host = PluginHost([])
+    for loader in loaders:
+        class Plugin:
+            @hookimpl
+            def register_loaders(self, register, _loader=loader):  # type: ignore[no-untyped-def]
+                register(_loader)
+
+        assert host.register(Plugin(), name=loader.name)  # type: ignore[attr-defined]
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    return Engine(Settings(models_dir=models, data_dir=tmp_path / "data", **settings), plugins=host)  # type: ignore[arg-type]

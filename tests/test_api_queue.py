@@ -7,10 +7,9 @@ from fastapi.testclient import TestClient
 
 from api.app import build_http_app
 from engine.engine import Engine
-from engine.hookspecs import hookimpl
 from engine.plugins import PluginHost
 from engine.settings import Settings
-from tests.fakes import FakeLoader, FakeModel
+from tests.fakes import FakeLoader, FakeModel, engine_with
 from tests.folders import hf_folder
 
 
@@ -21,17 +20,8 @@ class SlowLoader(FakeLoader):
 
 @pytest.fixture
 def slow_app(tmp_path):
-    host = PluginHost([])
-
-    class Plugin:
-        @hookimpl
-        def register_loaders(self, register):
-            register(SlowLoader("Slow"))
-
-    host.register(Plugin(), name="slow")
+    engine = engine_with(tmp_path, SlowLoader("Slow"), queue_timeout=1.0, api_max_tokens=400)
     hf_folder(tmp_path / "models", "slow-model")
-    engine = Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", queue_timeout=1.0,
-                             api_max_tokens=400), plugins=host)
     engine.load_model("slow-model")
     with TestClient(build_http_app(engine)) as client:
         yield engine, client

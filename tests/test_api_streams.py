@@ -18,10 +18,7 @@ import uvicorn
 
 from api.app import build_http_app
 from engine.engine import Engine
-from engine.hookspecs import hookimpl
-from engine.plugins import PluginHost
-from engine.settings import Settings
-from tests.fakes import FakeBatchModel, FakeLoader
+from tests.fakes import FakeBatchModel, FakeLoader, engine_with
 from tests.folders import hf_folder
 
 STREAMS = int(os.environ.get("STREAMS", "150"))
@@ -42,17 +39,8 @@ def server(tmp_path):
 @contextmanager
 def fake_batch_server(tmp_path: Path) -> Iterator[tuple[Engine, str]]:
     """A real uvicorn server over the real app, with a fake model that batches STREAMS requests."""
-    host = PluginHost([])
-
-    class Plugin:
-        @hookimpl
-        def register_loaders(self, register):
-            register(BatchLoader("Batch"))
-
-    host.register(Plugin(), name="batch")
+    engine = engine_with(tmp_path, BatchLoader("Batch"), queue_timeout=60.0, api_max_tokens=WORDS)
     hf_folder(tmp_path / "models", "batch-model")
-    engine = Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", queue_timeout=60.0,
-                             api_max_tokens=WORDS), plugins=host)
     engine.load_model("batch-model")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -3,28 +3,10 @@ import json
 import pytest
 
 from engine.default_model import DEFAULT_MODEL_NAME, place_default_model
-from engine.engine import Engine
 from engine.errors import ModelLoadError, ModelNotFoundError, NoLoaderError
-from engine.plugins import PluginHost
 from engine.settings import Settings
-from tests.fakes import FakeLoader
+from tests.fakes import FakeLoader, engine_with
 from tests.folders import hf_folder
-
-
-def engine_with(tmp_path, *loaders, **settings):
-    host = PluginHost([])
-    for loader in loaders:
-        class Plugin:
-            from engine.hookspecs import hookimpl
-
-            @hookimpl
-            def register_loaders(self, register, _loader=loader):
-                register(_loader)
-
-        assert host.register(Plugin(), name=loader.name)
-    models = tmp_path / "models"
-    models.mkdir(exist_ok=True)
-    return Engine(Settings(models_dir=models, data_dir=tmp_path / "data", **settings), plugins=host)
 
 
 def test_failed_load_keeps_the_previous_model(tmp_path):

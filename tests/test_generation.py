@@ -282,3 +282,18 @@ def test_a_pending_load_lets_the_batch_drain(service_for):
     assert later.finished is None and all(later.id not in keys for keys in model.steps)
     slot.load_pending = False
     assert later.result().text == "x " * 2
+
+
+def test_a_prompt_the_batch_refuses_ends_alone_with_its_reason(service_for):
+    from tests.fakes import FakeBatchModel
+
+    model = FakeBatchModel(max_batch=3, delay=0.02)
+    service = service_for(model)
+    first = service.submit(prompt_request("a " * 6, owner="a"))
+    for event in first.events():
+        if isinstance(event, TextDelta):
+            break
+    refused = service.submit(prompt_request("please refuse this", owner="b")).result()
+    assert refused.reason == "error" and refused.error == "ValueError: the fake model refuses this prompt"
+    assert first.result().text == "a " * 6  # the running request went on untouched
+    assert service.submit(prompt_request("b c", owner="b")).result().text == "b c "
