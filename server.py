@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(may be repeated; none by default, so no variable of this process leaves it)")
     api.add_argument("--queue-timeout", metavar="SECONDS", type=float, default=300.0,
                      help="how long an API request may wait for the model before a timeout error (default: %(default)s)")
+    api.add_argument("--load-on-request", action="store_true",
+                     help="an API request that names another local model loads it (like LM Studio's JIT loading); "
+                          "without it, any name is answered by the loaded model")
     api.add_argument("--api-max-tokens", metavar="N", type=int, default=1024,
                      help="most new tokens per API request (default: %(default)s)")
     server.add_argument("--data-dir", metavar="DIR", type=Path, default=Path("user_data"),
@@ -130,6 +133,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             cors_origins=tuple(args.cors_origin),
             queue_timeout=args.queue_timeout,
             api_max_tokens=args.api_max_tokens,
+            load_on_request=args.load_on_request,
             hub_endpoint=environ.get(HUB_ENDPOINT_ENV, DEFAULT_HUB),
             hub_token=environ.get(HUB_TOKEN_ENV) or None,
             remote_keys=tuple((name, environ[name]) for name in dict.fromkeys(args.remote_key_env) if environ.get(name)),

@@ -32,7 +32,8 @@ def build_http_app(engine: Engine) -> FastAPI:
     if settings.api_enabled:
         keys = ApiKeys(settings.api_key, settings.admin_key)
         app.include_router(build_router(engine, keys, queue_timeout=settings.queue_timeout,
-                                        max_tokens_cap=settings.api_max_tokens))
+                                        max_tokens_cap=settings.api_max_tokens,
+                                        load_on_request=settings.load_on_request))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # no CORS headers at all unless an allow-list is given
         app.add_middleware(

@@ -25,20 +25,27 @@ from pydantic import ValidationError
 
 from api.errors import ApiError, error_body
 from api.metrics_text import render_metrics
-from api.schemas import ChatCompletionRequest, CompletionRequest, DownloadRequest, LoadRequest, SamplingFields
+from api.schemas import (
+    ChatCompletionRequest, ChatMessageIn, CompletionRequest, DownloadRequest, LoadRequest, NamedToolChoice, SamplingFields,
+)
 from api.security import ApiKeys
 from engine.chat import ChatMessage
 from engine.download_jobs import DownloadJob
 from engine.downloads import progress_dict
 from engine.engine import Engine
-from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
+from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError, problem_line
 from engine.generation import Finished, GenerationEvent, GenerationHandle, GenerationRequest, Queued, Started, TextDelta
-from engine.sampling import SamplingParams
+from engine.loader_api import FEATURE_LOGPROBS, OutputSpec, TokenChoice, TokenLogprob
+from engine.sampling import SEED_MAX, SamplingParams
+from engine.tool_calls import ToolCall, ToolUse
+
 
 POLL_SECONDS = 0.25  # how often a waiting request looks whether its client went away
 
 
-def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tokens_cap: int) -> APIRouter:
+def build_router(
+    engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tokens_cap: int, load_on_request: bool = False
+) -> APIRouter:
     router = APIRouter()
     user = Depends(keys.require_user)
     admin = Depends(keys.require_admin)
@@ -62,14 +69,18 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str = user) -> Any:
-        messages = tuple(
-            ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages
-        )
-        return await _generate(request, body, owner, chat=True, messages=messages)
+        try:
+            messages = tuple(_message(m) for m in body.messages)
+            tools = _tool_use(body)
+            output = OutputSpec(json_schema=body.json_schema(), logprobs=body.top_logprobs_wanted())
+        except (BadRequestError, ValidationError, ValueError) as error:
+            raise ApiError(400, problem_line(error), "invalid_request_error") from None
+        return await _generate(request, body, owner, chat=True, messages=messages, tools=tools, output=output)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, owner: str = user) -> Any:
-        return await _generate(request, body, owner, chat=False, prompt=body.prompt_text())
+        output = OutputSpec(logprobs=body.logprobs)
+        return await _generate(request, body, owner, chat=False, prompt=body.prompt_text(), output=output)
 
     @router.get("/metrics", dependencies=[user], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
@@ -118,18 +129,34 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
             raise ApiError(404, f"no download {job_id}", "not_found_error")
         return _job_dict(job)
 
+    async def _load_named(name: str) -> None:
+        """With --load-on-request: load the local model a request names, if it is not the loaded one."""
+        loaded = engine.models.loaded
+        if loaded is not None and loaded.name == name or name not in engine.models.list_models():
+            return
+        try:
+            await anyio.to_thread.run_sync(engine.load_model, name, None, None)
+        except LoadstarError as error:
+            raise ApiError(400, f"could not load '{name}': {error}", "invalid_request_error", code="load_failed") from None
+
     async def _generate(
-        request: Request, body: SamplingFields, owner: str, *, chat: bool,
-        messages: tuple[ChatMessage, ...] = (), prompt: str | None = None,
+        request: Request, body: SamplingFields, owner: str, *, chat: bool, messages: tuple[ChatMessage, ...] = (),
+        prompt: str | None = None, tools: ToolUse = ToolUse(), output: OutputSpec = OutputSpec(),
     ) -> Any:
+        if load_on_request:
+            await _load_named(body.model)
         loaded = engine.models.loaded
         if loaded is None:
             raise ApiError(503, "no model is loaded: load one in the UI or with POST /admin/models/load",
                            "server_error", code="model_not_loaded")
+        if output.logprobs is not None and FEATURE_LOGPROBS not in loaded.features:
+            raise ApiError(400, f"{loaded.loader} does not give log probabilities (logprobs)", "invalid_request_error",
+                           param="logprobs")
         # Any name is served by the loaded model (clients often send a fixed one, e.g. "gpt-4"); the
         # response names the model that answered, and a notice says so.
         asked = body.model if body.model != loaded.name else None
         requested = body.max_completion_tokens or body.max_tokens or max_tokens_cap
+        handles: list[GenerationHandle] = []
         try:
             optional = {name: getattr(body, name) for name in (
                 "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty",
@@ -142,98 +169,183 @@ def build_router(engine: Engine, keys: ApiKeys, *, queue_timeout: float, max_tok
                 "seed": -1 if body.seed is None else body.seed,
                 **optional,
             })
-            handle = engine.submit(GenerationRequest(
-                messages=messages, prompt=prompt, params=params, owner=owner, stop=body.stop_strings()
-            ))
+            for index in range(body.n):  # n choices are n requests, decoded together by a batching model
+                seed = -1 if body.seed is None else (body.seed + index) % (SEED_MAX + 1)
+                handles.append(engine.submit(GenerationRequest(
+                    messages=messages, prompt=prompt, params=params.model_copy(update={"seed": seed}), owner=owner,
+                    stop=body.stop_strings(), output=output, tools=tools,
+                )))
         except (BadRequestError, ValidationError) as error:
-            raise ApiError(400, str(error).splitlines()[0], "invalid_request_error") from None
-        events = handle.listen(asyncio.get_running_loop())
+            for handle in handles:
+                handle.cancel()
+            raise ApiError(400, problem_line(error), "invalid_request_error") from None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
+        for index, handle in enumerate(handles):
+            handle.listen(loop, events, index)
         try:
             started, early = await _wait_until_started(events, request, queue_timeout)
         except BaseException:
-            handle.cancel()
+            _cancel(handles)
             raise
-        ids = Ids(chat=chat, model=loaded.name, started=started, asked=asked)
+        refused = next((f for f in early.values() if f.reason == "error"), None)
+        if refused is not None:  # before any text: an HTTP error, not a stream that ends in one
+            _cancel(handles)
+            _raise_for(refused)
+        ids = Ids(chat=chat, model=loaded.name, started=started, asked=asked, choices=len(handles))
         if body.stream:
             return StreamingResponse(
-                _sse(handle, events, request, ids, early, include_usage=body.include_usage()),
+                _sse(handles, events, request, ids, early, include_usage=body.include_usage(), hold=tools.active),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            finished = early if isinstance(early, Finished) else await _wait_finished(handle, events, request)
+            finished = await _wait_finished(handles, events, request, early)
         finally:
-            handle.cancel()
-        if finished.reason == "error":
-            raise ApiError(500, finished.error or "generation failed", "server_error")
+            _cancel(handles)
+        failed = next((f for f in finished if f.reason == "error"), None)
+        if failed is not None:
+            _raise_for(failed)
         return ids.completion(finished)
 
     return router
 
 
 class Ids:
-    """Identity and shapes of one response (ids, timestamps, the chat or text flavour)."""
+    """Identity and shapes of one response (ids, timestamps, the chat or text flavour, its choices)."""
 
-    def __init__(self, *, chat: bool, model: str, started: Started | None = None, asked: str | None = None) -> None:
+    def __init__(
+        self, *, chat: bool, model: str, started: Started | None = None, asked: str | None = None, choices: int = 1,
+    ) -> None:
         self.chat = chat
         self.started = started
         self.model = model
         self.asked = asked  # the name the client sent, when it is not the loaded model's
+        self.choices = choices
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
     def _head(self, object_: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
-    def completion(self, finished: Finished) -> dict[str, Any]:
-        reason = _finish_reason(finished)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text}, "finish_reason": reason}
-            head = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": finished.text, "finish_reason": reason, "logprobs": None}
-            head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": _usage(finished), "loadstar": self.extra(finished)}
+    def completion(self, finished: list[Finished]) -> dict[str, Any]:
+        choices = []
+        for index, done in enumerate(finished):
+            if self.chat:
+                message: dict[str, Any] = {"role": "assistant", "content": done.text}
+                if done.tool_calls:
+                    message["content"] = done.text or None
+                    message["tool_calls"] = [_call_dict(call) for call in done.tool_calls]
+                choice = {"index": index, "message": message, "finish_reason": _finish_reason(done),
+                          "logprobs": _chat_logprobs(done.logprobs)}
+            else:
+                choice = {"index": index, "text": done.text, "finish_reason": _finish_reason(done),
+                          "logprobs": _text_logprobs(done.logprobs)}
+            choices.append(choice)
+        head = self._head("chat.completion" if self.chat else "text_completion")
+        return {**head, "choices": choices, "usage": _usage(finished), "loadstar": self.extra(finished)}
 
-    def extra(self, finished: Finished) -> dict[str, Any]:
+    def extra(self, finished: list[Finished]) -> dict[str, Any]:
         """What Loadstar adds to a response (clients ignore unknown fields): the prompt format and how
         it was found, and the notices the UI shows (ignored parameters, why a reply is empty, ...)."""
         started = self.started
+        notices = list(dict.fromkeys(notice for done in finished for notice in done.notices))
         return {
             "prompt_format": started.format_name if started else None,
             "prompt_format_source": started.format_why if started else None,
-            "notices": [*self.substitution(), *finished.notices],
+            "notices": [*self.substitution(), *notices],
         }
 
     def substitution(self) -> list[str]:
         return [f"model '{self.asked}' is not loaded: {self.model} answered"] if self.asked else []
 
-    def chunk(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, index: int, text: str | None, finish_reason: str | None, *, role: bool = False,
+        logprobs: tuple[TokenLogprob, ...] = (), calls: tuple[ToolCall, ...] = (),
+    ) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            if calls:
+                delta["tool_calls"] = [{"index": i, **_call_dict(call)} for i, call in enumerate(calls)]
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
+                      "logprobs": _chat_logprobs(logprobs) if logprobs else None}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish_reason,
+                  "logprobs": _text_logprobs(logprobs) if logprobs else None}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def usage_chunk(self, finished: Finished) -> dict[str, Any]:
+    def usage_chunk(self, finished: list[Finished]) -> dict[str, Any]:
         object_ = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(object_), "choices": [], "usage": _usage(finished)}
 
 
-def _usage(finished: Finished) -> dict[str, int]:
+def _message(message: ChatMessageIn) -> ChatMessage:
+    calls = tuple(ToolCall(call.id, call.function.name, call.function.arguments) for call in message.tool_calls or ())
+    role = "system" if message.role == "developer" else message.role
+    return ChatMessage(role=role, content=message.text(), tool_calls=calls, tool_call_id=message.tool_call_id)
+
+
+def _tool_use(body: ChatCompletionRequest) -> ToolUse:
+    tools = tuple(tool.model_dump(exclude_none=True) for tool in body.tools or ())
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return ToolUse(tools, "required", choice.function.name)
+    return ToolUse(tools, choice or ("auto" if tools else "none"))
+
+
+def _call_dict(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _choice_dict(choice: TokenChoice) -> dict[str, Any]:
+    return {"token": choice.token, "logprob": choice.logprob, "bytes": list(choice.bytes)}
+
+
+def _chat_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    return {"content": [{**_choice_dict(t.chosen), "top_logprobs": [_choice_dict(c) for c in t.top]} for t in logprobs],
+            "refusal": None}
+
+
+def _text_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists, the alternatives as token -> logprob."""
+    if logprobs is None:
+        return None
+    offsets, at = [], 0
+    for t in logprobs:
+        offsets.append(at)
+        at += len(t.chosen.token)
     return {
-        "prompt_tokens": finished.prompt_tokens,
-        "completion_tokens": finished.completion_tokens,
-        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+        "tokens": [t.chosen.token for t in logprobs],
+        "token_logprobs": [t.chosen.logprob for t in logprobs],
+        "top_logprobs": [{c.token: c.logprob for c in t.top} for t in logprobs],
+        "text_offset": offsets,
     }
 
 
+def _usage(finished: list[Finished]) -> dict[str, int]:
+    prompt = finished[0].prompt_tokens if finished else 0  # the choices share one prompt
+    completion = sum(done.completion_tokens for done in finished)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def _finish_reason(finished: Finished) -> str:
-    return "length" if finished.reason == "length" else "stop"
+    return finished.reason if finished.reason in ("length", "tool_calls") else "stop"
+
+
+def _raise_for(failed: Finished) -> None:
+    if failed.bad_request:
+        raise ApiError(400, failed.error or "bad request", "invalid_request_error")
+    raise ApiError(500, failed.error or "generation failed", "server_error")
+
+
+def _cancel(handles: list[GenerationHandle]) -> None:
+    for handle in handles:
+        handle.cancel()
 
 
 def _job_dict(job: DownloadJob) -> dict[str, Any]:
@@ -251,8 +363,8 @@ def _loaded_dict(engine: Engine) -> dict[str, Any] | None:
     return {"name": info.name, "loader": info.loader, "device": info.device, "dtype": info.dtype, "details": info.details}
 
 
-async def _next(events: "asyncio.Queue[GenerationEvent]") -> GenerationEvent | None:
-    """The next event, or None after ``POLL_SECONDS`` without one (time to look at the client)."""
+async def _next(events: "asyncio.Queue[tuple[int, GenerationEvent]]") -> tuple[int, GenerationEvent] | None:
+    """The next (choice, event), or None after ``POLL_SECONDS`` without one (time to look at the client)."""
     if not events.empty():
         return events.get_nowait()  # most tokens under load: no waiting at all
     try:
@@ -262,32 +374,41 @@ async def _next(events: "asyncio.Queue[GenerationEvent]") -> GenerationEvent | N
         return None
 
 
-def _pending_text(events: "asyncio.Queue[GenerationEvent]") -> tuple[str, GenerationEvent | None]:
-    """The text of the deltas already waiting, joined (a lagging client gets one chunk), and the
-    first other event, if one came after them."""
-    parts = []
+def _pending_text(
+    events: "asyncio.Queue[tuple[int, GenerationEvent]]", index: int, delta: TextDelta,
+) -> tuple[TextDelta, tuple[int, GenerationEvent] | None]:
+    """``delta`` joined with the deltas of the same choice already waiting (a lagging client gets one
+    chunk), and the first other event, if one came after them."""
+    parts, logprobs = [delta.text], list(delta.logprobs)
     while not events.empty():
-        event = events.get_nowait()
-        if not isinstance(event, TextDelta):
-            return "".join(parts), event
+        tagged = events.get_nowait()
+        event = tagged[1]
+        if tagged[0] != index or not isinstance(event, TextDelta):
+            return TextDelta("".join(parts), tuple(logprobs)), tagged
         parts.append(event.text)
-    return "".join(parts), None
+        logprobs.extend(event.logprobs)
+    return TextDelta("".join(parts), tuple(logprobs)), None
 
 
 async def _wait_until_started(
-    events: "asyncio.Queue[GenerationEvent]", request: Request, timeout: float
-) -> tuple[Started | None, GenerationEvent | None]:
-    """Wait through the queue. Returns (Started, None), or (None, Finished) if it ended first."""
+    events: "asyncio.Queue[tuple[int, GenerationEvent]]", request: Request, timeout: float
+) -> tuple[Started | None, dict[int, Finished]]:
+    """Wait through the queue until a choice starts. Returns its Started, and the choices that
+    ended first (a request refused before it ran)."""
     deadline = time.monotonic() + timeout
     position = None
+    early: dict[int, Finished] = {}
     while True:
-        event = await _next(events)
+        tagged = await _next(events)
+        event = tagged[1] if tagged else None
         if isinstance(event, Started):
-            return event, None
-        if isinstance(event, Finished):
-            return None, event
+            return event, early
+        if isinstance(event, Finished) and tagged is not None:
+            early[tagged[0]] = event
+            if event.reason == "error":
+                return None, early
         if isinstance(event, Queued):
-            position = event.position
+            position = event.position if position is None else min(position, event.position)
         if await request.is_disconnected():
             raise ApiError(499, "client went away", "client_closed")
         if time.monotonic() > deadline:
@@ -296,41 +417,62 @@ async def _wait_until_started(
                            "timeout_error", code="queue_timeout")
 
 
-async def _wait_finished(handle: GenerationHandle, events: "asyncio.Queue[GenerationEvent]", request: Request) -> Finished:
-    while True:
-        event = await _next(events)
-        if isinstance(event, Finished):
-            return event
-        if event is None and await request.is_disconnected():
-            handle.cancel()  # nobody is waiting for the answer any more
+async def _wait_finished(
+    handles: list[GenerationHandle], events: "asyncio.Queue[tuple[int, GenerationEvent]]", request: Request,
+    early: dict[int, Finished],
+) -> list[Finished]:
+    finished = dict(early)
+    while len(finished) < len(handles) and not any(f.reason == "error" for f in finished.values()):
+        tagged = await _next(events)
+        if tagged is not None and isinstance(tagged[1], Finished):
+            finished[tagged[0]] = tagged[1]
+        elif tagged is None and await request.is_disconnected():
+            _cancel(handles)  # nobody is waiting for the answer any more
+    return [finished[i] for i in sorted(finished)]
 
 
 async def _sse(
-    handle: GenerationHandle, events: "asyncio.Queue[GenerationEvent]", request: Request, ids: Ids,
-    early: GenerationEvent | None, *, include_usage: bool,
+    handles: list[GenerationHandle], events: "asyncio.Queue[tuple[int, GenerationEvent]]", request: Request,
+    ids: Ids, early: dict[int, Finished], *, include_usage: bool, hold: bool = False,
 ) -> AsyncIterator[str]:
+    """The chunks of every choice as they come. ``hold``: tools are offered, so a choice's text is
+    sent when it ends, as text or as tool calls (a call is only known to be one when it is whole)."""
     def data(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
+    finished: dict[int, Finished] = {}
+
+    def end(index: int, done: Finished) -> list[str]:
+        finished[index] = done
+        if done.reason == "error":
+            return [data(error_body(done.error or "generation failed", "server_error"))]
+        out = []
+        if hold and (done.text or done.tool_calls):
+            out.append(data(ids.chunk(index, done.text or None, None, calls=done.tool_calls)))
+        out.append(data({**ids.chunk(index, None, _finish_reason(done)), "loadstar": ids.extra([done])}))
+        return out
+
     try:
-        yield data(ids.chunk("" if ids.chat else None, None, role=True))
-        finished = early if isinstance(early, Finished) else None
-        while finished is None:
-            event = await _next(events)
-            if isinstance(event, TextDelta):
-                more, after = _pending_text(events)
-                yield data(ids.chunk(event.text + more, None))
-                event = after
-            if isinstance(event, Finished):
-                finished = event
-            elif event is None and await request.is_disconnected():
+        for index in range(len(handles)):
+            yield data(ids.chunk(index, "" if ids.chat else None, None, role=True))
+        for index, done in early.items():
+            for line in end(index, done):
+                yield line
+        carried: tuple[int, GenerationEvent] | None = None  # read while joining deltas, not yet handled
+        while len(finished) < len(handles) and not any(f.reason == "error" for f in finished.values()):
+            tagged, carried = carried or await _next(events), None
+            if tagged is not None and isinstance(tagged[1], TextDelta):
+                delta, carried = _pending_text(events, tagged[0], tagged[1])
+                if not hold:
+                    yield data(ids.chunk(tagged[0], delta.text, None, logprobs=delta.logprobs))
+                continue
+            if tagged is not None and isinstance(tagged[1], Finished):
+                for line in end(tagged[0], tagged[1]):
+                    yield line
+            elif tagged is None and await request.is_disconnected():
                 return
-        if finished.reason == "error":
-            yield data(error_body(finished.error or "generation failed", "server_error"))
-        else:
-            yield data({**ids.chunk(None, _finish_reason(finished)), "loadstar": ids.extra(finished)})
-            if include_usage:
-                yield data(ids.usage_chunk(finished))
+        if not any(f.reason == "error" for f in finished.values()) and include_usage:
+            yield data(ids.usage_chunk([finished[i] for i in sorted(finished)]))
         yield "data: [DONE]\n\n"
     finally:
-        handle.cancel()  # a client that went away stops its own generation
+        _cancel(handles)  # a client that went away stops its own generation

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.generation import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from engine.generation import MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from engine.sampling import SEED_MAX
 
 
@@ -17,16 +17,81 @@ class TextPart(BaseModel):
     text: str = Field(max_length=1_000_000)
 
 
+MAX_CHOICES = 8
+MAX_TOOLS = 64
+
+
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=100_000, description="The arguments as a JSON object, in a string.")
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(None, description="Text, or a list of text parts.")
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS, description="An assistant's tool calls.")
+    tool_call_id: str | None = Field(None, max_length=128, description="The call a tool message answers.")
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = Field(None, max_length=10_000)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                                       description="A JSON schema of the arguments.")
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionIn
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field("reply", max_length=64)
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
@@ -50,7 +115,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text ends before the first.")
     stream: bool = Field(False, description="Send server-sent events, ending with data: [DONE].")
     stream_options: dict[str, Any] | None = Field(None, description="{'include_usage': true} adds a usage chunk.")
-    n: int = Field(1, ge=1, le=1, description="Only one choice is generated.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate, decoded together (seeds seed, seed+1, ...).")
     user: str | None = Field(None, max_length=256)
 
     @field_validator("stop")
@@ -70,12 +135,39 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=10_000)
+    response_format: ResponseFormat | None = Field(None, description=(
+        "json_object or json_schema: the reply is JSON (grammar-constrained where the loader can, validated always)."))
+    logprobs: bool = Field(False, description="Give each reply token's log probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="And this many most likely alternatives.")
+    tools: list[ToolIn] | None = Field(None, max_length=MAX_TOOLS, description=(
+        "Functions the model may call (for models whose chat template takes tools)."))
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(None, description=(
+        "auto (default with tools), none, required, or a named function; required and named calls are "
+        "grammar-constrained where the loader can."))
+    parallel_tool_calls: bool | None = None
+
+    def json_schema(self) -> dict[str, Any] | None:
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object" or rf.json_schema is None:
+            return {"type": "object"}
+        return rf.json_schema.schema_
+
+    def top_logprobs_wanted(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ValueError("top_logprobs needs logprobs: true")
+            return None
+        return self.top_logprobs or 0
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one).")
     echo: bool = Field(False, description="Not supported: the prompt is never echoed back.")
     suffix: str | None = Field(None, description="Not supported: no fill-in-the-middle.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        "Give each token's log probability and this many most likely alternatives."))
 
     @field_validator("echo")
     @classmethod

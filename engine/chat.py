@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from engine.errors import BadRequestError
+from engine.tool_calls import ToolCall
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]  # "tool": a tool's answer (API clients only)
 
 
 class ChatMessage(BaseModel):
@@ -16,14 +17,32 @@ class ChatMessage(BaseModel):
 
     role: Role
     content: str = Field(description="Plain text of the message.")
+    tool_calls: tuple[ToolCall, ...] = Field((), description="An assistant message's calls to tools.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
 
     @field_validator("content")
     @classmethod
     def _unicode(cls, value: str) -> str:
         return check_text(value, ValueError)
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    @model_serializer(mode="wrap")
+    def _without_empty_tool_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Chats without tools (all of the UI's) store and show just role and content."""
+        data = handler(self)
+        if not self.tool_calls:
+            data.pop("tool_calls", None)
+        if self.tool_call_id is None:
+            data.pop("tool_call_id", None)
+        return data
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat templates see it."""
+        shown: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            shown["tool_calls"] = [call.as_template_dict() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            shown["tool_call_id"] = self.tool_call_id
+        return shown
 
 
 def check_text(text: str, error: type[Exception] = BadRequestError) -> str:

@@ -49,3 +49,17 @@ def one_line(error: BaseException) -> str:
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{name}: {text}"
+
+
+def problem_line(error: BaseException) -> str:
+    """What is wrong with some input, in one line: a pydantic error's first field and message
+    (``messages.0.role: Input should be ...``), else the error's first line."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError) and error.errors():
+        problem = error.errors()[0]
+        field = ".".join(str(p) for p in problem["loc"])
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        return f"{field}: {message}" if field else message
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__

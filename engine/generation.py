@@ -23,12 +23,16 @@ import time
 from collections import OrderedDict, deque
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Protocol, Union
+from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, Union
 
 from engine.chat import ChatMessage, check_text
 from engine.errors import BadRequestError, one_line
 from engine.extension_api import ReplyDraft
-from engine.loader_api import CancelToken, DecodeBatch, LoadedModel, StreamPiece
+from engine.json_reply import check_schema, parse_reply
+from engine.tool_calls import ToolCall, ToolUse, find_calls
+from engine.loader_api import (
+    FEATURE_GRAMMAR, FEATURE_LOGPROBS, CancelToken, DecodeBatch, LoadedModel, OutputSpec, StreamPiece, TokenLogprob,
+)
 from engine.metrics import GenerationMetrics
 from engine.model_thread import ModelThread
 from engine.request_pipeline import PreparedRequest, RequestPipeline
@@ -37,9 +41,10 @@ from engine.stop_strings import StopStringFilter
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -52,14 +57,22 @@ class GenerationRequest:
     owner: str = "local"  # who may cancel it and whose turn it is in the queue
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one, which is not shown
     continue_last: bool = False  # the last message is an assistant reply to continue, not to answer
+    output: OutputSpec = field(default_factory=OutputSpec)  # JSON schema, log probabilities
+    tools: ToolUse = field(default_factory=ToolUse)  # functions the model may call (chats only)
 
     def __post_init__(self) -> None:
+        if self.output.json_schema is not None:
+            check_schema(self.output.json_schema)
+        if self.output.logprobs is not None and not 0 <= self.output.logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequestError(f"top_logprobs must be 0 to {MAX_TOP_LOGPROBS}")
         if bool(self.messages) == (self.prompt is not None):
             raise BadRequestError("a generation request needs either chat messages or a prompt, not both")
         if self.continue_last and (not self.messages or self.messages[-1].role != "assistant"):
             raise BadRequestError("there is no reply to continue")
         if self.prompt is not None and not self.prompt:
             raise BadRequestError("the prompt is empty")
+        if self.prompt is not None and self.tools.active:
+            raise BadRequestError("tools need chat messages, not a raw prompt")
         for text in (self.prompt or "", *self.stop):
             check_text(text)
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
@@ -87,6 +100,7 @@ class Started:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta shows (when asked for)
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,9 @@ class Finished:
     seconds: float = 0.0
     error: str | None = None  # one line, when reason == "error"
     notices: tuple[str, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None  # of the reply's tokens, when the request asked for them
+    tool_calls: tuple[ToolCall, ...] = ()  # when reason == "tool_calls" (the text is what came besides them)
+    bad_request: bool = False  # the error is the request's (the API answers 400), not the server's
 
     @property
     def tokens_per_second(self) -> float:
@@ -199,21 +216,25 @@ class GenerationHandle:
             else:
                 self._events.put(event)
 
-    def listen(self, loop: asyncio.AbstractEventLoop) -> "asyncio.Queue[GenerationEvent]":
-        """Deliver the events to ``loop`` instead (with ``call_soon_threadsafe``): a client on an
-        event loop awaits them with no thread of its own. Call it on that loop; events that came
+    def listen(
+        self, loop: asyncio.AbstractEventLoop, into: "asyncio.Queue[tuple[int, GenerationEvent]] | None" = None,
+        tag: int = 0,
+    ) -> "asyncio.Queue[tuple[int, GenerationEvent]]":
+        """Deliver the events to ``loop`` instead (with ``call_soon_threadsafe``), as ``(tag, event)``
+        pairs: a client on an event loop awaits them with no thread of its own, and several handles
+        (the choices of one request) can share one queue. Call it on that loop; events that came
         before are in the queue first. ``events()`` gets nothing afterwards."""
-        delivered: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        delivered: asyncio.Queue[tuple[int, GenerationEvent]] = into if into is not None else asyncio.Queue()
         with self._lock:
             while True:
                 try:
-                    delivered.put_nowait(self._events.get_nowait())
+                    delivered.put_nowait((tag, self._events.get_nowait()))
                 except queue.Empty:
                     break
 
             def deliver(event: GenerationEvent) -> None:
                 try:
-                    loop.call_soon_threadsafe(delivered.put_nowait, event)
+                    loop.call_soon_threadsafe(delivered.put_nowait, (tag, event))
                 except RuntimeError:  # the loop is closed: nobody is listening any more
                     pass
 
@@ -240,6 +261,9 @@ class _Run:
         self.started = 0.0
         self.stops = StopStringFilter(())
         self.token: CancelToken = handle.cancel_token
+        self.logprobs: list[TokenLogprob] = []  # shown
+        self._unshown: list[TokenLogprob] = []  # of text the stop-string filter still holds
+        self.calls: tuple[ToolCall, ...] = ()
 
     @property
     def params(self) -> SamplingParams:
@@ -265,7 +289,11 @@ class _Run:
         try:
             prepared = self.prepared = self._pipeline.prepare(self.model, handle.request, self.notices)
         except BadRequestError as error:
-            handle._emit(Finished(reason="error", text="", error=str(error), notices=tuple(self.notices)))
+            handle._emit(Finished(reason="error", text="", error=str(error), notices=tuple(self.notices), bad_request=True))
+            return False
+        lacking = self._lacking(handle.request.output)
+        if lacking:
+            handle._emit(Finished(reason="error", text="", error=lacking, notices=tuple(self.notices), bad_request=True))
             return False
         params = prepared.params
         self.seed = params.seed if params.seed >= 0 else secrets.randbelow(SEED_MAX + 1)
@@ -277,6 +305,23 @@ class _Run:
         ))
         self.started = time.perf_counter()
         return True
+
+    def _lacking(self, output: OutputSpec) -> str | None:
+        if output.logprobs is not None and FEATURE_LOGPROBS not in self.model.info.features:
+            return f"{self.model.info.loader} does not give log probabilities (logprobs)"
+        return None
+
+    @property
+    def output(self) -> dict[str, OutputSpec]:
+        """``output=`` for the model's call: what it asked for that the model can do, or nothing."""
+        request, features = self.handle.request, self.model.info.features
+        asked = request.output
+        schema = request.tools.call_schema() if request.tools.must_call else asked.json_schema
+        spec = OutputSpec(
+            json_schema=schema if FEATURE_GRAMMAR in features else None,
+            logprobs=asked.logprobs if FEATURE_LOGPROBS in features else None,
+        )
+        return {} if spec.plain else {"output": spec}
 
     def by_extension(self) -> bool:
         """Whether an extension produced the reply itself (the ``generate`` hook)."""
@@ -291,17 +336,20 @@ class _Run:
 
     def take(self, piece: StreamPiece) -> None:
         self.tokens += piece.tokens
+        self._unshown.extend(piece.logprobs)
         self._show(self.stops.feed(piece.text))
 
     def _show(self, text: str) -> None:
         if text:
             self.parts.append(text)
-            self.handle._emit(TextDelta(text))
+            shown, self._unshown = tuple(self._unshown), []
+            self.logprobs.extend(shown)
+            self.handle._emit(TextDelta(text, shown))
 
-    def end(self, error: str | None = None) -> None:
-        """Send ``Finished``: the reason (stop, length, cancelled) from how it ended, or the error."""
+    def end(self, error: str | None = None, *, bad_request: bool = False) -> None:
+        """Send ``Finished``: the reason (stop, length, cancelled, tool calls) from how it ended, or the error."""
         if error is not None:
-            self.handle._emit(self._finished("error", error))
+            self.handle._emit(self._finished("error", error, bad_request=bad_request))
             return
         self._show(self.stops.flush())
         params = self.params
@@ -313,11 +361,38 @@ class _Run:
             reason = "length"
         else:
             reason = "stop"
+        tools = self.handle.request.tools
+        if tools.active and reason != "cancelled":
+            content, self.calls = find_calls("".join(self.parts), tools.names)
+            if self.calls:
+                self.parts, reason = [content], "tool_calls"
+            elif tools.must_call:
+                how = "" if FEATURE_GRAMMAR in self.model.info.features else f" ({self.model.info.loader} cannot constrain its output)"
+                cut = f" before max_tokens ({params.max_new_tokens}) ran out" if reason == "length" else ""
+                self.handle._emit(self._finished("error", f"the model did not call a tool{cut}, though tool_choice requires one{how}"))
+                return
+        schema = self.handle.request.output.json_schema
+        if schema is not None and reason not in ("cancelled", "tool_calls"):
+            problem = self._check_json(schema, reason)
+            if problem:
+                self.handle._emit(self._finished("error", problem))
+                return
         if reason != "cancelled" and not "".join(self.parts).strip():
             self.notices.append(empty_reply_reason(reason, self.tokens, self.stops.matched, params.max_new_tokens))
         self.handle._emit(self._finished(reason))
 
-    def _finished(self, reason: FinishReason, error: str | None = None) -> Finished:
+    def _check_json(self, schema: Mapping[str, Any], reason: FinishReason) -> str | None:
+        """Why the reply is not the JSON asked for, or None (a fenced reply is unwrapped)."""
+        text, problem = parse_reply("".join(self.parts), schema)
+        if problem is None:
+            self.parts = [text]
+            return None
+        if reason == "length":
+            return f"the reply ran out of tokens (max_tokens {self.params.max_new_tokens}) before its JSON ended"
+        how = "" if FEATURE_GRAMMAR in self.model.info.features else f" ({self.model.info.loader} cannot constrain its output)"
+        return problem + how
+
+    def _finished(self, reason: FinishReason, error: str | None = None, *, bad_request: bool = False) -> Finished:
         text = "".join(self.parts)
         prepared = self.prepared
         if reason != "error" and prepared is not None:
@@ -328,6 +403,8 @@ class _Run:
             reason=reason, text=text, prompt_tokens=prepared.prompt_tokens if prepared else 0,
             completion_tokens=self.tokens, seed=self.seed if prepared else None,
             seconds=time.perf_counter() - self.started if prepared else 0.0, error=error, notices=tuple(self.notices),
+            logprobs=tuple(self.logprobs) if self.handle.request.output.logprobs is not None else None,
+            tool_calls=self.calls, bad_request=bad_request,
         )
 
 
@@ -513,15 +590,15 @@ class GenerationService:
                 if run.by_extension():
                     pass
                 elif (stream_to := getattr(model, "stream_to", None)) is not None:
-                    stream_to(run.prompt, run.params, run.token, seed=run.seed, emit=run.take)  # no hand-off
+                    stream_to(run.prompt, run.params, run.token, seed=run.seed, emit=run.take, **run.output)  # no hand-off
                 else:
-                    for piece in model.stream(run.prompt, run.params, run.token, seed=run.seed):
+                    for piece in model.stream(run.prompt, run.params, run.token, seed=run.seed, **run.output):
                         run.take(piece)
                         if run.stopped:
                             break
             except Exception as error:
                 log.exception("generation %s failed in the model", handle.id)
-                run.end(one_line(error))
+                run.end(one_line(error), bad_request=isinstance(error, BadRequestError))
                 return
             run.end()
         finally:
@@ -574,10 +651,10 @@ class GenerationService:
     def _join(self, batch: DecodeBatch, run: _Run) -> bool:
         """Add ``run`` to the batch; a request the model refuses ends with its error, alone."""
         try:
-            batch.add(run.handle.id, run.prompt, run.params, seed=run.seed)
+            batch.add(run.handle.id, run.prompt, run.params, seed=run.seed, **run.output)
         except Exception as error:
             log.exception("generation %s could not join the batch", run.handle.id)
-            self._end(run, one_line(error))
+            self._end(run, one_line(error), bad_request=isinstance(error, BadRequestError))
             return False
         return True
 
@@ -592,9 +669,9 @@ class GenerationService:
             self._end(run)
         return produced
 
-    def _end(self, run: _Run, error: str | None = None) -> None:
+    def _end(self, run: _Run, error: str | None = None, *, bad_request: bool = False) -> None:
         try:
-            run.end(error)
+            run.end(error, bad_request=bad_request)
         finally:
             self._done(run.handle)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -46,6 +46,48 @@ class LoadedModelInfo:
     dtype: str
     context_length: int | None
     details: str = ""
+    # What the model can do beyond streaming text (FEATURE_* below); the API refuses a request
+    # that needs a feature the loaded model lacks, with a one-line reason.
+    features: frozenset[str] = frozenset()
+
+
+FEATURE_GRAMMAR = "grammar"  # constrains its output to a JSON schema (OutputSpec.json_schema)
+FEATURE_LOGPROBS = "logprobs"  # gives each token's log probability and the top alternatives
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """A token and its log probability under the model (before sampling settings)."""
+
+    token: str  # its text (a byte sequence that is not UTF-8 on its own is shown with U+FFFD)
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log probability, and the most likely tokens at its place."""
+
+    chosen: TokenChoice
+    top: tuple[TokenChoice, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What a request asks of the output beyond text (given to a model only when it has the feature).
+
+    ``json_schema``: the reply must be JSON that follows this schema (``{"type": "object"}`` for
+    "any JSON object"); a model with FEATURE_GRAMMAR constrains its sampling to it, and the engine
+    validates the reply either way. ``logprobs``: None, or how many alternatives to give per token
+    (0 = the chosen token's log probability only); needs FEATURE_LOGPROBS.
+    """
+
+    json_schema: Mapping[str, Any] | None = None
+    logprobs: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.json_schema is None and self.logprobs is None
 
 
 @dataclass(frozen=True)
@@ -54,6 +96,7 @@ class StreamPiece:
 
     text: str
     tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked for them
 
 
 class CancelToken:
@@ -100,6 +143,10 @@ class LoadedModel(Protocol):
     # generates on the calling thread (the engine's model thread) and hands each StreamPiece to
     # ``emit`` instead of yielding it, which saves a thread hand-off per request.
     #
+    # A model whose ``info.features`` name FEATURE_GRAMMAR or FEATURE_LOGPROBS also takes
+    # ``output: OutputSpec`` as a keyword of ``stream``, ``stream_to`` and ``DecodeBatch.add``;
+    # the engine passes it only to such a model and only when the request asks for something.
+    #
     # Optional continuous batching, used when present: ``max_batch`` (int, > 1) and
     # ``open_batch() -> DecodeBatch``. The engine then decodes up to ``max_batch`` requests
     # together: a waiting request joins at the next step and leaves when it is done. A model
@@ -121,9 +168,10 @@ class DecodeBatch(Protocol):
     in the batch: greedy answers are the answers the model gives alone.
     """
 
-    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> None:
+    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int, **output: OutputSpec) -> None:
         """Start a sequence for ``prompt`` (the engine adds at most ``max_batch``); its prompt is
-        read during the next steps. Raises with a one-line reason for a prompt it cannot take."""
+        read during the next steps. Raises with a one-line reason for a prompt it cannot take.
+        ``output=OutputSpec(...)`` comes only to a model with the features it needs."""
 
     def step(self) -> dict[int, SequenceStep]:
         """One forward pass: each decoding sequence gains a token, and waiting prompts are read

@@ -125,6 +125,7 @@ def render(
     *,
     renderer: TemplateRenderer,
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] = (),
 ) -> RenderedPrompt:
     """Render ``messages``; when the template refuses an empty system message, supply a default one.
 
@@ -133,7 +134,7 @@ def render(
     ``renderer`` bounds the time and memory a template may use (see engine.template_sandbox).
     """
     try:
-        return RenderedPrompt(_render(fmt, messages, special_tokens, add_generation_prompt, renderer), fmt.name)
+        return RenderedPrompt(_render(fmt, messages, special_tokens, add_generation_prompt, renderer, tools), fmt.name)
     except TemplateRaised as refusal:
         has_system = any(m.role == "system" and m.content.strip() for m in messages)
         if has_system or "system" not in str(refusal).lower():
@@ -141,7 +142,7 @@ def render(
     default = fmt.default_system or DEFAULT_SYSTEM_MESSAGE
     with_system = [ChatMessage(role="system", content=default), *(m for m in messages if m.role != "system")]
     try:
-        text = _render(fmt, with_system, special_tokens, add_generation_prompt, renderer)
+        text = _render(fmt, with_system, special_tokens, add_generation_prompt, renderer, tools)
     except TemplateRaised as refusal:
         raise BadRequestError(f"the {fmt.name} prompt format refused this conversation: {refusal}") from None
     return RenderedPrompt(text, fmt.name, system_supplied=default)
@@ -149,7 +150,7 @@ def render(
 
 def _render(
     fmt: PromptFormat, messages: Sequence[ChatMessage], special_tokens: Mapping[str, str], add_generation_prompt: bool,
-    renderer: TemplateRenderer,
+    renderer: TemplateRenderer, tools: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     messages = [m for m in messages if m.role != "system" or m.content.strip()]  # a blank system message is none
     systems = [m.content for m in messages if m.role == "system"]
@@ -159,7 +160,7 @@ def _render(
         "turns": [m.as_dict() for m in messages if m.role != "system"],
         "system": system,
         "add_generation_prompt": add_generation_prompt,
-        "tools": None,
+        "tools": [dict(tool) for tool in tools] or None,
         "documents": None,
         **{name: value for name, value in special_tokens.items() if isinstance(value, str)},
     }

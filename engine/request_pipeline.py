@@ -25,6 +25,7 @@ from engine.format_detection import NO_FORMAT_NOTICE, ChosenFormat, choose_forma
 from engine.prompt_formats import render
 from engine.sampling import ALL_PARAMS, SamplingParams, ignored_params, prompt_budget
 from engine.template_sandbox import TemplateRenderer
+from engine.tool_calls import ToolUse, template_takes_tools
 
 if TYPE_CHECKING:
     from engine.generation import GenerationRequest
@@ -81,7 +82,7 @@ class RequestPipeline:
         if draft.prompt is not None:
             prompt, format_name, format_why, stop = draft.prompt, None, None, tuple(draft.stop)
         else:
-            chat = self.render_chat(model, draft.messages, draft.continue_last, notices)
+            chat = self.render_chat(model, draft.messages, draft.continue_last, notices, request.tools)
             prompt, format_name, format_why = chat.text, chat.format_name, chat.why
             stop = tuple(dict.fromkeys((*draft.stop, *chat.stop)))
         prompt_tokens = model.count_tokens(prompt)
@@ -100,11 +101,13 @@ class RequestPipeline:
         )
 
     def render_chat(
-        self, model: LoadedModel, messages: list[ChatMessage], continue_last: bool, notices: list[str]
+        self, model: LoadedModel, messages: list[ChatMessage], continue_last: bool, notices: list[str],
+        tools: ToolUse = ToolUse(),
     ) -> ChatPrompt:
         """The prompt for a chat, its format's name and how that format was found; when continuing,
         the open assistant message is written after it. A chat for a model with no known format
-        is sent as plain text with a notice saying so, never silently."""
+        is sent as plain text with a notice saying so, never silently. Tools offered go into the
+        prompt through the model's template; a template that does not take them is refused."""
         tail = ""
         if continue_last:
             if not messages or messages[-1].role != "assistant":
@@ -114,14 +117,21 @@ class RequestPipeline:
         if chosen.system_message and not any(m.role == "system" and m.content.strip() for m in messages):
             messages = [ChatMessage(role="system", content=chosen.system_message), *messages]
         special = dict(getattr(model, "special_tokens", {}) or {})
-        if self._plugins is not None:
+        offered = tools.tools if tools.active else ()
+        if offered and not template_takes_tools(chosen.format.template):
+            raise BadRequestError(
+                f"this model's prompt format ({chosen.format.name}) does not take tools: its chat template never "
+                "reads them; use a model whose template does, or put a chat_template.jinja that does in its folder"
+            )
+        if self._plugins is not None and not offered:  # an extension's renderer knows nothing of tools
             answer = self._plugins.render_prompt(
                 notices, messages=list(messages), chat_format=chosen.format, special_tokens=special,
                 model=model.info, add_generation_prompt=True,
             )
             if answer is not None:
                 return ChatPrompt(answer + tail, "an extension's", "rendered by an extension", chosen.format.stop)
-        rendered = render(chosen.format, messages, special, renderer=self.renderer, add_generation_prompt=True)
+        rendered = render(chosen.format, messages, special, renderer=self.renderer, add_generation_prompt=True,
+                          tools=offered)
         if not chosen.known:
             notices.append(NO_FORMAT_NOTICE)
         if rendered.notice:

@@ -31,6 +31,8 @@ class Settings(BaseModel):
     admin_key: str | None = Field(None, min_length=8, description="Bearer key for /admin (admin API off without it).")
     cors_origins: tuple[str, ...] = Field((), description="Origins allowed to call the API from a browser.")
     queue_timeout: float = Field(300.0, gt=0, le=86400, description="Seconds an API request may wait in the queue.")
+    load_on_request: bool = Field(False, description=(
+        "An API request naming another local model loads it (one model at a time; others wait for the load)."))
     api_max_tokens: int = Field(1024, ge=1, le=32768, description="Most new tokens per API request.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest API request body.")
     hub_endpoint: str = Field("https://huggingface.co", description="The Hugging Face Hub (HF_ENDPOINT).")

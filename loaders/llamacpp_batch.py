@@ -23,7 +23,8 @@ import codecs
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.loader_api import SequenceStep, StreamPiece
+from engine.errors import BadRequestError
+from engine.loader_api import OutputSpec, SequenceStep, StreamPiece, TokenChoice, TokenLogprob
 from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -42,12 +43,14 @@ class _Sequence:
     sampler: Any  # llama_cpp._internals.LlamaSampler
     ban_eos: bool
     special: bool
+    logprobs: int | None = None  # alternatives to give per token (None: no log probabilities)
     fed: int = 0  # prompt tokens whose KV is in the cache
     last: int | None = None  # the sampled token, read at the next step
     generated: int = 0
     pending: int = 0  # tokens not yet shown (a character cut between two tokens)
     previous: list[int] = field(default_factory=list)  # for detokenizing with the right spacing
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -73,10 +76,13 @@ class LlamaCppBatch:
         self._slots = [_Slot(i) for i in range(slots)]
         self._by_key: dict[int, _Slot] = {}
         self._clock = 0
+        self._pieces: dict[int, bytes] = {}  # token id -> its bytes, for log probabilities
 
     # -- DecodeBatch ---------------------------------------------------------------------------
 
-    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int) -> None:
+    def add(
+        self, key: int, prompt: str, params: SamplingParams, *, seed: int, output: OutputSpec | None = None
+    ) -> None:
         free = [s for s in self._slots if s.sequence is None]
         if not free:
             raise RuntimeError(f"the batch is full ({len(self._slots)} requests)")
@@ -84,10 +90,11 @@ class LlamaCppBatch:
         if not tokens:
             raise ValueError("the prompt is empty after tokenizing")
         room = self._n_ctx - len(tokens)
+        output = output or OutputSpec()
         sequence = _Sequence(
             key=key, tokens=tokens, max_new=max(0, min(params.max_new_tokens, room)),
-            sampler=self._sampler(params, seed), ban_eos=params.ban_eos, special=not params.skip_special_tokens,
-            previous=list(tokens),
+            sampler=self._sampler(params, seed, output.json_schema), ban_eos=params.ban_eos,
+            special=not params.skip_special_tokens, logprobs=output.logprobs, previous=list(tokens),
         )
         slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.used))
         cached = _common_prefix(slot.cached, tokens)
@@ -153,11 +160,16 @@ class LlamaCppBatch:
         for slot, index in outputs:
             sequence = slot.sequence
             assert sequence is not None
+            if sequence.logprobs is not None:  # read before sampling: the logits are the model's own
+                logits = self._logits(index)
             token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self._ctx.ctx, index)
             if llama_cpp.llama_vocab_is_eog(vocab, token) and not sequence.ban_eos:
-                results[sequence.key] = SequenceStep(StreamPiece("", sequence.pending), done=True)
+                results[sequence.key] = SequenceStep(
+                    StreamPiece("", sequence.pending, tuple(sequence.pending_logprobs)), done=True)
                 self._finish(slot)
                 continue
+            if sequence.logprobs is not None:
+                sequence.pending_logprobs.append(self._token_logprob(logits, token, sequence.logprobs))
             sequence.generated += 1
             sequence.pending += 1
             text = sequence.decoder.decode(
@@ -166,8 +178,10 @@ class LlamaCppBatch:
             sequence.last = token
             done = sequence.generated >= sequence.max_new
             if text or done:  # a token that ends inside a character waits for the next one
-                results[sequence.key] = SequenceStep(StreamPiece(text, sequence.pending), done=done)
+                results[sequence.key] = SequenceStep(
+                    StreamPiece(text, sequence.pending, tuple(sequence.pending_logprobs)), done=done)
                 sequence.pending = 0
+                sequence.pending_logprobs.clear()
             if done:
                 self._finish(slot)
         return results
@@ -212,8 +226,53 @@ class LlamaCppBatch:
         self._by_key.pop(sequence.key, None)
         sequence.sampler.close()
 
-    def _sampler(self, params: SamplingParams, seed: int) -> Any:
-        """The sampler chain llama-cpp-python builds for ``generate``, with this sequence's own seed."""
+    # -- log probabilities ---------------------------------------------------------------------
+
+    def _logits(self, index: int) -> Any:
+        import llama_cpp
+        import numpy as np
+
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),)).astype(np.float64)
+        peak = logits.max()
+        return logits - (peak + np.log(np.exp(logits - peak).sum()))  # log-softmax
+
+    def _token_logprob(self, logprobs: Any, token: int, top: int) -> TokenLogprob:
+        import numpy as np
+
+        def choice(t: int) -> TokenChoice:
+            piece = self._piece(t)
+            return TokenChoice(piece.decode("utf-8", errors="replace"), piece, float(logprobs[t]))
+
+        best: list[int] = []
+        if top:
+            ids = np.argpartition(-logprobs, top)[:top]
+            best = sorted((int(i) for i in ids), key=lambda i: -logprobs[i])
+        return TokenLogprob(choice(token), tuple(choice(i) for i in best))
+
+    def _piece(self, token: int) -> bytes:
+        """A token's bytes, special tokens written out (llama-cpp-python's token_to_piece pads to 32)."""
+        import ctypes
+
+        import llama_cpp
+
+        piece = self._pieces.get(token)
+        if piece is None:
+            size = 64
+            while True:
+                buffer = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(self._llm._model.vocab, token, buffer, size, 0, True)
+                if n >= 0:
+                    break
+                size = -n
+            piece = self._pieces[token] = buffer.raw[:n]
+        return piece
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def _sampler(self, params: SamplingParams, seed: int, json_schema: Any = None) -> Any:
+        """The sampler chain llama-cpp-python builds for ``generate``, with this sequence's own seed
+        and, for a JSON reply, a grammar made from its schema (after the penalties, as there)."""
         from llama_cpp import _internals
 
         llm = self._llm
@@ -223,6 +282,12 @@ class LlamaCppBatch:
         sampler.add_penalties(n_vocab=llm.n_vocab(), penalty_last_n=PENALTY_LAST_N,
                               penalty_repeat=params.repetition_penalty, penalty_freq=params.frequency_penalty,
                               penalty_present=params.presence_penalty)
+        if json_schema is not None:
+            try:
+                self._add_grammar(sampler, json_schema)
+            except BaseException:
+                sampler.close()
+                raise
         if params.greedy:
             sampler.add_greedy()
         else:
@@ -233,6 +298,25 @@ class LlamaCppBatch:
             sampler.add_temp(params.temperature)
             sampler.add_dist(seed)
         return sampler
+
+
+    def _add_grammar(self, sampler: Any, json_schema: Any) -> None:
+        """A grammar sampler for ``json_schema`` (llama.cpp's converter; no remote $ref is fetched)."""
+        import json
+
+        import llama_cpp
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            grammar = json_schema_to_gbnf(json.dumps(json_schema))
+        except RecursionError:
+            raise BadRequestError("the JSON schema is nested too deeply for a grammar") from None
+        except Exception as error:  # noqa: BLE001 - the converter asserts on what it does not support
+            raise BadRequestError(f"llama.cpp cannot make a grammar of this JSON schema: {str(error) or type(error).__name__}") from None
+        pointer = llama_cpp.llama_sampler_init_grammar(self._llm._model.vocab, grammar.encode("utf-8"), b"root")
+        if not pointer:
+            raise BadRequestError("llama.cpp could not compile the grammar made from this JSON schema")
+        llama_cpp.llama_sampler_chain_add(sampler.sampler, pointer)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

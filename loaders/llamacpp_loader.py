@@ -31,8 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.errors import ModelLoadError
 from engine.hookspecs import hookimpl
 from engine.load_failures import load_failure
-from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, MemoryEstimate, StreamPiece
-from engine.model_folder import ModelFolder, gguf_models, missing_parts
+from engine.loader_api import (
+    FEATURE_GRAMMAR, FEATURE_LOGPROBS, Assessment, Availability, CancelToken, LoadedModelInfo, MemoryEstimate,
+    OutputSpec, StreamPiece,
+)
+from engine.model_folder import GGUFModelFile, ModelFolder, gguf_models, missing_parts
 from engine.sampling import SamplingParams, prompt_budget
 
 if TYPE_CHECKING:
@@ -140,8 +143,13 @@ class LlamaCppLoader:
             details += f" ({cap})"
         info = LoadedModelInfo(name=folder.name, loader=self.name, device="cuda" if gpu_layers else "cpu",
                                dtype=(folder.quantization.gguf_type if folder.quantization else None) or "gguf",
-                               context_length=n_ctx, details=details)
-        return LlamaCppModel(llm, info, options.max_batch)
+                               context_length=n_ctx, details=details,
+                               features=frozenset({FEATURE_GRAMMAR, FEATURE_LOGPROBS}))
+        model = LlamaCppModel(llm, info, options.max_batch)
+        own = folder.path / "chat_template.jinja"  # the folder's template wins over the GGUF's, as for Transformers
+        if own.is_file():
+            model.chat_template = own.read_text(encoding="utf-8", errors="replace") or model.chat_template
+        return model
 
 
 def _make_context_batched(llm: Any, sequences: int, n_ctx: int) -> None:
@@ -210,10 +218,12 @@ class LlamaCppModel:
         generate wrote to the context; the next prompt is read in full)."""
         self._batch.clear()
 
-    def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+    def stream(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, output: OutputSpec | None = None
+    ) -> Iterator[StreamPiece]:
         """One request alone: a batch of one, so its tokens are those it gets in any batch."""
         batch = self._batch
-        batch.add(ALONE, prompt, params, seed=seed)
+        batch.add(ALONE, prompt, params, seed=seed, output=output)
         try:
             while not cancel.cancelled:
                 step = batch.step().get(ALONE)
@@ -227,9 +237,10 @@ class LlamaCppModel:
             batch.remove(ALONE)
 
     def stream_to(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, emit: Callable[[StreamPiece], None]
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, emit: Callable[[StreamPiece], None],
+        output: OutputSpec | None = None,
     ) -> None:
-        for piece in self.stream(prompt, params, cancel, seed=seed):
+        for piece in self.stream(prompt, params, cancel, seed=seed, output=output):
             emit(piece)
 
     def unload(self) -> None:

@@ -151,7 +151,7 @@ def test_errors_have_the_openai_shape(client, api_server):
     import openai
 
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, n=2)
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, n=9)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[])
     with pytest.raises(openai.BadRequestError):

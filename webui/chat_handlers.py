@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from engine.conversations import Conversation, title_from
 from engine.engine import Engine
-from engine.errors import LoadstarError
+from engine.errors import LoadstarError, problem_line
 from engine.generation import Finished, GenerationRequest, Queued, Started, TextDelta
 from engine.sampling import SamplingParams, parameter_specs
 from webui.reasoning import reasoning_source
@@ -300,11 +300,7 @@ def _text_of(value: Any) -> str:
 
 
 def _problem(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        problem = error.errors()[0]
-        field = ".".join(str(p) for p in problem["loc"])
-        return f"{field}: {problem['msg']}"
-    return str(error).splitlines()[0] if str(error) else error.__class__.__name__
+    return problem_line(error)
 
 
 def _notices(notices: tuple[str, ...]) -> str:

@@ -1,0 +1,74 @@
+"""JSON replies: the schema a request gives (checked as untrusted input) and the reply checked against it.
+
+A model that can constrain its sampling (FEATURE_GRAMMAR) writes only JSON that fits the schema;
+any other model is asked the same and its reply is validated here. Either way a reply that is not
+valid JSON for the schema ends as an error with a one-line reason, never as text the client's
+``json.loads`` trips on. A reply wrapped in a Markdown code fence (what unconstrained models often
+write) is unwrapped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+from engine.errors import BadRequestError
+
+MAX_SCHEMA_BYTES = 64_000
+MAX_SCHEMA_DEPTH = 32
+ANY_OBJECT: Mapping[str, Any] = {"type": "object"}
+
+_FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n?```\s*$", re.S)
+
+
+def check_schema(schema: Any) -> dict[str, Any]:
+    """``schema`` if it is a JSON schema this server takes: an object, at most 64 kB as JSON, at
+    most 32 levels deep, valid against its metaschema. Raises BadRequestError with the reason."""
+    if not isinstance(schema, Mapping):
+        raise BadRequestError("the JSON schema must be an object")
+    try:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError, RecursionError):
+        raise BadRequestError("the JSON schema is not plain JSON") from None
+    if size > MAX_SCHEMA_BYTES:
+        raise BadRequestError(f"the JSON schema is too large ({size:,} bytes; at most {MAX_SCHEMA_BYTES:,})")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise BadRequestError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    from jsonschema import exceptions, validators
+
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except exceptions.SchemaError as error:
+        raise BadRequestError(f"the JSON schema is not valid: {error.message}") from None
+    return dict(schema)
+
+
+def parse_reply(text: str, schema: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The reply's JSON text (unwrapped from a code fence) and None, or the text and why it fails."""
+    candidate = text.strip()
+    fenced = _FENCE.match(candidate)
+    if fenced:
+        candidate = fenced.group(1).strip()
+    try:
+        value = json.loads(candidate)
+    except ValueError as error:
+        return text, f"the reply is not valid JSON ({error.msg} at character {error.pos})"
+    from jsonschema import validators
+
+    validator = validators.validator_for(schema)(schema)
+    failure = next(iter(validator.iter_errors(value)), None)
+    if failure is not None:
+        where = "/".join(str(part) for part in failure.absolute_path) or "the top level"
+        return candidate, f"the reply does not follow the JSON schema at {where}: {failure.message}"[:400]
+    return candidate, None
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_SCHEMA_DEPTH:
+        return level
+    if isinstance(value, Mapping):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level

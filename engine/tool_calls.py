@@ -1,0 +1,164 @@
+"""Tool calls: the tools a request offers, whether a chat template takes them, and finding the calls in a reply.
+
+The engine renders tools into the prompt through the model's own chat template (as transformers'
+``apply_chat_template(tools=...)`` does); a template that never reads ``tools`` cannot offer them,
+and such a request is refused with a reason rather than the tools silently dropped.
+
+Models write calls in their own way. ``find_calls`` reads the common ones:
+- ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes, Qwen 2.5/3, SmolLM3), any number;
+- ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}]`` (Mistral);
+- ``<|python_tag|>`` then JSON, or a reply that is nothing but a call as JSON (Llama 3.1/3.2:
+  ``{"name": ..., "parameters": {...}}``), one call or a list of them.
+Only names of offered tools count; anything else stays text.
+
+With ``tool_choice`` "required" or a named function, a model that can constrain its output
+(FEATURE_GRAMMAR) is held to ``call_schema``: one call as JSON, to one of the offered functions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+from engine.errors import BadRequestError
+from engine.json_reply import check_schema
+
+ToolMode = Literal["auto", "required", "none"]
+
+_TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_MARKERS = ("[TOOL_CALLS]", "<|python_tag|>")
+_FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n?```\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object, as OpenAI clients expect it
+
+    @staticmethod
+    def new(name: str, arguments: Mapping[str, Any]) -> "ToolCall":
+        return ToolCall("call_" + secrets.token_hex(12), name, json.dumps(arguments, ensure_ascii=False))
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """The shape chat templates read (transformers' convention: arguments as an object)."""
+        try:
+            arguments = json.loads(self.arguments)
+        except ValueError:
+            arguments = self.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": arguments}}
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a request offers (OpenAI's function tools) and how the model may use them:
+    ``auto`` (it decides), ``required`` (it must call one), ``none``; ``name`` forces that function."""
+
+    tools: tuple[Mapping[str, Any], ...] = ()
+    mode: ToolMode = "auto"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        names = self.names
+        if len(set(names)) != len(names):
+            raise BadRequestError("two tools have the same name")
+        for tool in self.tools:
+            check_schema(tool["function"].get("parameters") or {"type": "object"})
+        if self.name is not None and self.name not in names:
+            raise BadRequestError(f"tool_choice names '{self.name}', which is not among the tools")
+        if self.mode == "required" and not self.tools:
+            raise BadRequestError("tool_choice 'required' needs tools")
+
+    @property
+    def names(self) -> list[str]:
+        return [tool["function"]["name"] for tool in self.tools]
+
+    @property
+    def active(self) -> bool:
+        """Whether the prompt offers tools and the reply is read for calls."""
+        return bool(self.tools) and self.mode != "none"
+
+    @property
+    def must_call(self) -> bool:
+        return self.active and (self.mode == "required" or self.name is not None)
+
+    def call_schema(self) -> dict[str, Any]:
+        """One call to an offered function (the forced one, if named), as JSON."""
+        options = []
+        for tool in self.tools:
+            function = tool["function"]
+            if self.name is not None and function["name"] != self.name:
+                continue
+            options.append({
+                "type": "object",
+                "properties": {"name": {"const": function["name"]},
+                               "arguments": function.get("parameters") or {"type": "object"}},
+                "required": ["name", "arguments"],
+            })
+        return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def template_takes_tools(template: str) -> bool:
+    """Whether a chat template reads the ``tools`` variable (so tools offered reach the prompt)."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return "tools" in meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except jinja2.TemplateError:
+        return False
+
+
+def find_calls(text: str, names: Sequence[str]) -> tuple[str, tuple[ToolCall, ...]]:
+    """The reply's text without its calls, and the calls to offered functions it makes."""
+    allowed = set(names)
+    calls: list[ToolCall] = []
+    if "<tool_call>" in text:
+        rest = text
+        for match in _TAGGED.finditer(text):
+            found = _calls_in(match.group(1), allowed)
+            if found:
+                calls.extend(found)
+                rest = rest.replace(match.group(0), "", 1)
+        return (rest.strip(), tuple(calls)) if calls else (text, ())
+    for marker in _MARKERS:
+        if marker in text:
+            before, _, after = text.partition(marker)
+            found = _calls_in(after, allowed)
+            if found:
+                return before.strip(), tuple(found)
+    found = _calls_in(text, allowed)
+    return ("", tuple(found)) if found else (text, ())
+
+
+def _calls_in(text: str, allowed: set[str]) -> list[ToolCall]:
+    candidate = text.strip()
+    fenced = _FENCE.match(candidate)
+    if fenced:
+        candidate = fenced.group(1).strip()
+    if not candidate.startswith(("{", "[")):
+        return []
+    try:
+        value = json.loads(candidate)
+    except ValueError:
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict):
+            return []
+        function = item.get("function") if isinstance(item.get("function"), dict) else item
+        name = function.get("name")
+        arguments = function.get("arguments", function.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return []
+        if name not in allowed or not isinstance(arguments, dict):
+            return []
+        calls.append(ToolCall.new(name, arguments))
+    return calls

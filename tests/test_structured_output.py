@@ -1,0 +1,131 @@
+"""JSON replies and tool calls in the engine: schema checks, reading calls in each model family's
+way, and what a loader that cannot constrain its output gets (the real grammar path is tested
+through the API with llama.cpp in test_api_clients.py)."""
+
+import json
+
+import pytest
+
+from engine.chat import ChatMessage
+from engine.errors import BadRequestError
+from engine.generation import GenerationRequest, Started
+from engine.json_reply import check_schema, parse_reply
+from engine.loader_api import OutputSpec
+from engine.sampling import SamplingParams
+from engine.tool_calls import ToolCall, ToolUse, find_calls, template_takes_tools
+from tests.fakes import FakeModel
+from tests.test_generation import service_for  # noqa: F401 - a fixture
+
+NAMES = ["get_weather", "get_time"]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("text, content", [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', ""),
+    ('Let me look.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "Let me look."),
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]', ""),
+    ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', ""),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', ""),
+    ('```json\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n```', ""),
+])
+def test_calls_are_read_in_each_familys_way(text, content):
+    found, calls = find_calls(text, NAMES)
+    assert found == content
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert calls[0].id.startswith("call_")
+
+
+def test_several_tagged_calls_and_what_is_not_a_call():
+    text = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {"city": "Lima"}}</tool_call>')
+    assert [c.name for c in find_calls(text, NAMES)[1]] == ["get_weather", "get_time"]
+    for text in ('{"name": "rm_rf", "arguments": {}}',  # not an offered tool
+                 '{"name": "get_weather", "arguments": [1]}',  # arguments not an object
+                 'The weather is {"name": "get_weather"} fine',  # JSON inside prose is text
+                 '<tool_call>{"name": "get_weather", "arguments": {"city"</tool_call>'):  # broken JSON
+        assert find_calls(text, NAMES) == (text, ())
+
+
+def test_templates_that_read_tools_are_told_apart():
+    assert template_takes_tools("{% if tools %}{{ tools | tojson }}{% endif %}{{ messages }}")
+    assert not template_takes_tools("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert not template_takes_tools("{% for tools in x %}{{ tools }}{% endfor %}")  # a loop variable, not the input
+    assert not template_takes_tools("{% if %}")
+
+
+def test_tool_use_checks_what_it_is_given():
+    with pytest.raises(BadRequestError, match="not among the tools"):
+        ToolUse((WEATHER,), "required", "get_time")
+    with pytest.raises(BadRequestError, match="same name"):
+        ToolUse((WEATHER, WEATHER))
+    with pytest.raises(BadRequestError, match="need chat messages"):
+        GenerationRequest(prompt="hi", tools=ToolUse((WEATHER,)))
+    schema = ToolUse((WEATHER,), "required").call_schema()
+    assert schema["properties"]["name"] == {"const": "get_weather"}
+
+
+def test_schemas_are_checked_as_untrusted_input():
+    assert check_schema({"type": "object"}) == {"type": "object"}
+    deep: dict = {"type": "object"}
+    for _ in range(40):
+        deep = {"type": "object", "properties": {"a": deep}}
+    for schema, words in (([1], "must be an object"), ({"type": 5}, "not valid"), (deep, "nested more than"),
+                          ({"description": "x" * 70_000}, "too large")):
+        with pytest.raises(BadRequestError, match=words):
+            check_schema(schema)
+    with pytest.raises(BadRequestError, match="top_logprobs"):
+        GenerationRequest(prompt="hi", output=OutputSpec(logprobs=21))
+
+
+def test_replies_are_validated_and_unwrapped_from_a_fence():
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}, "required": ["n"]}
+    assert parse_reply('```json\n{"n": 2}\n```', schema) == ('{"n": 2}', None)
+    assert "greater than the maximum" in parse_reply('{"n": 7}', schema)[1]
+    assert "at n" in parse_reply('{"n": 7}', schema)[1]
+    assert "not valid JSON" in parse_reply("Sure! Here it is", schema)[1]
+
+
+def test_a_loader_that_cannot_constrain_gets_its_reply_validated(service_for):  # noqa: F811
+    asked = OutputSpec(json_schema={"type": "object"})
+    service = service_for(FakeModel(reply='```json {"ok": true} ```'))
+    done = service.submit(GenerationRequest(prompt="hi", output=asked)).result()
+    assert done.reason == "error" and "not valid JSON" in done.error and "Fake cannot constrain" in done.error
+    assert not done.bad_request
+    service = service_for(FakeModel(reply='{"ok": true}'))
+    done = service.submit(GenerationRequest(prompt="hi", output=asked)).result()
+    assert done.reason == "stop" and json.loads(done.text) == {"ok": True}
+    service = service_for(FakeModel(reply='{"ok": true, "more": [1, 2, 3]}'))
+    done = service.submit(GenerationRequest(prompt="hi", output=asked, params=SamplingParams(max_new_tokens=2))).result()
+    assert done.reason == "error" and "ran out of tokens" in done.error
+
+
+def test_logprobs_from_a_loader_without_them_is_a_bad_request(service_for):  # noqa: F811
+    service = service_for(FakeModel(reply="one two"))
+    done = service.submit(GenerationRequest(prompt="hi", output=OutputSpec(logprobs=0))).result()
+    assert done.reason == "error" and done.bad_request and "does not give log probabilities" in done.error
+
+
+def test_tools_reach_the_template_and_calls_end_the_reply(service_for):  # noqa: F811
+    model = FakeModel(reply='<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    model.chat_template = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    service = service_for(model)
+    call = ToolCall("call_1", "get_weather", '{"city": "Rome"}')
+    messages = (ChatMessage(role="user", content="Weather?"),
+                ChatMessage(role="assistant", content="", tool_calls=(call,)),
+                ChatMessage(role="tool", content="sunny", tool_call_id="call_1"),
+                ChatMessage(role="user", content="And Oslo?"))
+    handle = service.submit(GenerationRequest(messages=messages, tools=ToolUse((WEATHER,))))
+    events = list(handle.events())
+    started, done = next(e for e in events if isinstance(e, Started)), events[-1]
+    assert started.prompt == "[get_weather]<user>Weather?<assistant><tool>sunny<user>And Oslo?"
+    assert done.reason == "tool_calls" and done.text == ""
+    assert [(c.name, json.loads(c.arguments)) for c in done.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    refused = service_for(FakeModel(reply="x")).submit(GenerationRequest(messages=messages[:1], tools=ToolUse((WEATHER,))))
+    assert refused.result().bad_request and "does not take tools" in refused.result().error
+    talker = FakeModel(reply="no call here")
+    talker.chat_template = model.chat_template
+    must = service_for(talker).submit(GenerationRequest(messages=messages[:1], tools=ToolUse((WEATHER,), "required")))
+    assert "did not call a tool" in must.result().error and "Fake cannot constrain" in must.result().error
+    free = service_for(talker).submit(GenerationRequest(messages=messages[:1], tools=ToolUse((WEATHER,))))
+    assert free.result().reason == "stop" and free.result().text == "no call here "
