@@ -222,7 +222,7 @@ class ChatHandlers:
 
         prefix = messages.pop()["content"] if continue_last else ""
         reply, status, prompt, format_note = "", "Queued…", None, ""
-        last_yield = 0.0
+        last_yield, text_shown = 0.0, False
         finished: Finished | None = None
         try:
             yield ChatUpdate([*messages, {"role": "assistant", "content": prefix}], state, status)
@@ -237,8 +237,10 @@ class ChatHandlers:
                     reply += event.text
                     # Every update re-renders the whole chat in the browser: at most ~12 a second
                     # keeps the page smooth and leaves the CPU to the model (measured in bench/).
-                    if time.monotonic() - last_yield < UPDATE_INTERVAL and last_yield:
+                    # The first text goes at once (time to first token is what users feel).
+                    if time.monotonic() - last_yield < UPDATE_INTERVAL and text_shown:
                         continue
+                    text_shown = True
                 elif isinstance(event, Finished):
                     finished = event
                     status = finished_status(event) + format_note

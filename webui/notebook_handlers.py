@@ -45,9 +45,10 @@ class NotebookHandlers:
                 elif isinstance(event, Started):
                     status = f"Generating ({event.prompt_tokens} prompt tokens)…"
                 elif isinstance(event, TextDelta):
-                    added += event.text
-                    if last and time.monotonic() - last < UPDATE_INTERVAL:
+                    if added and time.monotonic() - last < UPDATE_INTERVAL:  # the first text goes at once
+                        added += event.text
                         continue
+                    added += event.text
                 elif isinstance(event, Finished):
                     added = event.text if event.reason != "error" else added
                     status = finished_status(event)
