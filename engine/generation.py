@@ -367,9 +367,9 @@ class _Run:
             if self.calls:
                 self.parts, reason = [content], "tool_calls"
             elif tools.must_call:
-                how = "" if FEATURE_GRAMMAR in self.model.info.features else f" ({self.model.info.loader} cannot constrain its output)"
                 cut = f" before max_tokens ({params.max_new_tokens}) ran out" if reason == "length" else ""
-                self.handle._emit(self._finished("error", f"the model did not call a tool{cut}, though tool_choice requires one{how}"))
+                self.handle._emit(self._finished(
+                    "error", f"the model did not call a tool{cut}, though tool_choice requires one{self._unconstrained}"))
                 return
         schema = self.handle.request.output.json_schema
         if schema is not None and reason not in ("cancelled", "tool_calls"):
@@ -389,8 +389,13 @@ class _Run:
             return None
         if reason == "length":
             return f"the reply ran out of tokens (max_tokens {self.params.max_new_tokens}) before its JSON ended"
-        how = "" if FEATURE_GRAMMAR in self.model.info.features else f" ({self.model.info.loader} cannot constrain its output)"
-        return problem + how
+        return problem + self._unconstrained
+
+    @property
+    def _unconstrained(self) -> str:
+        """Said after a reply that is not what was asked for, when the model could not be held to it."""
+        info = self.model.info
+        return "" if FEATURE_GRAMMAR in info.features else f" ({info.loader} cannot constrain its output)"
 
     def _finished(self, reason: FinishReason, error: str | None = None, *, bad_request: bool = False) -> Finished:
         text = "".join(self.parts)

@@ -44,12 +44,16 @@ def check_schema(schema: Any) -> dict[str, Any]:
     return dict(schema)
 
 
-def parse_reply(text: str, schema: Mapping[str, Any]) -> tuple[str, str | None]:
-    """The reply's JSON text (unwrapped from a code fence) and None, or the text and why it fails."""
+def unfenced(text: str) -> str:
+    """``text`` stripped, and without the Markdown code fence around it, if it has one."""
     candidate = text.strip()
     fenced = _FENCE.match(candidate)
-    if fenced:
-        candidate = fenced.group(1).strip()
+    return fenced.group(1).strip() if fenced else candidate
+
+
+def parse_reply(text: str, schema: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The reply's JSON text (unwrapped from a code fence) and None, or the text and why it fails."""
+    candidate = unfenced(text)
     try:
         value = json.loads(candidate)
     except ValueError as error:

@@ -168,7 +168,9 @@ class DecodeBatch(Protocol):
     in the batch: greedy answers are the answers the model gives alone.
     """
 
-    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int, **output: OutputSpec) -> None:
+    def add(
+        self, key: int, prompt: str, params: SamplingParams, *, seed: int, output: OutputSpec | None = None
+    ) -> None:
         """Start a sequence for ``prompt`` (the engine adds at most ``max_batch``); its prompt is
         read during the next steps. Raises with a one-line reason for a prompt it cannot take.
         ``output=OutputSpec(...)`` comes only to a model with the features it needs."""

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 from engine.errors import BadRequestError
-from engine.json_reply import check_schema
+from engine.json_reply import check_schema, unfenced
 
 ToolMode = Literal["auto", "required", "none"]
 
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _MARKERS = ("[TOOL_CALLS]", "<|python_tag|>")
-_FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n?```\s*$", re.S)
 
 
 @dataclass(frozen=True)
@@ -135,10 +134,7 @@ def find_calls(text: str, names: Sequence[str]) -> tuple[str, tuple[ToolCall, ..
 
 
 def _calls_in(text: str, allowed: set[str]) -> list[ToolCall]:
-    candidate = text.strip()
-    fenced = _FENCE.match(candidate)
-    if fenced:
-        candidate = fenced.group(1).strip()
+    candidate = unfenced(text)
     if not candidate.startswith(("{", "[")):
         return []
     try:

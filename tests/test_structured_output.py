@@ -129,3 +129,18 @@ def test_tools_reach_the_template_and_calls_end_the_reply(service_for):  # noqa:
     assert "did not call a tool" in must.result().error and "Fake cannot constrain" in must.result().error
     free = service_for(talker).submit(GenerationRequest(messages=messages[:1], tools=ToolUse((WEATHER,))))
     assert free.result().reason == "stop" and free.result().text == "no call here "
+
+
+@pytest.mark.slow
+def test_the_transformers_loader_has_its_json_validated_and_refuses_logprobs(real_engine):
+    """The real unconstrained path: the real model on Transformers, which has neither feature."""
+    question = (ChatMessage(role="user", content="Describe a cat as a JSON object with name and age."),)
+    done = real_engine.submit(GenerationRequest(
+        messages=question, params=SamplingParams(temperature=0, max_new_tokens=80),
+        output=OutputSpec(json_schema={"type": "object"}))).result()
+    if done.reason == "error":
+        assert "Transformers cannot constrain its output" in done.error and not done.bad_request
+    else:
+        assert isinstance(json.loads(done.text), dict)  # valid, and unwrapped from any fence
+    refused = real_engine.submit(GenerationRequest(messages=question, output=OutputSpec(logprobs=2))).result()
+    assert refused.bad_request and refused.error == "Transformers does not give log probabilities (logprobs)"

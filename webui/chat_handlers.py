@@ -185,7 +185,7 @@ class ChatHandlers:
             request = self._request({**state, "messages": messages}, "preview", params, stops)
             prepared = self.engine.preview(request)
         except (LoadstarError, ValidationError) as error:
-            return "", f"⚠️ {_problem(error)}"
+            return "", f"⚠️ {problem_line(error)}"
         notes = "".join(f" ⚠️ {notice}." for notice in prepared.notices)
         why = f" ({prepared.format_why})" if prepared.format_why else ""
         return prepared.prompt, f"{prepared.prompt_tokens} tokens, {prepared.format_name} format{why}.{notes}"
@@ -216,7 +216,7 @@ class ChatHandlers:
             request = self._request(state, who.owner, params, stops, continue_last)
             handle = self.engine.submit(request)
         except (LoadstarError, ValidationError) as error:
-            yield ChatUpdate(messages, state, f"⚠️ {_problem(error)}")
+            yield ChatUpdate(messages, state, f"⚠️ {problem_line(error)}")
             return
         state = self._save(state, who)  # the user's message is safe before the reply starts
 
@@ -267,7 +267,7 @@ class ChatHandlers:
             saved = self.engine.conversations.save(who.user, Conversation.model_validate(state))
         except (OSError, ValidationError) as error:
             # The chat goes on; the user sees that it is not on disk.
-            return {**state, "save_error": _problem(error)}
+            return {**state, "save_error": problem_line(error)}
         return saved.model_dump()
 
 
@@ -299,10 +299,6 @@ def _text_of(value: Any) -> str:
     if isinstance(value, list):
         return "".join(_text_of(part) for part in value)
     return "" if value is None else str(value)
-
-
-def _problem(error: Exception) -> str:
-    return problem_line(error)
 
 
 def _notices(notices: tuple[str, ...]) -> str:

@@ -8,10 +8,10 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from engine.engine import Engine
-from engine.errors import LoadstarError
+from engine.errors import LoadstarError, problem_line
 from engine.generation import Finished, GenerationRequest, Queued, Started, TextDelta
 from webui.chat_handlers import (
-    UPDATE_INTERVAL, _problem, finished_status, sampling_from_values, stop_status, stops_from_text,
+    UPDATE_INTERVAL, finished_status, sampling_from_values, stop_status, stops_from_text,
 )
 
 
@@ -35,7 +35,7 @@ class NotebookHandlers:
                 prompt=original, params=sampling_from_values(params), owner=owner, stop=stops_from_text(stops)
             ))
         except (LoadstarError, ValidationError) as error:
-            yield original, f"⚠️ {_problem(error)}", original
+            yield original, f"⚠️ {problem_line(error)}", original
             return
         added, status, last = "", "Queued…", 0.0
         try:

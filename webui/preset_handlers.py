@@ -7,9 +7,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine.engine import Engine
-from engine.errors import LoadstarError
+from engine.errors import LoadstarError, problem_line
 from engine.sampling import ALL_PARAMS, SamplingParams, parameter_specs
-from webui.chat_handlers import _problem, sampling_from_values
+from webui.chat_handlers import sampling_from_values
 
 MODEL_DEFAULTS = "(model defaults)"
 
@@ -37,7 +37,7 @@ class PresetHandlers:
         try:
             path = self.engine.presets.for_user(user).save(name, sampling_from_values(params))
         except (LoadstarError, ValidationError) as error:
-            return f"⚠️ {_problem(error)}"
+            return f"⚠️ {problem_line(error)}"
         except OSError as error:
             return f"⚠️ could not save the preset: {error.strerror or error}"
         return f"Saved “{path.stem}”."
