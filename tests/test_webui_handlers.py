@@ -99,6 +99,17 @@ def test_stop_with_nothing_running(engine):
     assert ChatHandlers(engine).stop("me") == "Nothing is running."
 
 
+def test_stop_leaves_the_status_to_the_stopped_reply(engine):
+    """Stop writes no "Stopping…": it could reach the page after the reply's own "Stopped" and stay."""
+    with engine.models.use() as model:
+        model.delay = 0.05
+    chat = ChatHandlers(engine)
+    updates = chat.send("one two three four five six seven eight nine ten", new_state(), ME, DEFAULTS, "")
+    next(updates)  # the user's message is shown; the reply is on its way
+    assert chat.stop("me") is None
+    assert last(updates).status.startswith("Stopped")
+
+
 def test_model_handlers_describe_candidates_with_reasons(engine):
     models = ModelHandlers(engine)
     assert models.model_names() == ["m"]

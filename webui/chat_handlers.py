@@ -171,7 +171,7 @@ class ChatHandlers:
         return ChatUpdate(messages, {**state, EDITED: index},
                           f"Message edited. Press **Regenerate** for a new reply to it{replaced}.")
 
-    def stop(self, owner: str) -> str:
+    def stop(self, owner: str) -> str | None:
         return stop_status(self.engine, owner)
 
     def preview(self, text: str, state: State, params: tuple[Any, ...], stops: str) -> tuple[str, str]:
@@ -285,9 +285,11 @@ def _reply_position(state: State) -> str:
     return f"Reply {position + 1}/{count} (‹ and › switch)." if count > 1 else ""
 
 
-def stop_status(engine: Engine, owner: str) -> str:
-    """Stop ``owner``'s generations (the chat's and the notebook's alike) and say what happened."""
-    return "Stopping…" if engine.stop(owner) else "Nothing is running."
+def stop_status(engine: Engine, owner: str) -> str | None:
+    """Stop ``owner``'s generations (the chat's and the notebook's alike). None when one was
+    stopped: its own last update says "Stopped" within a token, and a "Stopping…" from here could
+    reach the page after that update and stay there (the two events race)."""
+    return None if engine.stop(owner) else "Nothing is running."
 
 
 def _text_of(value: Any) -> str:

@@ -179,7 +179,8 @@ class ChatTab:
             return displayed(update.chatbot), update.state, update.status
 
         def stop(request: gr.Request):
-            return chat.stop(who(request).owner)
+            status = chat.stop(who(request).owner)
+            return gr.skip() if status is None else status  # the stopped reply says "Stopped" itself
 
         def preview(data):
             values, stops = parameters.read(data)

@@ -57,7 +57,7 @@ class NotebookHandlers:
         finally:
             handle.cancel()
 
-    def stop(self, owner: str) -> str:
+    def stop(self, owner: str) -> str | None:
         return stop_status(self.engine, owner)
 
     def count(self, text: str) -> str:

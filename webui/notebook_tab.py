@@ -27,7 +27,8 @@ def build_notebook_tab(engine: Engine, parameters: ParameterControls) -> None:
         yield from notebook.generate(data[text], who(request).owner, values, stops)
 
     def stop_(request: gr.Request):
-        return notebook.stop(who(request).owner)
+        status = notebook.stop(who(request).owner)
+        return gr.skip() if status is None else status  # the stopped generation says "Stopped" itself
 
     generate.click(run, {text, *parameters.inputs}, [text, status, before], concurrency_limit=UNLIMITED)
     stop.click(stop_, None, status, concurrency_limit=UNLIMITED)
