@@ -112,7 +112,7 @@ def parse_auth(pairs: list[str], auth_file: Path | None) -> tuple[tuple[str, str
 def build_settings(args: argparse.Namespace, environ: dict[str, str]):
     from pydantic import ValidationError
 
-    from engine.settings import Settings
+    from loadstar.engine.settings import Settings
 
     try:
         return Settings(
@@ -171,7 +171,7 @@ def set_library_environment(environ: dict[str, str]) -> None:
 
 def use_private_upload_folder(data_dir: Path) -> None:
     """Gradio's uploads and cached outputs go to ``<data dir>/tmp`` (0700), not a world-readable /tmp folder."""
-    from engine.atomic import private_folder
+    from loadstar.engine.atomic import private_folder
 
     try:
         folder = private_folder(data_dir.resolve(), "tmp")
@@ -181,8 +181,8 @@ def use_private_upload_folder(data_dir: Path) -> None:
 
 
 def list_plugins(settings) -> int:
-    from engine.plugins import PluginHost
-    from engine.user_settings import UserSettingsStore
+    from loadstar.engine.plugins.host import PluginHost
+    from loadstar.engine.user_settings import UserSettingsStore
 
     host = PluginHost(third_party=settings.third_party_plugins,
                       enabled=UserSettingsStore(settings.settings_file).read().extensions)
@@ -206,8 +206,8 @@ def run(argv: list[str]) -> int:
     set_library_environment(os.environ)
     settings = build_settings(args, dict(os.environ))
 
-    from engine.default_model import place_default_model
-    from engine.errors import LoadstarError
+    from loadstar.engine.models.default_model import place_default_model
+    from loadstar.engine.errors import LoadstarError
 
     if args.place_default_model:
         print(f"default model in {place_default_model(settings.models_dir)}")
@@ -225,7 +225,7 @@ def run(argv: list[str]) -> int:
     check_port_free(settings.host, settings.port)
     use_private_upload_folder(settings.data_dir)
 
-    from engine.engine import Engine
+    from loadstar.engine.facade import Engine
 
     engine = Engine(settings)
     for problem in engine.plugins.problems:
@@ -234,8 +234,8 @@ def run(argv: list[str]) -> int:
 
     import uvicorn
 
-    from api.app import build_http_app
-    from webui.asgi import mount_ui
+    from loadstar.api.app import build_http_app
+    from loadstar.webui.asgi import mount_ui
 
     app = mount_ui(build_http_app(engine), engine)
     where = f"http://{settings.host}:{settings.port}"
@@ -270,8 +270,8 @@ def build_download_parser() -> argparse.ArgumentParser:
 
 def run_download(argv: list[str], environ: dict[str, str]) -> int:
     args = build_download_parser().parse_args(argv)
-    from engine.downloads import DownloadCancelled, HubClient, download
-    from engine.hub_names import BadModelNameError, parse_model_name
+    from loadstar.engine.hub.downloads import DownloadCancelled, HubClient, download
+    from loadstar.engine.hub.names import BadModelNameError, parse_model_name
 
     try:
         ref = parse_model_name(args.name)
@@ -310,9 +310,9 @@ def run_download(argv: list[str], environ: dict[str, str]) -> int:
 
 
 def list_branches(client, repo_id: str) -> int:
-    from engine.branch_picker import list_branches as rows_for, list_gguf_files, memory_budget
-    from engine.model_folder import format_size
-    from engine.plugins import PluginHost
+    from loadstar.engine.hub.branch_picker import list_branches as rows_for, list_gguf_files, memory_budget
+    from loadstar.engine.models.folder import format_size
+    from loadstar.engine.plugins.host import PluginHost
 
     budget = memory_budget()
     loaders = PluginHost().loaders()
@@ -334,7 +334,7 @@ def list_branches(client, repo_id: str) -> int:
 
 
 def main() -> None:
-    from engine.errors import LoadstarError
+    from loadstar.engine.errors import LoadstarError
 
     try:
         if sys.argv[1:2] == ["download"]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api.errors import install_error_handlers
-from api.limits import BodyLimit
-from api.openai_routes import build_router
-from api.security import ApiKeys
-from engine.engine import Engine
+from loadstar.api.errors import install_error_handlers
+from loadstar.api.limits import BodyLimit
+from loadstar.api.openai_routes import build_router
+from loadstar.api.security import ApiKeys
+from loadstar.engine.facade import Engine
 
 
 def build_http_app(engine: Engine) -> FastAPI:

@@ -14,7 +14,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.settings import is_loopback_host
+from loadstar.engine.settings import is_loopback_host
 
 
 def host_name(host_header: str) -> str:

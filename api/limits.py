@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from api.errors import error_body
+from loadstar.api.errors import error_body
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 

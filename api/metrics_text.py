@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.loader_api import LoadedModelInfo
-from engine.metrics import MetricsSnapshot
+from loadstar.engine.models.loader_api import LoadedModelInfo
+from loadstar.engine.generation.metrics import MetricsSnapshot
 
 
 def _label(value: str) -> str:

@@ -23,21 +23,22 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
-from api.errors import ApiError, error_body
-from api.metrics_text import render_metrics
-from api.schemas import (
+from loadstar.api.errors import ApiError, error_body
+from loadstar.api.metrics_text import render_metrics
+from loadstar.api.schemas import (
     ChatCompletionRequest, ChatMessageIn, CompletionRequest, DownloadRequest, LoadRequest, NamedToolChoice, SamplingFields,
 )
-from api.security import ApiKeys
-from engine.chat import ChatMessage
-from engine.download_jobs import DownloadJob
-from engine.downloads import progress_dict
-from engine.engine import Engine
-from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError, problem_line
-from engine.generation import Finished, GenerationEvent, GenerationHandle, GenerationRequest, Queued, Started, TextDelta
-from engine.loader_api import FEATURE_LOGPROBS, OutputSpec, TokenChoice, TokenLogprob
-from engine.sampling import SEED_MAX, SamplingParams
-from engine.tool_calls import ToolCall, ToolUse
+from loadstar.api.security import ApiKeys
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.hub.jobs import DownloadJob
+from loadstar.engine.hub.downloads import progress_dict
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import BadRequestError, LoadstarError, ModelNotFoundError, problem_line
+from loadstar.engine.generation.service import GenerationHandle
+from loadstar.engine.generation.requests import Finished, GenerationEvent, GenerationRequest, Queued, Started, TextDelta
+from loadstar.engine.models.loader_api import FEATURE_LOGPROBS, OutputSpec, TokenChoice, TokenLogprob
+from loadstar.engine.sampling import SEED_MAX, SamplingParams
+from loadstar.engine.chat.tool_calls import ToolCall, ToolUse
 
 
 POLL_SECONDS = 0.25  # how often a waiting request looks whether its client went away

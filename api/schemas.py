@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.generation import MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
-from engine.sampling import SEED_MAX
+from loadstar.engine.generation.requests import MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+from loadstar.engine.sampling import SEED_MAX
 
 
 class TextPart(BaseModel):

@@ -7,7 +7,7 @@ import hmac
 
 from fastapi import Request
 
-from api.errors import ApiError
+from loadstar.api.errors import ApiError
 
 
 def _bearer(request: Request) -> str | None:

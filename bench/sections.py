@@ -30,14 +30,14 @@ def p95(values: list[float]) -> float:
 
 
 def _engine(models_dir: Path, data_dir: Path):
-    from engine.engine import Engine
-    from engine.settings import Settings
+    from loadstar.engine.facade import Engine
+    from loadstar.engine.settings import Settings
 
     return Engine(Settings(models_dir=models_dir, data_dir=data_dir))
 
 
 def _default_models(tmp: Path) -> Path:
-    from engine.default_model import place_default_model
+    from loadstar.engine.models.default_model import place_default_model
 
     models = tmp / "models"
     place_default_model(models)
@@ -52,9 +52,9 @@ def _prompt(run: int) -> str:
 
 
 def decode(runs: int, tokens: int) -> dict[str, Any]:
-    from engine.default_model import DEFAULT_MODEL_NAME
-    from engine.generation import GenerationRequest, TextDelta, Finished
-    from engine.sampling import SamplingParams
+    from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
+    from loadstar.engine.generation.requests import GenerationRequest, TextDelta, Finished
+    from loadstar.engine.sampling import SamplingParams
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
     models = _default_models(tmp)
@@ -155,10 +155,10 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
 
 def _second_turn(models: Path, data: Path) -> dict[str, Any]:
     """A two-turn chat through the engine: prompt tokens llama.cpp evaluated on each turn."""
-    from engine.chat import ChatMessage
-    from engine.default_model import DEFAULT_MODEL_NAME
-    from engine.generation import GenerationRequest
-    from engine.sampling import SamplingParams
+    from loadstar.engine.chat.messages import ChatMessage
+    from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
+    from loadstar.engine.generation.requests import GenerationRequest
+    from loadstar.engine.sampling import SamplingParams
 
     engine = _engine(models, data)
     engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp")
@@ -209,7 +209,7 @@ def _api_stream(
     the server's. Without it, a new client per request (the concurrency section's threads)."""
     import httpx
 
-    from engine.default_model import DEFAULT_MODEL_NAME
+    from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
 
     body: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "temperature": 0, "max_tokens": tokens, "stream": True,
                             "stream_options": {"include_usage": True}}
@@ -283,8 +283,8 @@ def _ui_decode(port: int, runs: int, tokens: int) -> dict[str, list[float]]:
 # -- 2. CPU GPTQ kernels vs fp32 and bf16 ----------------------------------------------------------
 
 def kernels(runs: int, tokens: int) -> dict[str, Any]:
-    from engine.generation import GenerationRequest
-    from engine.sampling import SamplingParams
+    from loadstar.engine.generation.requests import GenerationRequest
+    from loadstar.engine.sampling import SamplingParams
     from tests.checkpoints import cached, gptq_checkpoint, smollm2_safetensors
 
     cache = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
@@ -327,10 +327,10 @@ def gptq_accuracy(runs: int) -> dict[str, Any]:
     writes the same answer, and decode speed. The loader's kernel table comes from here."""
     import gc
 
-    from loaders.autogptq_loader import CPU_KERNELS, DENSE
+    from loadstar.loaders.autogptq_loader import CPU_KERNELS, DENSE
     from tests.checkpoints import gptq_checkpoint
     from tests.kernel_accuracy import decode_speed, exact_model, greedy, kernel_model, logits, max_error, prompt_ids
-    from engine.gptq_tensors import infer_gptq_from_safetensors
+    from loadstar.engine.models.gptq_tensors import infer_gptq_from_safetensors
 
     cache = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
     combos = {"4bit-g64-act": (4, 64, True), "4bit-g128": (4, 128, False), "8bit-nogroup-act": (8, -1, True),
@@ -427,8 +427,8 @@ def llamacpp_build(runs: int) -> dict[str, Any]:
 def downloads(runs: int, size_mib: int) -> dict[str, Any]:
     from huggingface_hub import snapshot_download
 
-    from engine.downloads import HubClient, download
-    from engine.hub_names import ModelRef
+    from loadstar.engine.hub.downloads import HubClient, download
+    from loadstar.engine.hub.names import ModelRef
     from tests.hub_standin import HubStandIn
 
     hub = HubStandIn().start()
@@ -634,8 +634,8 @@ def gpu(runs: int, tokens: int) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device on this machine"}
-    from engine.generation import GenerationRequest
-    from engine.sampling import SamplingParams
+    from loadstar.engine.generation.requests import GenerationRequest
+    from loadstar.engine.sampling import SamplingParams
     from tests.checkpoints import gptq_checkpoint
 
     cache = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.atomic import write_atomic
+from loadstar.engine.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import ModelLoadError
-from engine.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors
-from engine.hookspecs import hookimpl
-from engine.load_failures import load_failure
-from engine.loader_api import Assessment, Availability, LoadedModelInfo
-from engine.model_folder import ModelFolder, Quantization, weight_format
-from loaders.derived_folder import derived_folder
-from loaders.gptq_dense import dense_bytes, load_dense
-from loaders.hf_causal_lm import HFCausalLM
+from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.models.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors
+from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar.engine.models.load_failures import load_failure
+from loadstar.engine.models.loader_api import Assessment, Availability, LoadedModelInfo
+from loadstar.engine.models.folder import ModelFolder, Quantization, weight_format
+from loadstar.loaders.derived_folder import derived_folder
+from loadstar.loaders.gptq_dense import dense_bytes, load_dense
+from loadstar.loaders.hf_causal_lm import HFCausalLM
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import ModelLoadError
-from engine.hookspecs import hookimpl
-from engine.load_failures import load_failure
-from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
-from engine.model_folder import ModelFolder
-from engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
-from loaders.derived_folder import derived_folder
-from loaders.tokenizer_facts import TokenizerPrompts
+from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar.engine.models.load_failures import load_failure
+from loadstar.engine.models.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from loadstar.engine.models.folder import ModelFolder
+from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
+from loadstar.loaders.derived_folder import derived_folder
+from loadstar.loaders.tokenizer_facts import TokenizerPrompts
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError
-from engine.model_folder import Quantization
+from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.models.folder import Quantization
 
 
 def dense_bytes(weight_bytes: int, bits: int) -> int:
@@ -31,7 +31,7 @@ def load_dense(folder: Path, gptq: Quantization) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from engine.gptq_dequant import dequantize_layer
+    from loadstar.engine.models.gptq_dequant import dequantize_layer
 
     if gptq.bits is None or 32 % gptq.bits:
         raise ModelLoadError(f"the exact float32 path unpacks 2, 4 and 8 bits, not {gptq.bits}")

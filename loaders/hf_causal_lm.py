@@ -12,9 +12,9 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
-from engine.loader_api import CancelToken, LoadedModelInfo, StreamPiece
-from engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
-from loaders.tokenizer_facts import TokenizerPrompts
+from loadstar.engine.models.loader_api import CancelToken, LoadedModelInfo, StreamPiece
+from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
+from loadstar.loaders.tokenizer_facts import TokenizerPrompts
 
 log = logging.getLogger(__name__)
 

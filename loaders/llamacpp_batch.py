@@ -23,12 +23,12 @@ import codecs
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import BadRequestError
-from engine.loader_api import OutputSpec, SequenceStep, StreamPiece, TokenChoice, TokenLogprob
-from engine.sampling import SamplingParams
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.models.loader_api import OutputSpec, SequenceStep, StreamPiece, TokenChoice, TokenLogprob
+from loadstar.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from loaders.llamacpp_loader import LlamaCppModel
+    from loadstar.loaders.llamacpp_loader import LlamaCppModel
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama-cpp-python's default)
 

@@ -28,18 +28,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import ModelLoadError
-from engine.hookspecs import hookimpl
-from engine.load_failures import load_failure
-from engine.loader_api import (
+from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar.engine.models.load_failures import load_failure
+from loadstar.engine.models.loader_api import (
     FEATURE_GRAMMAR, FEATURE_LOGPROBS, Assessment, Availability, CancelToken, LoadedModelInfo, MemoryEstimate,
     OutputSpec, StreamPiece,
 )
-from engine.model_folder import GGUFModelFile, ModelFolder, gguf_models, missing_parts
-from engine.sampling import SamplingParams, prompt_budget
+from loadstar.engine.models.folder import GGUFModelFile, ModelFolder, gguf_models, missing_parts
+from loadstar.engine.sampling import SamplingParams, prompt_budget
 
 if TYPE_CHECKING:
-    from loaders.llamacpp_batch import LlamaCppBatch
+    from loadstar.loaders.llamacpp_batch import LlamaCppBatch
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class LlamaCppModel:
     supported_params = SUPPORTED
 
     def __init__(self, llm: Any, info: LoadedModelInfo, max_batch: int = 1) -> None:
-        from loaders.llamacpp_batch import LlamaCppBatch
+        from loadstar.loaders.llamacpp_batch import LlamaCppBatch
 
         self._llm = llm
         self.info = info

@@ -17,12 +17,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import ModelLoadError
-from engine.hookspecs import hookimpl
-from engine.load_failures import load_failure
-from engine.loader_api import Assessment, Availability, LoadedModelInfo
-from engine.model_folder import ModelFolder
-from loaders.hf_causal_lm import HFCausalLM
+from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar.engine.models.load_failures import load_failure
+from loadstar.engine.models.loader_api import Assessment, Availability, LoadedModelInfo
+from loadstar.engine.models.folder import ModelFolder
+from loadstar.loaders.hf_causal_lm import HFCausalLM
 
 log = logging.getLogger(__name__)
 

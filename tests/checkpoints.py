@@ -19,7 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
-from engine.default_model import DEFAULT_MODEL_FILE, default_model_source
+from loadstar.engine.models.default_model import DEFAULT_MODEL_FILE, default_model_source
 
 ROOT = Path(__file__).resolve().parent.parent
 

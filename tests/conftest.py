@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def default_models_dir(tmp_path_factory) -> Path:
     """A models folder holding only the embedded default model (hard-linked, no copy)."""
-    from engine.default_model import place_default_model
+    from loadstar.engine.models.default_model import place_default_model
 
     models = tmp_path_factory.mktemp("models")
     place_default_model(models)
@@ -28,8 +28,8 @@ def default_models_dir(tmp_path_factory) -> Path:
 def real_engine(default_models_dir, tmp_path_factory):
     """An engine with the real embedded default model loaded through Transformers (shared: loading
     takes ~10 s). The tests of the llama.cpp loader, the default for GGUF, have their own engine."""
-    from engine.engine import Engine
-    from engine.settings import Settings
+    from loadstar.engine.facade import Engine
+    from loadstar.engine.settings import Settings
 
     engine = Engine(Settings(models_dir=default_models_dir, data_dir=tmp_path_factory.mktemp("data"),
                              loader="Transformers"))
@@ -50,7 +50,7 @@ def checkpoint_cache() -> Path:
 @pytest.fixture(scope="session")
 def ui_server(tmp_path_factory):
     """server.py with the default model and a folder without weights, shared by the browser tests."""
-    from engine.default_model import place_default_model
+    from loadstar.engine.models.default_model import place_default_model
     from tests.folders import hf_folder
     from tests.helpers import running_server
 

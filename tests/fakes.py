@@ -9,13 +9,13 @@ from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.engine import Engine
-from engine.hookspecs import hookimpl
-from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, SequenceStep, StreamPiece
-from engine.model_folder import ModelFolder
-from engine.plugins import PluginHost
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from loadstar.engine.facade import Engine
+from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar.engine.models.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, SequenceStep, StreamPiece
+from loadstar.engine.models.folder import ModelFolder
+from loadstar.engine.plugins.host import PluginHost
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
 
 
 class FakeModel:

@@ -16,7 +16,7 @@ QUESTION = "What is the capital of France?"
 
 
 def gptq_of(folder: Path) -> Any:
-    from engine.model_folder import Quantization
+    from loadstar.engine.models.folder import Quantization
 
     config = json.loads((folder / "quantize_config.json").read_text())
     return Quantization(method="gptq", source="quantize_config.json", bits=config["bits"],
@@ -34,7 +34,7 @@ def prompt_ids(folder: Path) -> Any:
 
 
 def exact_model(folder: Path) -> Any:
-    from loaders.gptq_dense import load_dense
+    from loadstar.loaders.gptq_dense import load_dense
 
     return load_dense(folder, gptq_of(folder))
 

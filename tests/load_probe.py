@@ -14,8 +14,8 @@ from pathlib import Path
 def main(models_dir: str, data_dir: str, model: str, loader: str) -> None:
     import psutil
 
-    from engine.engine import Engine
-    from engine.settings import Settings
+    from loadstar.engine.facade import Engine
+    from loadstar.engine.settings import Settings
 
     engine = Engine(Settings(models_dir=Path(models_dir), data_dir=Path(data_dir)))
     engine.plugins.loaders()

@@ -7,7 +7,7 @@ import urllib.request
 import httpx
 import pytest
 
-from engine.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, DEFAULT_MODEL_SYSTEM_MESSAGE, place_default_model
+from loadstar.engine.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, DEFAULT_MODEL_SYSTEM_MESSAGE, place_default_model
 from tests.helpers import CAPITAL_QUESTION, run_concurrently, running_server
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, place_default_model
+from loadstar.engine.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, place_default_model
 from tests.helpers import CAPITAL_QUESTION, running_server
 
 pytestmark = pytest.mark.slow

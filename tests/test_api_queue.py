@@ -5,10 +5,10 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import build_http_app
-from engine.engine import Engine
-from engine.plugins import PluginHost
-from engine.settings import Settings
+from loadstar.api.app import build_http_app
+from loadstar.engine.facade import Engine
+from loadstar.engine.plugins.host import PluginHost
+from loadstar.engine.settings import Settings
 from tests.fakes import FakeLoader, FakeModel, engine_with
 from tests.folders import hf_folder
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 import uvicorn
 
-from api.app import build_http_app
-from engine.engine import Engine
+from loadstar.api.app import build_http_app
+from loadstar.engine.facade import Engine
 from tests.fakes import FakeBatchModel, FakeLoader, engine_with
 from tests.folders import hf_folder
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.conversations import Conversation, ConversationStore
-from engine.errors import BadRequestError
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.chat.conversations import Conversation, ConversationStore
+from loadstar.engine.errors import BadRequestError
 from tests.conftest import ROOT
 
 
@@ -69,8 +69,8 @@ WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from engine.chat import ChatMessage
-    from engine.conversations import Conversation, ConversationStore
+    from loadstar.engine.chat.messages import ChatMessage
+    from loadstar.engine.chat.conversations import Conversation, ConversationStore
     store = ConversationStore(Path(sys.argv[2]))
     conversation = Conversation(id="00000000000000aa", messages=[])
     turn = 0

@@ -3,7 +3,7 @@
 import inspect
 from pathlib import Path
 
-from engine import hookspecs
+from loadstar.engine.plugins import hookspecs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "PLUGINS.md"
 

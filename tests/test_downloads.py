@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from engine.downloads import METADATA_FILE, DownloadError, HubClient, download
-from engine.hub_names import BadModelNameError, ModelRef, parse_model_name
-from engine.model_folder import inspect_model_folder, list_model_folders
+from loadstar.engine.hub.downloads import METADATA_FILE, DownloadError, HubClient, download
+from loadstar.engine.hub.names import BadModelNameError, ModelRef, parse_model_name
+from loadstar.engine.models.folder import inspect_model_folder, list_model_folders
 from tests.helpers import ROOT, assert_one_line_error, run_server
 from tests.hub_standin import HubStandIn
 
@@ -224,8 +224,8 @@ def test_killed_download_resumes_with_little_transferred_again(hub, tmp_path):
 
 
 def test_branch_listing_shows_quantization_size_loaders_and_memory(hub):
-    from engine.branch_picker import MemoryBudget, kv_cache_bytes, list_branches
-    from engine.plugins import PluginHost
+    from loadstar.engine.hub.branch_picker import MemoryBudget, kv_cache_bytes, list_branches
+    from loadstar.engine.plugins.host import PluginHost
 
     rows = list_branches(client_for(hub), REPO, PluginHost().loaders(), MemoryBudget(ram_free=8 << 30, vram_free=None))
     assert [r.branch for r in rows] == ["main", "gptq-4bit-32g-actorder_True", "gptq-8bit--1g-actorder_True"]
@@ -263,7 +263,7 @@ def test_cli_lists_branches_and_reports_errors_in_one_line(hub, tmp_path):
 
 
 def test_cancel_leaves_a_resumable_partial_and_the_app_free(hub, tmp_path):
-    from engine.download_jobs import DownloadManager
+    from loadstar.engine.hub.jobs import DownloadManager
 
     size = new_main_weights(hub, 4096, 7)  # 4 MiB
     hub.faults.bytes_per_second = 2 * 1024 * 1024
@@ -302,7 +302,7 @@ def test_the_stand_in_serves_huggingface_hubs_own_snapshot_download(hub, tmp_pat
 
 
 def test_an_unreachable_hub_and_a_bad_models_dir_are_one_line_errors(hub, tmp_path):
-    from engine.download_jobs import DownloadManager
+    from loadstar.engine.hub.jobs import DownloadManager
     from tests.helpers import free_port
 
     nowhere = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
@@ -334,8 +334,8 @@ def gguf_bytes(tmp_path, padding: int) -> bytes:
 
 
 def test_a_gguf_repo_lists_every_quant_file_and_downloads_split_parts_together(hub, tmp_path):
-    from engine.branch_picker import GGUF_HEAD_BYTES, MemoryBudget, list_gguf_files
-    from engine.plugins import PluginHost
+    from loadstar.engine.hub.branch_picker import GGUF_HEAD_BYTES, MemoryBudget, list_gguf_files
+    from loadstar.engine.plugins.host import PluginHost
 
     big = gguf_bytes(tmp_path, 300_000)
     hub.repo("TheBloke/Some-GGUF").add_commit("main", {

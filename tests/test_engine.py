@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from engine.default_model import DEFAULT_MODEL_NAME, place_default_model
-from engine.errors import ModelLoadError, ModelNotFoundError, NoLoaderError
-from engine.settings import Settings
+from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME, place_default_model
+from loadstar.engine.errors import ModelLoadError, ModelNotFoundError, NoLoaderError
+from loadstar.engine.settings import Settings
 from tests.fakes import FakeLoader, engine_with
 from tests.folders import hf_folder
 
@@ -83,7 +83,7 @@ def test_damaged_settings_file_is_ignored(tmp_path):
 
 
 def test_stop_reaches_only_the_owner(tmp_path):
-    from engine.generation import GenerationRequest
+    from loadstar.engine.generation.requests import GenerationRequest
     from tests.fakes import FakeModel
 
     class SlowLoader(FakeLoader):
@@ -149,7 +149,7 @@ def test_per_model_settings_are_restored_by_exact_folder_name(tmp_path):
 
 
 def test_reload_without_a_model_is_an_error(tmp_path):
-    from engine.errors import BadRequestError
+    from loadstar.engine.errors import BadRequestError
 
     with pytest.raises(BadRequestError, match="no model is loaded"):
         engine_with(tmp_path, FakeLoader("Good")).reload_model()
@@ -158,7 +158,7 @@ def test_reload_without_a_model_is_an_error(tmp_path):
 def test_a_load_cancelled_while_it_runs_never_replaces_the_current_model(tmp_path):
     import threading
 
-    from engine.errors import LoadCancelled
+    from loadstar.engine.errors import LoadCancelled
 
     slow = FakeLoader("Slow", load_seconds=0.5)
     engine = engine_with(tmp_path, slow)

@@ -10,19 +10,19 @@ import textwrap
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.engine import Engine
-from engine.generation import GenerationRequest, Started, TextDelta
-from engine.hookspecs import hookimpl
-from engine.plugins import PluginHost
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.facade import Engine
+from loadstar.engine.generation.requests import GenerationRequest, Started, TextDelta
+from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar.engine.plugins.host import PluginHost
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
 from tests.helpers import CAPITAL_QUESTION
 
 HOOKS = textwrap.dedent('''
     """loadstar-hooktest: one implementation of each request hook, with effects a test can see."""
-    from engine.hookspecs import hookimpl
-    from engine.loader_api import StreamPiece
+    from loadstar.engine.plugins.hookspecs import hookimpl
+    from loadstar.engine.models.loader_api import StreamPiece
 
     @hookimpl
     def modify_request(request):
@@ -50,7 +50,7 @@ HOOKS = textwrap.dedent('''
 ''')
 RAISER = textwrap.dedent('''
     """loadstar-raiser: a broken extension."""
-    from engine.hookspecs import hookimpl
+    from loadstar.engine.plugins.hookspecs import hookimpl
 
     @hookimpl
     def modify_request(request):
@@ -180,9 +180,9 @@ def test_the_example_extension_works_end_to_end_with_its_own_loader(tmp_path):
 
 
 def test_reply_rules_apply_saved_rules_and_refuse_bad_ones(tmp_path):
-    from extensions.reply_rules import rules_from_rows
+    from loadstar.extensions.reply_rules import rules_from_rows
 
-    from engine.errors import BadRequestError
+    from loadstar.engine.errors import BadRequestError
 
     book = rules_from_rows([["As an AI language model, ", "", False], [r"\s+$", "", True], ["", "", False]])
     assert book.apply("As an AI language model, I think so.   ") == "I think so."

@@ -4,11 +4,12 @@ from contextlib import contextmanager
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.errors import BadRequestError
-from engine.generation import Finished, GenerationRequest, GenerationService, Queued, Started, TextDelta
-from engine.loader_api import StreamPiece
-from engine.sampling import SamplingParams
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.generation.service import GenerationService
+from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
+from loadstar.engine.models.loader_api import StreamPiece
+from loadstar.engine.sampling import SamplingParams
 from tests.fakes import FakeModel
 
 

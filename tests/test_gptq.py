@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import pytest
 
-from engine.chat import ChatMessage
-from engine.engine import Engine
-from engine.errors import LoadstarError, ModelLoadError
-from engine.generation import GenerationRequest
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadstarError, ModelLoadError
+from loadstar.engine.generation.requests import GenerationRequest
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
 from tests.checkpoints import LEGACY_STEM, gptq_checkpoint, legacy_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -138,7 +138,7 @@ def test_plain_dequantization_matches_the_packed_kernels_layer(engine, models_di
     import torch
     from safetensors.torch import load_file
 
-    from engine.gptq_dequant import dequantize_layer
+    from loadstar.engine.models.gptq_dequant import dequantize_layer
 
     bits, group = CHECKPOINTS[name][:2]
     tensors = {k: v.float().numpy() if v.is_floating_point() else v.numpy()

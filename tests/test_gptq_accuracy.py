@@ -8,11 +8,11 @@ answers the greedy question exactly as the exact dequantization does.
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.engine import Engine
-from engine.generation import GenerationRequest
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.facade import Engine
+from loadstar.engine.generation.requests import GenerationRequest
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
 from tests.checkpoints import gptq_checkpoint
 from tests.kernel_accuracy import QUESTION, exact_model, kernel_model, logits, max_error, prompt_ids
 
@@ -53,8 +53,8 @@ LAYER = "model.layers.3.mlp.down_proj"
 
 @pytest.mark.parametrize("name", list(COMBOS))
 def test_each_kernel_stays_within_its_stated_error_bound(folders, exact, name):
-    from engine.gptq_tensors import infer_gptq_from_safetensors
-    from loaders.autogptq_loader import ACCURACY_BOUND, CPU_KERNELS, DENSE, choose_kernel, kernel_error
+    from loadstar.engine.models.gptq_tensors import infer_gptq_from_safetensors
+    from loadstar.loaders.autogptq_loader import ACCURACY_BOUND, CPU_KERNELS, DENSE, choose_kernel, kernel_error
     from tests.kernel_accuracy import gptq_of
 
     folder = folders[name]

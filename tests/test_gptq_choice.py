@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from engine.gptq_tensors import filename_hint, infer_gptq_from_safetensors
-from engine.loader_choice import choose_loader, rank_loaders
-from engine.model_folder import Quantization, inspect_model_folder
-from loaders.autogptq_loader import AutoGPTQLoader, choose_kernel
-from loaders.exllamav2_loader import ExLlamaV2Loader, rope_fix
-from loaders.transformers_loader import TransformersLoader
+from loadstar.engine.models.gptq_tensors import filename_hint, infer_gptq_from_safetensors
+from loadstar.engine.models.choice import choose_loader, rank_loaders
+from loadstar.engine.models.folder import Quantization, inspect_model_folder
+from loadstar.loaders.autogptq_loader import AutoGPTQLoader, choose_kernel
+from loadstar.loaders.exllamav2_loader import ExLlamaV2Loader, rope_fix
+from loadstar.loaders.transformers_loader import TransformersLoader
 from tests.folders import hf_folder, write_json, write_safetensors
 
 
@@ -108,7 +108,7 @@ def test_3bit_offered_to_exllamav2_is_refused_with_a_reason(tmp_path):
     folder = inspect_model_folder(hf_folder(tmp_path, "q3b", config={"architectures": ["LlamaForCausalLM"]}))
     write_json(folder.path / "quantize_config.json", {"bits": 3, "group_size": 128, "desc_act": False})
     folder = inspect_model_folder(folder.path)
-    from engine.errors import NoLoaderError
+    from loadstar.engine.errors import NoLoaderError
 
     with pytest.raises(NoLoaderError, match="ExLlamaV2: cannot load, 3-bit: ExLlamaV2 runs 4-bit GPTQ only"):
         choose_loader(folder, loaders(cuda=True), pinned="ExLlamaV2")
@@ -136,7 +136,7 @@ def test_quantize_config_contradicting_tensors_is_refused(tmp_path):
     write_safetensors(folder / "model.safetensors", gptq_tensors(4, 64))
     write_json(folder / "quantize_config.json", {"bits": 8, "group_size": 64, "desc_act": False})
     record = inspect_model_folder(folder)
-    from engine.errors import NoLoaderError
+    from loadstar.engine.errors import NoLoaderError
 
     with pytest.raises(NoLoaderError, match="quantize_config.json says bits=8 but the tensors in model.safetensors have bits=4"):
         choose_loader(record, loaders(cuda=False))
@@ -151,7 +151,7 @@ def test_truncated_gptq_weights_are_refused_by_name(tmp_path):
     folder = gptq_folder(tmp_path, "cut", 4)
     data = (folder.path / "model.safetensors").read_bytes()
     (folder.path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    from engine.errors import NoLoaderError
+    from loadstar.engine.errors import NoLoaderError
 
     with pytest.raises(NoLoaderError, match="model.safetensors is truncated"):
         choose_loader(inspect_model_folder(folder.path), loaders(cuda=False))
@@ -184,7 +184,7 @@ def test_exllamav2_gets_rope_theta_at_the_top_level():
 
 @pytest.mark.parametrize("shape", [[0, 64], [64], "64x64", [64, -1], [64, 2.5]])
 def test_a_header_with_impossible_gptq_shapes_is_a_one_line_error(shape):
-    from engine.gptq_tensors import gptq_from_header
+    from loadstar.engine.models.gptq_tensors import gptq_from_header
 
     header = {f"m.{part}": {"dtype": "I32", "shape": [8, 64], "data_offsets": [0, 4]}
               for part in ("qweight", "qzeros", "scales")}
@@ -194,8 +194,8 @@ def test_a_header_with_impossible_gptq_shapes_is_a_one_line_error(shape):
 
 
 def test_the_picker_never_fetches_a_huge_tensor_a_hostile_header_names():
-    from engine.branch_picker import MAX_REMOTE_TENSOR, remote_tensor_gptq
-    from engine.downloads import HubClient
+    from loadstar.engine.hub.branch_picker import MAX_REMOTE_TENSOR, remote_tensor_gptq
+    from loadstar.engine.hub.downloads import HubClient
     from tests.hub_standin import HubStandIn
 
     header = {"m.qweight": {"dtype": "I32", "shape": [72, 576], "data_offsets": [0, 165888]},

@@ -10,16 +10,16 @@ from contextlib import contextmanager
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.engine import Engine
-from engine.errors import LoadstarError
-from engine.generation import Finished, GenerationRequest, Started, TextDelta
-from engine.sampling import SamplingParams
-from engine.settings import Settings
-from engine.model_folder import gguf_models, missing_parts
-from loaders.llamacpp_loader import LOADER_NAME
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadstarError
+from loadstar.engine.generation.requests import Finished, GenerationRequest, Started, TextDelta
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
+from loadstar.engine.models.folder import gguf_models, missing_parts
+from loadstar.loaders.llamacpp_loader import LOADER_NAME
 from tests.folders import gguf_folder
-from engine.default_model import DEFAULT_MODEL_SYSTEM_MESSAGE
+from loadstar.engine.models.default_model import DEFAULT_MODEL_SYSTEM_MESSAGE
 from tests.helpers import CAPITAL_QUESTION
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ STORY = (ChatMessage(role="user", content="Write a short story about a cat who f
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """The default model in a models folder of this module's own (tests add bad folders beside it)."""
-    from engine.default_model import place_default_model
+    from loadstar.engine.models.default_model import place_default_model
 
     models = tmp_path_factory.mktemp("llamacpp-models")
     place_default_model(models)
@@ -292,8 +292,8 @@ def test_remote_engine_drives_llama_cpps_own_server(engine, llama_cpp_server, tm
 
 
 def test_the_memory_estimate_is_the_file_plus_the_kv_cache_for_the_context(default_models_dir):
-    from engine.model_folder import inspect_model_folder
-    from loaders.llamacpp_loader import LlamaCppLoader, LlamaCppOptions
+    from loadstar.engine.models.folder import inspect_model_folder
+    from loadstar.loaders.llamacpp_loader import LlamaCppLoader, LlamaCppOptions
 
     folder = inspect_model_folder(default_models_dir / MODEL)
     loader = LlamaCppLoader()

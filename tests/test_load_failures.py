@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from engine.load_failures import load_failure, pickle_globals
+from loadstar.engine.models.load_failures import load_failure, pickle_globals
 
 
 class _Opens:

@@ -1,8 +1,8 @@
 import pytest
 
-from engine.errors import NoLoaderError
-from engine.loader_choice import choose_loader, rank_loaders
-from engine.model_folder import inspect_model_folder
+from loadstar.engine.errors import NoLoaderError
+from loadstar.engine.models.choice import choose_loader, rank_loaders
+from loadstar.engine.models.folder import inspect_model_folder
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder
 

@@ -2,8 +2,8 @@ import struct
 
 import pytest
 
-from engine.errors import BadModelFolderError, ModelNotFoundError
-from engine.model_folder import inspect_model_folder, list_model_folders, resolve_model_folder
+from loadstar.engine.errors import BadModelFolderError, ModelNotFoundError
+from loadstar.engine.models.folder import inspect_model_folder, list_model_folders, resolve_model_folder
 from tests.folders import gguf_folder, hf_folder, llama_config, write_json
 
 

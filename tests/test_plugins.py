@@ -1,6 +1,6 @@
 from importlib.metadata import EntryPoint
 
-from engine.plugins import PluginHost
+from loadstar.engine.plugins.host import PluginHost
 from tests.fakes import FakeLoader
 
 
@@ -60,7 +60,7 @@ def test_each_host_is_independent():
 
 
 def test_registering_an_object_plugin_directly():
-    from engine.hookspecs import hookimpl
+    from loadstar.engine.plugins.hookspecs import hookimpl
 
     class Plugin:
         @hookimpl

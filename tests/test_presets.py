@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from engine.errors import BadRequestError
-from engine.presets import BUILTIN_PRESETS_DIR, PresetStore, generation_config_defaults, model_system_message
-from engine.sampling import SamplingParams
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.chat.presets import BUILTIN_PRESETS_DIR, PresetStore, generation_config_defaults, model_system_message
+from loadstar.engine.sampling import SamplingParams
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder
 from tests.test_engine import engine_with
@@ -84,8 +84,8 @@ def test_presets_apply_on_top_of_the_loaded_models_defaults(tmp_path):
 
 
 def test_a_pinned_prompt_format_is_used_remembered_and_undone(tmp_path):
-    from engine.chat import ChatMessage
-    from engine.generation import GenerationRequest
+    from loadstar.engine.chat.messages import ChatMessage
+    from loadstar.engine.generation.requests import GenerationRequest
 
     engine = engine_with(tmp_path, FakeLoader("Fake"))
     hf_folder(engine.settings.models_dir, "m")
@@ -104,8 +104,8 @@ def test_a_pinned_prompt_format_is_used_remembered_and_undone(tmp_path):
 
 
 def test_a_model_folders_system_message_is_used_when_the_chat_has_none(tmp_path):
-    from engine.chat import ChatMessage
-    from engine.generation import GenerationRequest
+    from loadstar.engine.chat.messages import ChatMessage
+    from loadstar.engine.generation.requests import GenerationRequest
 
     engine = engine_with(tmp_path, FakeLoader("Fake"))
     folder = hf_folder(engine.settings.models_dir, "m")
@@ -123,7 +123,7 @@ def test_a_model_folders_system_message_is_used_when_the_chat_has_none(tmp_path)
 
 
 def test_the_embedded_model_ships_its_cards_sampling_and_a_system_message(tmp_path):
-    from engine.default_model import DEFAULT_MODEL_SYSTEM_MESSAGE, place_default_model
+    from loadstar.engine.models.default_model import DEFAULT_MODEL_SYSTEM_MESSAGE, place_default_model
 
     folder = place_default_model(tmp_path)
     assert generation_config_defaults(folder) == {"temperature": 0.2, "top_p": 0.9}

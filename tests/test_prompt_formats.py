@@ -2,11 +2,11 @@
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.errors import BadRequestError
-from engine.format_detection import choose_format, guess_format
-from engine.template_sandbox import TemplateRenderer
-from engine.prompt_formats import (
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.chat.format_detection import choose_format, guess_format
+from loadstar.engine.chat.template_sandbox import TemplateRenderer
+from loadstar.engine.chat.prompt_formats import (
     COMPLETION, DEFAULT_SYSTEM_MESSAGE, NAMED_FORMATS, own_format, render,
 )
 
@@ -137,7 +137,7 @@ def test_templates_run_in_a_sandbox():
 
 # -- detection on TheBloke-style cards (issue: the format of a chat model must be found) -----------
 
-from engine.format_detection import NO_FORMAT_NOTICE, format_from_card  # noqa: E402
+from loadstar.engine.chat.format_detection import NO_FORMAT_NOTICE, format_from_card  # noqa: E402
 from tests.thebloke_cards import thebloke_card, yaml_quoted  # noqa: E402
 
 

@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.engine import Engine
-from engine.errors import ModelLoadError
-from engine.generation import GenerationRequest, Started, TextDelta
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.generation.requests import GenerationRequest, Started, TextDelta
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
 from tests.checkpoints import cached, smollm2_safetensors, tiny_random_llama_bin
 from tests.helpers import run_concurrently
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.generation import GenerationRequest, Started, TextDelta
-from engine.sampling import SamplingParams
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.generation.requests import GenerationRequest, Started, TextDelta
+from loadstar.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,12 @@ import urllib.request
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.engine import Engine
-from engine.errors import ModelLoadError
-from engine.generation import Finished, GenerationRequest, Started, TextDelta
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.generation.requests import Finished, GenerationRequest, Started, TextDelta
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
 from tests.helpers import CAPITAL_QUESTION, free_port, running_server
 
 pytestmark = pytest.mark.slow
@@ -126,7 +126,7 @@ def test_unreachable_or_wrong_remote_is_a_one_line_load_error(tmp_path, remote):
 def test_reasoning_streamed_in_its_own_field_becomes_a_think_block():
     import json as json_
 
-    from extensions.remote_engine import _Pieces
+    from loadstar.extensions.remote_engine import _Pieces
 
     def line(**delta):
         return "data: " + json_.dumps({"choices": [{"index": 0, "delta": delta}]})

@@ -1,9 +1,11 @@
 import pytest
 
-from engine.generation import GenerationRequest, GenerationService, TextDelta
-from engine.errors import BadRequestError
-from engine.sampling import SamplingParams
-from engine.stop_strings import StopStringFilter
+from loadstar.engine.generation.service import GenerationService
+
+from loadstar.engine.generation.requests import GenerationRequest, TextDelta
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.generation.stop_strings import StopStringFilter
 from tests.fakes import FakeModel
 from tests.test_generation import Slot
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.downloads import HubClient
+from loadstar.engine.hub.downloads import HubClient
 from tests.checkpoints import LEGACY_STEM, cached, gptq_checkpoint, legacy_checkpoint, smollm2_safetensors
 from tests.helpers import running_server
 from tests.hub_standin import HubStandIn
@@ -72,8 +72,8 @@ def hub(checkpoint_cache):
 
 
 def test_branch_picker_says_what_a_legacy_repo_is_before_download(hub):
-    from engine.branch_picker import MemoryBudget, list_branches
-    from engine.plugins import PluginHost
+    from loadstar.engine.hub.branch_picker import MemoryBudget, list_branches
+    from loadstar.engine.plugins.host import PluginHost
 
     hub.sent.clear()
     rows = {r.branch: r for r in list_branches(HubClient(hub.url), LEGACY_REPO, PluginHost().loaders(),
@@ -83,7 +83,7 @@ def test_branch_picker_says_what_a_legacy_repo_is_before_download(hub):
     assert (main.bits, main.group_size, main.desc_act) == (4, 128, False)
     assert main.best_loader == "AutoGPTQ" and main.warnings == ()
     # What it took to say so: a ranged read of the header's start and one small g_idx tensor.
-    from engine.branch_picker import remote_tensor_gptq
+    from loadstar.engine.hub.branch_picker import remote_tensor_gptq
 
     hub.sent.clear()
     tensors = remote_tensor_gptq(HubClient(hub.url), LEGACY_REPO, main.commit, f"{LEGACY_STEM}.safetensors")

@@ -5,19 +5,19 @@ import textwrap
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.engine import Engine
-from engine.generation import GenerationRequest
-from engine.plugins import PluginHost
-from engine.settings import Settings
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.facade import Engine
+from loadstar.engine.generation.requests import GenerationRequest
+from loadstar.engine.plugins.host import PluginHost
+from loadstar.engine.settings import Settings
 from tests.helpers import ROOT, run_server
 
 PLUGIN = textwrap.dedent('''
     """loadstar-echo: a third-party loader for folders holding echo.json (replies with its text)."""
     import json
     from pydantic import BaseModel, ConfigDict
-    from engine.hookspecs import hookimpl
-    from engine.loader_api import Assessment, Availability, LoadedModelInfo, StreamPiece
+    from loadstar.engine.plugins.hookspecs import hookimpl
+    from loadstar.engine.models.loader_api import Assessment, Availability, LoadedModelInfo, StreamPiece
 
 
     class EchoOptions(BaseModel):

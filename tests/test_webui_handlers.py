@@ -2,12 +2,12 @@
 
 import pytest
 
-from engine.sampling import SamplingParams, parameter_specs
+from loadstar.engine.sampling import SamplingParams, parameter_specs
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder
 from tests.test_engine import engine_with
-from webui.chat_handlers import ChatHandlers, Who, new_state, sampling_from_values, stops_from_text
-from webui.model_handlers import AUTO_LOADER, ModelHandlers
+from loadstar.webui.chat_handlers import ChatHandlers, Who, new_state, sampling_from_values, stops_from_text
+from loadstar.webui.model_handlers import AUTO_LOADER, ModelHandlers
 
 DEFAULTS = tuple(spec.default for spec in parameter_specs())
 ME = Who(owner="me", user=None)
@@ -145,7 +145,7 @@ def test_loading_says_what_is_loading_while_it_loads(tmp_path):
 
 
 def test_a_message_sent_while_answering_stays_in_the_textbox(engine):
-    from engine.generation import GenerationRequest
+    from loadstar.engine.generation.requests import GenerationRequest
 
     with engine.models.use() as model:
         model.delay = 0.05
@@ -160,9 +160,9 @@ def test_a_message_sent_while_answering_stays_in_the_textbox(engine):
 def test_loader_options_send_only_the_chosen_loaders_changed_values():
     import gradio as gr
 
-    from loaders.autogptq_loader import AutoGPTQLoader
-    from loaders.llamacpp_loader import LlamaCppLoader
-    from webui.loader_options import build_loader_options
+    from loadstar.loaders.autogptq_loader import AutoGPTQLoader
+    from loadstar.loaders.llamacpp_loader import LlamaCppLoader
+    from loadstar.webui.loader_options import build_loader_options
 
     with gr.Blocks():
         panel = build_loader_options({"llama.cpp": LlamaCppLoader(), "AutoGPTQ": AutoGPTQLoader()})
@@ -195,7 +195,7 @@ def test_regenerate_keeps_versions_and_switching_picks_one(engine):
 
 
 def test_reasoning_is_collapsed_for_display_and_restored_for_an_edit():
-    from webui.reasoning import displayed, reasoning_source, show_reasoning
+    from loadstar.webui.reasoning import displayed, reasoning_source, show_reasoning
 
     text = "<think>\nIs it Lyon? No: <b>Paris</b> & co.\n</think>\n\nThe capital is Paris."
     shown = show_reasoning(text)

@@ -6,10 +6,10 @@ import gradio as gr
 from fastapi import FastAPI
 from starlette.routing import Mount
 
-from api.host_guard import HostGuard
-from engine.engine import Engine
-from webui.session_binding import SessionBinding
-from webui.ui import CSS, build_ui
+from loadstar.api.host_guard import HostGuard
+from loadstar.engine.facade import Engine
+from loadstar.webui.session_binding import SessionBinding
+from loadstar.webui.ui import CSS, build_ui
 
 MAX_UPLOAD = "20mb"  # the largest file a page may upload (a conversation import is at most 20 MiB)
 

@@ -15,12 +15,12 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from engine.conversations import Conversation, title_from
-from engine.engine import Engine
-from engine.errors import LoadstarError, problem_line
-from engine.generation import Finished, GenerationRequest, Queued, Started, TextDelta
-from engine.sampling import SamplingParams, parameter_specs
-from webui.reasoning import reasoning_source
+from loadstar.engine.chat.conversations import Conversation, title_from
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadstarError, problem_line
+from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
+from loadstar.engine.sampling import SamplingParams, parameter_specs
+from loadstar.webui.reasoning import reasoning_source
 
 State = dict[str, Any]  # a Conversation as a dict, kept per browser session
 UPDATE_INTERVAL = 0.08  # seconds between streamed chat updates

@@ -7,12 +7,12 @@ from typing import Any
 
 import gradio as gr
 
-from engine.engine import Engine
-from webui.chat_handlers import ChatHandlers, ChatUpdate, chat_messages, who
-from webui.conversation_handlers import ConversationHandlers
-from webui.parameters_tab import ParameterControls
-from webui.reasoning import displayed
-from webui.remembered import CLOSE_SIDEBAR_ON_PHONE, remember, remembered
+from loadstar.engine.facade import Engine
+from loadstar.webui.chat_handlers import ChatHandlers, ChatUpdate, chat_messages, who
+from loadstar.webui.conversation_handlers import ConversationHandlers
+from loadstar.webui.parameters_tab import ParameterControls
+from loadstar.webui.reasoning import displayed
+from loadstar.webui.remembered import CLOSE_SIDEBAR_ON_PHONE, remember, remembered
 
 # Chat events run concurrently in Gradio; the engine's own queue orders generation fairly and
 # reports positions, and Stop must never wait behind a running reply.

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from engine.conversations import Conversation
-from engine.engine import Engine
-from engine.errors import LoadstarError, one_line
-from webui.chat_handlers import State, chat_messages, new_state
-from webui.uploads import uploaded_file
+from loadstar.engine.chat.conversations import Conversation
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadstarError, one_line
+from loadstar.webui.chat_handlers import State, chat_messages, new_state
+from loadstar.webui.uploads import uploaded_file
 
 
 def when(timestamp: float, now: float | None = None) -> str:

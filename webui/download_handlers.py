@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import html
 
-from engine.branch_picker import list_branches, list_gguf_files, memory_budget
-from engine.downloads import Progress
-from engine.engine import Engine
-from engine.errors import LoadstarError
-from engine.hub_names import parse_model_name
-from engine.model_folder import format_size
+from loadstar.engine.hub.branch_picker import list_branches, list_gguf_files, memory_budget
+from loadstar.engine.hub.downloads import Progress
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadstarError
+from loadstar.engine.hub.names import parse_model_name
+from loadstar.engine.models.folder import format_size
 
 BRANCH_COLUMNS = ["Branch", "GGUF file", "Quantization", "Download", "Loader here", "Memory"]
 

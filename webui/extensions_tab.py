@@ -11,9 +11,9 @@ from typing import Any
 
 import gradio as gr
 
-from engine.engine import Engine
-from engine.errors import one_line
-from engine.extension_api import UIContext
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import one_line
+from loadstar.engine.plugins.extension_api import UIContext
 
 
 def plugin_rows(engine: Engine) -> list[list[str]]:

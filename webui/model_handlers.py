@@ -10,10 +10,10 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
-from engine.engine import Engine
-from engine.errors import LoadCancelled, LoadstarError
-from engine.loader_choice import LoaderCandidate
-from engine.model_folder import ModelFolder, format_size
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadCancelled, LoadstarError
+from loadstar.engine.models.choice import LoaderCandidate
+from loadstar.engine.models.folder import ModelFolder, format_size
 
 AUTO_LOADER = "auto"
 

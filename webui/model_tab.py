@@ -6,10 +6,10 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from engine.engine import Engine
-from webui.download_handlers import BRANCH_COLUMNS, DownloadHandlers
-from webui.loader_options import build_loader_options
-from webui.model_handlers import AUTO_LOADER, ModelHandlers
+from loadstar.engine.facade import Engine
+from loadstar.webui.download_handlers import BRANCH_COLUMNS, DownloadHandlers
+from loadstar.webui.loader_options import build_loader_options
+from loadstar.webui.model_handlers import AUTO_LOADER, ModelHandlers
 
 
 def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any], Any], models: ModelHandlers) -> None:

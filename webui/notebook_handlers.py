@@ -7,10 +7,10 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from engine.engine import Engine
-from engine.errors import LoadstarError, problem_line
-from engine.generation import Finished, GenerationRequest, Queued, Started, TextDelta
-from webui.chat_handlers import (
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadstarError, problem_line
+from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
+from loadstar.webui.chat_handlers import (
     UPDATE_INTERVAL, finished_status, sampling_from_values, stop_status, stops_from_text,
 )
 

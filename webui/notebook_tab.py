@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from engine.engine import Engine
-from webui.chat_tab import UNLIMITED, who
-from webui.notebook_handlers import NotebookHandlers
-from webui.parameters_tab import ParameterControls
+from loadstar.engine.facade import Engine
+from loadstar.webui.chat_tab import UNLIMITED, who
+from loadstar.webui.notebook_handlers import NotebookHandlers
+from loadstar.webui.parameters_tab import ParameterControls
 
 
 def build_notebook_tab(engine: Engine, parameters: ParameterControls) -> None:

@@ -7,12 +7,12 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from engine.engine import Engine
-from engine.errors import LoadstarError
-from engine.prompt_formats import AUTO, NAMED_FORMATS
-from engine.sampling import parameter_specs
-from webui.chat_handlers import who
-from webui.preset_handlers import MODEL_DEFAULTS, PresetHandlers
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadstarError
+from loadstar.engine.chat.prompt_formats import AUTO, NAMED_FORMATS
+from loadstar.engine.sampling import parameter_specs
+from loadstar.webui.chat_handlers import who
+from loadstar.webui.preset_handlers import MODEL_DEFAULTS, PresetHandlers
 
 
 @dataclass

@@ -6,10 +6,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.engine import Engine
-from engine.errors import LoadstarError, problem_line
-from engine.sampling import ALL_PARAMS, SamplingParams, parameter_specs
-from webui.chat_handlers import sampling_from_values
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import LoadstarError, problem_line
+from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, parameter_specs
+from loadstar.webui.chat_handlers import sampling_from_values
 
 MODEL_DEFAULTS = "(model defaults)"
 

@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 from pydantic import ValidationError
 
-from engine.sampling import SamplingParams, parameter_specs
+from loadstar.engine.sampling import SamplingParams, parameter_specs
 
 STORAGE_KEY = "loadstar-ui"
 # Nothing secret is stored (a conversation id, sampling values), and Gradio's default key is new at

@@ -6,20 +6,20 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from engine.engine import Engine
-from webui.chat_handlers import model_line, who
-from webui.chat_tab import ChatTab, build_chat_tab
-from webui.model_handlers import ModelHandlers
-from webui.parameters_tab import ParameterControls
-from webui.preset_handlers import PresetHandlers
-from webui.remembered import (
+from loadstar.engine.facade import Engine
+from loadstar.webui.chat_handlers import model_line, who
+from loadstar.webui.chat_tab import ChatTab, build_chat_tab
+from loadstar.webui.model_handlers import ModelHandlers
+from loadstar.webui.parameters_tab import ParameterControls
+from loadstar.webui.preset_handlers import PresetHandlers
+from loadstar.webui.remembered import (
     PAGE_SCRIPT, SIDEBAR_CLOSED, SIDEBAR_OPENED, browser_memory, parameters_to_remember, parameters_to_restore,
     remember, remembered,
 )
-from webui.extensions_tab import build_contributions, build_extensions_tab, wire_extensions
-from webui.model_tab import build_model_tab
-from webui.notebook_tab import build_notebook_tab
-from webui.parameters_tab import build_parameters_tab
+from loadstar.webui.extensions_tab import build_contributions, build_extensions_tab, wire_extensions
+from loadstar.webui.model_tab import build_model_tab
+from loadstar.webui.notebook_tab import build_notebook_tab
+from loadstar.webui.parameters_tab import build_parameters_tab
 
 TITLE = "Loadstar"
 # Dark mode is the browser's choice, remembered in its localStorage and applied when the page opens.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.errors import BadRequestError
+from loadstar.engine.errors import BadRequestError
 
 
 def upload_folder() -> Path:

@@ -24,9 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.extension_api import ReplyDraft, RequestDraft, UIContext, UIContribution
-from engine.hookspecs import hookimpl
-from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContext, UIContribution
+from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar.engine.models.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
 
 SHORT = "/short "
 RAW = "/raw "

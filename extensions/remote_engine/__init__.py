@@ -29,9 +29,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.errors import GenerationFailed, ModelLoadError, one_line
-from engine.hookspecs import hookimpl
-from engine.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from loadstar.engine.errors import GenerationFailed, ModelLoadError, one_line
+from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar.engine.models.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
 
 CONFIG_FILE = "remote.json"
 LOADER_NAME = "Remote (OpenAI API)"

@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.atomic import write_atomic
-from engine.errors import BadRequestError
-from engine.extension_api import ReplyDraft, UIContext, UIContribution
-from engine.hookspecs import hookimpl
+from loadstar.engine.atomic import write_atomic
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.plugins.extension_api import ReplyDraft, UIContext, UIContribution
+from loadstar.engine.plugins.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
 MAX_RULES = 100

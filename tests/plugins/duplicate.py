@@ -1,4 +1,4 @@
-from engine.hookspecs import hookimpl
+from loadstar.engine.plugins.hookspecs import hookimpl
 from tests.fakes import FakeLoader
 
 

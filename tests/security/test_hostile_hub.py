@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.downloads import RETRIES, DownloadError, HubClient, download
-from engine.hub_names import parse_model_name
+from loadstar.engine.hub.downloads import RETRIES, DownloadError, HubClient, download
+from loadstar.engine.hub.names import parse_model_name
 from tests.helpers import run_server
 from tests.security.hostile_hub import HostileHub
 

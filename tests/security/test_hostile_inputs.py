@@ -12,16 +12,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from engine.chat import ChatMessage
-from engine.conversations import Conversation, ConversationStore
-from engine.engine import Engine
-from engine.errors import BadRequestError, LoadstarError
-from engine.generation import Finished, GenerationRequest, GenerationService
-from engine.presets import PresetStore
-from engine.request_pipeline import RequestPipeline
-from engine.sampling import SamplingParams
-from engine.settings import Settings
-from engine.user_settings import UserSettingsStore
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.chat.conversations import Conversation, ConversationStore
+from loadstar.engine.facade import Engine
+from loadstar.engine.errors import BadRequestError, LoadstarError
+from loadstar.engine.generation.service import GenerationService
+from loadstar.engine.generation.requests import Finished, GenerationRequest
+from loadstar.engine.chat.presets import PresetStore
+from loadstar.engine.generation.pipeline import RequestPipeline
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
+from loadstar.engine.user_settings import UserSettingsStore
 from tests.fakes import FakeModel
 from tests.test_generation import Slot
 

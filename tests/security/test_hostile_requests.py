@@ -8,10 +8,10 @@ import json
 import httpx
 import pytest
 
-from engine.chat import ChatMessage
-from engine.conversations import Conversation, ConversationStore
-from engine.generation import GenerationRequest
-from engine.sampling import SamplingParams
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.chat.conversations import Conversation, ConversationStore
+from loadstar.engine.generation.requests import GenerationRequest
+from loadstar.engine.sampling import SamplingParams
 from tests.helpers import free_port, start_server, stop_server, wait_for_health
 
 API_KEY = "user-key-0123456789"
@@ -158,7 +158,7 @@ def test_a_tiny_temperature_is_greedy_not_an_internal_error(real_engine):
 def test_a_reply_cut_inside_a_character_never_ends_in_a_replacement_mark(real_engine):
     import torch
 
-    from loaders.hf_causal_lm import _PieceStreamer
+    from loadstar.loaders.hf_causal_lm import _PieceStreamer
 
     with real_engine.models.use() as model:
         tokenizer = model.tokenizer

@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import pluggy
 
-from engine import hookspecs
-from engine.errors import LoadstarError, one_line
-from engine.loader_api import Loader
+from loadstar.engine.plugins import hookspecs
+from loadstar.engine.errors import LoadstarError, one_line
+from loadstar.engine.models.loader_api import Loader
 
 if TYPE_CHECKING:
-    from engine.extension_api import ReplyDraft, RequestDraft, UIContribution
-    from engine.settings import Settings
+    from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContribution
+    from loadstar.engine.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 OUR_DISTRIBUTION = "loadstar"
-EXTENSIONS_PACKAGE = "extensions"
+EXTENSIONS_PACKAGE = "loadstar.extensions"
 # Built-in extensions that are on until the user turns them off; the others wait to be enabled.
 ENABLED_BY_DEFAULT = frozenset({"remote_engine"})
 

@@ -16,28 +16,28 @@ from typing import Any, Iterator
 
 from pydantic import ValidationError
 
-from engine.errors import LoadCancelled, LoadstarError, ModelLoadError
-from engine.load_failures import load_failure
-from engine.loader_api import LoadedModel, LoadedModelInfo
-from engine.loader_choice import LoaderCandidate, choose_loader, rank_loaders
-from engine.model_folder import (
+from loadstar.engine.errors import LoadCancelled, LoadstarError, ModelLoadError
+from loadstar.engine.models.load_failures import load_failure
+from loadstar.engine.models.loader_api import LoadedModel, LoadedModelInfo, Loader
+from loadstar.engine.models.choice import LoaderCandidate, choose_loader, rank_loaders
+from loadstar.engine.models.folder import (
     ModelFolder, folder_signature, inspect_model_folder, list_model_folders, resolve_model_folder,
 )
-from engine.model_thread import ModelThread
-from engine.plugins import PluginHost
+from loadstar.engine.models.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
 
 class ModelManager:
     def __init__(
-        self, models_dir: Path, plugins: PluginHost, *, load_defaults: dict[str, Any] | None = None,
+        self, models_dir: Path, loaders: Callable[[], Mapping[str, Loader]], *, load_defaults: dict[str, Any] | None = None,
         model_thread: ModelThread | None = None,
     ) -> None:
-        """``load_defaults`` fill loader options of the same name the user did not set
+        """``loaders`` gives the registered loaders by name (the plugin host's ``loaders``, so the
+        models part never imports the plugins part). ``load_defaults`` fill loader options of the same name the user did not set
         (``device``, ``scratch_dir``, ``allow_pt``, ``max_batch``), whichever a loader's Options declare."""
         self.models_dir = models_dir
-        self._plugins = plugins
+        self._loaders = loaders
         self._load_defaults = dict(load_defaults or {})
         self.model_thread = model_thread or ModelThread()
         self._current: LoadedModel | None = None
@@ -75,10 +75,10 @@ class ModelManager:
 
     def rank(self, folder: ModelFolder, pinned: str | None = None) -> list[LoaderCandidate]:
         """Every loader's verdict on an inspected folder, best first."""
-        return rank_loaders(folder, self._plugins.loaders(), pinned)
+        return rank_loaders(folder, self._loaders(), pinned)
 
     def loader_names(self) -> list[str]:
-        return sorted(self._plugins.loaders(), key=str.lower)
+        return sorted(self._loaders(), key=str.lower)
 
     # -- what is loaded ------------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ class ModelManager:
             if cancel is not None and cancel.is_set():
                 raise LoadCancelled(f"loading {name} was cancelled")
             folder = self.inspect(name)
-            loaders = self._plugins.loaders()
+            loaders = self._loaders()
             chosen = choose_loader(folder, loaders, loader)
             plugin = loaders[chosen.loader]
             merged = dict(options or {})

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.errors import BadModelFolderError, ModelNotFoundError, one_line
-from engine.gptq_tensors import (
+from loadstar.engine.errors import BadModelFolderError, ModelNotFoundError, one_line
+from loadstar.engine.models.gptq_tensors import (
     TensorGPTQ, act_order_hint, filename_hint, infer_gptq_from_safetensors, read_safetensors_header,
 )
 

@@ -29,10 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.atomic import write_atomic
-from engine.errors import LoadstarError, one_line
-from engine.hub_names import ModelRef
-from engine.model_folder import gguf_models, weight_format
+from loadstar.engine.atomic import write_atomic
+from loadstar.engine.errors import LoadstarError, one_line
+from loadstar.engine.hub.names import ModelRef
+from loadstar.engine.models.folder import gguf_models, weight_format
 
 log = logging.getLogger(__name__)
 
@@ -627,7 +627,7 @@ def _install(staging: Path, target: Path, fetched: list[RemoteFile], selection: 
 
 
 def format_progress(p: Progress) -> str:
-    from engine.model_folder import format_size
+    from loadstar.engine.models.folder import format_size
 
     eta = p.eta_seconds
     eta_text = f", {eta:.0f} s left" if eta is not None else ""

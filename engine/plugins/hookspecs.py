@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import pluggy
 
 if TYPE_CHECKING:
-    from engine.chat import ChatMessage
-    from engine.extension_api import ReplyDraft, RequestDraft, UIContribution
-    from engine.generation import GenerationRequest
-    from engine.loader_api import CancelToken, LoadedModel, Loader, LoadedModelInfo, StreamPiece
-    from engine.prompt_formats import PromptFormat
-    from engine.settings import Settings
+    from loadstar.engine.chat.messages import ChatMessage
+    from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContribution
+    from loadstar.engine.generation.requests import GenerationRequest
+    from loadstar.engine.models.loader_api import CancelToken, LoadedModel, Loader, LoadedModelInfo, StreamPiece
+    from loadstar.engine.chat.prompt_formats import PromptFormat
+    from loadstar.engine.settings import Settings
 
 PROJECT_NAME = "loadstar"
 

@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass
 from typing import Mapping
 
-from engine.errors import NoLoaderError, one_line
-from engine.loader_api import Loader
-from engine.model_folder import ModelFolder
+from loadstar.engine.errors import NoLoaderError, one_line
+from loadstar.engine.models.loader_api import Loader
+from loadstar.engine.models.folder import ModelFolder
 
 log = logging.getLogger(__name__)
 

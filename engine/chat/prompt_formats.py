@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from engine.chat import ChatMessage
-from engine.errors import BadRequestError
-from engine.template_sandbox import TemplateRaised, TemplateRenderer
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.chat.template_sandbox import TemplateRaised, TemplateRenderer
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
 AUTO = "auto"

@@ -8,21 +8,22 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.conversations import ConversationStore
-from engine.default_model import DEFAULT_MODEL_NAME
-from engine.download_jobs import DownloadManager
-from engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
-from engine.generation import GenerationHandle, GenerationRequest, GenerationService
-from engine.loader_api import LoadedModel, LoadedModelInfo
-from engine.model_manager import ModelManager
-from engine.plugins import PluginHost
-from engine.presets import PresetStore, generation_config_defaults, model_system_message
-from engine.format_detection import ChosenFormat, choose_format
-from engine.prompt_formats import AUTO, COMPLETION, NAMED_FORMATS
-from engine.request_pipeline import PreparedRequest, RequestPipeline
-from engine.sampling import SamplingParams
-from engine.settings import Settings
-from engine.user_settings import ModelChoice, UserSettingsStore
+from loadstar.engine.chat.conversations import ConversationStore
+from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
+from loadstar.engine.hub.jobs import DownloadManager
+from loadstar.engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
+from loadstar.engine.generation.service import GenerationHandle, GenerationService
+from loadstar.engine.generation.requests import GenerationRequest
+from loadstar.engine.models.loader_api import LoadedModel, LoadedModelInfo
+from loadstar.engine.models.manager import ModelManager
+from loadstar.engine.plugins.host import PluginHost
+from loadstar.engine.chat.presets import PresetStore, generation_config_defaults, model_system_message
+from loadstar.engine.chat.format_detection import ChosenFormat, choose_format
+from loadstar.engine.chat.prompt_formats import AUTO, COMPLETION, NAMED_FORMATS
+from loadstar.engine.generation.pipeline import PreparedRequest, RequestPipeline
+from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.settings import Settings
+from loadstar.engine.user_settings import ModelChoice, UserSettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Engine:
         self.plugins.configure(settings)
         self.models = ModelManager(
             settings.models_dir,
-            self.plugins,
+            self.plugins.loaders,
             load_defaults={
                 "device": settings.device,
                 "scratch_dir": settings.data_dir / "derived",

@@ -19,8 +19,8 @@ from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
-from engine.model_folder import ModelFolder, format_size
-from engine.sampling import SamplingParams
+from loadstar.engine.models.folder import ModelFolder, format_size
+from loadstar.engine.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

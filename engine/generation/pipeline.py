@@ -16,19 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from engine.chat import ChatMessage
-from engine.errors import BadRequestError, LoadstarError
-from engine.extension_api import ReplyDraft, RequestDraft
-from engine.loader_api import CancelToken, LoadedModel, StreamPiece
-from engine.plugins import PluginHost
-from engine.format_detection import NO_FORMAT_NOTICE, ChosenFormat, choose_format
-from engine.prompt_formats import render
-from engine.sampling import ALL_PARAMS, SamplingParams, ignored_params, prompt_budget
-from engine.template_sandbox import TemplateRenderer
-from engine.tool_calls import ToolUse, template_takes_tools
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.errors import BadRequestError, LoadstarError
+from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft
+from loadstar.engine.models.loader_api import CancelToken, LoadedModel, StreamPiece
+from loadstar.engine.plugins.host import PluginHost
+from loadstar.engine.chat.format_detection import NO_FORMAT_NOTICE, ChosenFormat, choose_format
+from loadstar.engine.chat.prompt_formats import render
+from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, ignored_params, prompt_budget
+from loadstar.engine.chat.template_sandbox import TemplateRenderer
+from loadstar.engine.chat.tool_calls import ToolUse, template_takes_tools
 
 if TYPE_CHECKING:
-    from engine.generation import GenerationRequest
+    from loadstar.engine.generation.requests import GenerationRequest
 
 FormatChooser = Callable[[LoadedModel], ChosenFormat]
 

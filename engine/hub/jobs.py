@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from engine.downloads import DownloadCancelled, DownloadResult, HubClient, Progress, download, format_progress
-from engine.errors import LoadstarError, one_line
-from engine.hub_names import ModelRef, parse_model_name
+from loadstar.engine.hub.downloads import DownloadCancelled, DownloadResult, HubClient, Progress, download, format_progress
+from loadstar.engine.errors import LoadstarError, one_line
+from loadstar.engine.hub.names import ModelRef, parse_model_name
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Reads one JSON request per line on stdin, answers one JSON line on stdout. It imports only Jinja,
 renders in the immutable sandbox, and runs under an address-space limit; the parent kills it when
-a render takes too long. Run as ``python -m engine.template_child LIMIT_BYTES MAX_OUTPUT_CHARS``.
+a render takes too long. Run as ``python template_child.py LIMIT_BYTES MAX_OUTPUT_CHARS`` (see template_sandbox._boot_code).
 """
 
 from __future__ import annotations

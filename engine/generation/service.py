@@ -25,104 +25,25 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, Union
 
-from engine.chat import ChatMessage, check_text
-from engine.errors import BadRequestError, one_line
-from engine.extension_api import ReplyDraft
-from engine.json_reply import check_schema, parse_reply
-from engine.tool_calls import ToolCall, ToolUse, find_calls
-from engine.loader_api import (
+from loadstar.engine.chat.messages import ChatMessage, check_text
+from loadstar.engine.errors import BadRequestError, one_line
+from loadstar.engine.plugins.extension_api import ReplyDraft
+from loadstar.engine.chat.json_reply import check_schema, parse_reply
+from loadstar.engine.chat.tool_calls import ToolCall, ToolUse, find_calls
+from loadstar.engine.models.loader_api import (
     FEATURE_GRAMMAR, FEATURE_LOGPROBS, CancelToken, DecodeBatch, LoadedModel, OutputSpec, StreamPiece, TokenLogprob,
 )
-from engine.metrics import GenerationMetrics
-from engine.model_thread import ModelThread
-from engine.request_pipeline import PreparedRequest, RequestPipeline
-from engine.sampling import SEED_MAX, SamplingParams
-from engine.stop_strings import StopStringFilter
+from loadstar.engine.generation.metrics import GenerationMetrics
+from loadstar.engine.models.model_thread import ModelThread
+from loadstar.engine.generation.pipeline import PreparedRequest, RequestPipeline
+from loadstar.engine.sampling import SEED_MAX, SamplingParams
+from loadstar.engine.generation.stop_strings import StopStringFilter
+from loadstar.engine.generation.requests import (
+    MAX_TOP_LOGPROBS, FinishReason, Finished, GenerationEvent, GenerationRequest, Queued, Started, TextDelta,
+)
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
-MAX_STOP_STRINGS = 16
-MAX_STOP_LENGTH = 256
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Either chat ``messages`` (the model's chat template is applied) or a raw ``prompt``."""
-
-    params: SamplingParams = field(default_factory=SamplingParams)
-    messages: tuple[ChatMessage, ...] = ()
-    prompt: str | None = None
-    owner: str = "local"  # who may cancel it and whose turn it is in the queue
-    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one, which is not shown
-    continue_last: bool = False  # the last message is an assistant reply to continue, not to answer
-    output: OutputSpec = field(default_factory=OutputSpec)  # JSON schema, log probabilities
-    tools: ToolUse = field(default_factory=ToolUse)  # functions the model may call (chats only)
-
-    def __post_init__(self) -> None:
-        if self.output.json_schema is not None:
-            check_schema(self.output.json_schema)
-        if self.output.logprobs is not None and not 0 <= self.output.logprobs <= MAX_TOP_LOGPROBS:
-            raise BadRequestError(f"top_logprobs must be 0 to {MAX_TOP_LOGPROBS}")
-        if bool(self.messages) == (self.prompt is not None):
-            raise BadRequestError("a generation request needs either chat messages or a prompt, not both")
-        if self.continue_last and (not self.messages or self.messages[-1].role != "assistant"):
-            raise BadRequestError("there is no reply to continue")
-        if self.prompt is not None and not self.prompt:
-            raise BadRequestError("the prompt is empty")
-        if self.prompt is not None and self.tools.active:
-            raise BadRequestError("tools need chat messages, not a raw prompt")
-        for text in (self.prompt or "", *self.stop):
-            check_text(text)
-        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
-            raise BadRequestError(
-                f"stop strings: at most {MAX_STOP_STRINGS}, each 1 to {MAX_STOP_LENGTH} characters"
-            )
-
-
-@dataclass(frozen=True)
-class Queued:
-    position: int  # 1 = next to run
-
-
-@dataclass(frozen=True)
-class Started:
-    model: str
-    prompt: str
-    prompt_tokens: int
-    seed: int
-    format_name: str | None = None  # the prompt format used for a chat; None for raw prompts
-    format_why: str | None = None  # how that format was found: the model's template, its card, ...
-    notices: tuple[str, ...] = ()  # what the user should know: ignored parameters, a cut prompt, ...
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta shows (when asked for)
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: FinishReason
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seed: int | None = None
-    seconds: float = 0.0
-    error: str | None = None  # one line, when reason == "error"
-    notices: tuple[str, ...] = ()
-    logprobs: tuple[TokenLogprob, ...] | None = None  # of the reply's tokens, when the request asked for them
-    tool_calls: tuple[ToolCall, ...] = ()  # when reason == "tool_calls" (the text is what came besides them)
-    bad_request: bool = False  # the error is the request's (the API answers 400), not the server's
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-GenerationEvent = Union[Queued, Started, TextDelta, Finished]
 
 
 class _RunToken(CancelToken):

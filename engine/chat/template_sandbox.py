@@ -3,7 +3,7 @@
 A chat template comes with the model: untrusted input. Jinja's immutable sandbox stops attribute
 walks and mutation, but not ``{% for %}`` loops nested three deep, ``'x' * 10**9`` or ``9**9999999``.
 Those would hold the model thread (and every later request) for good. So templates render in a
-child process (``engine.template_child``) under an address-space limit; a render that has not
+child process (``template_child.py``) under an address-space limit; a render that has not
 answered within ``timeout`` seconds is refused, the child is killed and a fresh one starts on the
 next render. Rendering a chat takes ~0.1 ms, so the bound costs a round trip on a pipe.
 """
@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from engine.errors import BadRequestError
+from loadstar.engine.errors import BadRequestError
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,10 @@ class TemplateRenderer:
         if self._child is not None and self._child.poll() is None:
             return self._child
         self._stop()
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": package_root, "PYTHONHASHSEED": "0"}
+        here = os.path.dirname(os.path.abspath(__file__))  # template_child.py's folder
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
         self._child = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _boot_code(), package_root, str(self.memory_limit), str(MAX_OUTPUT_CHARS)],
+            [sys.executable, "-I", "-S", "-c", _boot_code(), here, str(self.memory_limit), str(MAX_OUTPUT_CHARS)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True,
         )
         self._buffer = b""
@@ -125,8 +125,13 @@ class TemplateRenderer:
 
 
 def _boot_code() -> str:
-    """The child runs isolated (-I -S: no user site, no .pth files) with the parent's import path."""
+    """The child runs isolated (-I -S: no user site, no .pth files) with the parent's import path.
+
+    It imports ``template_child`` from its own folder by file, as a top-level module: the child
+    needs only the standard library and Jinja, never the ``loadstar`` package (whose editable
+    install is found through a .pth file that -S skips).
+    """
     return (
         "import sys; sys.path[:0] = [sys.argv[1]] + " + repr([p for p in sys.path if p]) + "; "
-        "from engine.template_child import main; sys.exit(main(sys.argv[2:]))"
+        "from template_child import main; sys.exit(main(sys.argv[2:]))"
     )

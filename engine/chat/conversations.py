@@ -18,9 +18,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.atomic import login_folder_name, private_folder, remove_stale_temps, write_atomic
-from engine.chat import ChatMessage
-from engine.errors import BadRequestError
+from loadstar.engine.atomic import login_folder_name, private_folder, remove_stale_temps, write_atomic
+from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.errors import BadRequestError
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.downloads import DownloadError, HubClient, select_files
-from engine.gptq_tensors import TensorGPTQ, gptq_from_header, parse_header_prefix
-from engine.errors import LoadstarError
-from engine.loader_api import Loader
-from engine.loader_choice import rank_loaders
-from engine.model_folder import (
+from loadstar.engine.hub.downloads import DownloadError, HubClient, select_files
+from loadstar.engine.models.gptq_tensors import TensorGPTQ, gptq_from_header, parse_header_prefix
+from loadstar.engine.errors import LoadstarError
+from loadstar.engine.models.loader_api import Loader
+from loadstar.engine.models.choice import rank_loaders
+from loadstar.engine.models.folder import (
     ModelFolder, Quantization, WeightFile, gguf_bits_per_weight, gguf_facts, gguf_models, gguf_type_from_name,
     gptq_disagreements, kv_bytes_per_token, parse_gguf_metadata, quantization_from_config, weight_format,
 )
@@ -62,7 +62,7 @@ class GGUFFileRow:
     best_loader: str | None = None
 
     def describe(self) -> str:
-        from engine.model_folder import format_size
+        from loadstar.engine.models.folder import format_size
 
         quant = f"GGUF {self.quant_type}" if self.quant_type else "GGUF"
         bits = f", ~{self.bits_per_weight:g} bits/weight" if self.bits_per_weight else ""
@@ -108,7 +108,7 @@ def list_branches(client: HubClient, repo_id: str, loaders: Mapping[str, Loader]
 def list_gguf_files(client: HubClient, repo_id: str, loaders: Mapping[str, Loader], budget: MemoryBudget,
                     branches: list[str] | None = None) -> list[GGUFFileRow]:
     """Every GGUF model file of the repo's branches (TheBloke-style ``*-GGUF`` repos hold Q2_K ... Q8_0)."""
-    from engine.hub_names import ModelRef
+    from loadstar.engine.hub.names import ModelRef
 
     rows = []
     for branch, commit in client.branches(repo_id):
@@ -154,7 +154,7 @@ def _remote_gguf_facts(client: HubClient, repo_id: str, commit: str, path: str) 
 
 def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Mapping[str, Loader],
          budget: MemoryBudget) -> BranchRow:
-    from engine.hub_names import ModelRef
+    from loadstar.engine.hub.names import ModelRef
 
     snapshot = client.snapshot(ModelRef(repo_id, commit))
     config = client.read_json(repo_id, commit, "config.json") or {}
@@ -238,7 +238,7 @@ def remote_tensor_gptq(client: HubClient, repo_id: str, commit: str, path: str) 
 
 
 def _fits(needed: int | None, loader: str | None, budget: MemoryBudget) -> str:
-    from engine.model_folder import format_size
+    from loadstar.engine.models.folder import format_size
 
     if needed is None:
         return "unknown (config.json lacks the sizes)"

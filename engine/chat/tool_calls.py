@@ -23,8 +23,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
-from engine.errors import BadRequestError
-from engine.json_reply import check_schema, unfenced
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.chat.json_reply import check_schema, unfenced
 
 ToolMode = Literal["auto", "required", "none"]
 

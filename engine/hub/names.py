@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
-from engine.errors import LoadstarError
+from loadstar.engine.errors import LoadstarError
 
 HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
 _BRANCH_FORBIDDEN = re.compile(r"[\s~^:?*\[\\\x00-\x1f\x7f]")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from engine.errors import LoadstarError
+from loadstar.engine.errors import LoadstarError
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 _PICKLE_GLOBAL = re.compile(r"(?:GLOBAL|global)\s+([A-Za-z_][\w.]*)")

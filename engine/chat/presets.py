@@ -18,13 +18,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from engine.atomic import login_folder_name, write_atomic
-from engine.errors import BadRequestError
-from engine.sampling import SamplingParams
+from loadstar.engine.atomic import login_folder_name, write_atomic
+from loadstar.engine.errors import BadRequestError
+from loadstar.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+BUILTIN_PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"  # the repository's presets/
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]{0,63}$")
 MAX_PRESET_BYTES = 64 * 1024
 MODEL_DEFAULTS_FILE = "loadstar.json"
