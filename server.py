@@ -13,6 +13,8 @@ import socket
 import sys
 from pathlib import Path
 
+from loadstar.engine.errors import problem_line
+
 DEFAULT_MODELS_DIR = Path("models")
 NO_THIRD_PARTY_ENV = "LOADSTAR_NO_THIRD_PARTY_PLUGINS"
 API_KEY_ENV = "LOADSTAR_API_KEY"
@@ -143,10 +145,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             ),
         )
     except ValidationError as error:
-        problem = error.errors()[0]
-        field = ".".join(str(p) for p in problem["loc"])
-        message = problem["msg"].removeprefix("Value error, ")
-        raise UserError(f"{field}: {message}" if field else message) from None
+        raise UserError(problem_line(error)) from None
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -206,8 +205,8 @@ def run(argv: list[str]) -> int:
     set_library_environment(os.environ)
     settings = build_settings(args, dict(os.environ))
 
-    from loadstar.engine.models.default_model import place_default_model
     from loadstar.engine.errors import LoadstarError
+    from loadstar.engine.models.default_model import place_default_model
 
     if args.place_default_model:
         print(f"default model in {place_default_model(settings.models_dir)}")
@@ -228,7 +227,7 @@ def run(argv: list[str]) -> int:
     from loadstar.engine.facade import Engine
 
     engine = Engine(settings)
-    for problem in engine.plugins.problems:
+    for problem in engine.plugin_problems():
         logging.getLogger("loadstar").error("%s", problem.describe())
     info = engine.load_startup_model()  # one-line errors for unknown --model, empty folder, bad weights
 
@@ -310,7 +309,8 @@ def run_download(argv: list[str], environ: dict[str, str]) -> int:
 
 
 def list_branches(client, repo_id: str) -> int:
-    from loadstar.engine.hub.branch_picker import list_branches as rows_for, list_gguf_files, memory_budget
+    from loadstar.engine.hub.branch_picker import list_branches as rows_for
+    from loadstar.engine.hub.branch_picker import list_gguf_files, memory_budget
     from loadstar.engine.models.folder import format_size
     from loadstar.engine.plugins.host import PluginHost
 

@@ -27,7 +27,7 @@ def build_http_app(engine: Engine) -> FastAPI:
     @app.get("/health")
     def health() -> dict:
         # Unauthenticated by design (for probes): says nothing about which model is loaded.
-        return {"status": "ok", "model_loaded": engine.models.loaded is not None}
+        return {"status": "ok", "model_loaded": engine.loaded is not None}
 
     if settings.api_enabled:
         keys = ApiKeys(settings.api_key, settings.admin_key)

@@ -8,6 +8,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loadstar.engine.errors import first_problem
+
 
 def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -34,10 +36,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        problem = error.errors()[0]
-        where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body")
-        message = f"{where}: {problem.get('msg')}" if where else str(problem.get("msg"))
-        return error_response(400, message, "invalid_request_error", param=where or None)
+        where, message = first_problem(error, skip=("body",))
+        return error_response(400, f"{where}: {message}" if where else message, "invalid_request_error",
+                              param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -47,9 +48,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValidationError)
     async def invalid_value(request: Request, error: ValidationError) -> JSONResponse:
         # A value the endpoint's own models refuse (e.g. a message that is not valid Unicode).
-        problem = error.errors()[0]
-        where = ".".join(str(p) for p in problem.get("loc", ()))
-        message = str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
+        where, message = first_problem(error)
         return error_response(400, f"{where}: {message}" if where else message, "invalid_request_error",
                               param=where or None)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from loadstar.api.errors import error_body
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loadstar.api.errors import error_body
 
 
 class _TooLarge(Exception):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from loadstar.engine.metrics import MetricsSnapshot
 from loadstar.engine.models.loader_api import LoadedModelInfo
-from loadstar.engine.generation.metrics import MetricsSnapshot
 
 
 def _label(value: str) -> str:

@@ -16,7 +16,8 @@ import asyncio
 import json
 import secrets
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -26,20 +27,25 @@ from pydantic import ValidationError
 from loadstar.api.errors import ApiError, error_body
 from loadstar.api.metrics_text import render_metrics
 from loadstar.api.schemas import (
-    ChatCompletionRequest, ChatMessageIn, CompletionRequest, DownloadRequest, LoadRequest, NamedToolChoice, SamplingFields,
+    ChatCompletionRequest,
+    ChatMessageIn,
+    CompletionRequest,
+    DownloadRequest,
+    LoadRequest,
+    NamedToolChoice,
+    SamplingFields,
 )
 from loadstar.api.security import ApiKeys
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.hub.jobs import DownloadJob
-from loadstar.engine.hub.downloads import progress_dict
-from loadstar.engine.facade import Engine
+from loadstar.engine.chat.tool_calls import ToolCall, ToolUse
 from loadstar.engine.errors import BadRequestError, LoadstarError, ModelNotFoundError, problem_line
-from loadstar.engine.generation.service import GenerationHandle
+from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationEvent, GenerationRequest, Queued, Started, TextDelta
+from loadstar.engine.generation.service import GenerationHandle
+from loadstar.engine.hub.downloads import progress_dict
+from loadstar.engine.hub.jobs import DownloadJob
 from loadstar.engine.models.loader_api import FEATURE_LOGPROBS, OutputSpec, TokenChoice, TokenLogprob
 from loadstar.engine.sampling import SEED_MAX, SamplingParams
-from loadstar.engine.chat.tool_calls import ToolCall, ToolUse
-
 
 POLL_SECONDS = 0.25  # how often a waiting request looks whether its client went away
 
@@ -55,11 +61,11 @@ def build_router(
     def list_models() -> dict[str, Any]:
         """Every local model, with the loader that would load it and whether it is the loaded one
         (the loaded model first). Inspections are cached by folder contents: no weights are read."""
-        loaded = engine.models.loaded
+        loaded = engine.loaded
         data = []
-        for name in engine.models.list_models():
+        for name in engine.list_models():
             try:
-                best = next((c.loader for c in engine.models.candidates(name) if c.usable), None)
+                best = next((c.loader for c in engine.candidates(name) if c.usable), None)
             except LoadstarError:
                 best = None
             is_loaded = bool(loaded and loaded.name == name)
@@ -85,16 +91,16 @@ def build_router(
 
     @router.get("/metrics", dependencies=[user], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        text = render_metrics(engine.generation.metrics.snapshot(), engine.generation.waiting, engine.models.loaded)
+        text = render_metrics(engine.metrics(), engine.waiting, engine.loaded)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @router.get("/admin/models", dependencies=[admin])
     def admin_models() -> dict[str, Any]:
-        loaded = engine.models.loaded
+        loaded = engine.loaded
         rows = []
-        for name in engine.models.list_models():
+        for name in engine.list_models():
             try:
-                summary = engine.models.inspect(name).summary()
+                summary = engine.inspect(name).summary()
             except LoadstarError as error:
                 summary = str(error)
             rows.append({"name": name, "summary": summary, "loaded": bool(loaded and loaded.name == name)})
@@ -118,22 +124,22 @@ def build_router(
     @router.post("/admin/downloads", dependencies=[admin])
     def admin_download(body: DownloadRequest) -> dict[str, Any]:
         try:
-            job = engine.downloads.start(body.name, body.token, body.gguf_file)
+            job = engine.start_download(body.name, body.token, body.gguf_file)
         except LoadstarError as error:
             raise ApiError(400, str(error), "invalid_request_error", param="name") from None
         return _job_dict(job)
 
     @router.get("/admin/downloads/{job_id}", dependencies=[admin])
     def admin_download_progress(job_id: int) -> dict[str, Any]:
-        job = engine.downloads.get(job_id)
+        job = engine.download_job(job_id)
         if job is None:
             raise ApiError(404, f"no download {job_id}", "not_found_error")
         return _job_dict(job)
 
     async def _load_named(name: str) -> None:
         """With --load-on-request: load the local model a request names, if it is not the loaded one."""
-        loaded = engine.models.loaded
-        if loaded is not None and loaded.name == name or name not in engine.models.list_models():
+        loaded = engine.loaded
+        if (loaded is not None and loaded.name == name) or name not in engine.list_models():
             return
         try:
             await anyio.to_thread.run_sync(engine.load_model, name, None, None)
@@ -146,7 +152,7 @@ def build_router(
     ) -> Any:
         if load_on_request:
             await _load_named(body.model)
-        loaded = engine.models.loaded
+        loaded = engine.loaded
         if loaded is None:
             raise ApiError(503, "no model is loaded: load one in the UI or with POST /admin/models/load",
                            "server_error", code="model_not_loaded")
@@ -358,13 +364,13 @@ def _job_dict(job: DownloadJob) -> dict[str, Any]:
 
 
 def _loaded_dict(engine: Engine) -> dict[str, Any] | None:
-    info = engine.models.loaded
+    info = engine.loaded
     if info is None:
         return None
     return {"name": info.name, "loader": info.loader, "device": info.device, "dtype": info.dtype, "details": info.details}
 
 
-async def _next(events: "asyncio.Queue[tuple[int, GenerationEvent]]") -> tuple[int, GenerationEvent] | None:
+async def _next(events: asyncio.Queue[tuple[int, GenerationEvent]]) -> tuple[int, GenerationEvent] | None:
     """The next (choice, event), or None after ``POLL_SECONDS`` without one (time to look at the client)."""
     if not events.empty():
         return events.get_nowait()  # most tokens under load: no waiting at all
@@ -376,7 +382,7 @@ async def _next(events: "asyncio.Queue[tuple[int, GenerationEvent]]") -> tuple[i
 
 
 def _pending_text(
-    events: "asyncio.Queue[tuple[int, GenerationEvent]]", index: int, delta: TextDelta,
+    events: asyncio.Queue[tuple[int, GenerationEvent]], index: int, delta: TextDelta,
 ) -> tuple[TextDelta, tuple[int, GenerationEvent] | None]:
     """``delta`` joined with the deltas of the same choice already waiting (a lagging client gets one
     chunk), and the first other event, if one came after them."""
@@ -392,7 +398,7 @@ def _pending_text(
 
 
 async def _wait_until_started(
-    events: "asyncio.Queue[tuple[int, GenerationEvent]]", request: Request, timeout: float
+    events: asyncio.Queue[tuple[int, GenerationEvent]], request: Request, timeout: float
 ) -> tuple[Started | None, dict[int, Finished]]:
     """Wait through the queue until a choice starts. Returns its Started, and the choices that
     ended first (a request refused before it ran)."""
@@ -419,7 +425,7 @@ async def _wait_until_started(
 
 
 async def _wait_finished(
-    handles: list[GenerationHandle], events: "asyncio.Queue[tuple[int, GenerationEvent]]", request: Request,
+    handles: list[GenerationHandle], events: asyncio.Queue[tuple[int, GenerationEvent]], request: Request,
     early: dict[int, Finished],
 ) -> list[Finished]:
     finished = dict(early)
@@ -433,7 +439,7 @@ async def _wait_finished(
 
 
 async def _sse(
-    handles: list[GenerationHandle], events: "asyncio.Queue[tuple[int, GenerationEvent]]", request: Request,
+    handles: list[GenerationHandle], events: asyncio.Queue[tuple[int, GenerationEvent]], request: Request,
     ids: Ids, early: dict[int, Finished], *, include_usage: bool, hold: bool = False,
 ) -> AsyncIterator[str]:
     """The chunks of every choice as they come. ``hold``: tools are offered, so a choice's text is

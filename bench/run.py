@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -73,10 +73,10 @@ def main(argv: list[str]) -> int:
         results[name] = calls[name]()
         results[name]["_seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(results[name], indent=2, default=str), flush=True)
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
               "runs": args.runs, "sections": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     for path in (RESULTS / f"{stamp}.json", RESULTS / "latest.json"):
         path.write_text(json.dumps(report, indent=2, default=str))
     REPORT.write_text(render(report))

@@ -12,8 +12,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -26,7 +27,7 @@ def median(values: list[float]) -> float:
 
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def _engine(models_dir: Path, data_dir: Path):
@@ -52,8 +53,8 @@ def _prompt(run: int) -> str:
 
 
 def decode(runs: int, tokens: int) -> dict[str, Any]:
+    from loadstar.engine.generation.requests import Finished, GenerationRequest, TextDelta
     from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
-    from loadstar.engine.generation.requests import GenerationRequest, TextDelta, Finished
     from loadstar.engine.sampling import SamplingParams
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-decode-"))
@@ -156,8 +157,8 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
 def _second_turn(models: Path, data: Path) -> dict[str, Any]:
     """A two-turn chat through the engine: prompt tokens llama.cpp evaluated on each turn."""
     from loadstar.engine.chat.messages import ChatMessage
-    from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
     from loadstar.engine.generation.requests import GenerationRequest
+    from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
     from loadstar.engine.sampling import SamplingParams
 
     engine = _engine(models, data)
@@ -327,10 +328,10 @@ def gptq_accuracy(runs: int) -> dict[str, Any]:
     writes the same answer, and decode speed. The loader's kernel table comes from here."""
     import gc
 
+    from loadstar.engine.models.gptq_tensors import infer_gptq_from_safetensors
     from loadstar.loaders.autogptq_loader import CPU_KERNELS, DENSE
     from tests.checkpoints import gptq_checkpoint
     from tests.kernel_accuracy import decode_speed, exact_model, greedy, kernel_model, logits, max_error, prompt_ids
-    from loadstar.engine.models.gptq_tensors import infer_gptq_from_safetensors
 
     cache = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
     combos = {"4bit-g64-act": (4, 64, True), "4bit-g128": (4, 128, False), "8bit-nogroup-act": (8, -1, True),
@@ -517,7 +518,7 @@ def _clients(port: int, clients: int, tokens: int) -> dict[str, float]:
     lock = threading.Lock()
 
     def one() -> None:
-        ttft, tps, total = _api_stream(port, messages=CHAT, tokens=tokens)
+        _ttft, _tps, total = _api_stream(port, messages=CHAT, tokens=tokens)
         with lock:
             latencies.append(total)
 
@@ -550,7 +551,7 @@ def concurrency(tokens: int, levels: tuple[int, ...] = (1, 4, 8)) -> dict[str, A
                 together: list[str | None] = [None] * len(QUESTIONS)
                 errors: list[str] = []
 
-                def ask(i: int) -> None:
+                def ask(i: int, together: list[str | None] = together, errors: list[str] = errors, port: int = port) -> None:
                     try:
                         together[i] = _api_answer(port, QUESTIONS[i])
                     except Exception as error:  # counted, not raised: the point is how many
@@ -562,7 +563,7 @@ def concurrency(tokens: int, levels: tuple[int, ...] = (1, 4, 8)) -> dict[str, A
                 for t in threads:
                     t.join()
                 rows["16_clients"] = {"errors": len(errors),
-                                      "identical_to_alone": sum(a == b for a, b in zip(alone, together)),
+                                      "identical_to_alone": sum(a == b for a, b in zip(alone, together, strict=False)),
                                       "of": len(QUESTIONS)}
         finally:
             _stop(server)
@@ -578,7 +579,7 @@ def streams(count: int = 150, calls: int = 300) -> dict[str, Any]:
 
     def p99(values: list[float]) -> float:
         ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+        return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
     def health(base: str) -> None:
         """GET /health on a fresh socket, nothing else timed: a kept-alive httpx connection took

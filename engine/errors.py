@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 
 class LoadstarError(Exception):
     """Base class: ``str(error)`` is a one-line message fit to show a user as it is."""
@@ -51,15 +53,23 @@ def one_line(error: BaseException) -> str:
     return f"{name}: {text}"
 
 
-def problem_line(error: BaseException) -> str:
-    """What is wrong with some input, in one line: a pydantic error's first field and message
-    (``messages.0.role: Input should be ...``), else the error's first line."""
-    from pydantic import ValidationError
+def first_problem(error: BaseException, *, skip: Collection[str] = ()) -> tuple[str, str]:
+    """(where, message) for a validation error's first problem: the field path joined with dots
+    (parts in ``skip`` left out, e.g. FastAPI's "body") and the message without pydantic's
+    "Value error, " prefix. Any error with pydantic's ``errors()`` (FastAPI's too); for other
+    errors, ("", their first line)."""
+    errors = getattr(error, "errors", None)
+    problems = errors() if callable(errors) else None
+    if not problems:
+        text = str(error)
+        return "", text.splitlines()[0] if text else type(error).__name__
+    problem = problems[0]
+    where = ".".join(str(p) for p in problem.get("loc", ()) if p not in skip)
+    return where, str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
 
-    if isinstance(error, ValidationError) and error.errors():
-        problem = error.errors()[0]
-        field = ".".join(str(p) for p in problem["loc"])
-        message = str(problem["msg"]).removeprefix("Value error, ")
-        return f"{field}: {message}" if field else message
-    text = str(error)
-    return text.splitlines()[0] if text else type(error).__name__
+
+def problem_line(error: BaseException) -> str:
+    """What is wrong with some input, in one line: a validation error's first field and message
+    (``messages.0.role: Input should be ...``), else the error's first line."""
+    where, message = first_problem(error)
+    return f"{where}: {message}" if where else message

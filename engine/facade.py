@@ -5,23 +5,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from loadstar.engine.chat.conversations import ConversationStore
-from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
-from loadstar.engine.hub.jobs import DownloadManager
-from loadstar.engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
-from loadstar.engine.generation.service import GenerationHandle, GenerationService
-from loadstar.engine.generation.requests import GenerationRequest
-from loadstar.engine.models.loader_api import LoadedModel, LoadedModelInfo
-from loadstar.engine.models.manager import ModelManager
-from loadstar.engine.plugins.host import PluginHost
-from loadstar.engine.chat.presets import PresetStore, generation_config_defaults, model_system_message
 from loadstar.engine.chat.format_detection import ChosenFormat, choose_format
+from loadstar.engine.chat.presets import PresetStore, generation_config_defaults, model_system_message
 from loadstar.engine.chat.prompt_formats import AUTO, COMPLETION, NAMED_FORMATS
+from loadstar.engine.errors import BadRequestError, LoadstarError, ModelNotFoundError
 from loadstar.engine.generation.pipeline import PreparedRequest, RequestPipeline
-from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.generation.requests import GenerationRequest
+from loadstar.engine.generation.service import GenerationHandle, GenerationService
+from loadstar.engine.hub.downloads import HubClient
+from loadstar.engine.hub.jobs import DownloadJob, DownloadManager
+from loadstar.engine.metrics import MetricsSnapshot
+from loadstar.engine.models.choice import LoaderCandidate
+from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
+from loadstar.engine.models.folder import ModelFolder
+from loadstar.engine.models.loader_api import LoadedModel, LoadedModelInfo, Loader
+from loadstar.engine.models.manager import ModelManager
+from loadstar.engine.plugins.extension_api import PluginContext, UIContribution
+from loadstar.engine.plugins.host import PluginHost, PluginInfo, PluginProblem
+from loadstar.engine.sampling import ALL_PARAMS, SamplingParams
 from loadstar.engine.settings import Settings
 from loadstar.engine.user_settings import ModelChoice, UserSettingsStore
 
@@ -155,7 +161,7 @@ class Engine:
         cached = self._chosen_format
         if cached is not None and cached[0] is model.info:
             return cached[1]
-        elsewhere = getattr(model, "chat_rendered_by", None)  # e.g. a remote server with its own template
+        elsewhere = model.chat_rendered_by  # e.g. a remote server with its own template
         if elsewhere:
             chosen = ChosenFormat(COMPLETION, f"chats go to {elsewhere} as messages; it applies its own chat template",
                                   source="remote")
@@ -163,7 +169,7 @@ class Engine:
             folder = self.models.loaded_folder
             saved = self.saved_choice(model.info.name)
             chosen = choose_format(
-                own_template=getattr(model, "chat_template", None),
+                own_template=model.chat_template,
                 own_source=folder.chat_template_source if folder else None,
                 folder=folder.path if folder else None,
                 pinned=saved.prompt_format if saved else None,
@@ -232,6 +238,86 @@ class Engine:
             self.remembered.update(extensions={**self.remembered.read().extensions, name: on})
         except OSError as error:
             log.warning("could not remember the extension choice: %s", error)
+
+    # -- what the UI and the API ask (they use these, never the parts behind them) ------------
+
+    @property
+    def loaded(self) -> LoadedModelInfo | None:
+        """The model loaded now, or None."""
+        return self.models.loaded
+
+    def list_models(self) -> list[str]:
+        """Model folder names in the models folder."""
+        return self.models.list_models()
+
+    def inspect(self, name: str) -> ModelFolder:
+        """What a model folder holds (cached until the folder changes); raises for unknown names."""
+        return self.models.inspect(name)
+
+    def candidates(self, name: str, pinned: str | None = None) -> list[LoaderCandidate]:
+        """Every loader's verdict on model ``name``, best first."""
+        return self.models.candidates(name, pinned)
+
+    def rank(self, folder: ModelFolder, pinned: str | None = None) -> list[LoaderCandidate]:
+        """Every loader's verdict on an inspected folder, best first."""
+        return self.models.rank(folder, pinned)
+
+    def loaders(self) -> dict[str, Loader]:
+        """The registered loaders by name."""
+        return self.plugins.loaders()
+
+    def loader_names(self) -> list[str]:
+        return self.models.loader_names()
+
+    def honoured_params(self) -> tuple[frozenset[str], str | None]:
+        """The sampling parameters the loaded model honours, and its loader's name (all, None: no model)."""
+        with self.models.use() as model:
+            if model is None:
+                return ALL_PARAMS, None
+            return model.supported_params, model.info.loader
+
+    def has_work(self, owner: str) -> bool:
+        """Whether ``owner`` has a generation waiting or running."""
+        return self.generation.has_work(owner)
+
+    @property
+    def waiting(self) -> int:
+        """Generations waiting for their turn."""
+        return self.generation.waiting
+
+    def metrics(self) -> MetricsSnapshot:
+        """Generation counters since the start."""
+        return self.generation.metrics.snapshot()
+
+    def hub_client(self, token: str | None = None) -> HubClient:
+        """A client for the configured Hub (a user's token, else the server's)."""
+        return self.downloads.client(token)
+
+    def start_download(self, name: str, token: str | None = None, gguf_file: str | None = None) -> DownloadJob:
+        return self.downloads.start(name, token, gguf_file)
+
+    def download_job(self, job_id: int) -> DownloadJob | None:
+        return self.downloads.get(job_id)
+
+    def plugin_list(self) -> list[PluginInfo]:
+        """Every registered plugin, enabled or not."""
+        return self.plugins.plugins
+
+    def plugin_enabled(self, name: str) -> bool:
+        return self.plugins.is_enabled(name)
+
+    def plugin_problems(self) -> list[PluginProblem]:
+        """Plugins that failed to load, and extensions turned off after failing."""
+        return self.plugins.problems
+
+    def ui_contributions(self) -> list[tuple[str, UIContribution]]:
+        """(extension name, contribution) for every extension's UI, enabled or not."""
+        return self.plugins.ui_contributions()
+
+    def plugin_context(self, components: Mapping[str, Any]) -> PluginContext:
+        """What an extension's UI gets: a few services and the page's named components."""
+        return PluginContext(settings=self.settings, loaded_model=lambda: self.models.loaded,
+                             metrics=self.metrics, components=dict(components))
 
     # -- generation ----------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ class Settings(BaseModel):
         return self.data_dir / "settings.json"
 
     @model_validator(mode="after")
-    def _wide_listening_needs_auth(self) -> "Settings":
+    def _wide_listening_needs_auth(self) -> Settings:
         if not self.is_loopback and not self.auth:
             raise ValueError(
                 f"refusing to listen on {self.host} without authentication: "

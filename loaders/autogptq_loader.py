@@ -31,12 +31,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loadstar.engine.errors import ModelLoadError
-from loadstar.engine.models.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors
-from loadstar.engine.plugins.hookspecs import hookimpl
-from loadstar.engine.models.load_failures import load_failure
-from loadstar.engine.models.loader_api import Assessment, Availability, LoadedModelInfo
-from loadstar.engine.models.folder import ModelFolder, Quantization, weight_format
+from loadstar import (
+    Assessment,
+    Availability,
+    LoadedModelInfo,
+    ModelFolder,
+    ModelLoadError,
+    Quantization,
+    TensorGPTQ,
+    filename_hint,
+    hookimpl,
+    infer_gptq_from_safetensors,
+    load_failure,
+    weight_format,
+)
 from loadstar.loaders.derived_folder import derived_folder
 from loadstar.loaders.gptq_dense import dense_bytes, load_dense
 from loadstar.loaders.hf_causal_lm import HFCausalLM

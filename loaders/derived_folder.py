@@ -13,11 +13,11 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 # What to put in a derived folder under a name: bytes, a file to link to, or a function that writes it.
-Entry = Union[bytes, Path, Callable[[Path], None]]
+Entry = bytes | Path | Callable[[Path], None]
 
 
 def fingerprint(folder: Path, entries: dict[str, Entry]) -> str:

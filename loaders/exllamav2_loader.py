@@ -12,18 +12,27 @@ import importlib.util
 import json
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loadstar.engine.errors import ModelLoadError
-from loadstar.engine.plugins.hookspecs import hookimpl
-from loadstar.engine.models.load_failures import load_failure
-from loadstar.engine.models.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
-from loadstar.engine.models.folder import ModelFolder
-from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
+from loadstar import (
+    ALL_PARAMS,
+    Assessment,
+    Availability,
+    CancelToken,
+    LoadedModelInfo,
+    ModelFolder,
+    ModelLoadError,
+    SamplingParams,
+    StreamPiece,
+    hookimpl,
+    load_failure,
+    prompt_budget,
+)
 from loadstar.loaders.derived_folder import derived_folder
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
 
@@ -92,7 +101,7 @@ class ExLlamaV2Loader:
             return Assessment(False, f"architecture {folder.architecture or 'unknown'} is not supported by exllamav2")
         return Assessment(True, f"{gptq.describe()}, fp16 CUDA kernels", 100)
 
-    def load(self, folder: ModelFolder, options: BaseModel) -> "ExLlamaV2Model":
+    def load(self, folder: ModelFolder, options: BaseModel) -> ExLlamaV2Model:
         assert isinstance(options, ExLlamaV2Options)
         path = folder.path
         config = json.loads((folder.path / "config.json").read_text())

@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadstar.engine.errors import ModelLoadError
-from loadstar.engine.models.folder import Quantization
+from loadstar import ModelLoadError, Quantization
 
 
 def dense_bytes(weight_bytes: int, bits: int) -> int:
@@ -31,7 +30,7 @@ def load_dense(folder: Path, gptq: Quantization) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from loadstar.engine.models.gptq_dequant import dequantize_layer
+    from loadstar import dequantize_layer
 
     if gptq.bits is None or 32 % gptq.bits:
         raise ModelLoadError(f"the exact float32 path unpacks 2, 4 and 8 bits, not {gptq.bits}")

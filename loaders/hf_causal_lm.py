@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import gc
 import logging
-import queue
-import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
-from loadstar.engine.models.loader_api import CancelToken, LoadedModelInfo, StreamPiece
-from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
+from loadstar import ALL_PARAMS, CancelToken, LoadedModelInfo, SamplingParams, StreamPiece, prompt_budget
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
 
 log = logging.getLogger(__name__)
-
-_DONE = object()
-
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass before generation; Stop is checked between them
 
@@ -114,33 +109,6 @@ class HFCausalLM(TokenizerPrompts):
             return None
         return cache
 
-    def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
-        """The generator form of ``stream_to`` (generation runs on a helper thread)."""
-        out: queue.Queue[Any] = queue.Queue()
-        abandoned = _EitherToken(cancel)
-
-        def run() -> None:
-            try:
-                self.stream_to(prompt, params, abandoned, seed=seed, emit=out.put)
-            except BaseException as error:  # handed to the consumer, raised there
-                out.put(error)
-            finally:
-                out.put(_DONE)
-
-        worker = threading.Thread(target=run, name="loadstar-generate", daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = out.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            abandoned.cancel()  # the consumer went away: stop generating for nobody
-            worker.join()
-
     def _eos_ids(self) -> list[int]:
         configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if configured is None:
@@ -159,18 +127,6 @@ class HFCausalLM(TokenizerPrompts):
             import torch
 
             torch.cuda.empty_cache()
-
-
-class _EitherToken(CancelToken):
-    """Cancelled when the request is, or when this side cancels it."""
-
-    def __init__(self, outer: CancelToken) -> None:
-        super().__init__()
-        self._outer = outer
-
-    @property
-    def cancelled(self) -> bool:
-        return self._outer.cancelled or super().cancelled
 
 
 class _PresenceFrequencyPenalty:

@@ -23,9 +23,7 @@ import codecs
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loadstar.engine.errors import BadRequestError
-from loadstar.engine.models.loader_api import OutputSpec, SequenceStep, StreamPiece, TokenChoice, TokenLogprob
-from loadstar.engine.sampling import SamplingParams
+from loadstar import BadRequestError, OutputSpec, SamplingParams, SequenceStep, StreamPiece, TokenChoice, TokenLogprob
 
 if TYPE_CHECKING:
     from loadstar.loaders.llamacpp_loader import LlamaCppModel
@@ -64,7 +62,7 @@ class _Slot:
 class LlamaCppBatch:
     """The ``DecodeBatch`` of one loaded llama.cpp model (one per model: it owns the context's slots)."""
 
-    def __init__(self, model: "LlamaCppModel", slots: int) -> None:
+    def __init__(self, model: LlamaCppModel, slots: int) -> None:
         from llama_cpp import _internals
 
         self._model = model
@@ -311,7 +309,7 @@ class LlamaCppBatch:
             grammar = json_schema_to_gbnf(json.dumps(json_schema))
         except RecursionError:
             raise BadRequestError("the JSON schema is nested too deeply for a grammar") from None
-        except Exception as error:  # noqa: BLE001 - the converter asserts on what it does not support
+        except Exception as error:
             raise BadRequestError(f"llama.cpp cannot make a grammar of this JSON schema: {str(error) or type(error).__name__}") from None
         pointer = llama_cpp.llama_sampler_init_grammar(self._llm._model.vocab, grammar.encode("utf-8"), b"root")
         if not pointer:
@@ -321,7 +319,7 @@ class LlamaCppBatch:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -24,19 +24,32 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loadstar.engine.errors import ModelLoadError
-from loadstar.engine.plugins.hookspecs import hookimpl
-from loadstar.engine.models.load_failures import load_failure
-from loadstar.engine.models.loader_api import (
-    FEATURE_GRAMMAR, FEATURE_LOGPROBS, Assessment, Availability, CancelToken, LoadedModelInfo, MemoryEstimate,
-    OutputSpec, StreamPiece,
+from loadstar import (
+    FEATURE_GRAMMAR,
+    FEATURE_LOGPROBS,
+    Assessment,
+    Availability,
+    CancelToken,
+    GGUFModelFile,
+    LoadedModel,
+    LoadedModelInfo,
+    MemoryEstimate,
+    ModelFolder,
+    ModelLoadError,
+    OutputSpec,
+    SamplingParams,
+    StreamPiece,
+    gguf_models,
+    hookimpl,
+    load_failure,
+    missing_parts,
+    prompt_budget,
 )
-from loadstar.engine.models.folder import GGUFModelFile, ModelFolder, gguf_models, missing_parts
-from loadstar.engine.sampling import SamplingParams, prompt_budget
 
 if TYPE_CHECKING:
     from loadstar.loaders.llamacpp_batch import LlamaCppBatch
@@ -112,7 +125,7 @@ class LlamaCppLoader:
         return MemoryEstimate(sum(sizes.get(p, 0) for p in model_file.parts),
                               per_token * n_ctx * options.max_batch if per_token else None, n_ctx, options.max_batch)
 
-    def load(self, folder: ModelFolder, options: BaseModel) -> "LlamaCppModel":
+    def load(self, folder: ModelFolder, options: BaseModel) -> LlamaCppModel:
         assert isinstance(options, LlamaCppOptions)
         verdict = self.assess(folder)
         if not verdict.can_load:
@@ -130,12 +143,12 @@ class LlamaCppLoader:
                 n_batch=min(options.n_batch, n_ctx), use_mmap=options.use_mmap, use_mlock=options.use_mlock,
                 n_gpu_layers=gpu_layers, flash_attn=options.flash_attn, verbose=False,
             )
-        except Exception as error:  # noqa: BLE001 - llama-cpp-python also compiles the GGUF's chat template (Jinja)
+        except Exception as error:
             what = "its chat template does not compile" if type(error).__module__.startswith("jinja2") else "llama.cpp could not load it"
             raise ModelLoadError(f"{model_file.first}: {what}: {load_failure(error, [model_file.first])}") from None
         try:
             _make_context_batched(llm, options.max_batch, n_ctx)
-        except Exception as error:  # noqa: BLE001 - out of memory for the context, mostly
+        except Exception as error:
             llm.close()
             raise ModelLoadError(f"{model_file.first}: llama.cpp could not make its context: {load_failure(error, [model_file.first])}") from None
         details = f"{model_file.describe()}, {threads} threads, context {n_ctx}, batch {options.max_batch}"
@@ -172,7 +185,7 @@ def _make_context_batched(llm: Any, sequences: int, n_ctx: int) -> None:
     llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
 
 
-class LlamaCppModel:
+class LlamaCppModel(LoadedModel):
     supported_params = SUPPORTED
 
     def __init__(self, llm: Any, info: LoadedModelInfo, max_batch: int = 1) -> None:
@@ -209,7 +222,7 @@ class LlamaCppModel:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def open_batch(self) -> "LlamaCppBatch":
+    def open_batch(self) -> LlamaCppBatch:
         """The model's one batch (its slots own the context's sequences and their cached prefixes)."""
         return self._batch
 

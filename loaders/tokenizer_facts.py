@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from loadstar import LoadedModel
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
-class TokenizerPrompts:
+class TokenizerPrompts(LoadedModel):
+    """A LoadedModel whose template, special tokens and token counts come from a Hugging Face tokenizer."""
+
     tokenizer: Any
 
     @property

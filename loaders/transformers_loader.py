@@ -17,11 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loadstar.engine.errors import ModelLoadError
-from loadstar.engine.plugins.hookspecs import hookimpl
-from loadstar.engine.models.load_failures import load_failure
-from loadstar.engine.models.loader_api import Assessment, Availability, LoadedModelInfo
-from loadstar.engine.models.folder import ModelFolder
+from loadstar import Assessment, Availability, LoadedModelInfo, ModelFolder, ModelLoadError, hookimpl, load_failure
 from loadstar.loaders.hf_causal_lm import HFCausalLM
 
 log = logging.getLogger(__name__)

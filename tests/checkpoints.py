@@ -15,9 +15,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
 
 from loadstar.engine.models.default_model import DEFAULT_MODEL_FILE, default_model_source
 

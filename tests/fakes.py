@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from types import MappingProxyType
 
 from pydantic import BaseModel, ConfigDict
 
+from loadstar import (
+    Assessment,
+    Availability,
+    CancelToken,
+    LoadedModel,
+    LoadedModelInfo,
+    ModelFolder,
+    SamplingParams,
+    SequenceStep,
+    Settings,
+    StreamPiece,
+    hookimpl,
+)
 from loadstar.engine.facade import Engine
-from loadstar.engine.plugins.hookspecs import hookimpl
-from loadstar.engine.models.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, SequenceStep, StreamPiece
-from loadstar.engine.models.folder import ModelFolder
 from loadstar.engine.plugins.host import PluginHost
-from loadstar.engine.sampling import SamplingParams
-from loadstar.engine.settings import Settings
 
 
-class FakeModel:
+class FakeModel(LoadedModel):
     """Replies with the words of ``reply`` (or ``<prompt> reply``), one token each, with a delay."""
 
     def __init__(self, name: str = "fake", reply: str | None = None, delay: float = 0.0, fail_after: int | None = None,
@@ -32,7 +41,7 @@ class FakeModel:
         self.seeds: list[int] = []
 
     chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
-    special_tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    special_tokens = MappingProxyType({"bos_token": "<s>", "eos_token": "</s>"})
     supported_params = frozenset({"temperature", "max_new_tokens", "seed"})
 
     def count_tokens(self, text: str) -> int:
@@ -102,7 +111,7 @@ class FakeBatch:
     """A ``DecodeBatch`` whose sequences write their prompt's words, one per step; it records who
     was in each step."""
 
-    def __init__(self, model: "FakeBatchModel") -> None:
+    def __init__(self, model: FakeBatchModel) -> None:
         self._model = model
         self._words: dict[int, list[str]] = {}
 

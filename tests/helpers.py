@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -77,7 +77,7 @@ class HubStandIn:
     def cdn_url(self) -> str:
         return f"http://127.0.0.1:{self._cdn.server_address[1]}"
 
-    def start(self) -> "HubStandIn":
+    def start(self) -> HubStandIn:
         for thread in self._threads:
             thread.start()
         return self

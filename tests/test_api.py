@@ -7,7 +7,12 @@ import urllib.request
 import httpx
 import pytest
 
-from loadstar.engine.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, DEFAULT_MODEL_SYSTEM_MESSAGE, place_default_model
+from loadstar.engine.models.default_model import (
+    DEFAULT_MODEL_FILE,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_SYSTEM_MESSAGE,
+    place_default_model,
+)
 from tests.helpers import CAPITAL_QUESTION, run_concurrently, running_server
 
 pytestmark = pytest.mark.slow
@@ -47,9 +52,9 @@ def tokenizer(default_models_dir):
 
 
 def test_models_lists_every_local_model_with_its_loader_the_loaded_one_first(client, api_root):
-    from tests.folders import hf_folder
-
     import shutil
+
+    from tests.folders import hf_folder
 
     other = hf_folder(api_root / "models", "other-model")  # a Transformers folder beside the loaded GGUF
     try:
@@ -192,7 +197,7 @@ def test_no_cors_headers_without_an_allow_list(api_server):
 def metric(api_server, name):
     text = httpx.get(f"{api_server}/metrics", headers={"Authorization": f"Bearer {USER_KEY}"}).text
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} missing from /metrics:\n{text}")
 

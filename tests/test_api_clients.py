@@ -213,10 +213,7 @@ def test_a_required_tool_call_comes_in_the_openai_shape_and_its_answer_is_read(c
     assert call.function.name == "get_weather"
     assert set(json.loads(call.function.arguments)) == {"city", "unit"}
 
-    follow_up = question + [
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "sunny"})},
-    ]
+    follow_up = [*question, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}, {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "sunny"})}]
     answer = client.chat.completions.create(model=TOOLS_MODEL, messages=follow_up, tools=[WEATHER], temperature=0,
                                             max_tokens=40)
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -6,7 +6,15 @@ import time
 import pytest
 
 from tests.browser import (
-    ARTEFACTS, MODEL, bot_messages, reload, send, set_parameter, wait_for_status, wait_until, watch_console,
+    ARTEFACTS,
+    MODEL,
+    bot_messages,
+    reload,
+    send,
+    set_parameter,
+    wait_for_status,
+    wait_until,
+    watch_console,
 )
 from tests.helpers import CAPITAL_QUESTION
 

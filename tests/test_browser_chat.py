@@ -7,7 +7,15 @@ import re
 import pytest
 
 from tests.browser import (
-    ARTEFACTS, bot_messages, open_page, reload, send, set_parameter, user_messages, wait_for_status, wait_until,
+    ARTEFACTS,
+    bot_messages,
+    open_page,
+    reload,
+    send,
+    set_parameter,
+    user_messages,
+    wait_for_status,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -25,7 +25,7 @@ def test_the_first_question_at_default_settings_names_paris_ten_times_out_of_ten
     assert page.locator("#param-top_p input[type=number]").input_value() == "0.9"
     page.get_by_role("tab", name="Chat").click()
     answers, seeds = [], []
-    for run in range(10):  # a new chat each time, random seeds, nothing set by hand
+    for _run in range(10):  # a new chat each time, random seeds, nothing set by hand
         page.locator("#new-chat").click()
         wait_until(lambda: bot_messages(page).count() == 0, "a new chat")
         send(page, "What is the capital of France?")

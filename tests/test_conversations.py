@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.conversations import Conversation, ConversationStore
+from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.errors import BadRequestError
 from tests.conftest import ROOT
 

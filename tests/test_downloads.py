@@ -163,7 +163,7 @@ def test_unknown_repo_branch_and_file(hub, tmp_path):
         download(client_for(hub), ModelRef("TheBloke/Nope"), tmp_path)
     with pytest.raises(DownloadError, match="no such branch"):
         download(client_for(hub), ModelRef(REPO, "gptq-3bit"), tmp_path)
-    with pytest.raises(DownloadError, match="no GGUF file named nope.gguf"):
+    with pytest.raises(DownloadError, match=r"no GGUF file named nope.gguf"):
         download(client_for(hub), ModelRef("TheBloke/Tiny-GGUF"), tmp_path, gguf_file="nope.gguf")
     assert list_model_folders(tmp_path) == []
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME, place_default_model
 from loadstar.engine.errors import ModelLoadError, ModelNotFoundError, NoLoaderError
+from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME, place_default_model
 from loadstar.engine.settings import Settings
 from tests.fakes import FakeLoader, engine_with
 from tests.folders import hf_folder
@@ -15,7 +15,7 @@ def test_failed_load_keeps_the_previous_model(tmp_path):
     hf_folder(engine.settings.models_dir, "first")
     hf_folder(engine.settings.models_dir, "second")
     engine.load_model("first")
-    with pytest.raises(ModelLoadError, match="Bad could not load second: RuntimeError: cannot read model.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"Bad could not load second: RuntimeError: cannot read model.safetensors"):
         engine.load_model("second", "Bad")
     assert engine.models.loaded.name == "first"
     assert not good.loaded[0].unloaded
@@ -70,7 +70,7 @@ def test_startup_prefers_cli_then_last_used_then_default(tmp_path):
 def test_unknown_model_and_empty_models_dir_are_errors(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no model named 'nope'"):
         engine_with(tmp_path, FakeLoader("Good"), model="nope").startup_choice()
-    with pytest.raises(ModelNotFoundError, match="no models in .*--no-model"):
+    with pytest.raises(ModelNotFoundError, match=r"no models in .*--no-model"):
         engine_with(tmp_path, FakeLoader("Good")).startup_choice()
 
 

@@ -180,9 +180,8 @@ def test_the_example_extension_works_end_to_end_with_its_own_loader(tmp_path):
 
 
 def test_reply_rules_apply_saved_rules_and_refuse_bad_ones(tmp_path):
-    from loadstar.extensions.reply_rules import rules_from_rows
-
     from loadstar.engine.errors import BadRequestError
+    from loadstar.extensions.reply_rules import rules_from_rows
 
     book = rules_from_rows([["As an AI language model, ", "", False], [r"\s+$", "", True], ["", "", False]])
     assert book.apply("As an AI language model, I think so.   ") == "I think so."

@@ -6,8 +6,8 @@ import pytest
 
 from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.errors import BadRequestError
-from loadstar.engine.generation.service import GenerationService
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
+from loadstar.engine.generation.service import GenerationService
 from loadstar.engine.models.loader_api import StreamPiece
 from loadstar.engine.sampling import SamplingParams
 from tests.fakes import FakeModel
@@ -69,7 +69,7 @@ def test_random_seed_is_drawn_and_reported(service_for):
     model = FakeModel(reply="a")
     service = service_for(model)
     result = service.submit(prompt_request("x", seed=-1)).result()
-    assert result.seed is not None and 0 <= result.seed and model.seeds == [result.seed]
+    assert result.seed is not None and result.seed >= 0 and model.seeds == [result.seed]
 
 
 def test_cancel_running_request_stops_it(service_for):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import LoadstarError, ModelLoadError
+from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import GenerationRequest
 from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.settings import Settings
@@ -122,12 +122,12 @@ def test_corrupt_weights_and_lying_configs_keep_the_previous_model(engine, model
     shutil.copytree(models_dir / "smol-4bit-g128", broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
-    with pytest.raises(LoadstarError, match="model.safetensors is truncated"):
+    with pytest.raises(LoadstarError, match=r"model.safetensors is truncated"):
         engine.load_model("smol-truncated")
     liar = models_dir / "smol-liar"
     shutil.copytree(models_dir / "smol-4bit-g128", liar)
     (liar / "quantize_config.json").write_text('{"bits": 8, "group_size": 128, "desc_act": false}')
-    with pytest.raises(LoadstarError, match="says bits=8 but the tensors in model.safetensors have bits=4"):
+    with pytest.raises(LoadstarError, match=r"says bits=8 but the tensors in model.safetensors have bits=4"):
         engine.load_model("smol-liar")
     assert engine.models.loaded.name == "smol-8bit-nogroup-act"
     assert "Paris" in ask(engine)

@@ -11,15 +11,15 @@ from contextlib import contextmanager
 import pytest
 
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import LoadstarError
+from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Started, TextDelta
+from loadstar.engine.models.default_model import DEFAULT_MODEL_SYSTEM_MESSAGE
+from loadstar.engine.models.folder import gguf_models, missing_parts
 from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.settings import Settings
-from loadstar.engine.models.folder import gguf_models, missing_parts
 from loadstar.loaders.llamacpp_loader import LOADER_NAME
 from tests.folders import gguf_folder
-from loadstar.engine.models.default_model import DEFAULT_MODEL_SYSTEM_MESSAGE
 from tests.helpers import CAPITAL_QUESTION
 
 pytestmark = pytest.mark.slow
@@ -151,7 +151,7 @@ def test_a_second_turn_reuses_the_cached_prefix(engine):
         turn_two = (*QUESTION, ChatMessage(role="assistant", content=first.text),
                     ChatMessage(role="user", content="And what is the capital of Italy?"))
         evaluated.clear()
-        events, second = run(engine, turn_two, temperature=0, max_new_tokens=30)
+        _events, second = run(engine, turn_two, temperature=0, max_new_tokens=30)
     # llama.cpp's own count: every token decoded, minus one per generated token
     prompt_evaluated = sum(evaluated) - second.completion_tokens
     assert second.prompt_tokens > 40
@@ -240,9 +240,10 @@ def test_model_work_stays_on_the_model_thread(engine):
 @pytest.fixture(scope="module")
 def llama_cpp_server(default_models_dir, tmp_path_factory):
     """llama-cpp-python's own OpenAI-compatible server (a third-party server) with the default model."""
-    from tests.helpers import free_port, stop_server
     import time
     import urllib.request
+
+    from tests.helpers import free_port, stop_server
 
     port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"

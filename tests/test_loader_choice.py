@@ -34,7 +34,7 @@ def test_unusable_loaders_are_listed_after_usable_ones_with_reasons(folder):
         FakeLoader("Fit", priority=5, reason="works"),
     )
     ranked = rank_loaders(folder, loaders)
-    assert [c.loader for c in ranked][0] == "Fit"
+    assert next(c.loader for c in ranked) == "Fit"
     described = {c.loader: c.describe() for c in ranked}
     assert described["Missing"] == "Missing: unavailable, fake package missing"
     assert described["Unfit"] == "Unfit: cannot load, 8-bit: only 4-bit is supported"
@@ -50,7 +50,7 @@ def test_pinned_loader_wins_over_higher_priority(folder):
 
 def test_pinned_loader_that_cannot_load_fails_with_its_reason(folder):
     loaders = as_map(FakeLoader("Best"), FakeLoader("Mine", can_load=False, reason="needs CUDA"))
-    with pytest.raises(NoLoaderError, match="Mine: cannot load.*needs CUDA"):
+    with pytest.raises(NoLoaderError, match=r"Mine: cannot load.*needs CUDA"):
         choose_loader(folder, loaders, pinned="Mine")
 
 

@@ -139,7 +139,7 @@ def test_resolve_rejects_paths_that_are_not_plain_folder_names(tmp_path, name):
 
 def test_resolve_unknown_name_lists_available(tmp_path):
     hf_folder(tmp_path, name="known")
-    with pytest.raises(ModelNotFoundError, match="no model named 'nope'.*available: known"):
+    with pytest.raises(ModelNotFoundError, match=r"no model named 'nope'.*available: known"):
         resolve_model_folder(tmp_path, "nope")
 
 

@@ -4,8 +4,13 @@ import json
 
 import pytest
 
+from loadstar.engine.chat.presets import (
+    BUILTIN_PRESETS_DIR,
+    PresetStore,
+    generation_config_defaults,
+    model_system_message,
+)
 from loadstar.engine.errors import BadRequestError
-from loadstar.engine.chat.presets import BUILTIN_PRESETS_DIR, PresetStore, generation_config_defaults, model_system_message
 from loadstar.engine.sampling import SamplingParams
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder

@@ -2,13 +2,17 @@
 
 import pytest
 
-from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.errors import BadRequestError
 from loadstar.engine.chat.format_detection import choose_format, guess_format
-from loadstar.engine.chat.template_sandbox import TemplateRenderer
+from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.prompt_formats import (
-    COMPLETION, DEFAULT_SYSTEM_MESSAGE, NAMED_FORMATS, own_format, render,
+    COMPLETION,
+    DEFAULT_SYSTEM_MESSAGE,
+    NAMED_FORMATS,
+    own_format,
+    render,
 )
+from loadstar.engine.chat.template_sandbox import TemplateRenderer
+from loadstar.engine.errors import BadRequestError
 
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 RENDERER = TemplateRenderer()  # one child process for this module

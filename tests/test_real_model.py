@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import GenerationRequest, Started, TextDelta
 from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.settings import Settings

@@ -1,5 +1,7 @@
 """Sampling controls, prompt rendering and Continue with the real default model (SmolLM2 on CPU)."""
 
+import itertools
+
 import pytest
 
 from loadstar.engine.chat.messages import ChatMessage
@@ -62,7 +64,7 @@ def test_penalties_change_a_repetitive_reply(real_engine):
     assert len({plain.text, no_repeat.text, penalised.text, presence.text}) == 4
     with real_engine.models.use() as model:
         ids = model.tokenizer(no_repeat.text, add_special_tokens=False)["input_ids"]
-    bigrams = list(zip(ids, ids[1:]))
+    bigrams = list(itertools.pairwise(ids))
     assert len(bigrams) > 20 and len(set(bigrams)) >= len(bigrams) - 2  # re-tokenising may merge a pair
 
 

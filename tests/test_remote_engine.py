@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Started, TextDelta
 from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.settings import Settings
@@ -111,7 +111,7 @@ def test_unreachable_or_wrong_remote_is_a_one_line_load_error(tmp_path, remote):
     remote_folder(models, f"http://127.0.0.1:{free_port()}")
     engine = Engine(Settings(models_dir=models, data_dir=tmp_path / "data"))
     try:
-        with pytest.raises(ModelLoadError, match="cannot reach http://127.0.0.1:"):
+        with pytest.raises(ModelLoadError, match=r"cannot reach http://127.0.0.1:"):
             engine.load_model("smol-remote")
         remote_folder(models, remote, model="not-there")
         with pytest.raises(ModelLoadError, match=f"does not serve 'not-there' \\(it serves: {MODEL}\\)"):

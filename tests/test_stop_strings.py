@@ -1,11 +1,10 @@
 import pytest
 
-from loadstar.engine.generation.service import GenerationService
-
-from loadstar.engine.generation.requests import GenerationRequest, TextDelta
 from loadstar.engine.errors import BadRequestError
-from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.generation.requests import GenerationRequest, TextDelta
+from loadstar.engine.generation.service import GenerationService
 from loadstar.engine.generation.stop_strings import StopStringFilter
+from loadstar.engine.sampling import SamplingParams
 from tests.fakes import FakeModel
 from tests.test_generation import Slot
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
+from loadstar.engine.chat.json_reply import check_schema, parse_reply
 from loadstar.engine.chat.messages import ChatMessage
+from loadstar.engine.chat.tool_calls import ToolCall, ToolUse, find_calls, template_takes_tools
 from loadstar.engine.errors import BadRequestError
 from loadstar.engine.generation.requests import GenerationRequest, Started
-from loadstar.engine.chat.json_reply import check_schema, parse_reply
 from loadstar.engine.models.loader_api import OutputSpec
 from loadstar.engine.sampling import SamplingParams
-from loadstar.engine.chat.tool_calls import ToolCall, ToolUse, find_calls, template_takes_tools
 from tests.fakes import FakeModel
 from tests.test_generation import service_for  # noqa: F401 - a fixture
 

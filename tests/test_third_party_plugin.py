@@ -5,19 +5,16 @@ import textwrap
 
 import pytest
 
-from loadstar.engine.chat.messages import ChatMessage
+from loadstar import ChatMessage, GenerationRequest, Settings
 from loadstar.engine.facade import Engine
-from loadstar.engine.generation.requests import GenerationRequest
 from loadstar.engine.plugins.host import PluginHost
-from loadstar.engine.settings import Settings
 from tests.helpers import ROOT, run_server
 
 PLUGIN = textwrap.dedent('''
     """loadstar-echo: a third-party loader for folders holding echo.json (replies with its text)."""
     import json
     from pydantic import BaseModel, ConfigDict
-    from loadstar.engine.plugins.hookspecs import hookimpl
-    from loadstar.engine.models.loader_api import Assessment, Availability, LoadedModelInfo, StreamPiece
+    from loadstar import Assessment, Availability, LoadedModel, LoadedModelInfo, StreamPiece, hookimpl
 
 
     class EchoOptions(BaseModel):
@@ -25,13 +22,11 @@ PLUGIN = textwrap.dedent('''
         shout: bool = False
 
 
-    class EchoModel:
+    class EchoModel(LoadedModel):
         def __init__(self, name, reply, shout):
             self.info = LoadedModelInfo(name=name, loader="Echo", device="cpu", dtype="none", context_length=None)
             self.reply = reply.upper() if shout else reply
 
-        chat_template = None  # plain completion: the prompt is the last message's text
-        special_tokens = {}
         supported_params = frozenset({"max_new_tokens"})
 
         def count_tokens(self, text):

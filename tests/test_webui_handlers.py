@@ -3,11 +3,11 @@
 import pytest
 
 from loadstar.engine.sampling import SamplingParams, parameter_specs
+from loadstar.webui.chat_handlers import ChatHandlers, Who, new_state, sampling_from_values, stops_from_text
+from loadstar.webui.model_handlers import AUTO_LOADER, ModelHandlers
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder
 from tests.test_engine import engine_with
-from loadstar.webui.chat_handlers import ChatHandlers, Who, new_state, sampling_from_values, stops_from_text
-from loadstar.webui.model_handlers import AUTO_LOADER, ModelHandlers
 
 DEFAULTS = tuple(spec.default for spec in parameter_specs())
 ME = Who(owner="me", user=None)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import codecs
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import ValidationError
 
 from loadstar.engine.chat.conversations import Conversation, title_from
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import LoadstarError, problem_line
+from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
 from loadstar.engine.sampling import SamplingParams, parameter_specs
 from loadstar.webui.reasoning import reasoning_source
@@ -49,7 +50,7 @@ class ChatUpdate:
 def sampling_from_values(values: tuple[Any, ...]) -> SamplingParams:
     """Build SamplingParams from the Parameters tab's control values (in ``parameter_specs()`` order)."""
     names = [spec.name for spec in parameter_specs()]
-    raw = {name: value for name, value in zip(names, values) if value is not None}
+    raw = {name: value for name, value in zip(names, values, strict=False) if value is not None}
     for spec in parameter_specs():
         if spec.kind is int and raw.get(spec.name) is not None:
             raw[spec.name] = int(raw[spec.name])
@@ -88,7 +89,7 @@ class ChatHandlers:
         if not text:
             yield ChatUpdate(chat_messages(state), state, "Type a message first.")
             return
-        if self.engine.generation.has_work(who.owner):  # keep the message out of the chat, not lost
+        if self.engine.has_work(who.owner):  # keep the message out of the chat, not lost
             yield ChatUpdate(chat_messages(state), state, "Still answering: press Stop first.", keep_input=True)
             return
         state = {**{k: v for k, v in state.items() if k != EDITED},
@@ -119,7 +120,7 @@ class ChatHandlers:
     def switch_reply(self, state: State, who: Who, step: int) -> ChatUpdate:
         """Show the previous (step -1) or next (+1) version of the last reply; the model sees it next."""
         messages = chat_messages(state)
-        if self.engine.generation.has_work(who.owner):
+        if self.engine.has_work(who.owner):
             return ChatUpdate(messages, state, "Still answering: press Stop first.")
         conversation = Conversation.model_validate(state)
         index = len(messages) - 1
@@ -142,7 +143,7 @@ class ChatHandlers:
     def remove_last(self, state: State, who: Who) -> ChatUpdate:
         """Remove the last exchange: the last reply and the message it answered."""
         messages = chat_messages(state)
-        if self.engine.generation.has_work(who.owner):
+        if self.engine.has_work(who.owner):
             return ChatUpdate(messages, state, "Still answering: press Stop first.")
         if not messages:
             return ChatUpdate(messages, state, "Nothing to remove.")
@@ -208,7 +209,7 @@ class ChatHandlers:
         """Stream a reply to ``state``'s messages. ``earlier_versions``: the replies a Regenerate
         replaces, kept with the new one as alternatives of the same message."""
         messages = chat_messages(state)
-        if self.engine.generation.has_work(who.owner):
+        if self.engine.has_work(who.owner):
             shown = messages[:-1] if messages and messages[-1]["role"] == "user" and not continue_last else messages
             yield ChatUpdate(shown, state, "Still answering: press Stop first.")
             return
@@ -273,7 +274,7 @@ class ChatHandlers:
 
 def model_line(engine: Engine) -> str:
     """The line above the chat: which model answers, through which loader."""
-    info = engine.models.loaded
+    info = engine.loaded
     if info is None:
         return "No model is loaded: pick one in the **Model** tab."
     return f"Model: **{info.name}** · {info.loader} on {info.device}"

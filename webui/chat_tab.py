@@ -26,7 +26,7 @@ LATEX = [
 ]
 
 
-def build_chat_tab(engine: Engine) -> "ChatTab":
+def build_chat_tab(engine: Engine) -> ChatTab:
     """Create the tab's components (inside the caller's ``gr.Tab``); ``wire`` connects them later."""
     # The conversations live in a collapsible sidebar: New chat on top, search, the list (titles and
     # dates), and a menu for the open conversation (rename, export, import, delete).
@@ -47,37 +47,36 @@ def build_chat_tab(engine: Engine) -> "ChatTab":
                 confirm_delete = gr.Button("Yes, delete it", variant="stop", elem_id="confirm-delete", size="sm")
                 keep = gr.Button("Keep it", elem_id="keep-chat", size="sm")
         conversation_status = gr.Markdown(elem_id="conversation-status")
-    with gr.Row(elem_id="chat-row"):
-        with gr.Column(scale=4):
-            with gr.Row(equal_height=True, elem_id="chat-header"):
-                model = gr.Markdown(elem_id="chat-model")
-                model_switch = gr.Dropdown([], label="Switch model", show_label=False, elem_id="chat-model-switch",
-                                           scale=0, min_width=200, interactive=True, container=False)
-            chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot", buttons=["copy", "copy_all"],
-                                 feedback_options=None, editable="all", latex_delimiters=LATEX)
-            with gr.Accordion("System message", open=False):
-                system = gr.Textbox(label="System message", lines=2, elem_id="system-message",
-                                    placeholder="Empty: the model's default, if it has one")
-            # lines=1 with room to grow: Gradio sends on Enter and leaves Shift+Enter to the textarea
-            # (a new line); with lines > 1 it would send on Shift+Enter only.
-            message = gr.Textbox(label="Message", show_label=False,
-                                 placeholder="Message (Enter sends, Shift+Enter: new line)",
-                                 lines=1, max_lines=10, elem_id="chat-input")
-            with gr.Row():
-                send_button = gr.Button("Send", variant="primary", elem_id="send", min_width=90)
-                stop_button = gr.Button("Stop", variant="stop", elem_id="stop", min_width=90)
-                regenerate_button = gr.Button("Regenerate", elem_id="regenerate", min_width=90)
-                continue_button = gr.Button("Continue", elem_id="continue", min_width=90)
-                remove_button = gr.Button("Remove last", elem_id="remove-last", min_width=90)
-                previous_reply = gr.Button("‹", elem_id="previous-reply", min_width=40, scale=0)
-                next_reply = gr.Button("›", elem_id="next-reply", min_width=40, scale=0)
-            status = gr.Markdown("", elem_id="chat-status")
-            with gr.Accordion("Prompt sent", open=False):
-                preview_button = gr.Button("Show the prompt for the message above", size="sm", elem_id="preview-prompt")
-                prompt_info = gr.Markdown(elem_id="prompt-info")
-                prompt_box = gr.Textbox(label="Exact prompt", lines=8, max_lines=30, interactive=False,
-                                        elem_id="prompt-text")
-            panels = gr.Column()
+    with gr.Row(elem_id="chat-row"), gr.Column(scale=4):
+        with gr.Row(equal_height=True, elem_id="chat-header"):
+            model = gr.Markdown(elem_id="chat-model")
+            model_switch = gr.Dropdown([], label="Switch model", show_label=False, elem_id="chat-model-switch",
+                                       scale=0, min_width=200, interactive=True, container=False)
+        chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot", buttons=["copy", "copy_all"],
+                             feedback_options=None, editable="all", latex_delimiters=LATEX)
+        with gr.Accordion("System message", open=False):
+            system = gr.Textbox(label="System message", lines=2, elem_id="system-message",
+                                placeholder="Empty: the model's default, if it has one")
+        # lines=1 with room to grow: Gradio sends on Enter and leaves Shift+Enter to the textarea
+        # (a new line); with lines > 1 it would send on Shift+Enter only.
+        message = gr.Textbox(label="Message", show_label=False,
+                             placeholder="Message (Enter sends, Shift+Enter: new line)",
+                             lines=1, max_lines=10, elem_id="chat-input")
+        with gr.Row():
+            send_button = gr.Button("Send", variant="primary", elem_id="send", min_width=90)
+            stop_button = gr.Button("Stop", variant="stop", elem_id="stop", min_width=90)
+            regenerate_button = gr.Button("Regenerate", elem_id="regenerate", min_width=90)
+            continue_button = gr.Button("Continue", elem_id="continue", min_width=90)
+            remove_button = gr.Button("Remove last", elem_id="remove-last", min_width=90)
+            previous_reply = gr.Button("‹", elem_id="previous-reply", min_width=40, scale=0)
+            next_reply = gr.Button("›", elem_id="next-reply", min_width=40, scale=0)
+        status = gr.Markdown("", elem_id="chat-status")
+        with gr.Accordion("Prompt sent", open=False):
+            preview_button = gr.Button("Show the prompt for the message above", size="sm", elem_id="preview-prompt")
+            prompt_info = gr.Markdown(elem_id="prompt-info")
+            prompt_box = gr.Textbox(label="Exact prompt", lines=8, max_lines=30, interactive=False,
+                                    elem_id="prompt-text")
+        panels = gr.Column()
     state = gr.State(None)
     return ChatTab(
         engine, state, chatbot, conversation_list, new_button, title, rename_button, delete_button, search,

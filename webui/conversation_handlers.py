@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 from loadstar.engine.chat.conversations import Conversation
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import LoadstarError, one_line
+from loadstar.engine.facade import Engine
 from loadstar.webui.chat_handlers import State, chat_messages, new_state
 from loadstar.webui.uploads import uploaded_file
 

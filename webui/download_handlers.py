@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import html
 
+from loadstar.engine.errors import LoadstarError
+from loadstar.engine.facade import Engine
 from loadstar.engine.hub.branch_picker import list_branches, list_gguf_files, memory_budget
 from loadstar.engine.hub.downloads import Progress
-from loadstar.engine.facade import Engine
-from loadstar.engine.errors import LoadstarError
 from loadstar.engine.hub.names import parse_model_name
 from loadstar.engine.models.folder import format_size
 
@@ -22,10 +22,10 @@ class DownloadHandlers:
         """Rows for the branch table and a status line."""
         try:
             ref = parse_model_name(name)
-            client = self.engine.downloads.client(token or None)
+            client = self.engine.hub_client(token or None)
             budget = memory_budget()
-            rows = list_branches(client, ref.repo_id, self.engine.plugins.loaders(), budget)
-            ggufs = list_gguf_files(client, ref.repo_id, self.engine.plugins.loaders(), budget)
+            rows = list_branches(client, ref.repo_id, self.engine.loaders(), budget)
+            ggufs = list_gguf_files(client, ref.repo_id, self.engine.loaders(), budget)
         except LoadstarError as error:
             return [], f"⚠️ {error}"
         table = []
@@ -56,14 +56,14 @@ class DownloadHandlers:
 
     def start(self, name: str, token: str | None, gguf_file: str | None) -> tuple[int | None, str]:
         try:
-            job = self.engine.downloads.start(name, token or None, (gguf_file or "").strip() or None)
+            job = self.engine.start_download(name, token or None, (gguf_file or "").strip() or None)
         except LoadstarError as error:
             return None, f"⚠️ {error}"
         return job.id, f"Downloading {job.ref}…"
 
     def poll(self, job_id: int | None) -> tuple[str, str, bool]:
         """(status line, progress bars as HTML, finished?)"""
-        job = self.engine.downloads.get(job_id) if job_id else None
+        job = self.engine.download_job(job_id) if job_id else None
         if job is None:
             return "", "", True
         prefix = {"done": "✅ ", "failed": "⚠️ ", "cancelled": "⏹ "}.get(job.state, "⬇️ ")
@@ -72,7 +72,7 @@ class DownloadHandlers:
         return prefix + job.describe(), "", job.state != "running"
 
     def cancel(self, job_id: int | None) -> str:
-        job = self.engine.downloads.get(job_id) if job_id else None
+        job = self.engine.download_job(job_id) if job_id else None
         if job is None or job.state != "running":
             return "Nothing is downloading."
         job.cancel()

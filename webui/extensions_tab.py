@@ -11,27 +11,26 @@ from typing import Any
 
 import gradio as gr
 
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import one_line
-from loadstar.engine.plugins.extension_api import UIContext
+from loadstar.engine.facade import Engine
 
 
 def plugin_rows(engine: Engine) -> list[list[str]]:
     rows = []
-    for p in engine.plugins.plugins:
+    for p in engine.plugin_list():
         source = "extensions/" + p.name if p.kind == "extension" else f"{p.distribution} {p.version}".strip()
-        state = "on" if engine.plugins.is_enabled(p.name) else "off"
+        state = "on" if engine.plugin_enabled(p.name) else "off"
         rows.append([p.name, state, source, ", ".join(p.hooks), p.description])
     return rows
 
 
 def problems_text(engine: Engine) -> str:
-    problems = engine.plugins.problems
+    problems = engine.plugin_problems()
     return "\n".join(f"- ⚠️ {p.describe()}" for p in problems) if problems else "No problems."
 
 
 def optional_names(engine: Engine) -> list[str]:
-    return [p.name for p in engine.plugins.plugins if p.optional]
+    return [p.name for p in engine.plugin_list() if p.optional]
 
 
 def build_extensions_tab(engine: Engine) -> tuple[Any, Any, Any]:
@@ -39,7 +38,7 @@ def build_extensions_tab(engine: Engine) -> tuple[Any, Any, Any]:
     gr.Markdown("Extensions change requests, prompts and replies, add loaders and add to this page. "
                 "An extension that fails is turned off for this session and listed below.")
     switches = gr.CheckboxGroup(optional_names(engine), value=[n for n in optional_names(engine)
-                                if engine.plugins.is_enabled(n)], label="Enabled extensions", elem_id="extension-switches")
+                                if engine.plugin_enabled(n)], label="Enabled extensions", elem_id="extension-switches")
     table = gr.Dataframe(headers=["Plugin", "State", "From", "Hooks", "About"], value=plugin_rows(engine),
                          interactive=False, wrap=True, elem_id="plugin-table")
     problems = gr.Markdown(problems_text(engine), elem_id="plugin-problems")
@@ -49,11 +48,11 @@ def build_extensions_tab(engine: Engine) -> tuple[Any, Any, Any]:
 def build_contributions(engine: Engine, placement: str, components: dict[str, Any]) -> list[tuple[str, Any]]:
     """Build the contributions of one placement; returns (extension name, container) pairs."""
     built = []
-    context = UIContext(engine=engine, components=components)
-    for name, contribution in engine.plugins.ui_contributions():
+    context = engine.plugin_context(components)
+    for name, contribution in engine.ui_contributions():
         if contribution.placement != placement:
             continue
-        visible = engine.plugins.is_enabled(name)
+        visible = engine.plugin_enabled(name)
         container = (gr.Tab(contribution.title, visible=visible, elem_id=f"ext-tab-{name}") if placement == "tab"
                      else gr.Accordion(contribution.title, visible=visible, elem_id=f"ext-panel-{name}"))
         with container:
@@ -72,14 +71,14 @@ def wire_extensions(engine: Engine, demo: gr.Blocks, tab: tuple[Any, Any, Any],
     def apply(chosen):
         chosen = set(chosen or [])
         for name in optional_names(engine):
-            if engine.plugins.is_enabled(name) != (name in chosen):
+            if engine.plugin_enabled(name) != (name in chosen):
                 engine.set_extension_enabled(name, name in chosen)
         return refresh()
 
     def refresh():
-        on = [n for n in optional_names(engine) if engine.plugins.is_enabled(n)]
+        on = [n for n in optional_names(engine) if engine.plugin_enabled(n)]
         return [gr.update(value=on), plugin_rows(engine), problems_text(engine),
-                *(gr.update(visible=engine.plugins.is_enabled(name)) for name, _ in containers)]
+                *(gr.update(visible=engine.plugin_enabled(name)) for name, _ in containers)]
 
     outputs = [switches, table, problems, *(container for _, container in containers)]
     switches.input(apply, switches, outputs)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import gradio as gr
 
@@ -44,7 +45,7 @@ class LoaderOptionsPanel:
             mine, remaining = remaining[: len(group.components)], remaining[len(group.components):]
             if group.loader != loader:
                 continue
-            for name, default, value in zip(group.fields, group.defaults, mine):
+            for name, default, value in zip(group.fields, group.defaults, mine, strict=False):
                 value = _from_control(value, default)
                 if value != default:
                     chosen[name] = value
@@ -57,7 +58,7 @@ class LoaderOptionsPanel:
         for group in self.groups:
             updates.append(gr.update(visible=group.loader == loader and bool(group.components)))
         for group in self.groups:
-            for name, default, component in zip(group.fields, group.defaults, group.components):
+            for name, default, component in zip(group.fields, group.defaults, group.components, strict=False):
                 value = (saved or {}).get(name, default) if group.loader == loader else default
                 updates.append(gr.update(value=_to_control(value, component)))
         return updates

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Iterator
 
 from pydantic import ValidationError
 
+from loadstar.engine.errors import LoadCancelled, LoadstarError, problem_line
 from loadstar.engine.facade import Engine
-from loadstar.engine.errors import LoadCancelled, LoadstarError
 from loadstar.engine.models.choice import LoaderCandidate
 from loadstar.engine.models.folder import ModelFolder, format_size
 
@@ -68,20 +68,20 @@ class ModelHandlers:
         self._loads_lock = threading.Lock()
 
     def model_names(self) -> list[str]:
-        return self.engine.models.list_models()
+        return self.engine.list_models()
 
     def loader_choices(self) -> list[str]:
-        return [AUTO_LOADER, *self.engine.models.loader_names()]
+        return [AUTO_LOADER, *self.engine.loader_names()]
 
     def loaded_status(self) -> str:
-        info = self.engine.models.loaded
+        info = self.engine.loaded
         if info is None:
             return "No model is loaded."
         extra = f", {info.details}" if info.details else ""
         return f"Loaded: **{info.name}** with {info.loader} on {info.device} ({info.dtype}{extra})."
 
     def initial_model(self) -> str | None:
-        loaded = self.engine.models.loaded
+        loaded = self.engine.loaded
         names = self.model_names()
         if loaded is not None and loaded.name in names:
             return loaded.name
@@ -97,8 +97,8 @@ class ModelHandlers:
             return "No model selected. Put model folders into the models folder and press Refresh.", "", plain_choices
         pinned = None if loader in (None, AUTO_LOADER) else loader
         try:
-            folder = self.engine.models.inspect(name)
-            candidates = self.engine.models.rank(folder, pinned)
+            folder = self.engine.inspect(name)
+            candidates = self.engine.rank(folder, pinned)
         except LoadstarError as error:
             return f"⚠️ {error}", "", plain_choices
         best = next((c for c in candidates if c.usable), None)
@@ -118,7 +118,7 @@ class ModelHandlers:
         if loader not in (None, AUTO_LOADER):
             return loader
         try:
-            return next((c.loader for c in self.engine.models.candidates(name, None) if c.usable), None)
+            return next((c.loader for c in self.engine.candidates(name, None) if c.usable), None)
         except LoadstarError:
             return None
 
@@ -141,7 +141,7 @@ class ModelHandlers:
             pt = self._options_for(name, pinned, allow_pt)
             if pt is not None:
                 options = {**(options or {}), **pt}
-            best = next((c for c in self.engine.models.candidates(name, pinned) if c.usable), None)
+            best = next((c for c in self.engine.candidates(name, pinned) if c.usable), None)
         except LoadstarError as error:
             yield f"⚠️ {error}\n\n{self.loaded_status()}"
             return
@@ -187,17 +187,16 @@ class ModelHandlers:
         """What loading ``name`` with ``loader`` and ``options`` would take, as one line."""
         if not name or not loader:
             return ""
-        plugin = self.engine.plugins.loaders().get(loader)
+        plugin = self.engine.loaders().get(loader)
         estimate = getattr(plugin, "estimate_memory", None)
         if estimate is None:
             return f"Memory: {loader} gives no estimate before loading."
         try:
-            folder = self.engine.models.inspect(name)
+            folder = self.engine.inspect(name)
             validated = plugin.Options.model_validate(options)
             found = estimate(folder, validated)
         except ValidationError as error:
-            problem = error.errors()[0]
-            return f"⚠️ {loader} option {'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
+            return f"⚠️ {loader} option {problem_line(error)}"
         except LoadstarError as error:
             return f"⚠️ {error}"
         import psutil
@@ -223,9 +222,9 @@ class ModelHandlers:
         """The .pt opt-in goes to the loader that will load the model, if it takes it."""
         if not allow_pt:
             return None
-        candidates = self.engine.models.candidates(name, pinned)
+        candidates = self.engine.candidates(name, pinned)
         chosen = next((c for c in candidates if c.usable), None)
-        loaders = self.engine.plugins.loaders()
+        loaders = self.engine.loaders()
         if chosen is not None and "allow_pt" in loaders[chosen.loader].Options.model_fields:
             return {"allow_pt": True}
         return None

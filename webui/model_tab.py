@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gradio as gr
 
@@ -38,7 +39,7 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
         cancel_load = gr.Button("Cancel load", variant="stop", elem_id="cancel-load")
     with gr.Accordion("Loader options", open=False, elem_id="loader-options"):
         gr.Markdown("For the loader that Load will use; the model remembers them for its next load.")
-        options_panel = build_loader_options(engine.plugins.loaders())
+        options_panel = build_loader_options(engine.loaders())
     estimate = gr.Markdown(elem_id="memory-estimate")
     details = gr.Markdown(elem_id="model-details")
     gr.Markdown("### Loader candidates")

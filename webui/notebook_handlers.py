@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from pydantic import ValidationError
 
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import LoadstarError, problem_line
+from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
 from loadstar.webui.chat_handlers import (
-    UPDATE_INTERVAL, finished_status, sampling_from_values, stop_status, stops_from_text,
+    UPDATE_INTERVAL,
+    finished_status,
+    sampling_from_values,
+    stop_status,
+    stops_from_text,
 )
 
 
@@ -27,7 +32,7 @@ class NotebookHandlers:
         if not original.strip():
             yield original, "Write something for the model to continue.", original
             return
-        if self.engine.generation.has_work(owner):
+        if self.engine.has_work(owner):
             yield original, "Still generating: press Stop first.", original
             return
         try:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import gradio as gr
 
-from loadstar.engine.facade import Engine
-from loadstar.engine.errors import LoadstarError
 from loadstar.engine.chat.prompt_formats import AUTO, NAMED_FORMATS
+from loadstar.engine.errors import LoadstarError
+from loadstar.engine.facade import Engine
 from loadstar.engine.sampling import parameter_specs
 from loadstar.webui.chat_handlers import who
 from loadstar.webui.preset_handlers import MODEL_DEFAULTS, PresetHandlers
@@ -88,7 +89,7 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
         chosen = engine.loaded_prompt_format()
         if chosen is None:
             return gr.update(), "No model is loaded."
-        saved = engine.saved_choice(engine.models.loaded.name) if engine.models.loaded else None
+        saved = engine.saved_choice(engine.loaded.name) if engine.loaded else None
         pinned = saved.prompt_format if saved and saved.prompt_format else AUTO
         return gr.update(value=pinned), f"Using **{chosen.format.name}**: {chosen.why}."
 
@@ -103,7 +104,7 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
         user = who(request).user
         values, _ = presets.load(user, MODEL_DEFAULTS)  # the loaded model's generation_config defaults
         labels = presets.labels()
-        return [*(gr.update(value=v, label=label) for v, label in zip(values, labels)), *describe_format(),
+        return [*(gr.update(value=v, label=label) for v, label in zip(values, labels, strict=False)), *describe_format(),
                 gr.update(choices=presets.names(user))]
 
     parameters.preset = preset

@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from loadstar.engine.facade import Engine
 from loadstar.engine.errors import LoadstarError, problem_line
-from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, parameter_specs
+from loadstar.engine.facade import Engine
+from loadstar.engine.sampling import SamplingParams, parameter_specs
 from loadstar.webui.chat_handlers import sampling_from_values
 
 MODEL_DEFAULTS = "(model defaults)"
@@ -53,12 +53,7 @@ class PresetHandlers:
 
     def labels(self) -> list[str]:
         """Each control's label, marked when the loaded model's loader ignores it."""
-        supported = ALL_PARAMS
-        loader = None
-        with self.engine.models.use() as model:
-            if model is not None:
-                supported = getattr(model, "supported_params", ALL_PARAMS)
-                loader = model.info.loader
+        supported, loader = self.engine.honoured_params()
         return [
             spec.label if spec.name in supported else f"{spec.label} (ignored by {loader})"
             for spec in parameter_specs()

@@ -52,7 +52,7 @@ def remember(memory: Any, **changes: Any) -> dict[str, Any]:
 
 
 def parameters_to_remember(values: tuple[Any, ...], stops: str) -> dict[str, Any]:
-    return {"values": {spec.name: value for spec, value in zip(parameter_specs(), values)}, "stops": stops or ""}
+    return {"values": {spec.name: value for spec, value in zip(parameter_specs(), values, strict=False)}, "stops": stops or ""}
 
 
 def parameters_to_restore(saved: Any) -> tuple[list[Any], Any] | None:

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gradio as gr
 
 from loadstar.engine.facade import Engine
 from loadstar.webui.chat_handlers import model_line, who
 from loadstar.webui.chat_tab import ChatTab, build_chat_tab
-from loadstar.webui.model_handlers import ModelHandlers
-from loadstar.webui.parameters_tab import ParameterControls
-from loadstar.webui.preset_handlers import PresetHandlers
-from loadstar.webui.remembered import (
-    PAGE_SCRIPT, SIDEBAR_CLOSED, SIDEBAR_OPENED, browser_memory, parameters_to_remember, parameters_to_restore,
-    remember, remembered,
-)
 from loadstar.webui.extensions_tab import build_contributions, build_extensions_tab, wire_extensions
+from loadstar.webui.model_handlers import ModelHandlers
 from loadstar.webui.model_tab import build_model_tab
 from loadstar.webui.notebook_tab import build_notebook_tab
-from loadstar.webui.parameters_tab import build_parameters_tab
+from loadstar.webui.parameters_tab import ParameterControls, build_parameters_tab
+from loadstar.webui.preset_handlers import PresetHandlers
+from loadstar.webui.remembered import (
+    PAGE_SCRIPT,
+    SIDEBAR_CLOSED,
+    SIDEBAR_OPENED,
+    browser_memory,
+    parameters_to_remember,
+    parameters_to_restore,
+    remember,
+    remembered,
+)
 
 TITLE = "Loadstar"
 # Dark mode is the browser's choice, remembered in its localStorage and applied when the page opens.
@@ -102,7 +108,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
 def chat_model_views(engine: Engine, models: ModelHandlers) -> list[Any]:
     """The model line above the chat, the switch beside it, and the system message's placeholder."""
-    loaded = engine.models.loaded
+    loaded = engine.loaded
     chosen = engine.loaded_prompt_format()
     default = chosen.system_message if chosen else None
     placeholder = f"Empty: the model's default ({default})" if default else "Empty: the model's default, if it has one"
@@ -126,7 +132,7 @@ def wire_remembered_parameters(engine: Engine, parameters: ParameterControls, me
     presets = PresetHandlers(engine)
 
     def loaded_name() -> str | None:
-        loaded = engine.models.loaded
+        loaded = engine.loaded
         return loaded.name if loaded else None
 
     def keep(memory_value, preset, *values):

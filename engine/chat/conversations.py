@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from loadstar.engine.atomic import login_folder_name, private_folder, remove_stale_temps, write_atomic
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.errors import BadRequestError
+from loadstar.engine.errors import BadRequestError, problem_line
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Conversation(BaseModel):
     alternatives: dict[int, list[str]] = Field(default_factory=dict, max_length=10_000)
 
     @model_validator(mode="after")
-    def _alternatives_follow_the_messages(self) -> "Conversation":
+    def _alternatives_follow_the_messages(self) -> Conversation:
         kept = {}
         for index, versions in self.alternatives.items():
             if 0 <= index < len(self.messages) and self.messages[index].role == "assistant":
@@ -184,9 +184,7 @@ class ConversationStore:
         try:
             conversation = Conversation.model_validate(raw)
         except ValidationError as error:
-            problem = error.errors()[0]
-            where = ".".join(str(p) for p in problem["loc"])
-            raise BadRequestError(f"the conversation is not valid: {where}: {problem['msg']}") from None
+            raise BadRequestError(f"the conversation is not valid: {problem_line(error)}") from None
         if conversation.title == "New chat" and conversation.messages:
             conversation = conversation.model_copy(update={"title": title_from(conversation.messages[0].content)})
         return self.save(user, conversation)

@@ -23,8 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadstar.engine.chat.prompt_formats import (
+    AUTO,
+    COMPLETION,
+    DEFAULT_SYSTEM_MESSAGE,
+    NAMED_FORMATS,
+    PromptFormat,
+    own_format,
+)
 from loadstar.engine.errors import BadRequestError
-from loadstar.engine.chat.prompt_formats import AUTO, COMPLETION, DEFAULT_SYSTEM_MESSAGE, NAMED_FORMATS, PromptFormat, own_format
 
 CARD_BYTES = 200_000
 TOKENIZER_BYTES = 32 * 1024 * 1024  # tokenizer.json of a large vocabulary is ~10-20 MB
@@ -152,7 +159,7 @@ def template_block(after: str) -> str | None:
         end = index + 1
         # The assistant cue may follow after a blank line ("### Response:", "ASSISTANT:").
         while end < len(lines) and (
-            lines[end].strip() == "" and end + 1 < len(lines) and _is_cue(lines[end + 1]) or _is_cue(lines[end])
+            (lines[end].strip() == "" and end + 1 < len(lines) and _is_cue(lines[end + 1])) or _is_cue(lines[end])
         ):
             end += 1
         block = "\n".join(lines[:end])

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from loadstar.engine.errors import BadRequestError
 from loadstar.engine.chat.tool_calls import ToolCall
+from loadstar.engine.errors import BadRequestError
 
 Role = Literal["system", "user", "assistant", "tool"]  # "tool": a tool's answer (API clients only)
 

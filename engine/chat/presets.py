@@ -19,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from loadstar.engine.atomic import login_folder_name, write_atomic
-from loadstar.engine.errors import BadRequestError
+from loadstar.engine.errors import BadRequestError, problem_line
 from loadstar.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class PresetStore:
         self.user_dir = user_dir
         self.builtin_dir = builtin_dir
 
-    def for_user(self, user: str | None) -> "PresetStore":
+    def for_user(self, user: str | None) -> PresetStore:
         """The presets of one login (``user_dir/<login>/``); without logins, ``user_dir`` itself."""
         if user is None:
             return self
@@ -110,9 +110,7 @@ def validated_values(data: Any, what: str) -> dict[str, Any]:
     try:
         SamplingParams.model_validate(data)
     except ValidationError as error:
-        problem = error.errors()[0]
-        field = ".".join(str(p) for p in problem["loc"])
-        raise BadRequestError(f"{what}: {field}: {problem['msg']}") from None
+        raise BadRequestError(f"{what}: {problem_line(error)}") from None
     return dict(data)
 
 

@@ -9,12 +9,13 @@ data from the internet and must not reach Python objects.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.errors import BadRequestError
 from loadstar.engine.chat.template_sandbox import TemplateRaised, TemplateRenderer
+from loadstar.engine.errors import BadRequestError
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
 AUTO = "auto"

@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
-from loadstar.engine.errors import BadRequestError
 from loadstar.engine.chat.json_reply import check_schema, unfenced
+from loadstar.engine.errors import BadRequestError
 
 ToolMode = Literal["auto", "required", "none"]
 
@@ -39,7 +40,7 @@ class ToolCall:
     arguments: str  # a JSON object, as OpenAI clients expect it
 
     @staticmethod
-    def new(name: str, arguments: Mapping[str, Any]) -> "ToolCall":
+    def new(name: str, arguments: Mapping[str, Any]) -> ToolCall:
         return ToolCall("call_" + secrets.token_hex(12), name, json.dumps(arguments, ensure_ascii=False))
 
     def as_template_dict(self) -> dict[str, Any]:

@@ -13,19 +13,20 @@ Without a plugin host (engine unit tests) only the rendering and the notices rem
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.errors import BadRequestError, LoadstarError
-from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft
-from loadstar.engine.models.loader_api import CancelToken, LoadedModel, StreamPiece
-from loadstar.engine.plugins.host import PluginHost
 from loadstar.engine.chat.format_detection import NO_FORMAT_NOTICE, ChosenFormat, choose_format
+from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.prompt_formats import render
-from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, ignored_params, prompt_budget
 from loadstar.engine.chat.template_sandbox import TemplateRenderer
 from loadstar.engine.chat.tool_calls import ToolUse, template_takes_tools
+from loadstar.engine.errors import BadRequestError, LoadstarError
+from loadstar.engine.models.loader_api import CancelToken, LoadedModel, StreamPiece
+from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft
+from loadstar.engine.plugins.host import PluginHost
+from loadstar.engine.sampling import SamplingParams, ignored_params, prompt_budget
 
 if TYPE_CHECKING:
     from loadstar.engine.generation.requests import GenerationRequest
@@ -54,7 +55,7 @@ class ChatPrompt(NamedTuple):
 
 def default_format(model: LoadedModel) -> ChosenFormat:
     """The model's own template, else plain completion (the engine adds named-format guessing)."""
-    return choose_format(own_template=getattr(model, "chat_template", None), own_source=None, folder=None)
+    return choose_format(own_template=model.chat_template, own_source=None, folder=None)
 
 
 class RequestPipeline:
@@ -69,7 +70,7 @@ class RequestPipeline:
     def close(self) -> None:
         self.renderer.close()
 
-    def prepare(self, model: LoadedModel, request: "GenerationRequest", notices: list[str]) -> PreparedRequest:
+    def prepare(self, model: LoadedModel, request: GenerationRequest, notices: list[str]) -> PreparedRequest:
         draft = RequestDraft(
             messages=list(request.messages), prompt=request.prompt, params=request.params,
             stop=list(request.stop), owner=request.owner, continue_last=request.continue_last,
@@ -86,7 +87,7 @@ class RequestPipeline:
             prompt, format_name, format_why = chat.text, chat.format_name, chat.why
             stop = tuple(dict.fromkeys((*draft.stop, *chat.stop)))
         prompt_tokens = model.count_tokens(prompt)
-        supported = getattr(model, "supported_params", ALL_PARAMS)
+        supported = model.supported_params
         ignored = ignored_params(params, supported)
         if ignored:
             notices.append(f"{model.info.loader} ignores {', '.join(ignored)}")
@@ -116,7 +117,7 @@ class RequestPipeline:
         chosen = self._choose(model)
         if chosen.system_message and not any(m.role == "system" and m.content.strip() for m in messages):
             messages = [ChatMessage(role="system", content=chosen.system_message), *messages]
-        special = dict(getattr(model, "special_tokens", {}) or {})
+        special = dict(model.special_tokens)
         offered = tools.tools if tools.active else ()
         if offered and not template_takes_tools(chosen.format.template):
             raise BadRequestError(
@@ -139,7 +140,7 @@ class RequestPipeline:
         return ChatPrompt(rendered.text + tail, chosen.format.name, chosen.why, chosen.format.stop)
 
     def generate(
-        self, request: "GenerationRequest", prompt: str, model: LoadedModel, cancel: CancelToken,
+        self, request: GenerationRequest, prompt: str, model: LoadedModel, cancel: CancelToken,
         emit: Callable[[StreamPiece], None], seed: int, notices: list[str],
     ) -> bool:
         if self._plugins is None:

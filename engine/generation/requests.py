@@ -7,14 +7,14 @@ can name these types without importing the service (no import circle).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
+from loadstar.engine.chat.json_reply import check_schema
 from loadstar.engine.chat.messages import ChatMessage, check_text
 from loadstar.engine.chat.tool_calls import ToolCall, ToolUse
 from loadstar.engine.errors import BadRequestError
-from loadstar.engine.chat.json_reply import check_schema
-from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.models.loader_api import OutputSpec, TokenLogprob
+from loadstar.engine.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
 MAX_STOP_STRINGS = 16
@@ -97,4 +97,4 @@ class Finished:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-GenerationEvent = Union[Queued, Started, TextDelta, Finished]
+GenerationEvent = Queued | Started | TextDelta | Finished

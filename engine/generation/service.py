@@ -21,26 +21,38 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, Union
+from typing import Any, Protocol
 
-from loadstar.engine.chat.messages import ChatMessage, check_text
+from loadstar.engine.chat.json_reply import parse_reply
+from loadstar.engine.chat.tool_calls import ToolCall, find_calls
 from loadstar.engine.errors import BadRequestError, one_line
-from loadstar.engine.plugins.extension_api import ReplyDraft
-from loadstar.engine.chat.json_reply import check_schema, parse_reply
-from loadstar.engine.chat.tool_calls import ToolCall, ToolUse, find_calls
-from loadstar.engine.models.loader_api import (
-    FEATURE_GRAMMAR, FEATURE_LOGPROBS, CancelToken, DecodeBatch, LoadedModel, OutputSpec, StreamPiece, TokenLogprob,
-)
-from loadstar.engine.generation.metrics import GenerationMetrics
-from loadstar.engine.models.model_thread import ModelThread
 from loadstar.engine.generation.pipeline import PreparedRequest, RequestPipeline
-from loadstar.engine.sampling import SEED_MAX, SamplingParams
-from loadstar.engine.generation.stop_strings import StopStringFilter
 from loadstar.engine.generation.requests import (
-    MAX_TOP_LOGPROBS, FinishReason, Finished, GenerationEvent, GenerationRequest, Queued, Started, TextDelta,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    Queued,
+    Started,
+    TextDelta,
 )
+from loadstar.engine.generation.stop_strings import StopStringFilter
+from loadstar.engine.metrics import GenerationMetrics
+from loadstar.engine.models.loader_api import (
+    FEATURE_GRAMMAR,
+    FEATURE_LOGPROBS,
+    CancelToken,
+    DecodeBatch,
+    LoadedModel,
+    OutputSpec,
+    StreamPiece,
+    TokenLogprob,
+)
+from loadstar.engine.models.model_thread import ModelThread
+from loadstar.engine.plugins.extension_api import ReplyDraft
+from loadstar.engine.sampling import SEED_MAX, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +82,7 @@ class ModelSlot(Protocol):
 class GenerationHandle:
     """One submitted request: iterate ``events()``, or call ``result()``; ``cancel()`` any time."""
 
-    def __init__(self, request: GenerationRequest, job_id: int, on_cancel: Callable[["GenerationHandle"], None]) -> None:
+    def __init__(self, request: GenerationRequest, job_id: int, on_cancel: Callable[[GenerationHandle], None]) -> None:
         self.request = request
         self.id = job_id
         self._token = CancelToken()
@@ -138,9 +150,9 @@ class GenerationHandle:
                 self._events.put(event)
 
     def listen(
-        self, loop: asyncio.AbstractEventLoop, into: "asyncio.Queue[tuple[int, GenerationEvent]] | None" = None,
+        self, loop: asyncio.AbstractEventLoop, into: asyncio.Queue[tuple[int, GenerationEvent]] | None = None,
         tag: int = 0,
-    ) -> "asyncio.Queue[tuple[int, GenerationEvent]]":
+    ) -> asyncio.Queue[tuple[int, GenerationEvent]]:
         """Deliver the events to ``loop`` instead (with ``call_soon_threadsafe``), as ``(tag, event)``
         pairs: a client on an event loop awaits them with no thread of its own, and several handles
         (the choices of one request) can share one queue. Call it on that loop; events that came
@@ -502,7 +514,7 @@ class GenerationService:
                 handle._emit(Finished(reason="error", text="", error="no model is loaded: load one first"))
                 self._done(handle)
                 return
-            if int(getattr(model, "max_batch", 1)) > 1 and hasattr(model, "open_batch"):
+            if model.max_batch > 1:
                 self._serve_batch(model, handle)
             else:
                 self._serve_alone(model, handle)
@@ -515,13 +527,8 @@ class GenerationService:
             try:
                 if run.by_extension():
                     pass
-                elif (stream_to := getattr(model, "stream_to", None)) is not None:
-                    stream_to(run.prompt, run.params, run.token, seed=run.seed, emit=run.take, **run.output)  # no hand-off
                 else:
-                    for piece in model.stream(run.prompt, run.params, run.token, seed=run.seed, **run.output):
-                        run.take(piece)
-                        if run.stopped:
-                            break
+                    model.stream_to(run.prompt, run.params, run.token, seed=run.seed, emit=run.take, **run.output)
             except Exception as error:
                 log.exception("generation %s failed in the model", handle.id)
                 run.end(one_line(error), bad_request=isinstance(error, BadRequestError))

@@ -11,19 +11,30 @@ flagged before anyone downloads it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from loadstar.engine.hub.downloads import DownloadError, HubClient, select_files
-from loadstar.engine.models.gptq_tensors import TensorGPTQ, gptq_from_header, parse_header_prefix
 from loadstar.engine.errors import LoadstarError
-from loadstar.engine.models.loader_api import Loader
+from loadstar.engine.hub.downloads import DownloadError, HubClient, select_files
 from loadstar.engine.models.choice import rank_loaders
 from loadstar.engine.models.folder import (
-    ModelFolder, Quantization, WeightFile, gguf_bits_per_weight, gguf_facts, gguf_models, gguf_type_from_name,
-    gptq_disagreements, kv_bytes_per_token, parse_gguf_metadata, quantization_from_config, weight_format,
+    ModelFolder,
+    Quantization,
+    WeightFile,
+    gguf_bits_per_weight,
+    gguf_facts,
+    gguf_models,
+    gguf_type_from_name,
+    gptq_disagreements,
+    kv_bytes_per_token,
+    parse_gguf_metadata,
+    quantization_from_config,
+    weight_format,
 )
+from loadstar.engine.models.gptq_tensors import TensorGPTQ, gptq_from_header, parse_header_prefix
+from loadstar.engine.models.loader_api import Loader
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loadstar.engine.atomic import write_atomic
 from loadstar.engine.errors import LoadstarError, one_line
@@ -303,7 +304,11 @@ class HubClient:
 
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
         from huggingface_hub.errors import (
-            EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
         )
 
         try:
@@ -410,7 +415,7 @@ def download(
         "repo": ref.repo_id,
         "branch": ref.revision,
         "commit": snapshot.commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "files": {f.path: {"size": f.size, "sha256": hashes[f.path], "blob_id": f.blob_id} for f in selection.files},
         "skipped": [{"path": p, "why": why} for p, why in selection.skipped],
     }
@@ -466,7 +471,7 @@ def _fetch_verified(
     for stale in final.parent.glob(f"{Path(f.path).name}.*.part"):
         if stale != _part_path(staging, f):
             stale.unlink()  # a partial of an older version of this file
-    for attempt in range(2):  # a second full try when the bytes did not match
+    for _attempt in range(2):  # a second full try when the bytes did not match
         digest = _stream_with_resume(client, snapshot, f, staging, counter, progress, cancel)
         if digest is not None:
             os.replace(_part_path(staging, f), final)

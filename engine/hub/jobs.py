@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from loadstar.engine.hub.downloads import DownloadCancelled, DownloadResult, HubClient, Progress, download, format_progress
 from loadstar.engine.errors import LoadstarError, one_line
+from loadstar.engine.hub.downloads import (
+    DownloadCancelled,
+    DownloadResult,
+    HubClient,
+    Progress,
+    download,
+    format_progress,
+)
 from loadstar.engine.hub.names import ModelRef, parse_model_name
 
 log = logging.getLogger(__name__)

@@ -6,21 +6,26 @@ A loader answers three questions and does one thing:
 - ``Options``: the typed load options it accepts (unknown fields rejected).
 - ``load(folder, options)``: return a ``LoadedModel``.
 
-A ``LoadedModel`` is the one small interface the UI and the API use: its chat template and
-special tokens (the engine renders prompts), the sampling parameters it honours, count tokens,
-stream text for a prompt with a cancel handle, unload.
+A ``LoadedModel`` (a base class with the defaults) is the one small interface the engine uses:
+its chat template and special tokens (the engine renders prompts), the sampling parameters it
+honours, count tokens, stream text for a prompt with a cancel handle, unload. ``pump`` turns a
+producer on a helper thread into an iterator (the one place that thread-and-queue shape lives).
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
 from loadstar.engine.models.folder import ModelFolder, format_size
-from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.sampling import ALL_PARAMS, SamplingParams
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,44 +118,140 @@ class CancelToken:
         return self._event.is_set()
 
 
-@runtime_checkable
-class LoadedModel(Protocol):
+class LoadedModel:
+    """What a loader's ``load`` returns: subclass it and override what your model does.
+
+    Set ``info`` in ``__init__``; implement ``count_tokens``, ``unload`` and one of ``stream``
+    (a generator) or ``stream_to`` (pushes pieces to ``emit``): each has a default made from the
+    other. The class attributes are the defaults the engine relies on, so it never probes.
+    """
+
     info: LoadedModelInfo
     # The model's own chat template (None: the engine picks a named format or plain completion)
     # and the special tokens templates may use (bos_token, eos_token, ...).
-    chat_template: str | None
-    special_tokens: Mapping[str, str]
-    # Names of the SamplingParams fields this model honours (engine.sampling.ALL_PARAMS for all);
-    # a changed field outside it is ignored with a notice to the user, never silently.
-    supported_params: frozenset[str]
+    chat_template: str | None = None
+    special_tokens: Mapping[str, str] = MappingProxyType({})
+    # Names of the SamplingParams fields this model honours (ALL_PARAMS for all); a changed field
+    # outside it is ignored with a notice to the user, never silently.
+    supported_params: frozenset[str] = ALL_PARAMS
+    # Set when chats are rendered elsewhere (a remote server applies its own template): the
+    # engine then looks for no local prompt format and names this in the notice.
+    chat_rendered_by: str | None = None
+    # Continuous batching: a model with ``max_batch`` > 1 also implements ``open_batch``, and the
+    # engine decodes up to that many requests together (see DecodeBatch). 1: one at a time.
+    max_batch: int = 1
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in this model's tokenizer (as a prompt, special tokens included)."""
+        raise NotImplementedError(f"{type(self).__name__} does not count tokens")
 
     def stream(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, output: OutputSpec | None = None,
     ) -> Iterator[StreamPiece]:
         """Generate from ``prompt`` and yield text as it comes; stop soon after ``cancel`` is set.
 
         ``prompt`` is sent as it is (chat prompts already carry their special tokens). Stops at the
-        model's end-of-sequence token or after ``params.max_new_tokens`` tokens.
+        model's end-of-sequence token or after ``params.max_new_tokens`` tokens. ``output`` comes
+        only to a model whose ``info.features`` name what it asks for (FEATURE_GRAMMAR,
+        FEATURE_LOGPROBS). The default runs ``stream_to`` on a helper thread.
         """
+        if type(self).stream_to is LoadedModel.stream_to:
+            raise NotImplementedError(f"{type(self).__name__} implements neither stream nor stream_to")
+        abandoned = _EitherToken(cancel)
+
+        def produce(emit: Callable[[StreamPiece], None]) -> None:
+            self.stream_to(prompt, params, abandoned, seed=seed, emit=emit, **_output(output))
+
+        try:
+            yield from pump(produce, name="loadstar-generate")
+        finally:
+            abandoned.cancel()  # the consumer went away: stop generating for nobody
+
+    def stream_to(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int,
+        emit: Callable[[StreamPiece], None], output: OutputSpec | None = None,
+    ) -> None:
+        """``stream`` on the calling thread (the engine's model thread), handing each piece to
+        ``emit``: the engine calls this one. The default drives ``stream`` and stops when
+        ``cancel`` is set (the request was stopped, or a stop string was hit)."""
+        for piece in self.stream(prompt, params, cancel, seed=seed, **_output(output)):
+            emit(piece)
+            if cancel.cancelled:
+                return
+
+    def open_batch(self) -> DecodeBatch:
+        """The model's batch (only called when ``max_batch`` > 1)."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch")
 
     def unload(self) -> None:
         """Free the model's memory (RAM and GPU). The object is unusable afterwards."""
 
-    # Optional fast path, used when present: ``stream_to(prompt, params, cancel, *, seed, emit)``
-    # generates on the calling thread (the engine's model thread) and hands each StreamPiece to
-    # ``emit`` instead of yielding it, which saves a thread hand-off per request.
-    #
-    # A model whose ``info.features`` name FEATURE_GRAMMAR or FEATURE_LOGPROBS also takes
-    # ``output: OutputSpec`` as a keyword of ``stream``, ``stream_to`` and ``DecodeBatch.add``;
-    # the engine passes it only to such a model and only when the request asks for something.
-    #
-    # Optional continuous batching, used when present: ``max_batch`` (int, > 1) and
-    # ``open_batch() -> DecodeBatch``. The engine then decodes up to ``max_batch`` requests
-    # together: a waiting request joins at the next step and leaves when it is done. A model
-    # without them is served one request at a time.
+
+def _output(output: OutputSpec | None) -> dict[str, OutputSpec]:
+    # ``output`` is passed on only when given, so a model without the features never sees it.
+    return {"output": output} if output is not None else {}
+
+
+class _EitherToken(CancelToken):
+    """Cancelled when the outer token is, or when this one is (the consumer went away)."""
+
+    def __init__(self, outer: CancelToken) -> None:
+        super().__init__()
+        self._outer = outer
+
+    @property
+    def cancelled(self) -> bool:
+        return self._outer.cancelled or super().cancelled
+
+
+_END = object()
+
+
+def pump(
+    produce: Callable[[Callable[[T], None]], None], *, cancel: CancelToken | None = None,
+    poll: float = 0.25, name: str = "loadstar-pump",
+) -> Iterator[T]:
+    """Run ``produce(put)`` on a helper thread and yield what it puts, in order.
+
+    What ``produce`` raises is raised here. With ``cancel``, the iterator ends within ``poll``
+    seconds of it being set even while ``produce`` is silent (a server that has not answered).
+    The helper thread is joined (up to 5 s) when the iterator ends or is closed, so make
+    ``produce`` return soon once it is no longer wanted.
+    """
+    items: queue.Queue[Any] = queue.Queue()
+
+    def run() -> None:
+        try:
+            produce(items.put)
+        except BaseException as error:  # handed to the consumer, raised there
+            items.put(_Raised(error))
+        finally:
+            items.put(_END)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=poll if cancel is not None else None)
+            except queue.Empty:
+                if cancel is not None and cancel.cancelled:
+                    return
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+            if cancel is not None and cancel.cancelled:
+                return
+    finally:
+        worker.join(timeout=5)
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from pydantic import ValidationError
 
@@ -24,6 +24,7 @@ from loadstar.engine.models.folder import (
     ModelFolder, folder_signature, inspect_model_folder, list_model_folders, resolve_model_folder,
 )
 from loadstar.engine.models.model_thread import ModelThread
+from loadstar.engine.errors import problem_line
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,7 @@ class ModelManager:
             try:
                 validated = plugin.Options.model_validate(merged)
             except ValidationError as error:
-                problem = error.errors()[0]
-                where = ".".join(str(p) for p in problem["loc"]) or "options"
-                raise ModelLoadError(f"{chosen.loader} option {where}: {problem['msg']}") from None
+                raise ModelLoadError(f"{chosen.loader} option {problem_line(error)}") from None
             log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
             try:
                 model = self.model_thread.call(plugin.load, folder, validated)
@@ -138,6 +137,11 @@ class ModelManager:
                 log.exception("%s failed to load %s", chosen.loader, name)
                 files = [w.path for w in folder.weight_files]
                 raise ModelLoadError(f"{chosen.loader} could not load {name}: {load_failure(error, files, folder.path)}") from None
+            if not isinstance(model, LoadedModel):
+                raise ModelLoadError(
+                    f"{chosen.loader} returned a {type(model).__name__}, not a loadstar.LoadedModel: "
+                    "its plugin needs updating"
+                )
             if cancel is not None and cancel.is_set():
                 self._unload(model)
                 del model

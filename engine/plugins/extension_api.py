@@ -7,11 +7,17 @@ turn. The engine turns the draft back into frozen, validated values afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from loadstar.engine.metrics import MetricsSnapshot
+    from loadstar.engine.models.loader_api import LoadedModelInfo
+    from loadstar.engine.settings import Settings
 
 
 @dataclass
@@ -62,17 +68,24 @@ class UIContribution:
 
     ``build(context)`` is called inside a Gradio Blocks context (a ``gr.Tab`` for ``"tab"``, a
     ``gr.Accordion`` under the chat for ``"panel"``) and creates components and their events there.
-    ``context`` is a ``UIContext``: the engine and the page's shared components.
+    ``context`` is a ``PluginContext``: a few engine services and the page's shared components.
     """
 
     title: str
-    build: Callable[["UIContext"], None]
+    build: Callable[[PluginContext], None]
     placement: Literal["tab", "panel"] = "tab"
 
 
 @dataclass(frozen=True)
-class UIContext:
-    """What a UI contribution may use: the engine, and named components of the page."""
+class PluginContext:
+    """What a UI contribution may use: a few engine services, not the engine itself.
 
-    engine: Any
-    components: dict[str, Any] = field(default_factory=dict)
+    ``components`` are named components of the page (``"chat"``, ``"status"``, ...), for events
+    that read or write them. Ask for a service here before reaching for anything else: what is
+    not on this class may change without notice.
+    """
+
+    settings: Settings
+    loaded_model: Callable[[], LoadedModelInfo | None]  # the model loaded now, or None
+    metrics: Callable[[], MetricsSnapshot]  # generation counters since the start
+    components: Mapping[str, Any] = field(default_factory=dict)

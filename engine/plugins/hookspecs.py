@@ -17,16 +17,17 @@ user is told; the request it was handling goes on without it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     from loadstar.engine.chat.messages import ChatMessage
-    from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContribution
-    from loadstar.engine.generation.requests import GenerationRequest
-    from loadstar.engine.models.loader_api import CancelToken, LoadedModel, Loader, LoadedModelInfo, StreamPiece
     from loadstar.engine.chat.prompt_formats import PromptFormat
+    from loadstar.engine.generation.requests import GenerationRequest
+    from loadstar.engine.models.loader_api import CancelToken, LoadedModel, LoadedModelInfo, Loader, StreamPiece
+    from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContribution
     from loadstar.engine.settings import Settings
 
 PROJECT_NAME = "loadstar"
@@ -36,7 +37,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec(historic=True)
-def configure(settings: "Settings") -> None:
+def configure(settings: Settings) -> None:
     """Receive the app's settings once, before any other hook is called on this plugin.
 
     Historic: a plugin registered or enabled later gets the same call on arrival. Keep files
@@ -45,7 +46,7 @@ def configure(settings: "Settings") -> None:
 
 
 @hookspec
-def register_loaders(register: Callable[["Loader"], None]) -> None:
+def register_loaders(register: Callable[[Loader], None]) -> None:
     """Make model loaders known by calling ``register(loader)`` once per loader.
 
     ``loader`` follows the ``engine.loader_api.Loader`` protocol: a unique ``name``, an
@@ -56,7 +57,7 @@ def register_loaders(register: Callable[["Loader"], None]) -> None:
 
 
 @hookspec
-def modify_request(request: "RequestDraft") -> None:
+def modify_request(request: RequestDraft) -> None:
     """Change a request before it is rendered and generated: user text, history, parameters, stops.
 
     Edit ``request`` in place (``request.messages``, ``request.user_text``, ``request.params``,
@@ -67,8 +68,8 @@ def modify_request(request: "RequestDraft") -> None:
 
 @hookspec(firstresult=True)
 def render_prompt(
-    messages: list["ChatMessage"], chat_format: "PromptFormat", special_tokens: Mapping[str, str],
-    model: "LoadedModelInfo", add_generation_prompt: bool,
+    messages: list[ChatMessage], chat_format: PromptFormat, special_tokens: Mapping[str, str],
+    model: LoadedModelInfo, add_generation_prompt: bool,
 ) -> str | None:
     """Turn a chat into the prompt text; the first non-None result wins.
 
@@ -80,8 +81,8 @@ def render_prompt(
 
 @hookspec(firstresult=True)
 def generate(
-    request: "GenerationRequest", prompt: str, model: "LoadedModel", cancel: "CancelToken",
-    emit: Callable[["StreamPiece"], None], seed: int,
+    request: GenerationRequest, prompt: str, model: LoadedModel, cancel: CancelToken,
+    emit: Callable[[StreamPiece], None], seed: int,
 ) -> bool | None:
     """Produce the reply instead of the loaded model; the first implementation returning True wins.
 
@@ -92,7 +93,7 @@ def generate(
 
 
 @hookspec
-def modify_reply(reply: "ReplyDraft") -> None:
+def modify_reply(reply: ReplyDraft) -> None:
     """Change a finished reply in place (``reply.text``) before it is stored and returned.
 
     Streamed pieces have already been shown as they came; the UI and the API's final result show
@@ -101,7 +102,7 @@ def modify_reply(reply: "ReplyDraft") -> None:
 
 
 @hookspec
-def webui_contribution(register: Callable[["UIContribution"], None]) -> None:
+def webui_contribution(register: Callable[[UIContribution], None]) -> None:
     """Add to the web UI by calling ``register(UIContribution(title, build, placement))``.
 
     Called by ``webui/`` only, once when the page is built, for every discovered extension;

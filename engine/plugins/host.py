@@ -14,16 +14,17 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from loadstar.engine.plugins import hookspecs
 from loadstar.engine.errors import LoadstarError, one_line
 from loadstar.engine.models.loader_api import Loader
+from loadstar.engine.plugins import hookspecs
 
 if TYPE_CHECKING:
     from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContribution
@@ -220,7 +221,7 @@ class PluginHost:
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def configure(self, settings: "Settings") -> None:
+    def configure(self, settings: Settings) -> None:
         """Hand the settings to every plugin now, and to each plugin enabled later (historic)."""
         self._settings = settings
         for name in self.enabled_names():
@@ -259,7 +260,7 @@ class PluginHost:
             self._loaders = found
         return dict(self._loaders)
 
-    def modify_request(self, request: "RequestDraft", notices: list[str]) -> None:
+    def modify_request(self, request: RequestDraft, notices: list[str]) -> None:
         self._call("modify_request", {"request": request}, notices=notices)
 
     def render_prompt(self, notices: list[str], **kwargs: Any) -> str | None:
@@ -270,10 +271,10 @@ class PluginHost:
         """True if an extension produced the reply itself."""
         return bool(self._first("generate", kwargs, notices, lambda result: result is True))
 
-    def modify_reply(self, reply: "ReplyDraft", notices: list[str]) -> None:
+    def modify_reply(self, reply: ReplyDraft, notices: list[str]) -> None:
         self._call("modify_reply", {"reply": reply}, notices=notices)
 
-    def ui_contributions(self) -> list[tuple[str, "UIContribution"]]:
+    def ui_contributions(self) -> list[tuple[str, UIContribution]]:
         """(plugin name, contribution) for every plugin, enabled or not; the UI shows the enabled ones."""
         self.load()
         found: list[tuple[str, UIContribution]] = []

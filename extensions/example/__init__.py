@@ -24,9 +24,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContext, UIContribution
-from loadstar.engine.plugins.hookspecs import hookimpl
-from loadstar.engine.models.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from loadstar import (
+    Assessment,
+    Availability,
+    CancelToken,
+    LoadedModel,
+    LoadedModelInfo,
+    PluginContext,
+    ReplyDraft,
+    RequestDraft,
+    StreamPiece,
+    UIContribution,
+    hookimpl,
+)
 
 SHORT = "/short "
 RAW = "/raw "
@@ -37,9 +47,7 @@ class EchoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EchoModel:
-    chat_template = None
-    special_tokens: dict[str, str] = {}
+class EchoModel(LoadedModel):
     supported_params = frozenset({"max_new_tokens"})
 
     def __init__(self, name: str, text: str) -> None:
@@ -123,11 +131,11 @@ class ExamplePlugin:
         register(UIContribution("Example", _build_tab, placement="tab"))
 
 
-def _build_tab(context: UIContext) -> None:
+def _build_tab(context: PluginContext) -> None:
     import gradio as gr  # only the web UI calls this
 
     def count() -> str:
-        finished = context.engine.generation.metrics.snapshot()
+        finished = context.metrics()
         return f"The engine has finished {sum(finished.requests.values())} generations."
 
     gr.Markdown("This tab comes from `extensions/example`: the reference for every hook.",

@@ -22,16 +22,26 @@ messages instead of a prompt rendered here).
 from __future__ import annotations
 
 import json
-import queue
-import threading
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loadstar.engine.errors import GenerationFailed, ModelLoadError, one_line
-from loadstar.engine.plugins.hookspecs import hookimpl
-from loadstar.engine.models.loader_api import Assessment, Availability, CancelToken, LoadedModelInfo, StreamPiece
+from loadstar import (
+    Assessment,
+    Availability,
+    CancelToken,
+    GenerationFailed,
+    LoadedModel,
+    LoadedModelInfo,
+    ModelLoadError,
+    StreamPiece,
+    hookimpl,
+    one_line,
+    problem_line,
+    pump,
+)
 
 CONFIG_FILE = "remote.json"
 LOADER_NAME = "Remote (OpenAI API)"
@@ -40,7 +50,6 @@ SUPPORTED = frozenset({"temperature", "top_p", "max_new_tokens", "seed", "presen
 # What vLLM, llama.cpp server and Loadstar accept beyond it, sent when remote.json says extra_params.
 EXTRA = frozenset({"top_k", "min_p", "repetition_penalty"})
 POLL_SECONDS = 0.05  # how often a waiting stream checks for Stop
-_END = object()
 
 
 class RemoteConfig(BaseModel):
@@ -83,16 +92,12 @@ def read_config(path: Any) -> RemoteConfig:
         return RemoteConfig.model_validate(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError) as error:
         if isinstance(error, ValidationError):
-            problem = error.errors()[0]
-            where = ".".join(str(p) for p in problem["loc"]) or "remote.json"
-            raise ModelLoadError(f"{CONFIG_FILE}: {where}: {problem['msg']}") from None
+            raise ModelLoadError(f"{CONFIG_FILE}: {problem_line(error)}") from None
         raise ModelLoadError(f"{CONFIG_FILE} cannot be read: {one_line(error)}") from None
 
 
-class RemoteModel:
-    chat_template = None  # chats are sent as messages: the server renders them
-    chat_rendered_by = "the remote server"  # so no local prompt format is looked for
-    special_tokens: dict[str, str] = {}
+class RemoteModel(LoadedModel):
+    chat_rendered_by = "the remote server"  # chats go as messages: no local prompt format is looked for
 
     def __init__(self, info: LoadedModelInfo, config: RemoteConfig, client: Any, key: str | None) -> None:
         self.info = info
@@ -119,51 +124,36 @@ class RemoteModel:
         if self.config.extra_params:
             payload.update({name: getattr(params, name) for name in sorted(EXTRA)})
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        lines: queue.Queue[Any] = queue.Queue()
         holder: dict[str, Any] = {}
 
-        def read() -> None:  # on a helper thread, so Stop is seen even while the server is silent
+        def read(put: Callable[[Any], None]) -> None:  # on a helper thread: Stop is seen while the server is silent
             try:
                 with self._client.stream("POST", self.config.base_url + path, json=payload, headers=headers,
                                          timeout=self.config.timeout) as response:
                     holder["response"] = response
                     if response.status_code >= 400:
                         response.read()
-                        lines.put(RuntimeError(_error_text(response)))
-                        return
+                        raise GenerationFailed(f"{self.config.base_url}: {_error_text(response)}")
                     for line in response.iter_lines():
-                        lines.put(line)
+                        put(line)
+            except GenerationFailed:
+                raise
             except Exception as error:
                 if not cancel.cancelled:
-                    lines.put(error)
-            finally:
-                lines.put(_END)
+                    raise GenerationFailed(f"{self.config.base_url}: {one_line(error)}") from None
 
-        reader = threading.Thread(target=read, name="loadstar-remote-stream", daemon=True)
-        reader.start()
         pieces = _Pieces()
+        lines = pump(read, cancel=cancel, poll=POLL_SECONDS, name="loadstar-remote-stream")
         try:
-            while True:
-                try:
-                    line = lines.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    if cancel.cancelled:
-                        return
-                    continue
-                if line is _END:
-                    return
-                if isinstance(line, Exception):
-                    raise GenerationFailed(f"{self.config.base_url}: {one_line(line)}")
+            for line in lines:
                 piece = pieces.read(line)
                 if piece is not None:
                     yield piece
-                if cancel.cancelled:
-                    return
         finally:
             response = holder.get("response")
             if response is not None:
                 response.close()  # the server sees the client go and stops generating
-            reader.join(timeout=5)
+            lines.close()
 
     def unload(self) -> None:
         self._client.close()

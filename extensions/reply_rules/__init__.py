@@ -15,10 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from loadstar.engine.atomic import write_atomic
-from loadstar.engine.errors import BadRequestError
-from loadstar.engine.plugins.extension_api import ReplyDraft, UIContext, UIContribution
-from loadstar.engine.plugins.hookspecs import hookimpl
+from loadstar import BadRequestError, PluginContext, ReplyDraft, UIContribution, first_problem, hookimpl, write_atomic
 
 log = logging.getLogger(__name__)
 MAX_RULES = 100
@@ -60,7 +57,7 @@ def rules_from_rows(rows: list[list[Any]]) -> RuleBook:
     """Rules from the panel's table rows (find, replace, regex); blank rows are dropped."""
     rules = []
     for number, row in enumerate(rows, start=1):
-        cells = [("" if cell is None else cell) for cell in (list(row) + ["", "", False])[:3]]
+        cells = [("" if cell is None else cell) for cell in ([*list(row), "", "", False])[:3]]
         find, replace, regex = str(cells[0]), str(cells[1]), cells[2]
         if not find.strip() and not replace.strip():
             continue
@@ -68,7 +65,7 @@ def rules_from_rows(rows: list[list[Any]]) -> RuleBook:
         try:
             rule = Rule(find=find, replace=replace, regex=is_regex)
         except ValidationError as error:
-            raise BadRequestError(f"row {number}: {error.errors()[0]['msg']}") from None
+            raise BadRequestError(f"row {number}: {first_problem(error)[1]}") from None
         rule.compiled()  # a bad expression is refused when saved, not when a reply arrives
         rules.append(rule)
     if len(rules) > MAX_RULES:
@@ -119,7 +116,7 @@ class ReplyRules:
         register(UIContribution("Reply rules", lambda context: _build_panel(self, context), placement="panel"))
 
 
-def _build_panel(plugin: ReplyRules, context: UIContext) -> None:
+def _build_panel(plugin: ReplyRules, context: PluginContext) -> None:
     import gradio as gr  # only the web UI calls this
 
     def rows() -> list[list[Any]]:

@@ -12,14 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.conversations import Conversation, ConversationStore
-from loadstar.engine.facade import Engine
-from loadstar.engine.errors import BadRequestError, LoadstarError
-from loadstar.engine.generation.service import GenerationService
-from loadstar.engine.generation.requests import Finished, GenerationRequest
+from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.presets import PresetStore
+from loadstar.engine.errors import BadRequestError, LoadstarError
+from loadstar.engine.facade import Engine
 from loadstar.engine.generation.pipeline import RequestPipeline
+from loadstar.engine.generation.requests import Finished, GenerationRequest
+from loadstar.engine.generation.service import GenerationService
 from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.settings import Settings
 from loadstar.engine.user_settings import UserSettingsStore

@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 
-from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.conversations import Conversation, ConversationStore
+from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.generation.requests import GenerationRequest
 from loadstar.engine.sampling import SamplingParams
 from tests.helpers import free_port, start_server, stop_server, wait_for_health
