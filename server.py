@@ -17,6 +17,7 @@ from loadstar.engine.errors import problem_line
 
 DEFAULT_MODELS_DIR = Path("models")
 NO_THIRD_PARTY_ENV = "LOADSTAR_NO_THIRD_PARTY_PLUGINS"
+DISABLE_PLUGINS_ENV = "LOADSTAR_DISABLE_PLUGINS"  # comma-separated, added to --disable-plugin
 API_KEY_ENV = "LOADSTAR_API_KEY"
 ADMIN_KEY_ENV = "LOADSTAR_ADMIN_KEY"
 HUB_ENDPOINT_ENV = "HF_ENDPOINT"
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--extensions", metavar="NAMES", default=None,
                          help="comma-separated extensions to turn on, all others off (remembered; "
                               "'' turns all off; default: as last time). See --list-plugins")
+    add_plugin_switches(plugins)
     tools = parser.add_argument_group("maintenance")
     tools.add_argument("--list-plugins", action="store_true", help="print each plugin, its version and hooks, then exit")
     tools.add_argument("--place-default-model", action="store_true",
@@ -139,7 +141,8 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             hub_endpoint=environ.get(HUB_ENDPOINT_ENV, DEFAULT_HUB),
             hub_token=environ.get(HUB_TOKEN_ENV) or None,
             remote_keys=tuple((name, environ[name]) for name in dict.fromkeys(args.remote_key_env) if environ.get(name)),
-            third_party_plugins=environ.get(NO_THIRD_PARTY_ENV, "") not in ("1", "true", "yes"),
+            third_party_plugins=plugin_switches(args, environ)["third_party"],
+            disabled_plugins=plugin_switches(args, environ)["disabled"],
             extensions=None if args.extensions is None else tuple(
                 name.strip() for name in args.extensions.split(",") if name.strip()
             ),
@@ -183,7 +186,7 @@ def list_plugins(settings) -> int:
     from loadstar.engine.plugins.host import PluginHost
     from loadstar.engine.user_settings import UserSettingsStore
 
-    host = PluginHost(third_party=settings.third_party_plugins,
+    host = PluginHost(third_party=settings.third_party_plugins, disabled=settings.disabled_plugins,
                       enabled=UserSettingsStore(settings.settings_file).read().extensions)
     for plugin in host.plugins:
         origin = f"extensions/{plugin.name}" if plugin.kind == "extension" else (
@@ -264,13 +267,31 @@ def build_download_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf-file", metavar="FILE", help="for repos with several .gguf files: the one to download")
     parser.add_argument("--list-branches", action="store_true",
                         help="list the branches with quantization, size, loaders and memory needed, then exit")
+    add_plugin_switches(parser)
     return parser
+
+
+def add_plugin_switches(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The plugin switches every command honours (the loaders a command sees come from plugins)."""
+    parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[],
+                        help=f"never import this plugin (repeatable; also {DISABLE_PLUGINS_ENV}=a,b); "
+                             f"{NO_THIRD_PARTY_ENV}=1 leaves out every plugin from other packages")
+
+
+def plugin_switches(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, object]:
+    """PluginHost keywords from the switches and the environment."""
+    named = [*args.disable_plugin, *environ.get(DISABLE_PLUGINS_ENV, "").split(",")]
+    return {
+        "third_party": environ.get(NO_THIRD_PARTY_ENV, "") not in ("1", "true", "yes"),
+        "disabled": tuple(dict.fromkeys(name.strip() for name in named if name.strip())),
+    }
 
 
 def run_download(argv: list[str], environ: dict[str, str]) -> int:
     args = build_download_parser().parse_args(argv)
     from loadstar.engine.hub.downloads import DownloadCancelled, HubClient, download
     from loadstar.engine.hub.names import BadModelNameError, parse_model_name
+    from loadstar.engine.plugins.host import PluginHost
 
     try:
         ref = parse_model_name(args.name)
@@ -278,7 +299,7 @@ def run_download(argv: list[str], environ: dict[str, str]) -> int:
         raise UserError(str(error)) from None
     client = HubClient(environ.get(HUB_ENDPOINT_ENV, DEFAULT_HUB), args.token or environ.get(HUB_TOKEN_ENV))
     if args.list_branches:
-        return list_branches(client, ref.repo_id)
+        return list_branches(client, ref.repo_id, PluginHost(**plugin_switches(args, environ)))
     from tqdm import tqdm
 
     bars: dict[str, tqdm] = {}
@@ -308,14 +329,15 @@ def run_download(argv: list[str], environ: dict[str, str]) -> int:
     return 0
 
 
-def list_branches(client, repo_id: str) -> int:
+def list_branches(client, repo_id: str, host) -> int:
     from loadstar.engine.hub.branch_picker import list_branches as rows_for
     from loadstar.engine.hub.branch_picker import list_gguf_files, memory_budget
     from loadstar.engine.models.folder import format_size
-    from loadstar.engine.plugins.host import PluginHost
 
     budget = memory_budget()
-    loaders = PluginHost().loaders()
+    loaders = host.loaders()
+    for problem in host.problems:
+        print(f"warning: {problem.describe()}", file=sys.stderr)
     ggufs = list_gguf_files(client, repo_id, loaders, budget)
     for row in rows_for(client, repo_id, loaders, budget):
         files = [g for g in ggufs if g.branch == row.branch]

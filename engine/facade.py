@@ -47,7 +47,8 @@ class Engine:
         self.remembered = UserSettingsStore(settings.settings_file)
         self._chosen_format: tuple[LoadedModelInfo, ChosenFormat] | None = None
         self.plugins = plugins or PluginHost(
-            third_party=settings.third_party_plugins, enabled=self.remembered.read().extensions
+            third_party=settings.third_party_plugins, enabled=self.remembered.read().extensions,
+            disabled=settings.disabled_plugins,
         )
         if settings.extensions is not None:
             self._enable_only(settings.extensions)

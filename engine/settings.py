@@ -42,6 +42,7 @@ class Settings(BaseModel):
         description="(variable, value) of the environment variables the operator lets remote.json name as api_key_env.",
     )
     third_party_plugins: bool = Field(True, description="Load plugins from other packages (off = only built-ins).")
+    disabled_plugins: tuple[str, ...] = Field((), description="Plugins never imported (--disable-plugin NAME).")
     extensions: tuple[str, ...] | None = Field(
         None, description="Turn on exactly these optional extensions and plugins (remembered); None = as last time."
     )

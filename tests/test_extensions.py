@@ -148,10 +148,11 @@ def test_builtin_extensions_switch_on_and_off_and_are_remembered(tmp_path):
     engine = Engine(settings)
     assert engine.plugins.is_enabled("remote_engine") and not engine.plugins.is_enabled("example")
     assert "Echo (example)" not in engine.plugins.loaders()
-    assert engine.plugins.get("example").data_dir is None  # off: not configured yet
+    # configure is historic: every registered plugin has the settings, enabled or not, so one
+    # switched on later is ready at once.
+    assert engine.plugins.get("example").data_dir == tmp_path / "data" / "extensions" / "example"
     engine.set_extension_enabled("example", True)
     assert "Echo (example)" in engine.plugins.loaders()
-    assert engine.plugins.get("example").data_dir == tmp_path / "data" / "extensions" / "example"  # replayed
     assert Engine(settings).plugins.is_enabled("example")  # remembered
     only = Engine(settings.model_copy(update={"extensions": ("reply_rules",)}))
     assert only.plugins.enabled_names() == ["autogptq", "exllamav2", "llamacpp", "reply_rules", "transformers"]

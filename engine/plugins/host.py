@@ -1,20 +1,31 @@
-"""The plugin host: one typed wrapper around pluggy's manager.
+"""The plugin host: one typed wrapper around pluggy's manager, calling hooks through pluggy.
 
 Plugins arrive two ways: Loadstar's own extensions from the ``extensions/`` package (one module or
 folder each) and every package's plugins through the ``loadstar`` entry-point group (the built-in
 loaders come this way too, exactly as third-party ones do). Loading is guarded per plugin: a plugin
-that fails to import, registers no hooks or names an unknown hook is recorded in ``problems`` and
-left out. A plugin that raises inside a hook is disabled for the rest of the session and the
-caller is handed a one-line notice for the user. Callers use the typed methods here, one per
-hook, never ``pm.hook.*``.
+that fails to import, registers no hooks, names an unknown hook or uses an old-style
+``hookwrapper`` is recorded in ``problems`` and left out; a plugin named in ``disabled``
+(``--disable-plugin``) is never imported.
+
+Every hook call goes through ``_invoke`` and so through ``pm.hook``: pluggy's own semantics hold
+(call order, ``tryfirst``/``trylast``, ``firstresult``, historic replay of ``configure``,
+``wrapper=True`` hooks around the others, hook-call monitoring). Each implementation runs inside
+a guard: one that raises is disabled for the rest of the session and the caller is handed a
+one-line notice for the user, while the call goes on with the other plugins. Callers use the
+typed methods here, one per hook. ``LOADSTAR_TRACE_PLUGINS=1`` logs each hook call: which
+plugins it reached, how long it took and what it returned.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import importlib
 import logging
+import os
 import pkgutil
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from types import ModuleType
@@ -27,16 +38,27 @@ from loadstar.engine.models.loader_api import Loader
 from loadstar.engine.plugins import hookspecs
 
 if TYPE_CHECKING:
+    from loadstar.engine.chat.messages import ChatMessage
+    from loadstar.engine.chat.prompt_formats import PromptFormat
+    from loadstar.engine.generation.requests import GenerationRequest
+    from loadstar.engine.models.loader_api import CancelToken, LoadedModel, LoadedModelInfo, StreamPiece
     from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContribution
     from loadstar.engine.settings import Settings
 
 log = logging.getLogger(__name__)
+trace_log = logging.getLogger("loadstar.plugins.trace")
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 OUR_DISTRIBUTION = "loadstar"
 EXTENSIONS_PACKAGE = "loadstar.extensions"
+TRACE_ENV = "LOADSTAR_TRACE_PLUGINS"
 # Built-in extensions that are on until the user turns them off; the others wait to be enabled.
 ENABLED_BY_DEFAULT = frozenset({"remote_engine"})
+
+# Per hook call (a context variable, so calls on different threads never mix): the plugin whose
+# implementation is running, and the problems the call met.
+_RUNNING: contextvars.ContextVar[str | None] = contextvars.ContextVar("loadstar_plugin_running", default=None)
+_MET: contextvars.ContextVar[list[PluginProblem] | None] = contextvars.ContextVar("loadstar_hook_problems", default=None)
 
 
 @dataclass(frozen=True)
@@ -80,13 +102,22 @@ class PluginHost:
         third_party: bool = True,
         builtin_extensions: bool | None = None,
         enabled: Mapping[str, bool] | None = None,
+        disabled: Collection[str] = (),
+        trace: bool | None = None,
     ) -> None:
         """``entry_points_`` defaults to the installed ``loadstar`` group; ``third_party=False``
         loads only Loadstar's own plugins (the way out of a broken third-party plugin).
         ``builtin_extensions`` scans ``extensions/`` (default: when ``entry_points_`` is not given).
-        ``enabled`` maps plugin names to on/off, overriding each plugin's default."""
+        ``enabled`` maps plugin names to on/off, overriding each plugin's default. ``disabled``
+        names plugins never to import or register (``--disable-plugin``). ``trace`` logs every
+        hook call (default: the ``LOADSTAR_TRACE_PLUGINS`` environment variable)."""
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
+        self._disabled = frozenset(disabled)
+        for name in self._disabled:
+            self._pm.set_blocked(name)
+        if trace if trace is not None else os.environ.get(TRACE_ENV, "") not in ("", "0"):
+            self._pm.add_hookcall_monitoring(_trace_before, _trace_after)
         self._entry_points = entry_points_
         self._third_party = third_party
         self._scan_extensions = entry_points_ is None if builtin_extensions is None else builtin_extensions
@@ -96,8 +127,8 @@ class PluginHost:
         self._infos: dict[str, PluginInfo] = {}
         self._problems: list[PluginProblem] = []
         self._loaders: dict[str, Loader] | None = None
-        self._settings: Settings | None = None
-        self._configured: set[str] = set()
+        self._configured = False
+        self._objects: dict[str, object] = {}  # the plugins themselves (pluggy holds their stand-ins)
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -113,6 +144,9 @@ class PluginHost:
             dist = ep.dist.name if ep.dist is not None else OUR_DISTRIBUTION
             if not self._third_party and dist != OUR_DISTRIBUTION:
                 log.info("third-party plugins are off: skipping %s from %s", ep.name, dist)
+                continue
+            if ep.name in self._disabled:
+                log.info("plugin %s is disabled: not imported", ep.name)
                 continue
             if ep.name in self._infos:
                 continue  # an extensions/ module also listed as an entry point
@@ -131,7 +165,7 @@ class PluginHost:
             self._report(EXTENSIONS_PACKAGE, "import", error)
             return
         for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-            if module_info.name.startswith("_"):
+            if module_info.name.startswith("_") or module_info.name in self._disabled:
                 continue
             try:
                 module = importlib.import_module(f"{EXTENSIONS_PACKAGE}.{module_info.name}")
@@ -147,31 +181,44 @@ class PluginHost:
     def register(
         self, plugin: ModuleType | object, *, name: str, distribution: str = "", version: str = "", kind: str = "plugin"
     ) -> bool:
-        """Register one plugin object; False (and a recorded problem) if it is unusable."""
+        """Register one plugin object; False (and a recorded problem) if it is unusable.
+
+        Its implementations are guarded as they are registered; a ``configure`` already called
+        is replayed to it by pluggy (historic), and a plugin that raises there is left out."""
+        if name in self._disabled:
+            return False
+        marked = {attr: opts for attr in dir(plugin) if (opts := self._pm.parse_hookimpl_opts(plugin, attr)) is not None}
+        hooks = {opts.get("specname") or attr for attr, opts in marked.items()}
+        problem = None
+        if not marked:
+            problem = "it implements no hooks (forgotten @hookimpl or wrong project name?)"
+        elif unknown := sorted(hooks - set(self._pm.hook.__dict__)):
+            problem = f"unknown hook {', '.join(unknown)} (known: {', '.join(sorted(self._pm.hook.__dict__))})"
+        elif old := sorted(attr for attr, opts in marked.items() if opts.get("hookwrapper")):
+            problem = (f"{', '.join(old)} uses hookwrapper=True, pluggy's old-style wrapper, which Loadstar does not "
+                       "run: write it as @hookimpl(wrapper=True) with 'result = yield', returning the result")
+        if problem is not None:
+            self._problems.append(PluginProblem(name, "register", problem))
+            return False
+        # pluggy registers a stand-in whose functions are the plugin's own, each in the guard, so
+        # even a historic replay of configure during registration runs guarded.
+        stand_in = _StandIn({
+            attr: self._guard(name, opts.get("specname") or attr, getattr(plugin, attr), bool(opts.get("wrapper")))
+            for attr, opts in marked.items()
+        })
         try:
-            self._pm.register(plugin, name=name)
-        except Exception as error:  # duplicate name, bad hookimpl signature, ...
+            self._pm.register(stand_in, name=name)
+        except Exception as error:  # duplicate name, bad hookimpl signature, a wrapper on a historic hook
+            if self._pm.get_plugin(name) is stand_in:
+                self._pm.unregister(name=name)
             self._report(name, "register", error)
             return False
-        try:
-            self._pm.check_pending()  # a misspelled hook fails loudly here, not silently later
-        except pluggy.PluginValidationError as error:
-            self._pm.unregister(name=name)
-            self._report(name, "register", error)
-            return False
-        hooks = tuple(sorted(caller.name for caller in self._pm.get_hookcallers(plugin) or []))
-        if not hooks:
-            self._pm.unregister(name=name)
-            self._problems.append(
-                PluginProblem(name, "register", "it implements no hooks (forgotten @hookimpl or wrong project name?)")
-            )
-            return False
+        self._objects[name] = plugin
         doc = (getattr(plugin, "__doc__", None) or "").strip().splitlines()
         self._infos[name] = PluginInfo(
-            name, distribution or OUR_DISTRIBUTION, version, hooks, kind, doc[0] if doc else ""
+            name, distribution or OUR_DISTRIBUTION, version, tuple(sorted(hooks)), kind, doc[0] if doc else ""
         )
         self._loaders = None  # recompute on next use
-        self._configure_late(name)
         return True
 
     @property
@@ -182,7 +229,7 @@ class PluginHost:
     def get(self, name: str) -> object | None:
         """The registered plugin object (a module, or what an extension's create_plugin() made)."""
         self.load()
-        return self._pm.get_plugin(name)
+        return self._objects.get(name)
 
     @property
     def problems(self) -> list[PluginProblem]:
@@ -214,151 +261,209 @@ class PluginHost:
         if on:
             self._failed.discard(name)  # the user asks for another chance
         self._loaders = None
-        self._configure_late(name)
 
     def enabled_names(self) -> list[str]:
         return [p.name for p in self.plugins if self.is_enabled(p.name)]
 
-    # -- hooks -------------------------------------------------------------------------------
+    # -- hooks, one typed method each ------------------------------------------------------
 
     def configure(self, settings: Settings) -> None:
-        """Hand the settings to every plugin now, and to each plugin enabled later (historic)."""
-        self._settings = settings
-        for name in self.enabled_names():
-            self._configure_late(name)
-
-    def _configure_late(self, name: str) -> None:
-        if self._settings is None or name in self._configured or not self.is_enabled(name):
+        """Hand the settings to every plugin, once; pluggy replays the call to each plugin that
+        registers later (historic), enabled or not, so a plugin switched on later has them too."""
+        self.load()
+        if self._configured:
             return
-        self._configured.add(name)
-        self._call("configure", {"settings": self._settings}, only=name)
+        self._configured = True
+        problems: list[PluginProblem] = []
+        token = _MET.set(problems)
+        try:
+            self._pm.hook.configure.call_historic(kwargs={"settings": settings})
+        finally:
+            _MET.reset(token)
 
     def loaders(self) -> dict[str, Loader]:
         """Every registered loader by name (the ``register_loaders`` hook), computed once."""
         self.load()
         if self._loaders is None:
-            found: dict[str, Loader] = {}
             pending: dict[str, dict[str, Loader]] = {}
 
-            def register_from(plugin_name: str) -> Callable[[Loader], None]:
-                mine = pending.setdefault(plugin_name, {})
+            def register(loader: Loader) -> None:
+                if not isinstance(getattr(loader, "name", None), str) or not loader.name:
+                    raise TypeError(f"loader {loader!r} has no name")
+                if any(loader.name in registered for registered in pending.values()):
+                    raise ValueError(f"a loader named '{loader.name}' is already registered")
+                pending.setdefault(_RUNNING.get() or "", {})[loader.name] = loader
 
-                def register(loader: Loader) -> None:
-                    if not isinstance(getattr(loader, "name", None), str) or not loader.name:
-                        raise TypeError(f"loader {loader!r} has no name")
-                    if any(loader.name in registered for registered in pending.values()):
-                        raise ValueError(f"a loader named '{loader.name}' is already registered")
-                    mine[loader.name] = loader
-
-                return register
-
-            for plugin_name, ok, _ in self._call_each(
-                "register_loaders", lambda plugin_name: {"register": register_from(plugin_name)}
-            ):
-                if ok:  # a plugin that raised half-way registers nothing
-                    found.update(pending.get(plugin_name, {}))
-            self._loaders = found
+            self._invoke("register_loaders", register=register)
+            # A plugin that raised half-way registers nothing.
+            self._loaders = {
+                name: loader for plugin, mine in pending.items() if plugin not in self._failed
+                for name, loader in mine.items()
+            }
         return dict(self._loaders)
 
     def modify_request(self, request: RequestDraft, notices: list[str]) -> None:
-        self._call("modify_request", {"request": request}, notices=notices)
+        self._invoke("modify_request", notices, request=request)
 
-    def render_prompt(self, notices: list[str], **kwargs: Any) -> str | None:
+    def render_prompt(
+        self, notices: list[str], *, messages: list[ChatMessage], chat_format: PromptFormat,
+        special_tokens: Mapping[str, str], model: LoadedModelInfo, add_generation_prompt: bool,
+    ) -> str | None:
         """The first extension's prompt for a chat, or None for the engine's own rendering."""
-        return self._first("render_prompt", kwargs, notices, lambda result: isinstance(result, str))
+        answer = self._invoke(
+            "render_prompt", notices, messages=messages, chat_format=chat_format, special_tokens=special_tokens,
+            model=model, add_generation_prompt=add_generation_prompt,
+        )
+        return answer if isinstance(answer, str) else None
 
-    def generate(self, notices: list[str], **kwargs: Any) -> bool:
+    def generate(
+        self, notices: list[str], *, request: GenerationRequest, prompt: str, model: LoadedModel,
+        cancel: CancelToken, emit: Callable[[StreamPiece], None], seed: int,
+    ) -> bool:
         """True if an extension produced the reply itself."""
-        return bool(self._first("generate", kwargs, notices, lambda result: result is True))
+        return self._invoke(
+            "generate", notices, request=request, prompt=prompt, model=model, cancel=cancel, emit=emit, seed=seed,
+        ) is True
 
     def modify_reply(self, reply: ReplyDraft, notices: list[str]) -> None:
-        self._call("modify_reply", {"reply": reply}, notices=notices)
+        self._invoke("modify_reply", notices, reply=reply)
 
     def ui_contributions(self) -> list[tuple[str, UIContribution]]:
         """(plugin name, contribution) for every plugin, enabled or not; the UI shows the enabled ones."""
-        self.load()
         found: list[tuple[str, UIContribution]] = []
-        for impl in self._impls("webui_contribution"):
-            mine: list[UIContribution] = []
+
+        def register(contribution: UIContribution) -> None:
+            found.append((_RUNNING.get() or "", contribution))
+
+        self._invoke("webui_contribution", include_disabled=True, register=register)
+        return [(name, contribution) for name, contribution in found if name not in self._failed]
+
+    # -- the one way a hook is called ----------------------------------------------------------
+
+    def _invoke(
+        self, hook_name: str, notices: list[str] | None = None, *, include_disabled: bool = False, **kwargs: Any,
+    ) -> Any:
+        """Call ``hook_name`` through pluggy on the enabled plugins (all of them with
+        ``include_disabled``); a plugin that raises is disabled, and ``notices`` get a line
+        saying so. A ``LoadstarError`` (a one-line error about this request) goes to the caller."""
+        self.load()
+        off = [] if include_disabled else [
+            plugin for name, plugin in self._pm.list_name_plugin() if plugin is not None and not self.is_enabled(name)
+        ]
+        caller = self._pm.subset_hook_caller(hook_name, off) if off else getattr(self._pm.hook, hook_name)
+        problems: list[PluginProblem] = []
+        token = _MET.set(problems)
+        try:
+            return caller(**kwargs)
+        finally:
+            _MET.reset(token)
+            if notices is not None:
+                notices.extend(problem.describe() for problem in problems)
+
+    def _guard(self, plugin: str, hook_name: str, function: Callable[..., Any], wrapper: bool) -> Callable[..., Any]:
+        """``function`` that, when it raises, disables ``plugin`` and lets the call go on."""
+        if wrapper:
+            return functools.wraps(function)(self._guarded_wrapper(plugin, hook_name, function))
+
+        @functools.wraps(function)
+        def guarded(*args: Any) -> Any:
+            running = _RUNNING.set(plugin)
             try:
-                impl.function(register=mine.append)
-            except Exception as error:
-                self._fail(impl.plugin_name, "webui_contribution", error, None)
-                continue
-            found.extend((impl.plugin_name, contribution) for contribution in mine)
-        return found
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    def _impls(self, hook_name: str) -> list[Any]:
-        # pluggy's own order (last registered first), kept so calls are predictable.
-        return list(reversed(getattr(self._pm.hook, hook_name).get_hookimpls()))
-
-    def _call(
-        self, hook_name: str, kwargs: dict[str, Any], *, notices: list[str] | None = None, only: str | None = None
-    ) -> None:
-        for impl in self._impls(hook_name):
-            if (only is not None and impl.plugin_name != only) or not self.is_enabled(impl.plugin_name):
-                continue
-            try:
-                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                return function(*args)
             except LoadstarError:
                 raise
             except Exception as error:
-                self._fail(impl.plugin_name, hook_name, error, notices)
+                self._fail(plugin, hook_name, error)
+                return None  # pluggy goes on to the next implementation (firstresult: no answer)
+            finally:
+                _RUNNING.reset(running)
 
-    def _first(
-        self, hook_name: str, kwargs: dict[str, Any], notices: list[str], answered: Callable[[Any], bool]
-    ) -> Any:
-        self.load()
-        for impl in self._impls(hook_name):
-            if not self.is_enabled(impl.plugin_name):
-                continue
+        return guarded
+
+    def _guarded_wrapper(
+        self, plugin: str, hook_name: str, function: Callable[..., Generator[None, Any, Any]]
+    ) -> Callable[..., Generator[None, Any, Any]]:
+        """A ``wrapper=True`` implementation, guarded: a wrapper that raises before its ``yield``
+        is skipped, one that raises after it leaves the inner result as it was."""
+
+        def guarded(*args: Any) -> Generator[None, Any, Any]:
+            running = _RUNNING.set(plugin)
             try:
-                result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                gen = function(*args)
+                next(gen)
             except LoadstarError:
-                raise  # a one-line error about this request (a server gone, a bad template), not a bug
-            except Exception as error:
-                self._fail(impl.plugin_name, hook_name, error, notices)
-                continue
-            if answered(result):
-                return result
-        return None
-
-    def _call_each(
-        self, hook_name: str, kwargs_for: Callable[[str], dict[str, Any]]
-    ) -> list[tuple[str, bool, Any]]:
-        """Call each enabled implementation on its own, so one plugin's error spares the others.
-
-        Returns (plugin name, succeeded, result) per implementation, in pluggy's call order.
-        """
-        outcomes = []
-        for impl in self._impls(hook_name):
-            if not self.is_enabled(impl.plugin_name):
-                continue
-            kwargs = kwargs_for(impl.plugin_name)
+                raise
+            except Exception as error:  # StopIteration included: a wrapper must yield once
+                self._fail(plugin, hook_name, error)
+                return (yield)
+            finally:
+                _RUNNING.reset(running)
             try:
-                result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                result = yield
+            except BaseException as inner:  # the inner implementations raised: the wrapper sees it
+                try:
+                    gen.throw(inner)
+                except StopIteration as stop:
+                    return stop.value
+                raise
+            try:
+                gen.send(result)
+            except StopIteration as stop:
+                return stop.value
+            except LoadstarError:
+                raise
             except Exception as error:
-                self._fail(impl.plugin_name, hook_name, error, None)
-                outcomes.append((impl.plugin_name, False, None))
-            else:
-                outcomes.append((impl.plugin_name, True, result))
-        return outcomes
+                self._fail(plugin, hook_name, error)
+                return result
+            self._fail(plugin, hook_name, RuntimeError("the wrapper yielded more than once"))
+            return result
 
-    def _fail(self, plugin: str, hook_name: str, error: BaseException, notices: list[str] | None) -> None:
-        """An extension raised during a request: disable it for the session and tell the user."""
+        return guarded
+
+    def _fail(self, plugin: str, hook_name: str, error: BaseException) -> None:
+        """An implementation raised: disable its plugin for the session and tell the call."""
         self._failed.add(plugin)
         self._loaders = None
         problem = self._report(plugin, hook_name, error)
-        if notices is not None:
-            notices.append(problem.describe())
+        met = _MET.get()
+        if met is not None:
+            met.append(problem)
 
     def _report(self, plugin: str, stage: str, error: BaseException) -> PluginProblem:
         problem = PluginProblem(plugin, stage, one_line(error))
         log.error("%s", problem.describe(), exc_info=error)
         self._problems.append(problem)
         return problem
+
+
+class _StandIn:
+    """What pluggy registers for a plugin: the plugin's hook functions, each in the guard."""
+
+    def __init__(self, functions: Mapping[str, Callable[..., Any]]) -> None:
+        self.__dict__.update(functions)
+
+
+_TRACE_STARTS: contextvars.ContextVar[tuple[float, ...]] = contextvars.ContextVar("loadstar_trace", default=())
+
+
+def _trace_before(hook_name: str, impls: list[Any], kwargs: Mapping[str, Any]) -> None:
+    reached = ", ".join(impl.plugin_name for impl in reversed(impls)) or "no plugin"  # pluggy calls the last first
+    trace_log.info("hook %s -> %s (%s)", hook_name, reached, ", ".join(sorted(kwargs)))
+    _TRACE_STARTS.set((*_TRACE_STARTS.get(), time.perf_counter()))
+
+
+def _trace_after(outcome: Any, hook_name: str, impls: list[Any], kwargs: Mapping[str, Any]) -> None:
+    starts = _TRACE_STARTS.get()
+    took = (time.perf_counter() - starts[-1]) * 1000 if starts else 0.0
+    _TRACE_STARTS.set(starts[:-1])
+    error = outcome.exception
+    shown = f"raised {one_line(error)}" if error is not None else f"returned {_short(outcome.get_result())}"
+    trace_log.info("hook %s <- %s in %.1f ms", hook_name, shown, took)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _our_version() -> str:
