@@ -1,6 +1,6 @@
 # Two commands do all set-up (see README):
 #   make run    install (idempotent), put the embedded default model in place, start the app
-#   make test   the same install plus test-only needs (pytest, playwright, Debian chromium), run all tests
+#   make test   the same install plus test-only needs (pytest, playwright, Debian chromium), lint, run all tests
 # Re-running either on a set-up machine reinstalls nothing: each step leaves a stamp that
 # only a change to its inputs invalidates.
 
@@ -14,13 +14,18 @@ ARGS   ?=
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test bench install install-test clean-venv
+.PHONY: run test lint bench install install-test clean-venv
 
 run: install
 	$(PY) server.py $(ARGS)
 
-test: install-test
+test: install-test lint
 	$(PY) -m pytest $(ARGS)
+
+# ruff on the whole tree and mypy on the engine (rules and reasons in pyproject.toml): zero findings.
+lint: install-test
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # Benchmarks (not tests): tables in docs/BENCHMARKS.md, raw numbers in bench/results/.
 bench: install-test

@@ -121,7 +121,7 @@ def parameter_specs() -> list[ParameterSpec]:
             ParameterSpec(
                 name=name,
                 label=name.replace("_", " "),
-                kind=kind,
+                kind=kind if isinstance(kind, type) else str,
                 default=field.default,
                 minimum=lower,
                 maximum=upper,

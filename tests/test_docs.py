@@ -1,11 +1,16 @@
-"""Docs parity: every hook spec is documented in docs/PLUGINS.md with its exact signature."""
+"""Docs parity: docs/PLUGINS.md states each hook's full signature and every public name as the
+code declares them; docs/ARCHITECTURE.md names every part of the engine."""
 
 import inspect
+import re
 from pathlib import Path
 
+import loadstar
+from loadstar import LoadedModel, Loader
 from loadstar.engine.plugins import hookspecs
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "PLUGINS.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "PLUGINS.md"
 
 
 def hook_specs():
@@ -13,20 +18,78 @@ def hook_specs():
             if inspect.isfunction(fn) and hasattr(fn, "loadstar_spec")}
 
 
+def annotation_text(annotation: object) -> str:
+    if annotation is inspect.Parameter.empty:
+        return ""
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    return text.replace('"', "").replace("'", "")
+
+
+def signature_of(fn, *, method: bool = False) -> str:
+    """``name(a: A, *, b: B = default) -> R`` from the code (string annotations unquoted)."""
+    signature = inspect.signature(fn)
+    parts, starred = [], False
+    for p in signature.parameters.values():
+        if method and p.name == "self":
+            continue
+        if p.kind is p.KEYWORD_ONLY and not starred:
+            parts.append("*")
+            starred = True
+        text = p.name + (f": {annotation_text(p.annotation)}" if annotation_text(p.annotation) else "")
+        if p.default is not inspect.Parameter.empty:
+            text += f" = {p.default!r}"
+        parts.append(text)
+    returns = annotation_text(signature.return_annotation)
+    return f"{fn.__name__}({', '.join(parts)})" + (f" -> {returns}" if returns else "")
+
+
 def test_there_are_hooks():
-    assert "register_loaders" in hook_specs()
+    assert {"register_loaders", "configure", "generate"} <= set(hook_specs())
 
 
-def test_every_hook_is_documented_with_its_signature():
+def test_every_hook_is_documented_with_its_full_signature():
     text = DOCS.read_text()
     for name, fn in hook_specs().items():
-        params = ", ".join(inspect.signature(fn).parameters)
-        assert f"### `{name}({params})`" in text, f"{name}({params}) is missing from {DOCS.name}"
+        signature = signature_of(fn)
+        assert ":" in signature and "->" in signature  # typed, not just the names
+        assert f"### `{signature}`" in text, f"{signature} is missing from {DOCS.name}"
         assert fn.__doc__ and fn.__doc__.strip(), f"{name} has no docstring"
+    documented = re.findall(r"^### `(\w+)\(", text, re.M)
+    assert sorted(documented) == sorted(hook_specs()), "a heading names a hook the code does not have"
+
+
+def test_the_loaded_model_and_loader_contracts_are_documented_with_their_signatures():
+    text = DOCS.read_text().replace("\\|", "|")  # a table cell escapes the union's bar
+    for member in ("count_tokens", "stream", "stream_to", "open_batch", "unload"):
+        signature = signature_of(getattr(LoadedModel, member), method=True)
+        assert f"`{signature}`" in text, f"LoadedModel.{signature} is missing from {DOCS.name}"
+    for member in ("availability", "assess", "load"):
+        signature = signature_of(getattr(Loader, member), method=True)
+        assert f"`{signature}" in text, f"Loader.{signature} is missing from {DOCS.name}"
+    for attribute in ("chat_template", "special_tokens", "supported_params", "chat_rendered_by", "max_batch"):
+        assert hasattr(LoadedModel, attribute) and f"`{attribute}`" in text
+
+
+def test_every_public_name_is_documented():
+    text = DOCS.read_text()
+    blocks = re.findall(r"```.*?```", text, re.S)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = " ".join([*blocks, *re.findall(r"`([^`]+)`", prose)])  # what the docs show as code
+    missing = [name for name in loadstar.__all__ if not re.search(rf"\b{name}\b", spans)]
+    assert not missing, f"public names not in {DOCS.name}: {missing}"
+    assert sorted(set(loadstar.__all__)) == sorted(loadstar.__all__)  # listed once
+    assert all(hasattr(loadstar, name) for name in loadstar.__all__)
+
+
+def test_the_architecture_note_names_every_part_of_the_engine():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    parts = sorted(p.name for p in (ROOT / "engine").iterdir() if (p / "__init__.py").is_file())
+    assert parts == ["chat", "generation", "hub", "models", "plugins"]
+    for part in parts:
+        assert f"engine/{part}/" in text
 
 
 def test_readme_gives_the_two_setup_commands_and_ci_runs_the_test_one():
-    root = DOCS.parent.parent
-    readme = (root / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert "make run " in readme and "make test " in readme
-    assert "exec make test" in (root / ".ci" / "run").read_text()
+    assert "exec make test" in (ROOT / ".ci" / "run").read_text()

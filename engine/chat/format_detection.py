@@ -263,7 +263,7 @@ def tokenizer_added_tokens(folder: Path) -> set[str]:
     if special:
         for value in special.values():
             values = value if isinstance(value, list) else [value]
-            tokens.update(v if isinstance(v, str) else v.get("content") for v in values
+            tokens.update(v if isinstance(v, str) else str(v["content"]) for v in values
                           if isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str)))
     return tokens
 

@@ -57,7 +57,7 @@ def parse_reply(text: str, schema: Mapping[str, Any]) -> tuple[str, str | None]:
     candidate = unfenced(text)
     try:
         value = json.loads(candidate)
-    except ValueError as error:
+    except json.JSONDecodeError as error:
         return text, f"the reply is not valid JSON ({error.msg} at character {error.pos})"
     from jsonschema import validators
 

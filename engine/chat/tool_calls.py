@@ -147,7 +147,8 @@ def _calls_in(text: str, allowed: set[str]) -> list[ToolCall]:
     for item in items:
         if not isinstance(item, dict):
             return []
-        function = item.get("function") if isinstance(item.get("function"), dict) else item
+        inner = item.get("function")
+        function: dict[str, Any] = inner if isinstance(inner, dict) else item
         name = function.get("name")
         arguments = function.get("arguments", function.get("parameters", {}))
         if isinstance(arguments, str):

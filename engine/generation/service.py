@@ -426,7 +426,7 @@ class GenerationService:
     def _service_order(self) -> list[GenerationHandle]:
         """Waiting handles in the order they will run: round-robin over owners."""
         queues = [list(jobs) for jobs in self._waiting.values()]
-        order = []
+        order: list[GenerationHandle] = []
         for round_ in itertools.count():
             row = [jobs[round_] for jobs in queues if len(jobs) > round_]
             if not row:
@@ -540,8 +540,8 @@ class GenerationService:
     def _serve_batch(self, model: LoadedModel, first: GenerationHandle) -> None:
         """Continuous batching: waiting requests join at the next step (fair order, up to the
         model's ``max_batch``); each leaves when it is done."""
-        batch: DecodeBatch = model.open_batch()  # type: ignore[attr-defined]
-        limit = int(model.max_batch)  # type: ignore[attr-defined]
+        batch: DecodeBatch = model.open_batch()
+        limit = int(model.max_batch)
         runs: dict[int, _Run] = {}
         arrived: GenerationHandle | None = first
         try:

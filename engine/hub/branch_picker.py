@@ -105,7 +105,7 @@ def kv_cache_bytes(config: dict[str, Any], bytes_per_value: int = 2) -> int | No
     context = config.get("max_position_embeddings")
     if not all(isinstance(v, int) and v > 0 for v in (layers, heads, kv_heads, hidden, context)):
         return None
-    per_token = kv_bytes_per_token(layers, heads, kv_heads, config.get("head_dim"), None, hidden, bytes_per_value)
+    per_token = kv_bytes_per_token(layers, heads, kv_heads, config.get("head_dim"), None, hidden, bytes_per_value=bytes_per_value)
     return per_token * context if per_token else None
 
 

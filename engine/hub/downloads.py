@@ -325,7 +325,9 @@ class HubClient:
         except HfHubHTTPError as error:
             status = error.response.status_code if error.response is not None else "?"
             raise DownloadError(f"{what}: the Hub answered {status}") from None
-        except (OSError, *_transport_errors()) as error:
+        except OSError as error:
+            raise DownloadError(f"{what}: cannot reach {self.endpoint} ({one_line(error)})") from None
+        except _transport_errors() as error:
             raise DownloadError(f"{what}: cannot reach {self.endpoint} ({one_line(error)})") from None
 
     def _gated_message(self, what: str) -> str:
@@ -409,7 +411,7 @@ def download(
         hashes[f.path] = _fetch_verified(client, snapshot, f, staging, counter, progress, cancel)
         counter.files_done += 1
     for path in unchanged:
-        hashes[path] = previous["files"][path]["sha256"]
+        hashes[path] = (previous or {})["files"][path]["sha256"]  # unchanged files come from a previous record
 
     metadata = {
         "repo": ref.repo_id,

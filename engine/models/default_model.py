@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from importlib.metadata import PackageNotFoundError, distribution
+from collections.abc import Mapping
 from pathlib import Path
 
 from loadstar.engine.atomic import write_atomic
@@ -43,7 +44,7 @@ def default_model_source() -> Path:
         ) from None
     for file in dist.files or ():
         if file.name == DEFAULT_MODEL_FILE:
-            path = Path(dist.locate_file(file))
+            path = Path(str(dist.locate_file(file)))
             if path.is_file():
                 return path
     raise LoadstarError(f"{DEFAULT_MODEL_DISTRIBUTION} is installed but {DEFAULT_MODEL_FILE} is missing from it")
@@ -68,7 +69,7 @@ def place_default_model(models_dir: Path) -> Path:
     return target_dir
 
 
-def _write_if_missing(path: Path, data: dict[str, object]) -> None:
+def _write_if_missing(path: Path, data: Mapping[str, object]) -> None:
     """Write a defaults file unless the folder has one (the user may have edited it)."""
     if not path.exists():
         write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -449,12 +449,12 @@ def gguf_facts(meta: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def kv_bytes_per_token(layers: int | None, heads: int | None, kv_heads: int | None, key_length: int | None,
-                       value_length: int | None, embedding: int | None, bytes_per_value: int = 2) -> int | None:
+                       value_length: int | None, embedding: int | None, *, bytes_per_value: int = 2) -> int | None:
     """Bytes of keys and values (f16 by default) per token of context, for every layer."""
     kv_heads = kv_heads or heads
     if not (layers and heads and kv_heads and (key_length or embedding)):
         return None
-    k = key_length or embedding // heads
+    k = key_length or (embedding or 0) // heads
     return layers * kv_heads * (k + (value_length or k)) * bytes_per_value
 
 
@@ -593,7 +593,8 @@ class GGUFModelFile:
 
 def gguf_models(names: list[str]) -> list[GGUFModelFile]:
     """Group .gguf file names into models: split parts with the same stem are one model."""
-    singles, splits = [], {}
+    singles: list[GGUFModelFile] = []
+    splits: dict[tuple[str, str], list[str]] = {}
     for name in sorted(names):
         match = _SPLIT_GGUF.match(name)
         if match:

@@ -318,7 +318,7 @@ class Loader(Protocol):
         """Whether this loader can load ``folder``, with a priority and a reason either way."""
 
     def load(self, folder: ModelFolder, options: BaseModel) -> LoadedModel:
-        """Load the model; raise ``engine.errors.ModelLoadError`` with a one-line reason on failure."""
+        """Load the model; raise ``loadstar.ModelLoadError`` with a one-line reason on failure."""
 
     # Optional, used when present: ``estimate_memory(folder, options) -> MemoryEstimate`` says what
     # a load with these options would take, without loading (the Model tab shows it as options change).

@@ -1,18 +1,21 @@
 """The hooks a Loadstar plugin can implement.
 
-A plugin is a module (or object) with functions marked ``@hookimpl``. Loadstar finds them in two
+A plugin is a module (or object) with functions marked ``@hookimpl`` (``from loadstar import hookimpl``). Loadstar finds them in two
 places: its own extensions in ``extensions/<name>/`` and other packages' plugins through the
 ``loadstar`` entry-point group in their ``pyproject.toml``::
 
     [project.entry-points.loadstar]
     my_plugin = "my_package.plugin_module"
 
-Hooks are always called with keyword arguments, through the typed methods of
-``engine.plugins.PluginHost``, so an implementation may accept only the arguments it needs and new
+Hooks are called through pluggy (the typed methods of ``loadstar.engine.plugins.host.PluginHost``),
+with keyword arguments, so an implementation may accept only the arguments it needs and new
 arguments can be added to a hook without breaking existing plugins. pluggy does not chain return
 values: every implementation gets the same inputs, so hooks that change something get a draft to
-change in place. An implementation that raises is disabled for the rest of the session, and the
-user is told; the request it was handling goes on without it.
+change in place. ``@hookimpl(tryfirst=True)``/``trylast=True`` order an implementation, and
+``@hookimpl(wrapper=True)`` runs around the others (``result = yield``, then return it); the
+old-style ``hookwrapper=True`` is refused at registration. An implementation that raises is
+disabled for the rest of the session, and the user is told; the request it was handling goes on
+without it. ``LOADSTAR_TRACE_PLUGINS=1`` logs every hook call.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def configure(settings: Settings) -> None:
     """Receive the app's settings once, before any other hook is called on this plugin.
 
-    Historic: a plugin registered or enabled later gets the same call on arrival. Keep files
-    under ``settings.data_dir / "extensions" / <your name>``.
+    Historic: every registered plugin gets it, switched on or not, and a plugin registered later
+    gets the same call on arrival (pluggy replays it), so do no work here beyond keeping what you
+    need. Keep files under ``settings.data_dir / "extensions" / <your name>``.
     """
 
 
@@ -49,8 +53,9 @@ def configure(settings: Settings) -> None:
 def register_loaders(register: Callable[[Loader], None]) -> None:
     """Make model loaders known by calling ``register(loader)`` once per loader.
 
-    ``loader`` follows the ``engine.loader_api.Loader`` protocol: a unique ``name``, an
-    ``Options`` pydantic model, ``availability()``, ``assess(folder)`` and ``load(folder, options)``.
+    ``loader`` follows the ``loadstar.Loader`` protocol: a unique ``name``, an ``Options``
+    pydantic model, ``availability()``, ``assess(folder)`` and ``load(folder, options)``, which
+    returns a ``loadstar.LoadedModel``.
     Keep heavy imports (torch, CUDA libraries) inside those methods, never at module level.
     A plugin that raises here is reported and skipped; the other plugins still register.
     """
@@ -75,7 +80,8 @@ def render_prompt(
 
     Return None to leave it to the next extension and finally to the engine, which renders
     ``chat_format`` (the model's own template or the chosen named format) in a Jinja sandbox.
-    ``add_generation_prompt`` is False when the last assistant message is being continued.
+    ``add_generation_prompt`` is True: the prompt ends where the assistant's turn begins. When a
+    reply is being continued, ``messages`` stop before it and the engine appends its text.
     """
 
 

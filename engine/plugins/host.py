@@ -25,13 +25,14 @@ import logging
 import os
 import pkgutil
 import time
-from collections.abc import Callable, Collection, Generator, Iterable, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+from pluggy import HookImpl, Result
 
 from loadstar.engine.errors import LoadstarError, one_line
 from loadstar.engine.models.loader_api import Loader
@@ -446,13 +447,13 @@ class _StandIn:
 _TRACE_STARTS: contextvars.ContextVar[tuple[float, ...]] = contextvars.ContextVar("loadstar_trace", default=())
 
 
-def _trace_before(hook_name: str, impls: list[Any], kwargs: Mapping[str, Any]) -> None:
+def _trace_before(hook_name: str, impls: Sequence[HookImpl], kwargs: Mapping[str, Any]) -> None:
     reached = ", ".join(impl.plugin_name for impl in reversed(impls)) or "no plugin"  # pluggy calls the last first
     trace_log.info("hook %s -> %s (%s)", hook_name, reached, ", ".join(sorted(kwargs)))
     _TRACE_STARTS.set((*_TRACE_STARTS.get(), time.perf_counter()))
 
 
-def _trace_after(outcome: Any, hook_name: str, impls: list[Any], kwargs: Mapping[str, Any]) -> None:
+def _trace_after(outcome: Result[Any], hook_name: str, impls: Sequence[HookImpl], kwargs: Mapping[str, Any]) -> None:
     starts = _TRACE_STARTS.get()
     took = (time.perf_counter() - starts[-1]) * 1000 if starts else 0.0
     _TRACE_STARTS.set(starts[:-1])
