@@ -1,12 +1,20 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a half-written one."""
+"""Files the app keeps: atomic writes (a reader sees the old file or the new one, never a
+half-written one), and reading a JSON store back with its defaults when it is missing or damaged."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger(__name__)
+Stored = TypeVar("Stored", bound=BaseModel)
 
 TEMP_SUFFIX = ".tmp"
 
@@ -30,6 +38,19 @@ def write_atomic(path: Path, data: bytes) -> None:
     finally:
         os.close(dir_fd)
 
+
+
+def read_store(path: Path, model: type[Stored]) -> Stored:
+    """The ``model`` stored as JSON in ``path`` (written with ``write_atomic``); the model's
+    defaults when the file is missing, and when it is damaged too, with a warning in the log: a
+    damaged file never stops the app."""
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return model()
+    except (OSError, ValueError, ValidationError, RecursionError) as error:
+        log.warning("ignoring unreadable %s (%s): starting from defaults", path, error.__class__.__name__)
+        return model()
 
 
 def remove_stale_temps(folder: Path, older_than: float = 60.0) -> int:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from loadstar.engine.atomic import write_atomic
+from loadstar.engine.atomic import read_store, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +41,7 @@ class UserSettingsStore:
         self.path = path
 
     def read(self) -> UserSettings:
-        try:
-            return UserSettings.model_validate(json.loads(self.path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            return UserSettings()
-        except (OSError, ValueError, ValidationError, RecursionError) as error:
-            # A damaged file must not stop the app; say so and start from defaults.
-            log.warning("ignoring unreadable %s: %s", self.path, error.__class__.__name__)
-            return UserSettings()
+        return read_store(self.path, UserSettings)
 
     def write(self, settings: UserSettings) -> None:
         write_atomic(self.path, settings.model_dump_json(indent=2).encode("utf-8"))

@@ -10,7 +10,7 @@ from here, as a third-party plugin does. docs/PLUGINS.md documents each hook and
 test checks it against the code.
 """
 
-from loadstar.engine.atomic import write_atomic
+from loadstar.engine.atomic import read_store, write_atomic
 from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.prompt_formats import PromptFormat
 from loadstar.engine.errors import (
@@ -75,5 +75,5 @@ __all__ = [
     "PromptFormat", "Settings", "MetricsSnapshot",
     # errors and helpers
     "LoadstarError", "ModelLoadError", "BadRequestError", "GenerationFailed", "one_line", "problem_line",
-    "first_problem", "load_failure", "write_atomic",
+    "first_problem", "load_failure", "write_atomic", "read_store",
 ]

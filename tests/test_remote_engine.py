@@ -118,7 +118,7 @@ def test_unreachable_or_wrong_remote_is_a_one_line_load_error(tmp_path, remote):
             engine.load_model("smol-remote")
         (models / "smol-remote" / "remote.json").write_text('{"base_url": "file:///etc", "model": "x"}')
         [candidate] = [c for c in engine.models.candidates("smol-remote") if c.loader == "Remote (OpenAI API)"]
-        assert not candidate.usable and "base_url: Value error, must be an http:// or https:// URL" in candidate.reason
+        assert not candidate.usable and "remote.json: base_url: must be an http:// or https:// URL" in candidate.reason
     finally:
         engine.close()
 

@@ -9,7 +9,6 @@ conversations belong to the login name (``local`` without logins).
 from __future__ import annotations
 
 import codecs
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +18,12 @@ from pydantic import ValidationError
 from loadstar.engine.chat.conversations import Conversation, title_from
 from loadstar.engine.errors import LoadstarError, problem_line
 from loadstar.engine.facade import Engine
-from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
+from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started
 from loadstar.engine.sampling import SamplingParams, parameter_specs
 from loadstar.webui.reasoning import reasoning_source
+from loadstar.webui.streaming import redraws
 
 State = dict[str, Any]  # a Conversation as a dict, kept per browser session
-UPDATE_INTERVAL = 0.08  # seconds between streamed chat updates
 
 
 @dataclass(frozen=True)
@@ -223,29 +222,20 @@ class ChatHandlers:
 
         prefix = messages.pop()["content"] if continue_last else ""
         reply, status, prompt, format_note = "", "Queued…", None, ""
-        last_yield, text_shown = 0.0, False
         finished: Finished | None = None
         try:
             yield ChatUpdate([*messages, {"role": "assistant", "content": prefix}], state, status)
-            for event in handle.events():
+            for redraw in redraws(handle):
+                event, reply = redraw.event, redraw.text
                 if isinstance(event, Queued):
                     status = f"Waiting in the queue: position {event.position}."
                 elif isinstance(event, Started):
                     format_note = f" Prompt format: {event.format_why}." if event.format_why else ""
                     status = f"Generating with {event.model}…" + _notices(event.notices) + format_note
                     prompt = event.prompt
-                elif isinstance(event, TextDelta):
-                    reply += event.text
-                    # Every update re-renders the whole chat in the browser: at most ~12 a second
-                    # keeps the page smooth and leaves the CPU to the model (measured in bench/).
-                    # The first text goes at once (time to first token is what users feel).
-                    if time.monotonic() - last_yield < UPDATE_INTERVAL and text_shown:
-                        continue
-                    text_shown = True
                 elif isinstance(event, Finished):
                     finished = event
                     status = finished_status(event) + format_note
-                    reply = event.text if event.reason != "error" else reply
                 shown = [*messages, {"role": "assistant", "content": prefix + reply}]
                 if isinstance(event, Finished):
                     shown = shown if prefix + reply else messages
@@ -256,7 +246,6 @@ class ChatHandlers:
                     state = self._save(state, who)
                     if keep:
                         status = f"{status} {_reply_position(state)}"
-                last_yield = time.monotonic()
                 yield ChatUpdate(shown, state, status, prompt)
         finally:
             handle.cancel()  # the page went away or Gradio closed us: stop generating for nobody

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,14 +9,14 @@ from pydantic import ValidationError
 
 from loadstar.engine.errors import LoadstarError, problem_line
 from loadstar.engine.facade import Engine
-from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
+from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started
 from loadstar.webui.chat_handlers import (
-    UPDATE_INTERVAL,
     finished_status,
     sampling_from_values,
     stop_status,
     stops_from_text,
 )
+from loadstar.webui.streaming import redraws
 
 
 class NotebookHandlers:
@@ -42,23 +41,17 @@ class NotebookHandlers:
         except (LoadstarError, ValidationError) as error:
             yield original, f"⚠️ {problem_line(error)}", original
             return
-        added, status, last = "", "Queued…", 0.0
+        status = "Queued…"
         try:
-            for event in handle.events():
+            for redraw in redraws(handle):
+                event = redraw.event
                 if isinstance(event, Queued):
                     status = f"Waiting in the queue: position {event.position}."
                 elif isinstance(event, Started):
                     status = f"Generating ({event.prompt_tokens} prompt tokens)…"
-                elif isinstance(event, TextDelta):
-                    if added and time.monotonic() - last < UPDATE_INTERVAL:  # the first text goes at once
-                        added += event.text
-                        continue
-                    added += event.text
                 elif isinstance(event, Finished):
-                    added = event.text if event.reason != "error" else added
                     status = finished_status(event)
-                last = time.monotonic()
-                yield original + added, status, original
+                yield original + redraw.text, status, original
         finally:
             handle.cancel()
 

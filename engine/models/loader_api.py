@@ -162,10 +162,9 @@ class LoadedModel:
         def produce(emit: Callable[[StreamPiece], None]) -> None:
             self.stream_to(prompt, params, abandoned, seed=seed, emit=emit, **_output(output))
 
-        try:
-            yield from pump(produce, name="loadstar-generate")
-        finally:
-            abandoned.cancel()  # the consumer went away: stop generating for nobody
+        # When the consumer goes away, the token is cancelled before the helper is joined: the
+        # model stops generating for nobody.
+        yield from pump(produce, name="loadstar-generate", stop=abandoned.cancel)
 
     def stream_to(
         self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int,
@@ -209,14 +208,15 @@ _END = object()
 
 def pump(
     produce: Callable[[Callable[[T], None]], None], *, cancel: CancelToken | None = None,
-    poll: float = 0.25, name: str = "loadstar-pump",
+    poll: float = 0.25, name: str = "loadstar-pump", stop: Callable[[], None] | None = None,
 ) -> Iterator[T]:
     """Run ``produce(put)`` on a helper thread and yield what it puts, in order.
 
     What ``produce`` raises is raised here. With ``cancel``, the iterator ends within ``poll``
     seconds of it being set even while ``produce`` is silent (a server that has not answered).
-    The helper thread is joined (up to 5 s) when the iterator ends or is closed, so make
-    ``produce`` return soon once it is no longer wanted.
+    When the iterator ends or is closed, ``stop()`` is called (close the connection ``produce``
+    reads from) and the helper thread is joined (up to 5 s), so ``produce`` must return soon
+    once it is no longer wanted.
     """
     items: queue.Queue[Any] = queue.Queue()
 
@@ -246,6 +246,8 @@ def pump(
             if cancel is not None and cancel.cancelled:
                 return
     finally:
+        if stop is not None and worker.is_alive():
+            stop()
         worker.join(timeout=5)
 
 

@@ -142,17 +142,19 @@ class RemoteModel(LoadedModel):
                 if not cancel.cancelled:
                     raise GenerationFailed(f"{self.config.base_url}: {one_line(error)}") from None
 
+        def hang_up() -> None:  # the server sees the client go and stops generating
+            response = holder.get("response")
+            if response is not None:
+                response.close()
+
         pieces = _Pieces()
-        lines = pump(read, cancel=cancel, poll=POLL_SECONDS, name="loadstar-remote-stream")
+        lines = pump(read, cancel=cancel, poll=POLL_SECONDS, name="loadstar-remote-stream", stop=hang_up)
         try:
             for line in lines:
                 piece = pieces.read(line)
                 if piece is not None:
                     yield piece
         finally:
-            response = holder.get("response")
-            if response is not None:
-                response.close()  # the server sees the client go and stops generating
             lines.close()
 
     def unload(self) -> None:

@@ -15,7 +15,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from loadstar import BadRequestError, PluginContext, ReplyDraft, UIContribution, first_problem, hookimpl, write_atomic
+from loadstar import (
+    BadRequestError,
+    PluginContext,
+    ReplyDraft,
+    UIContribution,
+    first_problem,
+    hookimpl,
+    read_store,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 MAX_RULES = 100
@@ -88,13 +97,7 @@ class ReplyRules:
     def _read(self) -> RuleBook:
         if self.path is None:
             return RuleBook()
-        try:
-            return RuleBook.model_validate_json(self.path.read_bytes())
-        except FileNotFoundError:
-            return RuleBook()
-        except (OSError, ValidationError, ValueError) as error:
-            log.warning("reply rules: ignoring unreadable %s: %s", self.path, error.__class__.__name__)
-            return RuleBook()
+        return read_store(self.path, RuleBook)
 
     def save(self, book: RuleBook) -> None:
         if self.path is None:
