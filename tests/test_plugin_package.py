@@ -173,6 +173,15 @@ def test_the_server_lists_the_package_and_disable_plugin_leaves_it_out(installed
     assert "everyhook" not in off.stdout and "exllamav2" not in off.stdout and "llamacpp" in off.stdout
     monkeypatch.setenv("LOADSTAR_DISABLE_PLUGINS", "everyhook")
     assert "everyhook" not in run_server("--list-plugins").stdout
+    monkeypatch.delenv("LOADSTAR_DISABLE_PLUGINS")
+    monkeypatch.setenv("LOADSTAR_NO_THIRD_PARTY_PLUGINS", "1")
+    assert "everyhook" not in run_server("--list-plugins").stdout
+
+
+def test_the_switch_for_builtin_plugins_only_leaves_it_out(installed):
+    assert "Parrot" in PluginHost().loaders()
+    only_ours = PluginHost(third_party=False).loaders()
+    assert "Parrot" not in only_ours and "Transformers" in only_ours
 
 
 def test_a_plugin_that_breaks_on_import_can_be_disabled_by_name(tmp_path, monkeypatch):
