@@ -44,6 +44,7 @@ from loadstar import (
     OutputSpec,
     SamplingParams,
     StreamPiece,
+    format_size,
     gguf_models,
     hookimpl,
     load_failure,
@@ -66,6 +67,9 @@ SUPPORTED = frozenset({
 ALONE = -1  # the batch key of a request run through ``stream`` (not through the engine's batch)
 KV_SHARE_OF_FREE_MEMORY = 0.5  # the default context is capped so the KV caches take at most this much
 MIN_CONTEXT = 512
+
+
+MAX_TEMPLATE_BYTES = 1024 * 1024  # real chat templates are a few kB; the largest known is ~30 kB
 
 
 class LlamaCppOptions(BaseModel):
@@ -161,6 +165,10 @@ class LlamaCppLoader:
         model = LlamaCppModel(llm, info, options.max_batch)
         own = folder.path / "chat_template.jinja"  # the folder's template wins over the GGUF's, as for Transformers
         if own.is_file():
+            if own.stat().st_size > MAX_TEMPLATE_BYTES:  # a repo's file: read only what a template can be
+                model.unload()
+                raise ModelLoadError(f"chat_template.jinja is larger than {format_size(MAX_TEMPLATE_BYTES)}: "
+                                     "not a chat template")
             model.chat_template = own.read_text(encoding="utf-8", errors="replace") or model.chat_template
         return model
 

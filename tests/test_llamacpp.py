@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -195,6 +196,13 @@ def test_bad_gguf_files_are_one_line_errors_and_the_model_stays(engine, default_
             engine.load_model(name, LOADER_NAME)
         assert "\n" not in str(refused.value) and "Traceback" not in str(refused.value)
         assert engine.models.loaded.name == MODEL  # the previous model is still loaded
+    huge = models / "huge-template"  # a repo's chat_template.jinja is read only up to a template's size
+    huge.mkdir(exist_ok=True)
+    os.link(source, huge / "huge.Q4_1.gguf")
+    (huge / "chat_template.jinja").write_text("{{ messages }}" + " " * (2 * 1024 * 1024))
+    with pytest.raises(LoadstarError, match=r"chat_template\.jinja is larger than 1\.0 MiB: not a chat template"):
+        engine.load_model("huge-template", LOADER_NAME)
+    assert engine.models.loaded.name == MODEL
     alien = next(c for c in engine.models.candidates("alien") if c.loader == LOADER_NAME)
     assert not alien.usable and "not known to llama.cpp" in alien.reason
     assert run(engine, temperature=0, max_new_tokens=20)[1].reason == "stop"

@@ -4,7 +4,8 @@ A model that can constrain its sampling (FEATURE_GRAMMAR) writes only JSON that 
 any other model is asked the same and its reply is validated here. Either way a reply that is not
 valid JSON for the schema ends as an error with a one-line reason, never as text the client's
 ``json.loads`` trips on. A reply wrapped in a Markdown code fence (what unconstrained models often
-write) is unwrapped.
+write) is unwrapped, and so is a reply whose one fenced block is JSON among prose ("```json {...}```
+This cat is ..."): the client asked for the JSON, and the prose around it is dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ MAX_SCHEMA_DEPTH = 32
 ANY_OBJECT: Mapping[str, Any] = {"type": "object"}
 
 _FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n?```\s*$", re.S)
+_BLOCK = re.compile(r"^[ \t]*```[A-Za-z0-9_-]*[ \t]*\n(.*?)\n[ \t]*```[ \t]*$", re.S | re.M)
 
 
 def check_schema(schema: Any) -> dict[str, Any]:
@@ -58,7 +60,14 @@ def parse_reply(text: str, schema: Mapping[str, Any]) -> tuple[str, str | None]:
     try:
         value = json.loads(candidate)
     except json.JSONDecodeError as error:
-        return text, f"the reply is not valid JSON ({error.msg} at character {error.pos})"
+        blocks = _BLOCK.findall(text)
+        try:
+            if len(blocks) != 1:
+                raise error
+            candidate = blocks[0].strip()
+            value = json.loads(candidate)  # the one fenced block, among prose
+        except json.JSONDecodeError:
+            return text, f"the reply is not valid JSON ({error.msg} at character {error.pos})"
     from jsonschema import validators
 
     validator = validators.validator_for(schema)(schema)
