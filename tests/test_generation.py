@@ -235,15 +235,20 @@ def test_requests_join_a_running_batch_in_fair_order_up_to_its_size(service_for)
     model = FakeBatchModel(max_batch=2, delay=0.03)
     service = service_for(model)
     long = service.submit(prompt_request("w " * 12, owner="a"))
-    short = service.submit(prompt_request("v " * 4, owner="d"))
+    short = service.submit(prompt_request("v " * 8, owner="d"))
     for event in long.events():
         if isinstance(event, TextDelta):
             break
     a2 = service.submit(prompt_request("x " * 3, owner="a"))  # the batch is full: these wait
     b1 = service.submit(prompt_request("y " * 3, owner="b"))
     c1 = service.submit(prompt_request("z " * 3, owner="c"))
-    results = [h.result() for h in (long, short, a2, b1, c1)]
-    assert [r.text for r in results] == ["w " * 12, "v " * 4, "x " * 3, "y " * 3, "z " * 3]
+    events = {h: list(h.events()) for h in (a2, b1, c1)}
+    results = [long.result(), short.result(), *(events[h][-1] for h in (a2, b1, c1))]
+    assert [r.text for r in results] == ["w " * 12, "v " * 8, "x " * 3, "y " * 3, "z " * 3]
+    # The positions shown follow the rule the joining follows: when c arrives (short still runs),
+    # the line is b, c, then a's second (a already has a request in the batch).
+    shown = {h: [e.position for e in events[h] if isinstance(e, Queued)] for h in (a2, b1, c1)}
+    assert shown[c1][0] == 2 and shown[b1][0] == 1 and shown[a2][:3] == [1, 2, 3], shown
     assert max(len(keys) for keys in model.steps) == 2  # never more than max_batch
     joined = {h: next(i for i, keys in enumerate(model.steps) if h.id in keys) for h in (long, short, a2, b1, c1)}
     # b joins the running batch first when short leaves: a already has a request running, so a's

@@ -359,6 +359,7 @@ class GenerationService:
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
         self._running: dict[int, GenerationHandle] = {}
+        self._batching = False  # the model now served batches (queue positions follow its rule)
         self._worker: threading.Thread | None = None
         self._closed = False
         self._ids = itertools.count(1)
@@ -424,14 +425,22 @@ class GenerationService:
     # -- queue ---------------------------------------------------------------------------------
 
     def _service_order(self) -> list[GenerationHandle]:
-        """Waiting handles in the order they will run: round-robin over owners."""
-        queues = [list(jobs) for jobs in self._waiting.values()]
+        """Waiting handles in the order they will run: ``_take``'s rule played forward.
+
+        Owners take turns; when the model batches, an owner with nothing running goes first (the
+        requests taken before it count as running: they join the batch while the others go on).
+        """
+        waiting = OrderedDict((owner, deque(jobs)) for owner, jobs in self._waiting.items())
+        running = {h.owner for h in self._running.values()} if self._batching else set()
         order: list[GenerationHandle] = []
-        for round_ in itertools.count():
-            row = [jobs[round_] for jobs in queues if len(jobs) > round_]
-            if not row:
-                return order
-            order.extend(row)
+        while waiting:
+            owner = next((o for o in waiting if o not in running), next(iter(waiting)))
+            jobs = waiting.pop(owner)
+            order.append(jobs.popleft())
+            if jobs:
+                waiting[owner] = jobs
+            if self._batching:
+                running.add(owner)
         return order
 
     def _announce_positions(self) -> None:
@@ -514,7 +523,8 @@ class GenerationService:
                 handle._emit(Finished(reason="error", text="", error="no model is loaded: load one first"))
                 self._done(handle)
                 return
-            if model.max_batch > 1:
+            self._batching = model.max_batch > 1
+            if self._batching:
                 self._serve_batch(model, handle)
             else:
                 self._serve_alone(model, handle)
