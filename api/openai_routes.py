@@ -37,7 +37,7 @@ from loadstar.api.schemas import (
 )
 from loadstar.api.security import ApiKeys
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.chat.tool_calls import ToolCall, ToolUse
+from loadstar.engine.chat.tool_calls import CallWatch, ToolCall, ToolUse
 from loadstar.engine.errors import BadRequestError, LoadstarError, ModelNotFoundError, problem_line
 from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationEvent, GenerationRequest, Queued, Started, TextDelta
@@ -442,20 +442,23 @@ async def _sse(
     handles: list[GenerationHandle], events: asyncio.Queue[tuple[int, GenerationEvent]], request: Request,
     ids: Ids, early: dict[int, Finished], *, include_usage: bool, hold: bool = False,
 ) -> AsyncIterator[str]:
-    """The chunks of every choice as they come. ``hold``: tools are offered, so a choice's text is
-    sent when it ends, as text or as tool calls (a call is only known to be one when it is whole)."""
+    """The chunks of every choice as they come. ``hold``: tools are offered, so text that may be a
+    tool call is held back (``CallWatch``) and sent at the choice's end, as text or as tool calls
+    (a call is only known to be one when it is whole); other text streams as it comes."""
     def data(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     finished: dict[int, Finished] = {}
+    watches = {index: CallWatch() for index in range(len(handles))} if hold else {}
 
     def end(index: int, done: Finished) -> list[str]:
         finished[index] = done
         if done.reason == "error":
             return [data(error_body(done.error or "generation failed", "server_error"))]
         out = []
-        if hold and (done.text or done.tool_calls):
-            out.append(data(ids.chunk(index, done.text or None, None, calls=done.tool_calls)))
+        rest = watches[index].rest(done.text) if hold else ""
+        if rest or done.tool_calls:
+            out.append(data(ids.chunk(index, rest or None, None, calls=done.tool_calls)))
         out.append(data({**ids.chunk(index, None, _finish_reason(done)), "loadstar": ids.extra([done])}))
         return out
 
@@ -472,6 +475,8 @@ async def _sse(
                 delta, carried = _pending_text(events, tagged[0], tagged[1])
                 if not hold:
                     yield data(ids.chunk(tagged[0], delta.text, None, logprobs=delta.logprobs))
+                elif shown := watches[tagged[0]].add(delta.text):
+                    yield data(ids.chunk(tagged[0], shown, None))
                 continue
             if tagged is not None and isinstance(tagged[1], Finished):
                 for line in end(tagged[0], tagged[1]):

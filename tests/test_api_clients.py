@@ -234,6 +234,18 @@ def test_tool_calls_stream_as_one_delta(client):
     assert calls[0].function.name == "get_time" and "city" in json.loads(calls[0].function.arguments)
 
 
+def test_with_tools_offered_prose_still_streams_as_it_comes(client):
+    question = ask("Write one sentence about cats.")
+    whole = client.chat.completions.create(model=TOOLS_MODEL, messages=question, tools=[TIME], temperature=0,
+                                           max_tokens=40)
+    assert whole.choices[0].finish_reason != "tool_calls" and whole.choices[0].message.content
+    stream = client.chat.completions.create(model=TOOLS_MODEL, messages=question, tools=[TIME], temperature=0,
+                                            max_tokens=40, stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert len(pieces) > 5  # token by token, not one chunk at the end
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
 # -- load on request, model list ------------------------------------------------------------------
 
 

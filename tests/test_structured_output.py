@@ -8,7 +8,7 @@ import pytest
 
 from loadstar.engine.chat.json_reply import check_schema, parse_reply
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.chat.tool_calls import ToolCall, ToolUse, find_calls, template_takes_tools
+from loadstar.engine.chat.tool_calls import CallWatch, ToolCall, ToolUse, find_calls, template_takes_tools
 from loadstar.engine.errors import BadRequestError
 from loadstar.engine.generation.requests import GenerationRequest, Started
 from loadstar.engine.models.loader_api import OutputSpec
@@ -149,3 +149,23 @@ def test_the_transformers_loader_has_its_json_validated_and_refuses_logprobs(rea
     assert isinstance(json.loads(done.text), dict)
     refused = real_engine.submit(GenerationRequest(messages=question, output=OutputSpec(logprobs=2))).result()
     assert refused.bad_request and refused.error == "Transformers does not give log probabilities (logprobs)"
+
+
+def test_a_call_watch_shows_prose_and_holds_what_may_be_a_call():
+    def shown(pieces, final):
+        watch = CallWatch()
+        out = "".join(watch.add(piece) for piece in pieces)
+        return out, out + watch.rest(final)
+
+    # prose streams; a tail that may start a marker waits, and comes at the end
+    assert shown(["It is ", "sunny <"], "It is sunny <") == ("It is sunny ", "It is sunny <")
+    assert shown(["It is ", "sunny <", "3"], "It is sunny <3") == ("It is sunny <3", "It is sunny <3")
+    # a call after prose: the prose is shown, the call held; the text besides the call ends it
+    tagged = ["Let me check.", " <tool_", 'call>{"name": "f", "arguments": {}}</tool_call>']
+    assert shown(tagged, "Let me check.") == ("Let me check. ", "Let me check. ")
+    # a reply that begins like JSON or a fence may be a call as a whole: held to the end
+    assert shown(["  {", '"name": "f"}'], "") == ("", "")
+    assert shown(["```", "json"], "```json") == ("", "```json")
+    assert shown(["[TOOL_CALLS]", "[]"], "") == ("", "")
+    # an extension changed what was shown: nothing more is sent
+    assert shown(["Hello there"], "HELLO THERE") == ("Hello there", "Hello there")

@@ -134,6 +134,53 @@ def find_calls(text: str, names: Sequence[str]) -> tuple[str, tuple[ToolCall, ..
     return ("", tuple(found)) if found else (text, ())
 
 
+class CallWatch:
+    """What of a streamed reply can be shown while tools are offered: text that cannot be part of
+    a call ``find_calls`` would read. A reply that begins like JSON (``{``, ``[``) or a code fence
+    may be a call as a whole and is held to its end; other text is shown up to the first call
+    marker (``<tool_call>``, ``[TOOL_CALLS]``, ``<|python_tag|>``) and held from there, and a tail
+    that may be a marker's beginning waits for the next piece."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.shown = 0  # characters of ``text`` already shown
+        self.holding = False
+
+    def add(self, piece: str) -> str:
+        """Take the next piece of the reply; return what can be shown now."""
+        self.text += piece
+        if self.holding:
+            return ""
+        begins = self.text.lstrip()
+        if not begins or begins.startswith(("{", "[", "`")):
+            self.holding = bool(begins)  # nothing but space yet: wait and see
+            return ""
+        cut = len(self.text)
+        for marker in ("<tool_call>", *_MARKERS):
+            at = self.text.find(marker)
+            if at >= 0:
+                cut, self.holding = min(cut, at), True
+            else:
+                cut = min(cut, len(self.text) - _open_prefix(self.text, marker))
+        out = self.text[self.shown:cut] if cut > self.shown else ""
+        self.shown = max(self.shown, cut)
+        return out
+
+    def rest(self, final: str) -> str:
+        """What to send at the end, when the reply's text besides its calls is ``final``: what
+        was not shown yet (nothing, when an extension changed what was already shown)."""
+        said = self.text[: self.shown]
+        for prefix in (said, said.strip()):  # the text besides the calls comes back stripped
+            if final.startswith(prefix):
+                return final[len(prefix):]
+        return ""
+
+
+def _open_prefix(text: str, marker: str) -> int:
+    """The length of the longest beginning of ``marker`` that ``text`` ends with."""
+    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:n])), 0)
+
+
 def _calls_in(text: str, allowed: set[str]) -> list[ToolCall]:
     candidate = unfenced(text)
     if not candidate.startswith(("{", "[")):
