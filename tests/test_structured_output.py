@@ -103,7 +103,7 @@ def test_a_loader_that_cannot_constrain_gets_its_reply_validated(service_for):  
     assert done.reason == "stop" and json.loads(done.text) == {"ok": True}
     service = service_for(FakeModel(reply='{"ok": true, "more": [1, 2, 3]}'))
     done = service.submit(GenerationRequest(prompt="hi", output=asked, params=SamplingParams(max_new_tokens=2))).result()
-    assert done.reason == "error" and "ran out of tokens" in done.error
+    assert done.reason == "length" and "the reply ran out of tokens (max_tokens 2) before its JSON ended" in done.notices
 
 
 def test_logprobs_from_a_loader_without_them_is_a_bad_request(service_for):  # noqa: F811

@@ -315,13 +315,16 @@ class _Run:
         self.handle._emit(self._finished(reason))
 
     def _check_json(self, schema: Mapping[str, Any], reason: FinishReason) -> str | None:
-        """Why the reply is not the JSON asked for, or None (a fenced reply is unwrapped)."""
+        """Why the reply is not the JSON asked for, or None (a fenced reply is unwrapped). A reply
+        cut by max_tokens is not an error: it ends "length", with a notice saying its JSON is cut."""
         text, problem = parse_reply("".join(self.parts), schema)
         if problem is None:
             self.parts = [text]
             return None
-        if reason == "length":
-            return f"the reply ran out of tokens (max_tokens {self.params.max_new_tokens}) before its JSON ended"
+        if reason == "length":  # the client's max_tokens, not a failure: finish "length", as OpenAI does
+            self.notices.append(
+                f"the reply ran out of tokens (max_tokens {self.params.max_new_tokens}) before its JSON ended")
+            return None
         return problem + self._unconstrained
 
     @property
