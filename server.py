@@ -118,6 +118,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
 
     from loadstar.engine.settings import Settings
 
+    switches = plugin_switches(args, environ)
     try:
         return Settings(
             models_dir=args.models_dir,
@@ -141,8 +142,8 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             hub_endpoint=environ.get(HUB_ENDPOINT_ENV, DEFAULT_HUB),
             hub_token=environ.get(HUB_TOKEN_ENV) or None,
             remote_keys=tuple((name, environ[name]) for name in dict.fromkeys(args.remote_key_env) if environ.get(name)),
-            third_party_plugins=plugin_switches(args, environ)["third_party"],
-            disabled_plugins=plugin_switches(args, environ)["disabled"],
+            third_party_plugins=switches["third_party"],
+            disabled_plugins=switches["disabled"],
             extensions=None if args.extensions is None else tuple(
                 name.strip() for name in args.extensions.split(",") if name.strip()
             ),

@@ -184,6 +184,14 @@ def test_the_switch_for_builtin_plugins_only_leaves_it_out(installed):
     assert "Parrot" not in only_ours and "Transformers" in only_ours
 
 
+def test_a_disable_plugin_name_that_matches_nothing_is_warned_about(caplog):
+    caplog.set_level(logging.WARNING, logger="loadstar.engine.plugins.host")
+    host = PluginHost(disabled=["exllama", "example"])
+    assert "ExLlamaV2" in host.loaders() and "example" not in [p.name for p in host.plugins]
+    [warning] = [r.getMessage() for r in caplog.records if "--disable-plugin" in r.getMessage()]
+    assert warning.startswith("--disable-plugin exllama: no plugin has that name (known: ") and "exllamav2" in warning
+
+
 def test_a_plugin_that_breaks_on_import_can_be_disabled_by_name(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "loadstar_broken-1.0.dist-info").mkdir(parents=True)

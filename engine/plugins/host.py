@@ -130,6 +130,7 @@ class PluginHost:
         self._loaders: dict[str, Loader] | None = None
         self._configured = False
         self._objects: dict[str, object] = {}  # the plugins themselves (pluggy holds their stand-ins)
+        self._extension_names: set[str] = set()  # every extensions/ module found, loaded or not
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -140,7 +141,10 @@ class PluginHost:
         self._loaded = True
         if self._scan_extensions:
             self._load_builtin_extensions()
-        eps = self._entry_points if self._entry_points is not None else entry_points(group=ENTRY_POINT_GROUP)
+        eps = list(self._entry_points if self._entry_points is not None else entry_points(group=ENTRY_POINT_GROUP))
+        seen = {ep.name for ep in eps} | self._extension_names
+        for name in sorted(self._disabled - seen):  # a typo in --disable-plugin must not pass silently
+            log.warning("--disable-plugin %s: no plugin has that name (known: %s)", name, ", ".join(sorted(seen)))
         for ep in sorted(eps, key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else OUR_DISTRIBUTION
             if not self._third_party and dist != OUR_DISTRIBUTION:
@@ -166,6 +170,7 @@ class PluginHost:
             self._report(EXTENSIONS_PACKAGE, "import", error)
             return
         for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            self._extension_names.add(module_info.name)
             if module_info.name.startswith("_") or module_info.name in self._disabled:
                 continue
             try:
@@ -275,12 +280,7 @@ class PluginHost:
         if self._configured:
             return
         self._configured = True
-        problems: list[PluginProblem] = []
-        token = _MET.set(problems)
-        try:
-            self._pm.hook.configure.call_historic(kwargs={"settings": settings})
-        finally:
-            _MET.reset(token)
+        self._pm.hook.configure.call_historic(kwargs={"settings": settings})  # failures land in problems
 
     def loaders(self) -> dict[str, Loader]:
         """Every registered loader by name (the ``register_loaders`` hook), computed once."""
