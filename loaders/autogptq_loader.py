@@ -47,7 +47,7 @@ from loadstar import (
 )
 from loadstar.loaders.derived_folder import derived_folder
 from loadstar.loaders.gptq_dense import dense_bytes, load_dense
-from loadstar.loaders.hf_causal_lm import HFCausalLM
+from loadstar.loaders.hf_causal_lm import HFCausalLM, batch_size
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class AutoGPTQOptions(BaseModel):
     )
     allow_pt: bool = Field(False, description="Allow a pickled .pt weights file (read with torch weights_only).")
     scratch_dir: Path | None = Field(None, description="Where derived files go (set by Loadstar to its data folder).")
+    max_batch: int = Field(4, ge=1, le=64, description=(
+        "Requests decoded together (continuous batching; a request waits while its KV cache would not "
+        "fit in half the free memory); 1 = one at a time."))
 
 
 @dataclass(frozen=True)
@@ -204,13 +207,15 @@ class AutoGPTQLoader:
         accuracy = f", measured error ≤ {error_bound} logits" if error_bound is not None else ""
         why = f" ({kernel.why})" if options.backend == "auto" and device == "cpu" else ""
         details = f"{gptq.describe()}, {backend} kernel{' (' + ', '.join(kernels) + ')' if kernels else ''}{accuracy}{why}"
+        max_batch, batch_note = batch_size(model, options.max_batch)
+        details += f", {batch_note}"
         if notes:
             details += "; " + "; ".join(notes)
         info = LoadedModelInfo(
             name=folder.name, loader=self.name, device=device, dtype=dtype,
             context_length=folder.context_length, details=details,
         )
-        return HFCausalLM(model, tokenizer, info, keepalive=wrapper)
+        return HFCausalLM(model, tokenizer, info, keepalive=wrapper, max_batch=max_batch)
 
 
 @hookimpl

@@ -9,25 +9,53 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadstar import ALL_PARAMS, CancelToken, LoadedModelInfo, SamplingParams, StreamPiece, prompt_budget
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
+
+if TYPE_CHECKING:
+    from loadstar.loaders.hf_batch import HFBatch
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass before generation; Stop is checked between them
 
 
+def batch_size(model: Any, requested: int) -> tuple[int, str]:
+    """The batch a loaded transformers model gets, and the words for its load details."""
+    from loadstar.loaders.hf_batch import batchable
+
+    if requested == 1:
+        return 1, "one request at a time"
+    why_not = batchable(model)
+    if why_not is not None:
+        return 1, f"one request at a time ({why_not})"
+    return requested, f"batch {requested}"
+
+
 class HFCausalLM(TokenizerPrompts):
     supported_params = ALL_PARAMS
 
-    def __init__(self, model: Any, tokenizer: Any, info: LoadedModelInfo, *, keepalive: Any = None) -> None:
-        """``keepalive``: an object that owns the model (e.g. a gptqmodel wrapper), freed on unload."""
+    def __init__(
+        self, model: Any, tokenizer: Any, info: LoadedModelInfo, *, keepalive: Any = None, max_batch: int = 1
+    ) -> None:
+        """``keepalive``: an object that owns the model (e.g. a gptqmodel wrapper), freed on unload.
+        ``max_batch`` > 1: requests decode together (``hf_batch``); give 1 where ``batchable`` says no."""
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
         self._keepalive = keepalive
+        self.max_batch = max_batch
+        self._batch: HFBatch | None = None
+
+    def open_batch(self) -> HFBatch:
+        """The model's one batch (continuous batching, see hf_batch.py)."""
+        from loadstar.loaders.hf_batch import HFBatch
+
+        if self._batch is None:
+            self._batch = HFBatch(self, self.max_batch)
+        return self._batch
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -119,6 +147,9 @@ class HFCausalLM(TokenizerPrompts):
 
     def unload(self) -> None:
         device = str(getattr(self.model, "device", "cpu"))
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
         self.model = None
         self.tokenizer = None
         self._keepalive = None
@@ -167,11 +198,15 @@ class _PieceStreamer:
     ends in an incomplete UTF-8 sequence.
     """
 
-    def __init__(self, tokenizer: Any, emit: Callable[[StreamPiece], None], *, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Any, emit: Callable[[StreamPiece], None], *, skip_special_tokens: bool = True,
+        prompt_seen: bool = False,
+    ) -> None:
+        """``prompt_seen``: the first ``put`` is a generated token (``generate`` first hands over the prompt)."""
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._emit = emit
-        self._prompt_seen = False
+        self._prompt_seen = prompt_seen
         self._cache: list[int] = []
         self._printed = 0
         self._pending_tokens = 0

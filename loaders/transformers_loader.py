@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadstar import Assessment, Availability, LoadedModelInfo, ModelFolder, ModelLoadError, hookimpl, load_failure
-from loadstar.loaders.hf_causal_lm import HFCausalLM
+from loadstar.loaders.hf_causal_lm import HFCausalLM, batch_size
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ class TransformersOptions(BaseModel):
         "auto", description="auto = float32 for GGUF on CPU, bfloat16 otherwise (float16 on GPUs without bf16)."
     )
     gguf_file: str | None = Field(None, description="Which .gguf file to load when the folder has several.")
+    max_batch: int = Field(4, ge=1, le=64, description=(
+        "Requests decoded together (continuous batching; a request waits while its KV cache would not "
+        "fit in half the free memory); 1 = one at a time."))
 
 
 class TransformersLoader:
@@ -101,15 +104,16 @@ class TransformersLoader:
             files = [gguf_file] if gguf_file else [w.path for w in folder.weight_files]
             raise ModelLoadError(f"Transformers could not load {folder.name}: {load_failure(error, files, folder.path)}") from None
         model.eval()
+        max_batch, batch_note = batch_size(model, options.max_batch)
         info = LoadedModelInfo(
             name=folder.name,
             loader=self.name,
             device=device,
             dtype=dtype,
             context_length=folder.context_length,
-            details=gguf_file or "",
+            details=", ".join(part for part in (gguf_file, batch_note) if part),
         )
-        return HFCausalLM(model, tokenizer, info)
+        return HFCausalLM(model, tokenizer, info, max_batch=max_batch)
 
 
 def _assess_gptq(folder: ModelFolder) -> Assessment:

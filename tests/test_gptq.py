@@ -13,6 +13,7 @@ from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import GenerationRequest
 from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.settings import Settings
+from tests import batching
 from tests.checkpoints import LEGACY_STEM, gptq_checkpoint, legacy_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -187,3 +188,14 @@ def test_gpu_loaders_answer(engine, loader):
     info = engine.load_model("smol-4bit-g64-act", loader, {"device": "cuda"} if loader == "AutoGPTQ" else {})
     assert info.device == "cuda"
     assert fluent_english(ask(engine))
+
+
+@pytest.mark.parametrize("backend", ["auto", "gptq_torch_int8"])
+def test_a_gptq_batch_answers_as_each_request_alone(engine, backend):
+    """AutoGPTQ models batch as Transformers ones do (one shared cache, tests/batching.py's checks),
+    through the exact dense path and through a packed kernel."""
+    info = engine.load_model("smol-4bit-g128", "AutoGPTQ", {} if backend == "auto" else {"backend": backend})
+    assert "batch 4" in info.details
+    questions = batching.QUESTIONS[:4]
+    alone = batching.answers_alone(engine, questions)
+    batching.batch_answers_as_each_request_alone(engine, alone, questions)

@@ -20,6 +20,7 @@ from loadstar.engine.models.folder import gguf_models, missing_parts
 from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.settings import Settings
 from loadstar.loaders.llamacpp_loader import LOADER_NAME
+from tests import batching
 from tests.folders import gguf_folder
 from tests.helpers import CAPITAL_QUESTION
 
@@ -317,75 +318,29 @@ def test_the_memory_estimate_is_the_file_plus_the_kv_cache_for_the_context(defau
     assert alone.kv_cache == small.kv_cache // 4 and "KV cache for 1,024 tokens" in alone.describe()
 
 
-# -- continuous batching ----------------------------------------------------------------------------
-
-QUESTIONS = [
-    CAPITAL_QUESTION, "What is the capital of Italy?", "Name three colours.", "What is 2 + 2?",
-    "Write a haiku about the sea.", "What do bees make?", "Who wrote Hamlet?", "What is water made of?",
-]
-GREEDY = dict(temperature=0, max_new_tokens=48)
-
-
-def ask(question):
-    return GenerationRequest(messages=(ChatMessage(role="user", content=question),), params=SamplingParams(**GREEDY),
-                             owner=f"client-{question}")
+# -- continuous batching (the checks are tests/batching.py's, the same for every loader that batches)
 
 
 @pytest.fixture(scope="module")
 def alone(engine):
-    """Each question's greedy answer asked alone (a batch of one)."""
-    return {q: engine.submit(ask(q)).result().text for q in QUESTIONS}
+    return batching.answers_alone(engine)
 
 
 def test_a_batch_answers_as_each_request_alone(engine, alone):
-    handles = [engine.submit(ask(q)) for q in QUESTIONS * 2]  # 16 requests: 4 decode together, the others join as they leave
-    seen_running = 0
-    while not all(h.finished for h in handles):
-        seen_running = max(seen_running, engine.generation.running)
-        threading.Event().wait(0.01)
-    for handle in handles:
-        done = handle.result()
-        assert done.reason in ("stop", "length") and done.text == alone[_question(handle)], _question(handle)
-    assert seen_running > 1  # they really ran together
-
-
-def _question(handle):
-    return handle.request.messages[-1].content
+    batching.batch_answers_as_each_request_alone(engine, alone)  # 16 requests: 4 decode together
 
 
 def test_a_request_joins_a_running_batch(engine, alone):
-    long = GenerationRequest(messages=STORY, params=SamplingParams(temperature=0, max_new_tokens=200), owner="writer")
-    writer = engine.submit(long)
-    for event in writer.events():
-        if isinstance(event, TextDelta):
-            break  # the story is being written
-    joiner = engine.submit(ask(QUESTIONS[1]))
-    answer = joiner.result()
-    assert writer.finished is None  # it joined, and finished, while the story went on
-    assert answer.text == alone[QUESTIONS[1]]
-    story = writer.result()
-    assert story.reason in ("stop", "length") and story.completion_tokens > answer.completion_tokens
+    batching.request_joins_a_running_batch(engine, alone)
 
 
 def test_stopping_one_sequence_leaves_the_others_untouched(engine, alone):
-    handles = [engine.submit(ask(q)) for q in QUESTIONS[:4]]
-    victim = handles[2]
-    deltas = 0
-    for event in victim.events():
-        if isinstance(event, TextDelta):
-            deltas += 1
-            if deltas == 3:
-                victim.cancel()  # mid-way, while the others decode beside it
-    assert victim.result().reason == "cancelled" and victim.result().completion_tokens < 48
-    for handle in handles[:2] + handles[3:]:
-        assert handle.result().text == alone[_question(handle)]
+    batching.stopping_one_sequence_leaves_the_others_untouched(engine, alone)
 
 
 def test_a_stop_string_ends_one_sequence_of_a_batch(engine, alone):
-    handles = [engine.submit(ask(q)) for q in QUESTIONS[:3]]
-    cut = GenerationRequest(messages=(ChatMessage(role="user", content=CAPITAL_QUESTION),),
-                            params=SamplingParams(**GREEDY), stop=("Paris",), owner="cutter")
-    stopped = engine.submit(cut).result()
-    assert stopped.reason == "stop" and "Paris" not in stopped.text
-    for handle in handles:
-        assert handle.result().text == alone[_question(handle)]
+    batching.a_stop_string_ends_one_sequence(engine, alone)
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(engine):
+    batching.a_seeded_sample_is_the_same_alone_and_in_a_batch(engine)
