@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="where to run the model (default: CUDA when present, else CPU)")
     model.add_argument("--max-batch", metavar="N", type=int, default=None,
-                       help="requests decoded together by a loader that batches (llama.cpp; default 4); 1 = one at a time")
+                       help="requests decoded together by a loader that batches (llama.cpp, Transformers, AutoGPTQ; default 4); "
+                            "1 = one at a time")
     model.add_argument("--allow-pt", action="store_true",
                        help="allow pickled .pt weights when a model has no .safetensors (read with torch "
                             "weights_only; only for sources you trust)")

@@ -45,6 +45,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _by_loader(section: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The concurrency section by loader (results from before Transformers batched hold llama.cpp's only)."""
+    if any(key.startswith("max_batch_") for key in section):
+        section = {"llama.cpp": section}
+    return {loader: {b: r for b, r in batches.items() if isinstance(r, dict) and b.startswith("max_batch_")}
+            for loader, batches in section.items() if isinstance(batches, dict)}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
@@ -173,23 +181,24 @@ def render(report: dict[str, Any]) -> str:
                   "- Goals: " + ", ".join(f"{g}: {'met' if v else 'MISSED'}" for g, v in dl["goals"].items()), ""]
     if "concurrency" in s:
         lines += ["## Concurrent streaming API clients (64 tokens each)", "",
-                  "| max batch | clients | total tokens/s | p95 latency (s) |", "|---|---|---|---|"]
-        for batch, rows in s["concurrency"].items():
-            if batch.startswith("_") or not isinstance(rows, dict):
-                continue
-            for clients, row in rows.items():
-                if isinstance(row, dict) and "total_tokens_per_second" in row:
-                    lines.append(f"| {batch.removeprefix('max_batch_')} | {clients} | "
-                                 f"{_f(row['total_tokens_per_second'], 1)} | {_f(row['p95_latency_seconds'], 1)} |")
+                  "| loader | max batch | clients | total tokens/s | p95 latency (s) |", "|---|---|---|---|---|"]
+        by_loader = _by_loader(s["concurrency"])
+        for loader, batches in by_loader.items():
+            for batch, rows in batches.items():
+                for clients, row in rows.items():
+                    if isinstance(row, dict) and "total_tokens_per_second" in row:
+                        lines.append(f"| {loader} | {batch.removeprefix('max_batch_')} | {clients} | "
+                                     f"{_f(row['total_tokens_per_second'], 1)} | {_f(row['p95_latency_seconds'], 1)} |")
         lines.append("")
-        for batch, rows in s["concurrency"].items():
-            if isinstance(rows, dict) and "throughput_8_vs_1" in rows:
-                lines.append(f"- max batch {batch.removeprefix('max_batch_')}: 8 clients give "
-                             f"{_f(rows['throughput_8_vs_1'])}x the tokens/s of one, p95 latency {_f(rows['p95_8_vs_1'])}x one alone.")
-            if isinstance(rows, dict) and "16_clients" in rows:
-                row = rows["16_clients"]
-                lines.append(f"- 16 clients at once: {row['errors']} errors, {row['identical_to_alone']} of {row['of']} "
-                             "greedy answers identical to the same question asked alone.")
+        for loader, batches in by_loader.items():
+            for batch, rows in batches.items():
+                if "throughput_8_vs_1" in rows:
+                    lines.append(f"- {loader}, max batch {batch.removeprefix('max_batch_')}: 8 clients give "
+                                 f"{_f(rows['throughput_8_vs_1'])}x the tokens/s of one, p95 latency {_f(rows['p95_8_vs_1'])}x one alone.")
+                if "16_clients" in rows:
+                    row = rows["16_clients"]
+                    lines.append(f"- {loader}, 16 clients at once: {row['errors']} errors, {row['identical_to_alone']} of "
+                                 f"{row['of']} greedy answers identical to the same question asked alone.")
         lines.append("")
     if "streams" in s:
         row = s["streams"]

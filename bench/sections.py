@@ -532,43 +532,51 @@ def _clients(port: int, clients: int, tokens: int) -> dict[str, float]:
     return {"total_tokens_per_second": clients * tokens / wall, "p95_latency_seconds": p95(latencies)}
 
 
-def concurrency(tokens: int, levels: tuple[int, ...] = (1, 4, 8)) -> dict[str, Any]:
-    """Streaming API clients on the default model, one at a time (--max-batch 1, as before
-    continuous batching) and batched (--max-batch 8); then 16 clients at once, each answer
-    compared with the same question asked alone."""
+def concurrency(tokens: int, levels: tuple[int, ...] = (1, 4, 8),
+                loaders: tuple[str, ...] = ("llama.cpp", "Transformers")) -> dict[str, Any]:
+    """Streaming API clients on the default model, for each loader that batches: one at a time
+    (--max-batch 1, as before continuous batching) and batched (--max-batch 8); then 16 clients
+    at once, each answer compared with the same question asked alone."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-conc-"))
     models = _default_models(tmp)
     out: dict[str, Any] = {}
-    for batch in (1, 8):
-        port, server = _start_server(models, tmp / f"data-{batch}", "--max-batch", str(batch))
-        try:
-            _clients(port, 1, tokens)  # warm-up
-            rows = {str(clients): _clients(port, clients, tokens) for clients in levels}
-            rows["throughput_8_vs_1"] = rows["8"]["total_tokens_per_second"] / rows["1"]["total_tokens_per_second"]
-            rows["p95_8_vs_1"] = rows["8"]["p95_latency_seconds"] / rows["1"]["p95_latency_seconds"]
-            if batch > 1:
-                alone = [_api_answer(port, q) for q in QUESTIONS]
-                together: list[str | None] = [None] * len(QUESTIONS)
-                errors: list[str] = []
-
-                def ask(i: int, together: list[str | None] = together, errors: list[str] = errors, port: int = port) -> None:
-                    try:
-                        together[i] = _api_answer(port, QUESTIONS[i])
-                    except Exception as error:  # counted, not raised: the point is how many
-                        errors.append(str(error))
-
-                threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                rows["16_clients"] = {"errors": len(errors),
-                                      "identical_to_alone": sum(a == b for a, b in zip(alone, together, strict=False)),
-                                      "of": len(QUESTIONS)}
-        finally:
-            _stop(server)
-        out[f"max_batch_{batch}"] = rows
+    for loader in loaders:
+        out[loader] = {}
+        for batch in (1, 8):
+            port, server = _start_server(models, tmp / f"data-{loader}-{batch}", "--max-batch", str(batch),
+                                         "--loader", loader)
+            try:
+                _clients(port, 1, tokens)  # warm-up
+                rows: dict[str, Any] = {str(clients): _clients(port, clients, tokens) for clients in levels}
+                rows["throughput_8_vs_1"] = rows["8"]["total_tokens_per_second"] / rows["1"]["total_tokens_per_second"]
+                rows["p95_8_vs_1"] = rows["8"]["p95_latency_seconds"] / rows["1"]["p95_latency_seconds"]
+                if batch > 1:
+                    rows["16_clients"] = _sixteen_at_once(port)
+            finally:
+                _stop(server)
+            out[loader][f"max_batch_{batch}"] = rows
     return out
+
+
+def _sixteen_at_once(port: int) -> dict[str, int]:
+    """16 questions at once: how many fail, and how many greedy answers equal the question asked alone."""
+    alone = [_api_answer(port, q) for q in QUESTIONS]
+    together: list[str | None] = [None] * len(QUESTIONS)
+    errors: list[str] = []
+
+    def ask(i: int) -> None:
+        try:
+            together[i] = _api_answer(port, QUESTIONS[i])
+        except Exception as error:  # counted, not raised: the point is how many
+            errors.append(str(error))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"errors": len(errors), "identical_to_alone": sum(a == b for a, b in zip(alone, together, strict=True)),
+            "of": len(QUESTIONS)}
 
 
 def streams(count: int = 150, calls: int = 300) -> dict[str, Any]:
