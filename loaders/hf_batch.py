@@ -11,6 +11,9 @@ last logits, as ``generate`` does, and the sequence then becomes a row of the sh
 cache padded on the left to the shared one's length, or the shared one to its). A sequence that
 ends is dropped from the rows, and columns left holding only padding are cut off.
 
+Log probabilities (``FEATURE_LOGPROBS``, batching models only) are the model's own: a log-softmax
+of the raw logits, before the sampling settings, as llama.cpp gives them.
+
 Each sequence samples with its own logits processors (transformers' own, in ``generate``'s order)
 and its own ``torch.Generator`` seeded with its seed: a request gets the same reply alone or in
 any batch.
@@ -27,9 +30,10 @@ imported inside functions only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from loadstar import OutputSpec, SamplingParams, SequenceStep, StreamPiece, prompt_budget
+from loadstar import OutputSpec, SamplingParams, SequenceStep, StreamPiece, TokenChoice, TokenLogprob, prompt_budget
 
 if TYPE_CHECKING:
     from loadstar.loaders.hf_causal_lm import HFCausalLM
@@ -81,7 +85,9 @@ class _Sequence:
     streamer: Any  # hf_causal_lm._PieceStreamer
     eos: frozenset[int]
     reserve: int  # bytes of KV cache this sequence may come to hold
+    logprobs: int | None = None  # alternatives to give per token (None: no log probabilities)
     pieces: list[StreamPiece] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not out yet
     cache: Any = None  # its own DynamicCache while its prompt is read
     fed: int = 0  # prompt tokens read
     generated: int = 0
@@ -99,6 +105,7 @@ class HFBatch:
         self._cache: Any = None  # the shared DynamicCache ([rows, heads, columns, dim] per layer)
         self._mask: Any = None  # [rows, columns]: 1 where a row has a token, 0 for its padding
         self._per_token = kv_bytes_per_token(model.model)
+        self._byte_level = _is_byte_level(model.tokenizer)
 
     # -- DecodeBatch ---------------------------------------------------------------------------
 
@@ -127,6 +134,7 @@ class HFBatch:
             processors=_processors(params, len(ids), eos),
             generator=None if params.greedy else torch.Generator(device=device).manual_seed(seed),
             streamer=None, eos=frozenset(eos), reserve=(self._per_token or 0) * (len(ids) + max_new),
+            logprobs=output.logprobs if output is not None else None,
         )
         sequence.streamer = _PieceStreamer(model.tokenizer, sequence.pieces.append,
                                            skip_special_tokens=params.skip_special_tokens, prompt_seen=True)
@@ -207,27 +215,52 @@ class HFBatch:
     def _choose(self, sequence: _Sequence, logits: Any) -> int:
         import torch
 
+        raw = logits
         if sequence.processors:
-            logits = sequence.processors(torch.tensor([sequence.tokens], device=logits.device), logits)
+            logits = sequence.processors(torch.tensor([sequence.tokens], device=logits.device), logits.clone())
         if sequence.greedy:
-            return int(torch.argmax(logits, dim=-1).item())
-        probabilities = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probabilities, 1, generator=sequence.generator).item())
+            token = int(torch.argmax(logits, dim=-1).item())
+        else:
+            probabilities = torch.softmax(logits, dim=-1)
+            token = int(torch.multinomial(probabilities, 1, generator=sequence.generator).item())
+        if sequence.logprobs is not None:
+            sequence.pending_logprobs.append(self._token_logprob(raw[0], token, sequence.logprobs))
+        return token
+
+    def _token_logprob(self, logits: Any, token: int, top: int) -> TokenLogprob:
+        import torch
+
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+
+        def choice(t: int) -> TokenChoice:
+            piece = _token_bytes(self._model.tokenizer, t, self._byte_level)
+            return TokenChoice(piece.decode("utf-8", errors="replace"), piece, float(logprobs[t]))
+
+        best = torch.topk(logprobs, top).indices.tolist() if top else []
+        return TokenLogprob(choice(token), tuple(choice(int(i)) for i in best))
 
     def _accept(self, sequence: _Sequence, token: int, results: dict[int, SequenceStep]) -> bool:
         """Add ``token`` to ``sequence``, put its text in ``results``; True when the sequence ended."""
         import torch
 
-        sequence.tokens.append(token)
-        sequence.generated += 1
-        sequence.streamer.put(torch.tensor([token]))  # the end-of-sequence token too, as generate does
-        done = token in sequence.eos or sequence.generated >= sequence.max_new
+        if token in sequence.eos:  # the end, as llama.cpp's batch has it: no text, not counted, no log probability
+            if sequence.logprobs is not None:
+                sequence.pending_logprobs.pop()
+            done = True
+        else:
+            sequence.tokens.append(token)
+            sequence.generated += 1
+            sequence.streamer.put(torch.tensor([token]))
+            done = sequence.generated >= sequence.max_new
         if done:
             sequence.streamer.end()
         if sequence.pieces or done:
-            piece = StreamPiece("".join(p.text for p in sequence.pieces), sum(p.tokens for p in sequence.pieces))
+            # the tokens' log probabilities go with the text they make (a piece may carry several)
+            piece = StreamPiece("".join(p.text for p in sequence.pieces), sum(p.tokens for p in sequence.pieces),
+                                tuple(sequence.pending_logprobs))
             results[sequence.key] = SequenceStep(piece if sequence.pieces else None, done=done)
             sequence.pieces.clear()
+            sequence.pending_logprobs.clear()
         return done
 
     # -- the shared cache ----------------------------------------------------------------------
@@ -284,6 +317,43 @@ class HFBatch:
         caches = [self._cache] + [s.cache for s in self._reading]
         return sum(layer.keys.nbytes + layer.values.nbytes for cache in caches if cache is not None
                    for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
+def _token_bytes(tokenizer: Any, token: int, byte_level: bool) -> bytes:
+    """A token's bytes: byte-level BPE's stand-in characters mapped back to bytes, SentencePiece's
+    byte tokens (``<0x0A>``) and word marks undone, special tokens written out."""
+    import re
+
+    text = tokenizer.convert_ids_to_tokens(token)
+    if not isinstance(text, str):
+        return b""
+    if token in getattr(tokenizer, "all_special_ids", ()):
+        return text.encode("utf-8")
+    if byte_level:
+        decoder = _byte_decoder()
+        if all(c in decoder for c in text):
+            return bytes(decoder[c] for c in text)
+        return text.encode("utf-8")
+    byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", text)
+    if byte:
+        return bytes([int(byte.group(1), 16)])
+    return text.replace("\u2581", " ").encode("utf-8")
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM), by its decoder."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return "ByteLevel" in repr(decoder)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE writes each byte as a printable character (GPT-2's table): that table, reversed."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins = {b: b for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in stand_ins):
+        stand_ins[b] = 256 + n
+    return {chr(c): b for b, c in stand_ins.items()}
 
 
 def _pad_left(tensor: Any, columns: int) -> Any:

@@ -9,9 +9,18 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from loadstar import ALL_PARAMS, CancelToken, LoadedModelInfo, SamplingParams, StreamPiece, prompt_budget
+from loadstar import (
+    ALL_PARAMS,
+    FEATURE_LOGPROBS,
+    CancelToken,
+    LoadedModelInfo,
+    SamplingParams,
+    StreamPiece,
+    prompt_budget,
+)
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
 
 if TYPE_CHECKING:
@@ -41,10 +50,11 @@ class HFCausalLM(TokenizerPrompts):
         self, model: Any, tokenizer: Any, info: LoadedModelInfo, *, keepalive: Any = None, max_batch: int = 1
     ) -> None:
         """``keepalive``: an object that owns the model (e.g. a gptqmodel wrapper), freed on unload.
-        ``max_batch`` > 1: requests decode together (``hf_batch``); give 1 where ``batchable`` says no."""
+        ``max_batch`` > 1: requests decode together (``hf_batch``); give 1 where ``batchable`` says no.
+        Requests then go through the batch only, which also gives log probabilities."""
         self.model = model
         self.tokenizer = tokenizer
-        self.info = info
+        self.info = replace(info, features=info.features | {FEATURE_LOGPROBS}) if max_batch > 1 else info
         self._keepalive = keepalive
         self.max_batch = max_batch
         self._batch: HFBatch | None = None

@@ -3,6 +3,7 @@ way, and what a loader that cannot constrain its output gets (the real grammar p
 through the API with llama.cpp in test_api_clients.py)."""
 
 import json
+import math
 
 import pytest
 
@@ -138,8 +139,9 @@ def test_tools_reach_the_template_and_calls_end_the_reply(service_for):  # noqa:
 
 
 @pytest.mark.slow
-def test_the_transformers_loader_has_its_json_validated_and_refuses_logprobs(real_engine):
-    """The real unconstrained path: the real model on Transformers, which has neither feature."""
+def test_the_transformers_loader_has_its_json_validated_and_gives_logprobs(real_engine):
+    """The real unconstrained path: the real model on Transformers, which cannot constrain its
+    output, and gives log probabilities through its batch."""
     question = (ChatMessage(role="user", content="Describe a cat as a JSON object with name and age."),)
     done = real_engine.submit(GenerationRequest(
         messages=question, params=SamplingParams(temperature=0, max_new_tokens=80),
@@ -147,8 +149,29 @@ def test_the_transformers_loader_has_its_json_validated_and_refuses_logprobs(rea
     # Greedy SmolLM2 writes a fenced JSON object and then a sentence about it: the object is the reply.
     assert done.reason == "stop", done.error
     assert isinstance(json.loads(done.text), dict)
-    refused = real_engine.submit(GenerationRequest(messages=question, output=OutputSpec(logprobs=2))).result()
-    assert refused.bad_request and refused.error == "Transformers does not give log probabilities (logprobs)"
+    capital = (ChatMessage(role="user", content="What is the capital of France? Answer in one word."),)
+    plain = real_engine.submit(GenerationRequest(messages=capital, params=SamplingParams(temperature=0, max_new_tokens=24))).result()
+    done = real_engine.submit(GenerationRequest(messages=capital, params=SamplingParams(temperature=0, max_new_tokens=24),
+                                                output=OutputSpec(logprobs=3))).result()
+    assert done.reason in ("stop", "length") and done.text == plain.text and "Paris" in done.text, done
+    assert len(done.logprobs) == done.completion_tokens  # the end-of-sequence token is neither
+    assert b"".join(t.chosen.bytes for t in done.logprobs).decode() == done.text
+    for token in done.logprobs:
+        assert token.chosen.logprob <= 0 and len(token.top) == 3
+        assert token.top[0].token == token.chosen.token  # greedy: the chosen one is the most likely
+        assert math.isclose(token.top[0].logprob, token.chosen.logprob, abs_tol=1e-9)
+        assert sum(math.exp(t.logprob) for t in token.top) <= 1 + 1e-9
+
+
+@pytest.mark.slow
+def test_a_transformers_model_that_does_not_batch_refuses_logprobs(real_engine):
+    real_engine.load_model("SmolLM2-135M-Instruct", "Transformers", {"max_batch": 1})
+    try:
+        assert "one request at a time" in real_engine.models.loaded.details
+        refused = real_engine.submit(GenerationRequest(prompt="Hello", output=OutputSpec(logprobs=2))).result()
+        assert refused.bad_request and refused.error == "Transformers does not give log probabilities (logprobs)"
+    finally:
+        real_engine.load_model("SmolLM2-135M-Instruct", "Transformers")
 
 
 def test_a_call_watch_shows_prose_and_holds_what_may_be_a_call():
