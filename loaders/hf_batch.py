@@ -85,6 +85,7 @@ class _Sequence:
     streamer: Any  # hf_causal_lm._PieceStreamer
     eos: frozenset[int]
     reserve: int  # bytes of KV cache this sequence may come to hold
+    skip_special: bool = True  # special tokens are left out of the text (the end-of-sequence one too)
     logprobs: int | None = None  # alternatives to give per token (None: no log probabilities)
     pieces: list[StreamPiece] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not out yet
@@ -134,7 +135,7 @@ class HFBatch:
             processors=_processors(params, len(ids), eos),
             generator=None if params.greedy else torch.Generator(device=device).manual_seed(seed),
             streamer=None, eos=frozenset(eos), reserve=(self._per_token or 0) * (len(ids) + max_new),
-            logprobs=output.logprobs if output is not None else None,
+            skip_special=params.skip_special_tokens, logprobs=output.logprobs if output is not None else None,
         )
         sequence.streamer = _PieceStreamer(model.tokenizer, sequence.pieces.append,
                                            skip_special_tokens=params.skip_special_tokens, prompt_seen=True)
@@ -243,15 +244,15 @@ class HFBatch:
         """Add ``token`` to ``sequence``, put its text in ``results``; True when the sequence ended."""
         import torch
 
-        if token in sequence.eos:  # the end, as llama.cpp's batch has it: no text, not counted, no log probability
+        end = token in sequence.eos
+        if end and sequence.skip_special:  # as llama.cpp's batch: no text, not counted, no log probability
             if sequence.logprobs is not None:
                 sequence.pending_logprobs.pop()
-            done = True
-        else:
+        else:  # shown when special tokens are asked for, as generate's streamer shows it
             sequence.tokens.append(token)
             sequence.generated += 1
             sequence.streamer.put(torch.tensor([token]))
-            done = sequence.generated >= sequence.max_new
+        done = end or sequence.generated >= sequence.max_new
         if done:
             sequence.streamer.end()
         if sequence.pieces or done:

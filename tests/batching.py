@@ -1,9 +1,12 @@
 """Continuous batching checks, the same for every loader that batches (llama.cpp, Transformers,
-AutoGPTQ): each test module runs them against its own engine with a real model loaded."""
+AutoGPTQ): a test module subclasses ``BatchingChecks`` and gives a ``batch_engine`` fixture, an
+engine with a real batching model loaded."""
 
 from __future__ import annotations
 
 import threading
+
+import pytest
 
 from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.generation.requests import GenerationRequest, TextDelta
@@ -91,3 +94,26 @@ def a_seeded_sample_is_the_same_alone_and_in_a_batch(engine) -> None:
     for handle in others:
         handle.result()
     assert beside == alone
+
+
+class BatchingChecks:
+    """The checks as tests, for a module's ``batch_engine``."""
+
+    @pytest.fixture(scope="class")
+    def alone(self, batch_engine):
+        return answers_alone(batch_engine)
+
+    def test_a_batch_answers_as_each_request_alone(self, batch_engine, alone):
+        batch_answers_as_each_request_alone(batch_engine, alone)  # 16 requests: 4 decode together
+
+    def test_a_request_joins_a_running_batch(self, batch_engine, alone):
+        request_joins_a_running_batch(batch_engine, alone)
+
+    def test_stopping_one_sequence_leaves_the_others_untouched(self, batch_engine, alone):
+        stopping_one_sequence_leaves_the_others_untouched(batch_engine, alone)
+
+    def test_a_stop_string_ends_one_sequence_of_a_batch(self, batch_engine, alone):
+        a_stop_string_ends_one_sequence(batch_engine, alone)
+
+    def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(self, batch_engine):
+        a_seeded_sample_is_the_same_alone_and_in_a_batch(batch_engine)

@@ -318,29 +318,13 @@ def test_the_memory_estimate_is_the_file_plus_the_kv_cache_for_the_context(defau
     assert alone.kv_cache == small.kv_cache // 4 and "KV cache for 1,024 tokens" in alone.describe()
 
 
-# -- continuous batching (the checks are tests/batching.py's, the same for every loader that batches)
+# -- continuous batching: tests/batching.py's checks, the same for every loader that batches
 
 
 @pytest.fixture(scope="module")
-def alone(engine):
-    return batching.answers_alone(engine)
+def batch_engine(engine):
+    return engine
 
 
-def test_a_batch_answers_as_each_request_alone(engine, alone):
-    batching.batch_answers_as_each_request_alone(engine, alone)  # 16 requests: 4 decode together
-
-
-def test_a_request_joins_a_running_batch(engine, alone):
-    batching.request_joins_a_running_batch(engine, alone)
-
-
-def test_stopping_one_sequence_leaves_the_others_untouched(engine, alone):
-    batching.stopping_one_sequence_leaves_the_others_untouched(engine, alone)
-
-
-def test_a_stop_string_ends_one_sequence_of_a_batch(engine, alone):
-    batching.a_stop_string_ends_one_sequence(engine, alone)
-
-
-def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(engine):
-    batching.a_seeded_sample_is_the_same_alone_and_in_a_batch(engine)
+class TestBatching(batching.BatchingChecks):
+    pass

@@ -153,71 +153,51 @@ def test_pickled_code_in_a_bin_file_never_runs(checkpoint_cache, tmp_path):
         engine.close()
 
 
-# -- continuous batching through Transformers (the checks are tests/batching.py's, as for llama.cpp)
+# -- continuous batching through Transformers: tests/batching.py's checks, as for llama.cpp, and more
 
 
 @pytest.fixture(scope="module")
-def alone(real_engine):
-    return batching.answers_alone(real_engine)
+def batch_engine(real_engine):
+    return real_engine
+
+
+class TestTransformersBatching(batching.BatchingChecks):
+    def test_a_long_prompt_is_read_in_chunks_beside_the_decoding(self, batch_engine, alone):
+        """A prompt longer than a chunk joins while others decode; everyone's answer is as alone."""
+        from loadstar.loaders.hf_batch import PREFILL_CHUNK
+
+        padding = "Here is some background you may ignore. " * (PREFILL_CHUNK // 3)
+        long_question = padding + batching.QUESTIONS[0]
+        long_alone = batch_engine.submit(batching.ask(long_question)).result()
+        assert long_alone.prompt_tokens > 2 * PREFILL_CHUNK
+        handles = [batch_engine.submit(batching.ask(q)) for q in batching.QUESTIONS[1:4]]
+        joined = batch_engine.submit(batching.ask(long_question)).result()
+        assert joined.text == long_alone.text
+        for handle in handles:
+            assert handle.result().text == alone[batching.question_of(handle)]
+
+    def test_a_request_waits_while_its_kv_cache_would_not_fit(self, batch_engine, alone, monkeypatch):
+        """With (almost) no memory to spare, a second sequence waits until the first has left."""
+        from loadstar.loaders import hf_batch
+
+        monkeypatch.setattr(hf_batch, "KV_SHARE_OF_FREE_MEMORY", 1e-9)
+        first, second = (batch_engine.submit(batching.ask(q)) for q in batching.QUESTIONS[1:3])
+        order = []  # which request each piece of text came to, in the order they came
+        readers = [threading.Thread(target=lambda n=name, h=handle: order.extend(n for e in h.events() if isinstance(e, TextDelta)))
+                   for name, handle in (("first", first), ("second", second))]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=300)
+        assert first.finished.text == alone[batching.QUESTIONS[1]]
+        assert second.finished.text == alone[batching.QUESTIONS[2]]
+        assert order == sorted(order, key=["first", "second"].index)  # no text of the second before the first ended
 
 
 def test_the_transformers_model_batches(real_engine):
     with real_engine.models.use() as model:
         assert model.max_batch == 4
     assert "batch 4" in real_engine.models.loaded.details
-
-
-def test_a_transformers_batch_answers_as_each_request_alone(real_engine, alone):
-    batching.batch_answers_as_each_request_alone(real_engine, alone)
-
-
-def test_a_request_joins_a_running_transformers_batch(real_engine, alone):
-    batching.request_joins_a_running_batch(real_engine, alone)
-
-
-def test_stopping_one_transformers_sequence_leaves_the_others_untouched(real_engine, alone):
-    batching.stopping_one_sequence_leaves_the_others_untouched(real_engine, alone)
-
-
-def test_a_stop_string_ends_one_sequence_of_a_transformers_batch(real_engine, alone):
-    batching.a_stop_string_ends_one_sequence(real_engine, alone)
-
-
-def test_a_seeded_sample_is_the_same_alone_and_in_a_transformers_batch(real_engine):
-    batching.a_seeded_sample_is_the_same_alone_and_in_a_batch(real_engine)
-
-
-def test_a_long_prompt_is_read_in_chunks_beside_the_decoding(real_engine, alone):
-    """A prompt longer than a chunk joins while others decode; everyone's answer is as alone."""
-    from loadstar.loaders.hf_batch import PREFILL_CHUNK
-
-    padding = "Here is some background you may ignore. " * (PREFILL_CHUNK // 3)
-    long_question = padding + batching.QUESTIONS[0]
-    long_alone = real_engine.submit(batching.ask(long_question)).result()
-    assert long_alone.prompt_tokens > 2 * PREFILL_CHUNK
-    handles = [real_engine.submit(batching.ask(q)) for q in batching.QUESTIONS[1:4]]
-    joined = real_engine.submit(batching.ask(long_question)).result()
-    assert joined.text == long_alone.text
-    for handle in handles:
-        assert handle.result().text == alone[batching.question_of(handle)]
-
-
-def test_a_request_waits_while_its_kv_cache_would_not_fit(real_engine, alone, monkeypatch):
-    """With (almost) no memory to spare, a second sequence waits until the first has left."""
-    from loadstar.loaders import hf_batch
-
-    monkeypatch.setattr(hf_batch, "KV_SHARE_OF_FREE_MEMORY", 1e-9)
-    first, second = (real_engine.submit(batching.ask(q)) for q in batching.QUESTIONS[1:3])
-    order = []  # which request each piece of text came to, in the order they came
-    readers = [threading.Thread(target=lambda n=name, h=handle: order.extend(n for e in h.events() if isinstance(e, TextDelta)))
-               for name, handle in (("first", first), ("second", second))]
-    for reader in readers:
-        reader.start()
-    for reader in readers:
-        reader.join(timeout=300)
-    assert first.finished.text == alone[batching.QUESTIONS[1]]
-    assert second.finished.text == alone[batching.QUESTIONS[2]]
-    assert order == sorted(order, key=["first", "second"].index)  # no text of the second before the first ended
 
 
 def test_models_whose_cache_cannot_be_padded_do_not_batch():
