@@ -215,3 +215,54 @@ def test_models_whose_cache_cannot_be_padded_do_not_batch():
     count, words = batch_size(sliding, 4)
     assert count == 1 and words.startswith("one request at a time (its cache has DynamicSlidingWindowLayer")
     assert kv_bytes_per_token(llama) == 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 KV heads of 8, float32
+
+
+ARCHITECTURES = ["LlamaConfig", "Qwen2Config", "Qwen3Config", "Phi3Config", "GemmaConfig", "Olmo2Config",
+                 "GraniteConfig", "StableLmConfig"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(default_models_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_models_dir / "SmolLM2-135M-Instruct",
+                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.parametrize("config_class", ARCHITECTURES)
+def test_padded_rows_answer_as_generate_does_alone_across_architectures(smollm2_tokenizer, config_class):
+    """Tiny random models of architectures with their own attention, rotary and norm code: four
+    prompts of different lengths join one after another, so rows are padded and shifted; each
+    greedy reply equals transformers' generate on that prompt alone."""
+    import torch
+    import transformers
+
+    from loadstar.engine.models.loader_api import CancelToken, LoadedModelInfo
+    from loadstar.loaders.hf_causal_lm import HFCausalLM
+
+    config = getattr(transformers, config_class)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=smollm2_tokenizer.vocab_size, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    network = transformers.AutoModelForCausalLM.from_config(config).eval()
+    info = LoadedModelInfo(name="tiny", loader="Transformers", device="cpu", dtype="float32", context_length=None)
+    model = HFCausalLM(network, smollm2_tokenizer, info, max_batch=4)
+    prompts = ["Hello there", "What is the capital of France? Tell me all you know about it.", "a", "1 2 3 4 5 6 7"]
+    params = SamplingParams(temperature=0, max_new_tokens=20, ban_eos=True)
+
+    def alone(prompt):
+        pieces = []
+        model.stream_to(prompt, params, CancelToken(), seed=1, emit=lambda piece: pieces.append(piece.text))
+        return "".join(pieces)
+
+    expected = [alone(p) for p in prompts]
+    batch, texts = model.open_batch(), ["" for _ in prompts]
+    for key, prompt in enumerate(prompts):
+        batch.add(key, prompt, params, seed=1)
+    ended = set()
+    while len(ended) < len(prompts):
+        for key, step in batch.step().items():
+            texts[key] += step.piece.text if step.piece else ""
+            if step.done:
+                ended.add(key)
+    assert texts == expected and all(expected)
