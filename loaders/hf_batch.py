@@ -14,6 +14,11 @@ ends is dropped from the rows, and columns left holding only padding are cut off
 Log probabilities (``FEATURE_LOGPROBS``, batching models only) are the model's own: a log-softmax
 of the raw logits, before the sampling settings, as llama.cpp gives them.
 
+Measured on an H100 (tiny random models of eight architectures): in float32 every greedy reply
+in a batch equals ``generate`` alone; in bfloat16, 2 of 32 differed, as half-precision GPU matrix
+kernels are chosen by the batch's size and round differently at near-ties (vLLM and TGI say the same
+of theirs). On CPU (float32 here) they are equal (tests).
+
 Each sequence samples with its own logits processors (transformers' own, in ``generate``'s order)
 and its own ``torch.Generator`` seeded with its seed: a request gets the same reply alone or in
 any batch.

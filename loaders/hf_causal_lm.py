@@ -78,7 +78,7 @@ class HFCausalLM(TokenizerPrompts):
 
         class StopWhenCancelled(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), cancel.cancelled, dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), cancel.cancelled, dtype=torch.bool, device=input_ids.device)
 
         ids = self.encode(prompt)
         budget = prompt_budget(params, self.info.context_length)
