@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from loadstar import OutputSpec, SamplingParams, SequenceStep, StreamPiece, TokenChoice, TokenLogprob, prompt_budget
+from loadstar import OutputSpec, SamplingParams, SequenceStep, StreamPiece, TokenChoice, TokenLogprob
 
 if TYPE_CHECKING:
     from loadstar.loaders.hf_causal_lm import HFCausalLM
@@ -125,10 +125,7 @@ class HFBatch:
         if len(self._reading) + len(self._rows) >= self._slots:
             raise RuntimeError(f"the batch is full ({self._slots} requests)")
         model = self._model
-        ids = model.encode(prompt)
-        budget = prompt_budget(params, model.info.context_length)
-        if budget is not None and len(ids) > budget:
-            ids = ids[-budget:]  # the engine tells the user; the oldest text goes first
+        ids = model.fit_prompt(model.encode(prompt), params)
         if not ids:
             raise ValueError("the prompt is empty after tokenizing")
         context = model.info.context_length

@@ -69,6 +69,11 @@ class HFCausalLM(TokenizerPrompts):
 
     # -- generation ----------------------------------------------------------------------------
 
+    def fit_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt cut to its last tokens when it exceeds the budget (the engine tells the user)."""
+        budget = prompt_budget(params, self.info.context_length)
+        return ids[-budget:] if budget is not None and len(ids) > budget else ids
+
     def stream_to(
         self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, emit: Callable[[StreamPiece], None]
     ) -> None:
@@ -80,10 +85,7 @@ class HFCausalLM(TokenizerPrompts):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 return torch.full((input_ids.shape[0],), cancel.cancelled, dtype=torch.bool, device=input_ids.device)
 
-        ids = self.encode(prompt)
-        budget = prompt_budget(params, self.info.context_length)
-        if budget is not None and len(ids) > budget:
-            ids = ids[-budget:]  # the engine tells the user; the oldest text goes first
+        ids = self.fit_prompt(self.encode(prompt), params)
         input_ids = torch.tensor([ids], device=self.model.device)
         eos_ids = self._eos_ids()
         processors = LogitsProcessorList()
