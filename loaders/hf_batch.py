@@ -97,7 +97,6 @@ class _Sequence:
     cache: Any = None  # its own DynamicCache while its prompt is read
     fed: int = 0  # prompt tokens read
     generated: int = 0
-    started: bool = False
 
 
 class HFBatch:
@@ -196,7 +195,6 @@ class HFBatch:
         model = self._model.model
         if sequence.cache is None:
             sequence.cache = DynamicCache(config=model.config)
-            sequence.started = True
         start, end = sequence.fed, min(sequence.fed + PREFILL_CHUNK, sequence.prompt_length)
         with torch.inference_mode():
             out = model(
@@ -309,8 +307,9 @@ class HFBatch:
 
     def _room_for(self, sequence: _Sequence) -> bool:
         """Whether ``sequence`` may start reading its prompt now (see the module docstring)."""
-        running = [s for s in self._rows + self._reading if s.started]
-        if sequence.started or not running or not sequence.reserve:
+        # started: a row, or reading its prompt into its own cache
+        running = self._rows + [s for s in self._reading if s.cache is not None]
+        if sequence.cache is not None or not running or not sequence.reserve:
             return True
         held = self._held_bytes()
         reserved = sum(s.reserve for s in running)
