@@ -181,6 +181,30 @@ def test_enter_sends_and_shift_enter_adds_a_line(page):
     assert box.input_value() == ""
 
 
+def test_the_next_message_can_be_typed_while_a_reply_streams(page):
+    """Each streamed redraw used to send the message box "" again, wiping what the user typed."""
+    set_parameter(page, "temperature", 0)
+    set_parameter(page, "max_new_tokens", 200)
+    send(page, "Write a long story about a dragon who learns to bake bread.")
+    bot = bot_messages(page)
+    deadline = time.monotonic() + 120
+    while not (bot.count() and len(bot.last.inner_text()) > 5):
+        assert time.monotonic() < deadline, "no reply started"
+        time.sleep(0.05)
+    box = page.locator("#chat-input textarea")
+    box.click()
+    box.type("And what did the dragon bake next?", delay=20)
+    status = wait_for_status(page, r"^(Done|Reached)")
+    assert re.search(r"\((\d{2,}) tokens", status), status  # the reply went on streaming while we typed
+    assert box.input_value() == "And what did the dragon bake next?"
+    box.press("Enter")
+    users = page.locator('#chatbot [data-testid="user"]')
+    wait_until(lambda: users.count() == 2, "the typed message to be sent")
+    assert users.last.inner_text() == "And what did the dragon bake next?"
+    assert box.input_value() == ""
+    wait_for_status(page, r"^(Done|Reached)")
+
+
 def test_loading_shows_what_is_loading_then_the_loaded_model(page):
     page.get_by_role("tab", name="Model").click()
     page.evaluate("""() => {

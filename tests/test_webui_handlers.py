@@ -5,6 +5,7 @@ import pytest
 from loadstar.engine.sampling import SamplingParams, parameter_specs
 from loadstar.webui.chat_handlers import ChatHandlers, Who, new_state, sampling_from_values, stops_from_text
 from loadstar.webui.model_handlers import AUTO_LOADER, ModelHandlers
+from loadstar.webui.streaming import only_changes
 from tests.fakes import FakeLoader
 from tests.folders import hf_folder
 from tests.test_engine import engine_with
@@ -208,3 +209,20 @@ def test_reasoning_is_collapsed_for_display_and_restored_for_an_edit():
     messages = [{"role": "user", "content": "<think>mine</think>"}, {"role": "assistant", "content": text}]
     assert displayed(messages)[0] == messages[0]  # only the model's reasoning is folded
     assert displayed(messages)[1]["content"] == shown
+
+
+def test_a_streamed_redraw_sends_only_the_outputs_that_changed():
+    import gradio as gr
+
+    history, grown, state = [{"role": "user", "content": "hi"}], [{"role": "user", "content": "hi"}], {"id": "c"}
+
+    @only_changes
+    def stream():
+        yield "", history, state, "Generating…"
+        yield "", grown, state, "Generating…"  # an equal chat, but a new list: sent
+        yield "", grown, {"id": "c"}, "Done"  # an equal state, but a new one: sent
+
+    first, second, third = list(stream())
+    assert first == ["", history, state, "Generating…"]
+    assert second == [gr.skip(), grown, gr.skip(), gr.skip()]
+    assert third[:2] == [gr.skip(), gr.skip()] and third[2] == {"id": "c"} and third[3] == "Done"

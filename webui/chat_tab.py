@@ -13,6 +13,7 @@ from loadstar.webui.conversation_handlers import ConversationHandlers
 from loadstar.webui.parameters_tab import ParameterControls
 from loadstar.webui.reasoning import displayed
 from loadstar.webui.remembered import CLOSE_SIDEBAR_ON_PHONE, remember, remembered
+from loadstar.webui.streaming import only_changes
 
 # Chat events run concurrently in Gradio; the engine's own queue orders generation fairly and
 # reports positions, and Stop must never wait behind a running reply.
@@ -146,6 +147,7 @@ class ChatTab:
             return listing(request, state), state.get("title", "") if state else gr.update()
 
         # -- turns ------------------------------------------------------------------------------
+        @only_changes
         def stream(updates, clear_message: bool):
             for update in updates:
                 assert isinstance(update, ChatUpdate)

@@ -8,6 +8,7 @@ from loadstar.engine.facade import Engine
 from loadstar.webui.chat_tab import UNLIMITED, who
 from loadstar.webui.notebook_handlers import NotebookHandlers
 from loadstar.webui.parameters_tab import ParameterControls
+from loadstar.webui.streaming import only_changes
 
 
 def build_notebook_tab(engine: Engine, parameters: ParameterControls) -> None:
@@ -24,7 +25,7 @@ def build_notebook_tab(engine: Engine, parameters: ParameterControls) -> None:
 
     def run(data, request: gr.Request):
         values, stops = parameters.read(data)
-        yield from notebook.generate(data[text], who(request).owner, values, stops)
+        yield from only_changes(notebook.generate)(data[text], who(request).owner, values, stops)
 
     def stop_(request: gr.Request):
         status = notebook.stop(who(request).owner)

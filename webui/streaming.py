@@ -1,17 +1,27 @@
-"""The one loop over a generation's events for the web UI: which events are worth a redraw.
+"""The web UI's streaming: which of a generation's events are worth a redraw, and what each
+redraw sends.
 
 Every update re-renders the whole chat (or notebook) in the browser, so streamed text goes out at
 most once per ``UPDATE_INTERVAL`` (~12 a second keeps the page smooth and leaves the CPU to the
 model, measured in bench/); the first text goes at once (time to first token is what users feel),
-and the queue position, the start and the finish always do. The API streams every delta itself
-(Server-Sent Events on its event loop, see api/openai_routes.py): a different consumer.
+and the queue position, the start and the finish always do.
+
+A redraw names only the outputs that changed (``only_changes``): the browser lays out each output
+it is sent, and a box the user is typing in is left alone.
+
+The API streams every delta itself (Server-Sent Events on its event loop, see
+api/openai_routes.py): a different consumer.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
 
 from loadstar.engine.generation.requests import Finished, GenerationEvent, TextDelta
 from loadstar.engine.generation.service import GenerationHandle
@@ -37,3 +47,27 @@ def redraws(handle: GenerationHandle, interval: float = UPDATE_INTERVAL) -> Iter
             text = event.text
         last = time.monotonic()
         yield Redraw(event, text)
+
+
+def only_changes(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[list[Any]]]:
+    """Wrap a streaming Gradio handler that yields every output each time: an output whose value is
+    the one it sent last time becomes ``gr.skip()``. Text is compared by value, anything else (a
+    chat's history, a state) by identity, so no large value is walked twice."""
+
+    @functools.wraps(handler)
+    def wrapper(*args: Any, **kwargs: Any) -> Iterator[list[Any]]:
+        sent: list[Any] | None = None
+        for row in handler(*args, **kwargs):
+            values = list(row)
+            yield values if sent is None else [gr.skip() if _same(v, s) else v for v, s in zip(values, sent, strict=True)]
+            sent = values
+
+    return wrapper
+
+
+def _same(value: Any, before: Any) -> bool:
+    if isinstance(value, str) and isinstance(before, str):
+        return value == before
+    if isinstance(value, dict) and isinstance(before, dict) and "__type__" in value:
+        return value == before  # gr.update(...)
+    return value is before
