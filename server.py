@@ -171,6 +171,10 @@ def set_library_environment(environ: dict[str, str]) -> None:
     environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Gradio's queue rebuilds a pandas summary of its last 10,000 events after every event (12-18 ms
+    # of CPU each here) for a monitoring page Loadstar never turns on: never, and keep 100.
+    environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**62))
+    environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "100")
 
 
 def use_private_upload_folder(data_dir: Path) -> None:

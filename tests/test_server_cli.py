@@ -122,3 +122,30 @@ def test_a_bad_remembered_loader_or_option_names_settings_json(default_models_di
     result = run_server("--models-dir", str(default_models_dir), "--data-dir", str(tmp_path), "--port", str(free_port()))
     assert_one_line_error(result, problem, 1)
     assert str(tmp_path / "settings.json") in result.stderr and "--loader NAME" in result.stderr
+
+
+def test_gradio_builds_no_monitoring_summary_after_each_event(monkeypatch):
+    """Gradio's queue makes a pandas summary of its recent events after every event (12-18 ms of
+    CPU each) for a monitoring page Loadstar never turns on; server.py's environment stops it."""
+    from gradio.queueing import Queue
+
+    from server import set_library_environment
+
+    records = [{"time": 0.0, "status": "success", "process_time": 0.5, "function": "send", "session_hash": "s"}]
+
+    def summary_after_an_event():
+        queue = Queue(live_updates=False, concurrency_count=1, update_intervals=1, max_size=None, blocks=None)
+        queue.events_recorded += 1
+        return queue.compute_analytics_summary(records), queue.ANALYTICS_MAX_EVENTS
+
+    for name in ("GRADIO_ANALYTICS_CACHE_FREQUENCY", "GRADIO_ANALYTICS_MAX_EVENTS"):
+        monkeypatch.delenv(name, raising=False)
+    summary, _ = summary_after_an_event()
+    assert "send" in summary["functions"]  # Gradio's default: built after every event
+    environ: dict[str, str] = {}
+    set_library_environment(environ)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    summary, kept = summary_after_an_event()
+    assert summary == {"functions": {}}
+    assert kept == 100
