@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from functools import lru_cache
 from importlib.metadata import version
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loadstar import Assessment, Availability, LoadedModelInfo, ModelFolder, ModelLoadError, hookimpl, load_failure
+from loadstar import (
+    Assessment,
+    Availability,
+    LoadedModelInfo,
+    MemoryEstimate,
+    ModelFolder,
+    ModelLoadError,
+    hookimpl,
+    load_failure,
+    read_safetensors_header,
+)
 from loadstar.loaders.hf_causal_lm import HFCausalLM, batch_size
 
 log = logging.getLogger(__name__)
@@ -77,6 +89,23 @@ class TransformersLoader:
         if "bin" in folder.formats:
             return Assessment(True, "unquantized .bin weights, read with torch weights_only (no pickled code runs)", 90)
         return Assessment(False, "only .pt files: not a transformers checkpoint")
+
+    def estimate_memory(self, folder: ModelFolder, options: BaseModel) -> MemoryEstimate | None:
+        """The safetensors weights at the dtype they load in (read from their headers), and the KV
+        cache, which grows as requests use it: a full-context request's, up to ``max_batch`` of them.
+        None for GGUF (dequantized to float32 on load) and .bin weights: their headers are not read."""
+        assert isinstance(options, TransformersOptions)
+        files = folder.files_of("safetensors")
+        if not files or _pick_gguf(folder, options.gguf_file) is not None:
+            return None
+        size = _DTYPE_BYTES[_pick_dtype(options.dtype, _pick_device(options.device), gguf=False)]
+        try:
+            weights = sum(_loaded_bytes(folder.path / f.path, size) for f in files)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(str(error)) from None
+        per_token, context = folder.kv_bytes_per_token, folder.context_length
+        kv = per_token * size // 2 * context * options.max_batch if per_token and context else None
+        return MemoryEstimate(weights, kv, context, options.max_batch, grows=True)
 
     def load(self, folder: ModelFolder, options: BaseModel) -> HFCausalLM:
         assert isinstance(options, TransformersOptions)
@@ -157,6 +186,28 @@ def _pick_dtype(requested: str, device: str, *, gguf: bool) -> str:
 
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "float32" if gguf else "bfloat16"
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_FLOAT_TENSORS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # transformers loads these in the chosen dtype
+
+
+def _loaded_bytes(path: Path, dtype_size: int) -> int:
+    """What a safetensors file's tensors take once loaded: floats at ``dtype_size`` bytes, others as stored."""
+    header, _ = read_safetensors_header(path)
+    total = 0
+    try:
+        for name, tensor in header.items():
+            if name == "__metadata__":
+                continue
+            if tensor["dtype"] in _FLOAT_TENSORS:
+                total += math.prod(int(n) for n in tensor["shape"]) * dtype_size
+            else:
+                start, end = tensor["data_offsets"]
+                total += int(end) - int(start)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path.name} has a corrupt safetensors header (tensor {name!r})") from None
+    return total
 
 
 def _pick_gguf(folder: ModelFolder, requested: str | None) -> str | None:

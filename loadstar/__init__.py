@@ -34,7 +34,12 @@ from loadstar.engine.models.folder import (
     weight_format,
 )
 from loadstar.engine.models.gptq_dequant import dequantize_layer
-from loadstar.engine.models.gptq_tensors import TensorGPTQ, filename_hint, infer_gptq_from_safetensors
+from loadstar.engine.models.gptq_tensors import (
+    TensorGPTQ,
+    filename_hint,
+    infer_gptq_from_safetensors,
+    read_safetensors_header,
+)
 from loadstar.engine.models.load_failures import load_failure
 from loadstar.engine.models.loader_api import (
     FEATURE_GRAMMAR,
@@ -68,7 +73,8 @@ __all__ = [
     "TokenLogprob", "FEATURE_GRAMMAR", "FEATURE_LOGPROBS", "pump",
     # loaders: what they read
     "ModelFolder", "Quantization", "GGUFModelFile", "gguf_models", "missing_parts", "weight_format",
-    "format_size", "TensorGPTQ", "infer_gptq_from_safetensors", "filename_hint", "dequantize_layer",
+    "format_size", "TensorGPTQ", "infer_gptq_from_safetensors", "read_safetensors_header", "filename_hint",
+    "dequantize_layer",
     "SamplingParams", "ALL_PARAMS", "prompt_budget",
     # extensions
     "RequestDraft", "ReplyDraft", "UIContribution", "PluginContext", "GenerationRequest", "ChatMessage",

@@ -217,6 +217,32 @@ def test_models_whose_cache_cannot_be_padded_do_not_batch():
     assert kv_bytes_per_token(llama) == 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 KV heads of 8, float32
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_memory_estimate_is_what_the_loaded_weights_and_cache_take(tmp_path, default_models_dir, dtype):
+    """Weights from the safetensors headers at the dtype they load in, against the loaded model's
+    own tensors; the KV cache per token from config.json, against the loaded model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from loadstar.engine.models.folder import inspect_model_folder
+    from loadstar.loaders.hf_batch import kv_bytes_per_token
+    from loadstar.loaders.transformers_loader import TransformersLoader, TransformersOptions
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).to(torch.float16).save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    folder = inspect_model_folder(tmp_path / "tiny")
+    estimate = TransformersLoader().estimate_memory(folder, TransformersOptions(device="cpu", dtype=dtype, max_batch=4))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=getattr(torch, dtype))
+    assert estimate.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert estimate.kv_cache == kv_bytes_per_token(model) * 512 * 4 and estimate.context == 512
+    words = estimate.describe()
+    assert "for a request of 512 tokens. The KV cache grows as used, up to " in words and "with 4 requests at once" in words
+    # a GGUF is dequantized on load, and its tensors are not read here: no estimate, said so
+    gguf = inspect_model_folder(default_models_dir / "SmolLM2-135M-Instruct")
+    assert TransformersLoader().estimate_memory(gguf, TransformersOptions()) is None
+
+
 ARCHITECTURES = ["LlamaConfig", "Qwen2Config", "Qwen3Config", "Phi3Config", "GemmaConfig", "Olmo2Config",
                  "GraniteConfig", "StableLmConfig"]
 

@@ -199,6 +199,8 @@ class ModelHandlers:
             return f"⚠️ {loader} option {problem_line(error)}"
         except LoadstarError as error:
             return f"⚠️ {error}"
+        if found is None:
+            return f"Memory: {loader} gives no estimate for this model before loading."
         import psutil
 
         return f"Memory: {found.describe(psutil.virtual_memory().available)}"

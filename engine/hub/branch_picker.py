@@ -23,12 +23,12 @@ from loadstar.engine.models.folder import (
     ModelFolder,
     Quantization,
     WeightFile,
+    config_kv_bytes_per_token,
     gguf_bits_per_weight,
     gguf_facts,
     gguf_models,
     gguf_type_from_name,
     gptq_disagreements,
-    kv_bytes_per_token,
     parse_gguf_metadata,
     quantization_from_config,
     weight_format,
@@ -98,15 +98,9 @@ def memory_budget() -> MemoryBudget:
 
 def kv_cache_bytes(config: dict[str, Any], bytes_per_value: int = 2) -> int | None:
     """Keys and values for every layer at the model's full context length."""
-    layers = config.get("num_hidden_layers")
-    heads = config.get("num_attention_heads")
-    kv_heads = config.get("num_key_value_heads") or heads
-    hidden = config.get("hidden_size")
     context = config.get("max_position_embeddings")
-    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, kv_heads, hidden, context)):
-        return None
-    per_token = kv_bytes_per_token(layers, heads, kv_heads, config.get("head_dim"), None, hidden, bytes_per_value=bytes_per_value)
-    return per_token * context if per_token else None
+    per_token = config_kv_bytes_per_token(config, bytes_per_value=bytes_per_value)
+    return per_token * context if per_token and isinstance(context, int) and context > 0 else None
 
 
 def list_branches(client: HubClient, repo_id: str, loaders: Mapping[str, Loader], budget: MemoryBudget) -> list[BranchRow]:

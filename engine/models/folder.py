@@ -91,7 +91,7 @@ class ModelFolder:
     quantization: Quantization | None = None
     chat_template_source: str | None = None  # where the chat template was found, if anywhere
     context_length: int | None = None
-    kv_bytes_per_token: int | None = None  # f16 keys and values per token of context (GGUF headers state it)
+    kv_bytes_per_token: int | None = None  # f16 keys and values per token of context (from the GGUF header or config.json)
     size_bytes: int = 0
     has_config: bool = False
     has_tokenizer: bool = False
@@ -229,14 +229,14 @@ def inspect_model_folder(path: Path) -> ModelFolder:
     problems.extend(corrupt + conflicts)
 
     gguf_files = [w for w in weights if w.format == "gguf"]
-    kv_bytes_per_token = None
+    kv_bytes_per_token = config_kv_bytes_per_token(config) if config else None
     if gguf_files:
         meta = _gguf_metadata(path / gguf_files[0].path, problems)
         if meta:
             architecture = architecture or meta.get("architecture")
             model_type = model_type or meta.get("architecture")
             context_length = context_length or meta.get("context_length")
-            kv_bytes_per_token = meta.get("kv_bytes_per_token")
+            kv_bytes_per_token = meta.get("kv_bytes_per_token") or kv_bytes_per_token
             if meta.get("chat_template") and chat_template_source is None:
                 chat_template_source = gguf_files[0].path
             if quantization is None:
@@ -456,6 +456,16 @@ def kv_bytes_per_token(layers: int | None, heads: int | None, kv_heads: int | No
         return None
     k = key_length or (embedding or 0) // heads
     return layers * kv_heads * (k + (value_length or k)) * bytes_per_value
+
+
+def config_kv_bytes_per_token(config: dict[str, Any], *, bytes_per_value: int = 2) -> int | None:
+    """Bytes of keys and values (f16 by default) per token of context, from a transformers config.json."""
+    layers, heads, hidden = (_int_or_none(config.get(k)) for k in ("num_hidden_layers", "num_attention_heads", "hidden_size"))
+    kv_heads = _int_or_none(config.get("num_key_value_heads")) or heads
+    if not all(v is not None and v > 0 for v in (layers, heads, kv_heads, hidden)):
+        return None
+    return kv_bytes_per_token(layers, heads, kv_heads, _int_or_none(config.get("head_dim")), None, hidden,
+                              bytes_per_value=bytes_per_value)
 
 
 # GGUF value types (ggml's gguf_type): fixed-size ones by struct code; 8 = string, 9 = array.

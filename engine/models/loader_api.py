@@ -294,18 +294,28 @@ class MemoryEstimate:
     """What a load would take, for the Model tab (shown next to the loader options as they change)."""
 
     weights: int  # bytes the weights take once loaded (RAM or VRAM)
-    kv_cache: int | None = None  # bytes of keys and values at ``context`` tokens, when known
+    kv_cache: int | None = None  # bytes of keys and values for ``sequences`` requests of ``context`` tokens, when known
     context: int | None = None
     sequences: int = 1  # requests decoded together, each with ``context`` tokens of KV cache
+    grows: bool = False  # the KV cache is allocated as requests use it (else all of it at load)
 
     def describe(self, free: int | None = None) -> str:
         parts = [f"{format_size(self.weights)} of weights"]
-        if self.kv_cache is not None and self.context:
+        total = self.weights + (self.kv_cache or 0)
+        if self.kv_cache is not None and self.context and self.grows:
+            one = self.kv_cache // self.sequences
+            parts.append(f"{format_size(one)} of KV cache for a request of {self.context:,} tokens")
+            total = self.weights + one
+            grows = " The KV cache grows as used" + (
+                f", up to {format_size(self.kv_cache)} with {self.sequences} requests at once." if self.sequences > 1 else ".")
+        elif self.kv_cache is not None and self.context:
             each = f" ({self.sequences} requests × {self.context:,} tokens)" if self.sequences > 1 else f" for {self.context:,} tokens"
             parts.append(f"{format_size(self.kv_cache)} of KV cache{each}")
-        total = self.weights + (self.kv_cache or 0)
+            grows = ""
+        else:
+            grows = ""
         room = f" (free now: {format_size(free)}{'' if free >= total else ', too little'})" if free else ""
-        return f"About {format_size(total)}: {' + '.join(parts)}{room}."
+        return f"About {format_size(total)}: {' + '.join(parts)}{room}.{grows}"
 
 
 @runtime_checkable
@@ -322,5 +332,6 @@ class Loader(Protocol):
     def load(self, folder: ModelFolder, options: BaseModel) -> LoadedModel:
         """Load the model; raise ``loadstar.ModelLoadError`` with a one-line reason on failure."""
 
-    # Optional, used when present: ``estimate_memory(folder, options) -> MemoryEstimate`` says what
-    # a load with these options would take, without loading (the Model tab shows it as options change).
+    # Optional, used when present: ``estimate_memory(folder, options) -> MemoryEstimate | None`` says
+    # what a load with these options would take, without loading (the Model tab shows it as options
+    # change); None when it cannot tell for this folder.
