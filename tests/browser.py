@@ -81,6 +81,16 @@ def bot_messages(page):
     return page.locator('#chatbot [data-testid="bot"]')
 
 
+def start_long_story(page, max_new_tokens: int):
+    """Ask for a long greedy story and wait until its reply shows text; returns the bot messages."""
+    set_parameter(page, "temperature", 0)
+    set_parameter(page, "max_new_tokens", max_new_tokens)
+    send(page, "Write a very long story about a dragon who learns to bake bread.")
+    bot = bot_messages(page)
+    wait_until(lambda: bot.count() and len(bot.last.inner_text()) > 5, "a reply to start", timeout=120)
+    return bot
+
+
 def user_messages(page):
     return page.locator('#chatbot [data-testid="user"]')
 

@@ -12,6 +12,7 @@ from tests.browser import (
     reload,
     send,
     set_parameter,
+    start_long_story,
     wait_for_status,
     wait_until,
     watch_console,
@@ -44,14 +45,7 @@ def test_chat_streams_a_greedy_answer_naming_paris(page):
 
 
 def test_stop_mid_stream_stops_the_stream(page):
-    set_parameter(page, "temperature", 0)
-    set_parameter(page, "max_new_tokens", 600)
-    send(page, "Write a very long story about a dragon who learns to bake bread.")
-    bot = bot_messages(page)
-    deadline = time.monotonic() + 120
-    while not (bot.count() and len(bot.last.inner_text()) > 5):
-        assert time.monotonic() < deadline, "no reply started"
-        time.sleep(0.05)
+    bot = start_long_story(page, 600)
     page.locator("#stop").click()
     status = wait_for_status(page, r"^Stopped")
     stopped_text = bot.last.inner_text()
@@ -183,14 +177,7 @@ def test_enter_sends_and_shift_enter_adds_a_line(page):
 
 def test_the_next_message_can_be_typed_while_a_reply_streams(page):
     """Each streamed redraw used to send the message box "" again, wiping what the user typed."""
-    set_parameter(page, "temperature", 0)
-    set_parameter(page, "max_new_tokens", 200)
-    send(page, "Write a long story about a dragon who learns to bake bread.")
-    bot = bot_messages(page)
-    deadline = time.monotonic() + 120
-    while not (bot.count() and len(bot.last.inner_text()) > 5):
-        assert time.monotonic() < deadline, "no reply started"
-        time.sleep(0.05)
+    start_long_story(page, 200)
     box = page.locator("#chat-input textarea")
     box.click()
     box.type("And what did the dragon bake next?", delay=20)
