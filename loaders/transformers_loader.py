@@ -98,7 +98,7 @@ class TransformersLoader:
         files = folder.files_of("safetensors")
         if not files or _pick_gguf(folder, options.gguf_file) is not None:
             return None
-        size = _DTYPE_BYTES[_pick_dtype(options.dtype, _pick_device(options.device), gguf=False)]
+        size = _DTYPE_BYTES.get(options.dtype, 2)  # auto: bfloat16, or float16 on GPUs without it (no torch import to ask)
         try:
             weights = sum(_loaded_bytes(folder.path / f.path, size) for f in files)
         except (OSError, ValueError) as error:

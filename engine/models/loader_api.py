@@ -300,22 +300,19 @@ class MemoryEstimate:
     grows: bool = False  # the KV cache is allocated as requests use it (else all of it at load)
 
     def describe(self, free: int | None = None) -> str:
-        parts = [f"{format_size(self.weights)} of weights"]
-        total = self.weights + (self.kv_cache or 0)
-        if self.kv_cache is not None and self.context and self.grows:
-            one = self.kv_cache // self.sequences
-            parts.append(f"{format_size(one)} of KV cache for a request of {self.context:,} tokens")
-            total = self.weights + one
-            grows = " The KV cache grows as used" + (
-                f", up to {format_size(self.kv_cache)} with {self.sequences} requests at once." if self.sequences > 1 else ".")
-        elif self.kv_cache is not None and self.context:
+        parts, after = [f"{format_size(self.weights)} of weights"], ""
+        kv = self.kv_cache if self.context else None
+        if kv is not None and self.grows:
+            kv //= self.sequences  # one full-context request's; the others' only as they use it
+            parts.append(f"{format_size(kv)} of KV cache for a request of {self.context:,} tokens")
+            after = " The KV cache grows as used" + (
+                f", up to {format_size(self.kv_cache or 0)} with {self.sequences} requests at once." if self.sequences > 1 else ".")
+        elif kv is not None:
             each = f" ({self.sequences} requests × {self.context:,} tokens)" if self.sequences > 1 else f" for {self.context:,} tokens"
-            parts.append(f"{format_size(self.kv_cache)} of KV cache{each}")
-            grows = ""
-        else:
-            grows = ""
+            parts.append(f"{format_size(kv)} of KV cache{each}")
+        total = self.weights + (kv or 0)
         room = f" (free now: {format_size(free)}{'' if free >= total else ', too little'})" if free else ""
-        return f"About {format_size(total)}: {' + '.join(parts)}{room}.{grows}"
+        return f"About {format_size(total)}: {' + '.join(parts)}{room}.{after}"
 
 
 @runtime_checkable
