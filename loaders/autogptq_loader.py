@@ -35,6 +35,7 @@ from loadstar import (
     Assessment,
     Availability,
     LoadedModelInfo,
+    MemoryEstimate,
     ModelFolder,
     ModelLoadError,
     Quantization,
@@ -48,6 +49,7 @@ from loadstar import (
 from loadstar.loaders.derived_folder import derived_folder
 from loadstar.loaders.gptq_dense import dense_bytes, load_dense
 from loadstar.loaders.hf_causal_lm import HFCausalLM, batch_size
+from loadstar.loaders.weight_bytes import loaded_bytes
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,32 @@ class AutoGPTQLoader:
             return Assessment(True, ", ".join(notes), 60)
         priority = 100 if gptq.bits == 8 else 80  # 4-bit: ExLlamaV2 is faster where it runs
         return Assessment(True, ", ".join(notes), priority)
+
+    def estimate_memory(self, folder: ModelFolder, options: BaseModel) -> MemoryEstimate | None:
+        """For the exact float32 path (the CPU's choice whenever it fits): every GPTQ layer
+        dequantized, read from the safetensors headers, and a float32 KV cache that grows as used.
+        None for the packed kernels: what they hold differs by kernel (the int8 one repacks 4-bit
+        weights into bytes; CUDA kernels reorder them), and a guess is not shown."""
+        assert isinstance(options, AutoGPTQOptions)
+        gptq, files = folder.gptq, folder.files_of("safetensors")
+        if gptq is None or not files or not gptq.bits or 32 % gptq.bits:
+            return None
+        import torch
+
+        device = _pick_device(options.device, torch)
+        backend = options.backend
+        if backend == "auto":
+            stored = sum(w.size for w in folder.weight_files if w.format in ("safetensors", "pt"))
+            backend = choose_kernel(gptq, folder.tensor_gptq, device, dense_fits=_dense_fits(stored, gptq.bits)).backend
+        if backend != DENSE:
+            return None
+        try:
+            weights = sum(loaded_bytes(folder.path / f.path, 4, dequantized_bits=gptq.bits) for f in files)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(str(error)) from None
+        per_token, context = folder.kv_bytes_per_token, folder.context_length
+        kv = per_token * 2 * context * options.max_batch if per_token and context else None  # f16 figure, float32 cache
+        return MemoryEstimate(weights, kv, context, options.max_batch, grows=True)
 
     def load(self, folder: ModelFolder, options: BaseModel) -> HFCausalLM:
         assert isinstance(options, AutoGPTQOptions)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 from functools import lru_cache
 from importlib.metadata import version
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,9 +26,9 @@ from loadstar import (
     ModelLoadError,
     hookimpl,
     load_failure,
-    read_safetensors_header,
 )
 from loadstar.loaders.hf_causal_lm import HFCausalLM, batch_size
+from loadstar.loaders.weight_bytes import loaded_bytes
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +98,7 @@ class TransformersLoader:
             return None
         size = _DTYPE_BYTES.get(options.dtype, 2)  # auto: bfloat16, or float16 on GPUs without it (no torch import to ask)
         try:
-            weights = sum(_loaded_bytes(folder.path / f.path, size) for f in files)
+            weights = sum(loaded_bytes(folder.path / f.path, size) for f in files)
         except (OSError, ValueError) as error:
             raise ModelLoadError(str(error)) from None
         per_token, context = folder.kv_bytes_per_token, folder.context_length
@@ -189,25 +187,6 @@ def _pick_dtype(requested: str, device: str, *, gguf: bool) -> str:
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_FLOAT_TENSORS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # transformers loads these in the chosen dtype
-
-
-def _loaded_bytes(path: Path, dtype_size: int) -> int:
-    """What a safetensors file's tensors take once loaded: floats at ``dtype_size`` bytes, others as stored."""
-    header, _ = read_safetensors_header(path)
-    total = 0
-    try:
-        for name, tensor in header.items():
-            if name == "__metadata__":
-                continue
-            if tensor["dtype"] in _FLOAT_TENSORS:
-                total += math.prod(int(n) for n in tensor["shape"]) * dtype_size
-            else:
-                start, end = tensor["data_offsets"]
-                total += int(end) - int(start)
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{path.name} has a corrupt safetensors header (tensor {name!r})") from None
-    return total
 
 
 def _pick_gguf(folder: ModelFolder, requested: str | None) -> str | None:

@@ -199,3 +199,20 @@ def test_a_gptq_batch_answers_as_each_request_alone(engine, backend):
     questions = batching.QUESTIONS[:4]
     alone = batching.answers_alone(engine, questions)
     batching.batch_answers_as_each_request_alone(engine, alone, questions)
+
+
+@pytest.mark.skipif("cuda_available()", reason="the exact float32 path is the CPU's choice")
+@pytest.mark.parametrize("name", ["smol-4bit-g128", "smol-8bit-nogroup-act"])
+def test_the_memory_estimate_of_the_exact_path_is_what_the_loaded_model_holds(engine, name):
+    from loadstar.loaders.autogptq_loader import AutoGPTQOptions
+
+    loader, folder = engine.loaders()["AutoGPTQ"], engine.models.inspect(name)
+    estimate = loader.estimate_memory(folder, AutoGPTQOptions())
+    engine.load_model(name, "AutoGPTQ")
+    with engine.models.use() as model:
+        assert "dense_float32 kernel" in model.info.details
+        assert estimate.weights == sum(p.numel() * p.element_size() for p in model.model.parameters())
+        assert estimate.kv_cache == model.open_batch()._per_token * folder.context_length * 4
+    assert "The KV cache grows as used" in estimate.describe()
+    # a packed kernel's memory differs by kernel: no estimate rather than a guess
+    assert loader.estimate_memory(folder, AutoGPTQOptions(backend="gptq_torch_int8")) is None
