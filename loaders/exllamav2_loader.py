@@ -31,7 +31,6 @@ from loadstar import (
     StreamPiece,
     hookimpl,
     load_failure,
-    prompt_budget,
 )
 from loadstar.loaders.derived_folder import derived_folder
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
@@ -171,10 +170,7 @@ class ExLlamaV2Model(TokenizerPrompts):
         eos = self.tokenizer.eos_token_id
         if params.ban_eos and eos is not None:
             settings.disallow_tokens(self._ex_tokenizer, [eos])
-        ids = self.encode(prompt)
-        budget = prompt_budget(params, self.info.context_length)
-        if budget is not None and len(ids) > budget:
-            ids = ids[-budget:]
+        ids = self.fit_prompt(self.encode(prompt), params)
         job = ExLlamaV2DynamicJob(
             input_ids=torch.tensor([ids]),
             max_new_tokens=params.max_new_tokens,

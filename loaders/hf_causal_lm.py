@@ -19,7 +19,6 @@ from loadstar import (
     LoadedModelInfo,
     SamplingParams,
     StreamPiece,
-    prompt_budget,
 )
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
 
@@ -68,11 +67,6 @@ class HFCausalLM(TokenizerPrompts):
         return self._batch
 
     # -- generation ----------------------------------------------------------------------------
-
-    def fit_prompt(self, ids: list[int], params: SamplingParams) -> list[int]:
-        """The prompt cut to its last tokens when it exceeds the budget (the engine tells the user)."""
-        budget = prompt_budget(params, self.info.context_length)
-        return ids[-budget:] if budget is not None and len(ids) > budget else ids
 
     def stream_to(
         self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, emit: Callable[[StreamPiece], None]

@@ -49,7 +49,6 @@ from loadstar import (
     hookimpl,
     load_failure,
     missing_parts,
-    prompt_budget,
 )
 
 if TYPE_CHECKING:
@@ -222,11 +221,6 @@ class LlamaCppModel(LoadedModel):
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
-
-    def fit_prompt(self, tokens: list[int], params: SamplingParams) -> list[int]:
-        """The prompt cut to its last tokens when it exceeds the budget (the engine tells the user)."""
-        budget = prompt_budget(params, self.info.context_length)
-        return tokens[-budget:] if budget is not None and len(tokens) > budget else tokens
 
     # -- generation ----------------------------------------------------------------------------
 

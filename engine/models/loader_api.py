@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar, runtime_
 from pydantic import BaseModel
 
 from loadstar.engine.models.folder import ModelFolder, format_size
-from loadstar.engine.sampling import ALL_PARAMS, SamplingParams
+from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
 
 T = TypeVar("T")
 
@@ -144,6 +144,12 @@ class LoadedModel:
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in this model's tokenizer (as a prompt, special tokens included)."""
         raise NotImplementedError(f"{type(self).__name__} does not count tokens")
+
+    def fit_prompt(self, tokens: list[int], params: SamplingParams) -> list[int]:
+        """A prompt's token ids cut to their last ``prompt_budget`` when they exceed it (the oldest
+        text goes first; the engine tells the user), for a loader that tokenizes itself."""
+        budget = prompt_budget(params, self.info.context_length)
+        return tokens[-budget:] if budget is not None and len(tokens) > budget else tokens
 
     def stream(
         self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, output: OutputSpec | None = None,
