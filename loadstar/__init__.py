@@ -24,6 +24,7 @@ from loadstar.engine.errors import (
 )
 from loadstar.engine.generation.requests import GenerationRequest
 from loadstar.engine.metrics import MetricsSnapshot
+from loadstar.engine.models.default_model import default_model_source
 from loadstar.engine.models.folder import (
     GGUFModelFile,
     ModelFolder,
@@ -74,7 +75,7 @@ __all__ = [
     # loaders: what they read
     "ModelFolder", "Quantization", "GGUFModelFile", "gguf_models", "missing_parts", "weight_format",
     "format_size", "TensorGPTQ", "infer_gptq_from_safetensors", "read_safetensors_header", "filename_hint",
-    "dequantize_layer",
+    "dequantize_layer", "default_model_source",
     "SamplingParams", "ALL_PARAMS", "prompt_budget",
     # extensions
     "RequestDraft", "ReplyDraft", "UIContribution", "PluginContext", "GenerationRequest", "ChatMessage",
