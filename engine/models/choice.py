@@ -8,12 +8,12 @@ choice fails with that loader's own reason rather than silently using another.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from loadstar.engine.errors import NoLoaderError, one_line
-from loadstar.engine.models.loader_api import Loader
 from loadstar.engine.models.folder import ModelFolder
+from loadstar.engine.models.loader_api import Loader
 
 log = logging.getLogger(__name__)
 

