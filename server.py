@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-batch", metavar="N", type=int, default=None,
                        help="requests decoded together by a loader that batches (llama.cpp, Transformers, AutoGPTQ; default 4); "
                             "1 = one at a time")
+    model.add_argument("--in-process-models", action="store_true",
+                       help="load models in the server process instead of a worker process each (for debugging: "
+                            "a native fault in a loader then stops the server)")
+    model.add_argument("--max-models", metavar="N", type=int, default=1,
+                       help="models kept loaded at once, each in its own worker (default: %(default)s); loading one "
+                            "more unloads the least recently used")
+    model.add_argument("--idle-unload", metavar="MINUTES", type=float, default=None,
+                       help="unload a model that no request has used for this many minutes (default: never)")
     model.add_argument("--allow-pt", action="store_true",
                        help="allow pickled .pt weights when a model has no .safetensors (read with torch "
                             "weights_only; only for sources you trust)")
@@ -129,6 +137,9 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             load_model=not args.no_model,
             device=args.device,
             allow_pt=args.allow_pt,
+            model_workers=not args.in_process_models,
+            max_models=args.max_models,
+            idle_unload_minutes=args.idle_unload,
             max_batch=args.max_batch,
             host=args.host,
             port=args.port,

@@ -26,8 +26,9 @@ def build_http_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        # Unauthenticated by design (for probes): says nothing about which model is loaded.
-        return {"status": "ok", "model_loaded": engine.loaded is not None}
+        # Unauthenticated by design (for probes): says nothing about which model is loaded. ``model_problem``:
+        # why none is, after its worker crashed (the same line the UI's model line shows), else null.
+        return {"status": "ok", "model_loaded": engine.loaded is not None, "model_problem": engine.model_problem}
 
     if settings.api_enabled:
         keys = ApiKeys(settings.api_key, settings.admin_key)

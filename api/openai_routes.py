@@ -59,19 +59,24 @@ def build_router(
 
     @router.get("/v1/models", dependencies=[user])
     def list_models() -> dict[str, Any]:
-        """Every local model, with the loader that would load it and whether it is the loaded one
-        (the loaded model first). Inspections are cached by folder contents: no weights are read."""
-        loaded = engine.loaded
+        """Every local model, with the loader that would load it and whether it is loaded (``loaded``:
+        resident in a worker, up to --max-models; ``current``: the one requests naming no loaded model
+        get). Loaded models first, the current one first of all. Inspections are cached by folder
+        contents: no weights are read."""
+        resident = {info.name: info for info in engine.resident_models()}
+        current = engine.loaded
         data = []
         for name in engine.list_models():
-            try:
-                best = next((c.loader for c in engine.candidates(name) if c.usable), None)
-            except LoadstarError:
-                best = None
-            is_loaded = bool(loaded and loaded.name == name)
+            info = resident.get(name)
+            if info is None:
+                try:
+                    best = next((c.loader for c in engine.candidates(name) if c.usable), None)
+                except LoadstarError:
+                    best = None
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "loadstar",
-                         "loader": loaded.loader if is_loaded and loaded else best, "loaded": is_loaded})
-        data.sort(key=lambda row: not row["loaded"])
+                         "loader": info.loader if info else best, "loaded": info is not None,
+                         "current": bool(current and current.name == name)})
+        data.sort(key=lambda row: (not row["current"], not row["loaded"]))
         return {"object": "list", "data": data}
 
     @router.post("/v1/chat/completions")
@@ -96,14 +101,14 @@ def build_router(
 
     @router.get("/admin/models", dependencies=[admin])
     def admin_models() -> dict[str, Any]:
-        loaded = engine.loaded
+        resident = {info.name for info in engine.resident_models()}
         rows = []
         for name in engine.list_models():
             try:
                 summary = engine.inspect(name).summary()
             except LoadstarError as error:
                 summary = str(error)
-            rows.append({"name": name, "summary": summary, "loaded": bool(loaded and loaded.name == name)})
+            rows.append({"name": name, "summary": summary, "loaded": name in resident})
         return {"models": rows, "loaded": _loaded_dict(engine)}
 
     @router.post("/admin/models/load", dependencies=[admin])
@@ -137,12 +142,12 @@ def build_router(
         return _job_dict(job)
 
     async def _load_named(name: str) -> None:
-        """With --load-on-request: load the local model a request names, if it is not the loaded one."""
-        loaded = engine.loaded
-        if (loaded is not None and loaded.name == name) or name not in engine.list_models():
+        """With --load-on-request: load the local model a request names, if it is not loaded (the least
+        recently used one may go, past --max-models)."""
+        if engine.models_resident(name) or name not in engine.list_models():
             return
         try:
-            await anyio.to_thread.run_sync(engine.load_model, name, None, None)
+            await anyio.to_thread.run_sync(engine.ensure_loaded, name)
         except LoadstarError as error:
             raise ApiError(400, f"could not load '{name}': {error}", "invalid_request_error", code="load_failed") from None
 
@@ -152,7 +157,9 @@ def build_router(
     ) -> Any:
         if load_on_request:
             await _load_named(body.model)
-        loaded = engine.loaded
+        # A request naming a loaded model goes to it; any other name to the current model.
+        target = body.model if engine.models_resident(body.model) else None
+        loaded = next((m for m in engine.resident_models() if m.name == target), None) if target else engine.loaded
         if loaded is None:
             raise ApiError(503, "no model is loaded: load one in the UI or with POST /admin/models/load",
                            "server_error", code="model_not_loaded")
@@ -180,7 +187,7 @@ def build_router(
                 seed = -1 if body.seed is None else (body.seed + index) % (SEED_MAX + 1)
                 handles.append(engine.submit(GenerationRequest(
                     messages=messages, prompt=prompt, params=params.model_copy(update={"seed": seed}), owner=owner,
-                    stop=body.stop_strings(), output=output, tools=tools,
+                    stop=body.stop_strings(), output=output, tools=tools, model=target,
                 )))
         except (BadRequestError, ValidationError) as error:
             for handle in handles:

@@ -117,14 +117,19 @@ def render(report: dict[str, Any]) -> str:
         d = s["decode"]
         lines += ["## Decode speed and time to first token (default model, greedy, same prompt)", "",
                   "| path | tokens/s | TTFT (s) | decode vs raw | TTFT vs raw |", "|---|---|---|---|---|"]
-        names = {"raw": "llama.cpp's own generate", "engine": "engine (llama.cpp loader)", "api": "API",
-                 "ui": "browser", "transformers_engine": "engine, Transformers loader (same GGUF)"}
-        for face in ("raw", "engine", "api", "ui", "transformers_engine"):
+        names = {"raw": "llama.cpp's own generate", "engine": "engine (llama.cpp loader, in process)",
+                 "worker_engine": "engine (llama.cpp loader, in a worker)", "api": "API (worker)",
+                 "ui": "browser (worker)", "transformers_engine": "engine, Transformers loader (same GGUF)"}
+        for face in ("raw", "engine", "worker_engine", "api", "ui", "transformers_engine"):
             row = d.get(face)
             if row is None:
                 continue
             lines.append(f"| {names[face]} | {_f(row['tokens_per_second'], 1)} | {_f(row['ttft_seconds'], 3)} | "
                          f"{_f(row.get('decode_vs_raw', 1.0))} | {_f(row.get('ttft_vs_raw', 1.0))} |")
+        if "load_seconds" in d:
+            ls = d["load_seconds"]
+            lines += ["", f"Load of the default model (llama.cpp): {_f(ls['in_process'])} s in process, "
+                      f"{_f(ls['worker'])} s in a worker (its start included)."]
         if "llama_cpp_vs_transformers_decode" in d:
             lines += ["", f"llama.cpp vs Transformers decode on the same GGUF: {_f(d['llama_cpp_vs_transformers_decode'])}x."]
         if "prefix_cache" in d:

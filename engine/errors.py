@@ -36,6 +36,14 @@ class GenerationFailed(LoadstarError):
     """Generation failed for a reason outside Loadstar (a remote server went away): not a plugin bug."""
 
 
+class WorkerCrashed(LoadstarError):
+    """The model's worker process died; what it was doing is lost (the server stays up)."""
+
+
+class WorkerError(LoadstarError):
+    """An error raised inside a model's worker by something other than Loadstar, worded there in one line."""
+
+
 class BadRequestError(LoadstarError):
     """A generation request does not make sense (no model, empty input, ...)."""
 

@@ -45,7 +45,8 @@ class Engine:
     def __init__(self, settings: Settings, plugins: PluginHost | None = None) -> None:
         self.settings = settings
         self.remembered = UserSettingsStore(settings.settings_file)
-        self._chosen_format: tuple[LoadedModelInfo, ChosenFormat] | None = None
+        # Each resident model's prompt format, keyed by its info object (a new load makes a new one).
+        self._chosen_formats: dict[str, tuple[LoadedModelInfo, ChosenFormat]] = {}
         self.plugins = plugins or PluginHost(
             third_party=settings.third_party_plugins, enabled=self.remembered.read().extensions,
             disabled=settings.disabled_plugins,
@@ -62,7 +63,14 @@ class Engine:
                 "allow_pt": settings.allow_pt,
                 **({"max_batch": settings.max_batch} if settings.max_batch is not None else {}),
             },
+            workers=settings.model_workers,
+            log_level=logging.getLevelName(logging.getLogger("loadstar").getEffectiveLevel()),
+            max_models=settings.max_models,
         )
+        self._closing = threading.Event()
+        if settings.idle_unload_minutes is not None:
+            threading.Thread(target=self._unload_idle_models, args=(settings.idle_unload_minutes * 60,),
+                             name="loadstar-idle-unload", daemon=True).start()
         self.pipeline = RequestPipeline(self.plugins, self.prompt_format)
         self.generation = GenerationService(self.models, self.models.model_thread, self.pipeline)
         self.downloads = DownloadManager(settings.models_dir, settings.hub_endpoint, settings.hub_token)
@@ -109,8 +117,32 @@ class Engine:
             raise BadRequestError("no model is loaded")
         return self.load_model(current.name)
 
-    def unload_model(self) -> bool:
-        return self.models.unload()
+    def unload_model(self, name: str | None = None) -> bool:
+        """Unload model ``name`` (None: the current one); False if it was not loaded."""
+        return self.models.unload(name)
+
+    def models_resident(self, name: str) -> bool:
+        """Whether model ``name`` is loaded (current or not)."""
+        return self.models.is_resident(name)
+
+    def resident_models(self) -> list[LoadedModelInfo]:
+        """Every loaded model (up to --max-models), the current one first."""
+        return self.models.resident()
+
+    def ensure_loaded(self, name: str) -> LoadedModelInfo:
+        """Model ``name`` loaded (as it was last time), without making it the current one: the API's
+        --load-on-request. A resident model is used as it is; else the least recently used may go."""
+        if self.models.is_resident(name):
+            return self.models.ensure_resident(name)
+        saved = self.saved_choice(name)
+        return self.models.ensure_resident(name, saved.loader if saved else None, saved.options if saved else None)
+
+    def _unload_idle_models(self, idle_seconds: float) -> None:
+        while not self._closing.wait(min(30.0, idle_seconds / 4)):
+            try:
+                self.models.unload_idle(idle_seconds)
+            except Exception:
+                log.exception("unloading idle models failed")
 
     def startup_choice(self) -> StartupChoice:
         """Which model to load at start: --model, else the last one used, else the embedded default.
@@ -159,7 +191,7 @@ class Engine:
 
         Worked out once per load (it reads settings.json and the model card), not per request.
         """
-        cached = self._chosen_format
+        cached = self._chosen_formats.get(model.info.name)
         if cached is not None and cached[0] is model.info:
             return cached[1]
         elsewhere = model.chat_rendered_by  # e.g. a remote server with its own template
@@ -167,7 +199,7 @@ class Engine:
             chosen = ChosenFormat(COMPLETION, f"chats go to {elsewhere} as messages; it applies its own chat template",
                                   source="remote")
         else:
-            folder = self.models.loaded_folder
+            folder = self.models.folder_of(model.info.name)
             saved = self.saved_choice(model.info.name)
             chosen = choose_format(
                 own_template=model.chat_template,
@@ -177,7 +209,7 @@ class Engine:
             )
             if folder is not None:
                 chosen = replace(chosen, system_message=model_system_message(folder.path))
-        self._chosen_format = (model.info, chosen)  # keyed by the info object: a new load makes a new one
+        self._chosen_formats[model.info.name] = (model.info, chosen)
         return chosen
 
     def loaded_prompt_format(self) -> ChosenFormat | None:
@@ -195,7 +227,7 @@ class Engine:
         previous = remembered.models.get(loaded.name) or ModelChoice()
         choice = previous.model_copy(update={"prompt_format": None if name == AUTO else name})
         self.remembered.write(remembered.model_copy(update={"models": {**remembered.models, loaded.name: choice}}))
-        self._chosen_format = None
+        self._chosen_formats.pop(loaded.name, None)
         return self.loaded_prompt_format()
 
     def preview(self, request: GenerationRequest) -> PreparedRequest:
@@ -246,6 +278,11 @@ class Engine:
     def loaded(self) -> LoadedModelInfo | None:
         """The model loaded now, or None."""
         return self.models.loaded
+
+    @property
+    def model_problem(self) -> str | None:
+        """Why the model is not loaded after its worker crashed (one line), or None."""
+        return self.models.problem
 
     def list_models(self) -> list[str]:
         """Model folder names in the models folder."""
@@ -330,10 +367,12 @@ class Engine:
         return self.generation.cancel_owner(owner)
 
     def close(self) -> None:
+        self._closing.set()
         self.generation.close()
-        try:
-            self.models.unload()
-        except LoadstarError:
-            pass
+        for info in self.models.resident():
+            try:
+                self.models.unload(info.name)
+            except LoadstarError:
+                pass
         self.models.model_thread.stop()
         self.pipeline.close()

@@ -25,6 +25,13 @@ class Settings(BaseModel):
     auth: tuple[tuple[str, str], ...] = Field((), description="(user, password) pairs for the web UI.")
     max_batch: int | None = Field(None, ge=1, le=64, description=(
         "Requests a batching loader decodes together (continuous batching); None = the loader's default."))
+    model_workers: bool = Field(True, description=(
+        "Load each model in a worker process of its own, so a native fault never takes the server down "
+        "(off: in the server process, for debugging and in-process tests)."))
+    max_models: int = Field(1, ge=1, le=16, description=(
+        "Models kept loaded at once; loading one more unloads the least recently used."))
+    idle_unload_minutes: float | None = Field(None, gt=0, le=10_080, description=(
+        "Unload a model no request has used for this many minutes (None: never)."))
     allow_pt: bool = Field(False, description="Allow pickled .pt weights (read with torch weights_only) when no safetensors exist.")
     api_enabled: bool = Field(True, description="Serve the OpenAI-compatible API under /v1.")
     api_key: str | None = Field(None, min_length=8, description="Bearer key for /v1 and /metrics (required off loopback).")

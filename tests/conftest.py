@@ -14,6 +14,49 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def loose_model_work() -> list[str]:
+    """Model threads and model workers of this process still running (none once every engine is closed)."""
+    import threading
+
+    import psutil
+
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("loadstar-model") and t.is_alive()]
+    workers = [f"worker pid {p.pid}" for p in psutil.Process().children(recursive=True)
+               if "loadstar.engine.models.worker_main" in " ".join(_cmdline(p))]
+    return threads + workers
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except Exception:  # it ended meanwhile
+        return []
+
+
+@pytest.fixture(autouse=True)
+def _close_engines_made_by_the_test():
+    """Close the engines ``tests.fakes.engine_with`` made for the test (their threads and workers end)."""
+    from tests.fakes import OPEN_ENGINES
+
+    yield
+    while OPEN_ENGINES:
+        OPEN_ENGINES.pop().close()
+    if os.environ.get("LOADSTAR_TEST_LEAKS"):  # LOADSTAR_TEST_LEAKS=1: name the test that left model work running
+        left = loose_model_work()
+        assert not left, f"left running: {left}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_running_after_the_suite():
+    """The suite itself checks that every engine it made was closed: no model thread, no worker left."""
+    yield
+    import gc
+
+    gc.collect()
+    left = loose_model_work()
+    assert not left, f"left running after the suite: {left}"
+
+
 @pytest.fixture(scope="session")
 def default_models_dir(tmp_path_factory) -> Path:
     """A models folder holding only the embedded default model (hard-linked, no copy)."""
@@ -32,7 +75,7 @@ def real_engine(default_models_dir, tmp_path_factory):
     from loadstar.engine.settings import Settings
 
     engine = Engine(Settings(models_dir=default_models_dir, data_dir=tmp_path_factory.mktemp("data"),
-                             loader="Transformers"))
+                             loader="Transformers", model_workers=False))  # tests read its tokenizer
     info = engine.load_startup_model()
     assert info is not None and info.name == "SmolLM2-135M-Instruct" and info.loader == "Transformers"
     yield engine

@@ -151,8 +151,17 @@ class FakeBatchModel(FakeModel):
         return self._batch
 
 
+# Engines made by ``engine_with`` during the running test; conftest closes them after it (their model
+# threads and workers end then), so no test needs a try/finally of its own.
+OPEN_ENGINES: list[Engine] = []
+
+
 def engine_with(tmp_path: Path, *loaders: object, **settings: object) -> Engine:
-    """An engine whose only loaders are ``loaders`` (no built-in ones), models in ``tmp_path/models``."""
+    """An engine whose only loaders are ``loaders`` (no built-in ones), models in ``tmp_path/models``.
+
+    Models stay in this process unless ``model_workers=True`` is given: the fakes keep state the
+    tests read (what was started, the seeds), and a worker would hold a copy of them."""
+    settings.setdefault("model_workers", False)
     host = PluginHost([])
     for loader in loaders:
         class Plugin:
@@ -163,4 +172,6 @@ def engine_with(tmp_path: Path, *loaders: object, **settings: object) -> Engine:
         assert host.register(Plugin(), name=loader.name)  # type: ignore[attr-defined]
     models = tmp_path / "models"
     models.mkdir(exist_ok=True)
-    return Engine(Settings(models_dir=models, data_dir=tmp_path / "data", **settings), plugins=host)  # type: ignore[arg-type]
+    engine = Engine(Settings(models_dir=models, data_dir=tmp_path / "data", **settings), plugins=host)  # type: ignore[arg-type]
+    OPEN_ENGINES.append(engine)
+    return engine

@@ -17,7 +17,8 @@ def main(models_dir: str, data_dir: str, model: str, loader: str) -> None:
     from loadstar.engine.facade import Engine
     from loadstar.engine.settings import Settings
 
-    engine = Engine(Settings(models_dir=Path(models_dir), data_dir=Path(data_dir)))
+    # In this process: what is measured is the loader's own cost (a worker would hide it from these numbers).
+    engine = Engine(Settings(models_dir=Path(models_dir), data_dir=Path(data_dir), model_workers=False))
     engine.plugins.loaders()
     import gptqmodel  # noqa: F401  imports are not the model: take them out of the numbers
     import llama_cpp  # noqa: F401

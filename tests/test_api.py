@@ -185,7 +185,7 @@ def test_keys(api_server):
     assert listing["loaded"]["loader"] == "llama.cpp"
     missing = httpx.post(f"{api_server}/admin/models/load", headers=admin, json={"model": "nope"})
     assert missing.status_code == 404 and "no model named 'nope'" in missing.json()["error"]["message"]
-    assert httpx.get(f"{api_server}/health").json() == {"status": "ok", "model_loaded": True}
+    assert httpx.get(f"{api_server}/health").json() == {"status": "ok", "model_loaded": True, "model_problem": None}
 
 
 def test_no_cors_headers_without_an_allow_list(api_server):

@@ -121,7 +121,7 @@ def test_json_that_cannot_end_in_time_and_bad_schemas_are_clear_errors(client, s
                 response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
             )
     health = httpx.get(f"{server}/health", timeout=60)
-    assert health.json() == {"status": "ok", "model_loaded": True}
+    assert health.json() == {"status": "ok", "model_loaded": True, "model_problem": None}
 
 
 # -- log probabilities ----------------------------------------------------------------------------

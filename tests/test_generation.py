@@ -18,8 +18,12 @@ class Slot:
         self.model = model
 
     @contextmanager
-    def use(self):
-        yield self.model
+    def use(self, name=None):
+        yield self.model if self.resolve(name) else None
+
+    def resolve(self, name):
+        here = self.model.info.name if self.model is not None else None
+        return here if name in (None, here) else None
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ def models_dir(checkpoint_cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models_dir, tmp_path_factory):
-    engine = Engine(Settings(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("gptq-data")))
+    engine = Engine(Settings(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("gptq-data"), model_workers=False))
     yield engine
     engine.close()
 

@@ -89,7 +89,7 @@ def engine(folders, tmp_path_factory):
     models = tmp_path_factory.mktemp("accuracy-models")
     for name, folder in folders.items():
         (models / name).symlink_to(folder, target_is_directory=True)
-    engine = Engine(Settings(models_dir=models, data_dir=tmp_path_factory.mktemp("accuracy-data")))
+    engine = Engine(Settings(models_dir=models, data_dir=tmp_path_factory.mktemp("accuracy-data"), model_workers=False))
     yield engine
     engine.close()
 

@@ -38,7 +38,8 @@ def engine(tmp_path_factory):
 
     models = tmp_path_factory.mktemp("llamacpp-models")
     place_default_model(models)
-    engine = Engine(Settings(models_dir=models, data_dir=tmp_path_factory.mktemp("data")))
+    # In this process: the tests compare with llama.cpp's own objects (tests/test_model_workers.py: in a worker).
+    engine = Engine(Settings(models_dir=models, data_dir=tmp_path_factory.mktemp("data"), model_workers=False))
     info = engine.load_startup_model()
     assert info is not None and info.loader == LOADER_NAME
     yield engine

@@ -260,7 +260,8 @@ def engine_with_plugins(tmp_path: Path, *plugins: object, model: object | None =
         host.register(plugin, name=f"p{i}-{type(plugin).__name__.lower()}", distribution="tests")
     assert host.register(_Loaders(ReplyLoader(model or FakeModel(reply="fine thanks"))), name="fake-loader")
     hf_folder(tmp_path / "models", "m")
-    return Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data"), plugins=host)
+    # The fake model stays in this process: it keeps state (an Event) that a worker could not take.
+    return Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data", model_workers=False), plugins=host)
 
 
 class _Loaders:

@@ -265,8 +265,11 @@ def model_line(engine: Engine) -> str:
     """The line above the chat: which model answers, through which loader."""
     info = engine.loaded
     if info is None:
-        return "No model is loaded: pick one in the **Model** tab."
-    return f"Model: **{info.name}** · {info.loader} on {info.device}"
+        problem = engine.model_problem
+        return f"No model is loaded: {problem}." if problem else "No model is loaded: pick one in the **Model** tab."
+    others = [m.name for m in engine.resident_models() if m.name != info.name]
+    also = f" · also loaded: {', '.join(others)}" if others else ""
+    return f"Model: **{info.name}** · {info.loader} on {info.device}{also}"
 
 
 def _reply_position(state: State) -> str:

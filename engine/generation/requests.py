@@ -34,6 +34,7 @@ class GenerationRequest:
     continue_last: bool = False  # the last message is an assistant reply to continue, not to answer
     output: OutputSpec = field(default_factory=OutputSpec)  # JSON schema, log probabilities
     tools: ToolUse = field(default_factory=ToolUse)  # functions the model may call (chats only)
+    model: str | None = None  # the loaded model to answer (None: the current one, the UI's)
 
     def __post_init__(self) -> None:
         if self.output.json_schema is not None:

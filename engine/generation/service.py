@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from loadstar.engine.chat.json_reply import parse_reply
 from loadstar.engine.chat.tool_calls import ToolCall, find_calls
-from loadstar.engine.errors import BadRequestError, one_line
+from loadstar.engine.errors import BadRequestError, WorkerCrashed, one_line
 from loadstar.engine.generation.pipeline import PreparedRequest, RequestPipeline
 from loadstar.engine.generation.requests import (
     Finished,
@@ -72,8 +72,11 @@ class _RunToken(CancelToken):
 
 
 class ModelSlot(Protocol):
-    def use(self) -> AbstractContextManager[LoadedModel | None]:
-        """Hold the loaded model (or None) for the duration of one generation or batch."""
+    def use(self, name: str | None = None) -> AbstractContextManager[LoadedModel | None]:
+        """Hold loaded model ``name`` (None: the current one), or None, for one generation or batch."""
+
+    def resolve(self, name: str | None) -> str | None:
+        """The name of the loaded model a request for ``name`` goes to (None: the current one), or None."""
 
     # Optional: ``load_pending`` (bool), True while a model load waits; no request joins a running
     # batch then, so the batch drains and the load gets the model thread.
@@ -358,6 +361,7 @@ class GenerationService:
     ) -> None:
         self._slot = slot
         self._pipeline = pipeline or RequestPipeline()
+        self._own_thread = model_thread is None  # made here, so stopped here
         self._model_thread = model_thread or ModelThread()
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
@@ -424,6 +428,8 @@ class GenerationService:
             handle.cancel()
         if self._worker is not None:
             self._worker.join(timeout=30)
+        if self._own_thread:
+            self._model_thread.stop()
 
     # -- queue ---------------------------------------------------------------------------------
 
@@ -467,11 +473,12 @@ class GenerationService:
         if done is not None:
             self.metrics.record(done.reason, done.prompt_tokens, done.completion_tokens, done.seconds)
 
-    def _take(self, wait: bool) -> GenerationHandle | None:
+    def _take(self, wait: bool, joins: Callable[[GenerationHandle], bool] | None = None) -> GenerationHandle | None:
         """The next waiting handle in fair order (the owner goes to the back of the line), now running.
 
         ``wait``: block until there is one (None once closed); else None when none is waiting or
-        a model load is waiting for the model (no one joins then, so the batch drains).
+        a model load is waiting for the model (no one joins then, so the batch drains). ``joins``:
+        None when the next handle in that order cannot join (it is for another model): it stays first.
         """
         with self._cond:
             if wait:
@@ -482,6 +489,8 @@ class GenerationService:
             running = {h.owner for h in self._running.values()}
             # an owner with nothing running goes before one who already has a request in the batch
             owner = next((o for o in self._waiting if o not in running), next(iter(self._waiting)))
+            if joins is not None and not joins(self._waiting[owner][0]):
+                return None
             jobs = self._waiting.pop(owner)
             handle = jobs.popleft()
             if jobs:  # this owner goes to the back of the line
@@ -521,9 +530,11 @@ class GenerationService:
                     self._done(left)
 
     def _serve(self, handle: GenerationHandle) -> None:
-        with self._slot.use() as model:
+        wanted = handle.request.model
+        with self._slot.use(wanted) as model:
             if model is None:
-                handle._emit(Finished(reason="error", text="", error="no model is loaded: load one first"))
+                error = f"{wanted} is not loaded" if wanted else "no model is loaded: load one first"
+                handle._emit(Finished(reason="error", text="", error=error))
                 self._done(handle)
                 return
             self._batching = model.max_batch > 1
@@ -557,10 +568,15 @@ class GenerationService:
         limit = int(model.max_batch)
         runs: dict[int, _Run] = {}
         arrived: GenerationHandle | None = first
+        serving = self._slot.resolve(first.request.model)
+
+        def joins(handle: GenerationHandle) -> bool:  # a request for another model waits until this batch drains
+            return self._slot.resolve(handle.request.model) == serving
+
         try:
             while True:
                 while len(runs) < limit:
-                    handle = arrived or self._take(wait=False)
+                    handle = arrived or self._take(wait=False, joins=joins)
                     arrived = None
                     if handle is None:
                         break
@@ -573,6 +589,10 @@ class GenerationService:
                     return
                 try:
                     steps = batch.step()
+                except WorkerCrashed as error:  # the batch is gone with its worker: wait for the model's reload
+                    for key in list(runs):
+                        self._end(runs.pop(key), one_line(error))
+                    return
                 except Exception as error:
                     log.exception("a batched decode step failed")
                     for key in list(runs):

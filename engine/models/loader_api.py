@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -337,4 +338,7 @@ class Loader(Protocol):
 
     # Optional, used when present: ``estimate_memory(folder, options) -> MemoryEstimate | None`` says
     # what a load with these options would take, without loading (the Model tab shows it as options
-    # change); None when it cannot tell for this folder.
+    # change); None when it cannot tell for this folder. ``runs_in_worker = False`` (a class attribute)
+    # keeps the loader's models in the server process: for a loader with no native code of its own
+    # (a client of a remote server); every other loader's models live in a worker process each, so
+    # the loader object is pickled over to it and must pickle (plain attributes, no open handles).

@@ -217,6 +217,7 @@ DOWNLOAD_RECORD = "loadstar-download.json"  # engine.downloads.METADATA_FILE: th
 class RemoteLoader:
     name = LOADER_NAME
     Options = RemoteOptions
+    runs_in_worker = False  # an HTTP client: no native code to isolate, and its key lookup stays in the server
 
     def __init__(self, allowed_keys: Callable[[], Mapping[str, str]]) -> None:
         self._allowed_keys = allowed_keys
