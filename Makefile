@@ -15,7 +15,7 @@ LLAMA_CPP_BUILD ?= native
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test lint bench install install-test clean-venv llama-cpp
+.PHONY: run test test-fast lint bench install install-test clean-venv llama-cpp
 
 run: install
 	$(PY) server.py $(ARGS)
@@ -23,10 +23,15 @@ run: install
 test: install-test lint
 	$(PY) -m pytest $(ARGS)
 
-# ruff on the whole tree and mypy on the engine (rules and reasons in pyproject.toml): zero findings.
-lint: install-test
+# The quick loop: lint, then every test that needs neither Chromium nor a real model load.
+test-fast: install $(VENV)/.test-installed lint
+	$(PY) -m pytest -m "not slow and not browser" $(ARGS)
+
+# ruff on the whole tree and mypy on the whole package by its import names (tools/typecheck.py;
+# rules and reasons in pyproject.toml): zero findings. Needs no browser.
+lint: install $(VENV)/.test-installed
 	$(PY) -m ruff check .
-	$(PY) -m mypy
+	$(PY) tools/typecheck.py
 
 # Benchmarks (not tests): tables in docs/BENCHMARKS.md, raw numbers in bench/results/.
 bench: install-test

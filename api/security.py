@@ -34,7 +34,7 @@ class ApiKeys:
         if self.user_key is None:
             client = request.client.host if request.client else "unknown"
             return f"api:{client}"
-        if _matches(given, self.user_key) or (self.admin_key is not None and _matches(given, self.admin_key)):
+        if given is not None and (_matches(given, self.user_key) or (self.admin_key is not None and _matches(given, self.admin_key))):
             return "api:" + hashlib.sha256(given.encode()).hexdigest()[:12]
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_request_error",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

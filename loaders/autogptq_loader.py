@@ -181,7 +181,7 @@ class AutoGPTQLoader:
         import torch
 
         device = _pick_device(options.device, torch)
-        backend = options.backend
+        backend: str = options.backend
         if backend == "auto":
             stored = sum(w.size for w in folder.weight_files if w.format in ("safetensors", "pt"))
             backend = choose_kernel(gptq, folder.tensor_gptq, device, dense_fits=_dense_fits(stored, gptq.bits)).backend

@@ -13,14 +13,14 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 # What to put in a derived folder under a name: bytes, a file to link to, or a function that writes it.
 Entry = bytes | Path | Callable[[Path], None]
 
 
-def fingerprint(folder: Path, entries: dict[str, Entry]) -> str:
+def fingerprint(folder: Path, entries: Mapping[str, Entry]) -> str:
     digest = hashlib.sha256(b"derived-v1")
     for child in sorted(folder.iterdir()):
         if child.is_file():
@@ -36,7 +36,7 @@ def fingerprint(folder: Path, entries: dict[str, Entry]) -> str:
 def derived_folder(
     source: Path,
     root: Path,
-    entries: dict[str, Entry],
+    entries: Mapping[str, Entry],
     *,
     skip: Callable[[str], bool] = lambda name: False,
 ) -> Path:

@@ -27,6 +27,7 @@ from loadstar import (
     LoadedModelInfo,
     ModelFolder,
     ModelLoadError,
+    OutputSpec,
     SamplingParams,
     StreamPiece,
     hookimpl,
@@ -151,7 +152,9 @@ class ExLlamaV2Model(TokenizerPrompts):
         self.tokenizer = tokenizer
         self._lock = threading.Lock()
 
-    def stream(self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+    def stream(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, output: OutputSpec | None = None,
+    ) -> Iterator[StreamPiece]:  # ``output`` comes only to a model whose info.features name it: none here
         import torch
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 

@@ -68,6 +68,8 @@ def batchable(model: Any) -> str | None:
 def kv_bytes_per_token(model: Any) -> int | None:
     """Bytes of keys and values one token takes in ``model``'s cache, from its config and dtype."""
     config = getattr(model, "config", None)
+    if config is None:
+        return None
     try:
         text = config.get_text_config(decoder=True)
         heads = text.num_attention_heads

@@ -17,6 +17,7 @@ from loadstar import (
     FEATURE_LOGPROBS,
     CancelToken,
     LoadedModelInfo,
+    OutputSpec,
     SamplingParams,
     StreamPiece,
 )
@@ -69,8 +70,9 @@ class HFCausalLM(TokenizerPrompts):
     # -- generation ----------------------------------------------------------------------------
 
     def stream_to(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, emit: Callable[[StreamPiece], None]
-    ) -> None:
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, emit: Callable[[StreamPiece], None],
+        output: OutputSpec | None = None,
+    ) -> None:  # ``output`` (log probabilities) goes to the batch, never here: a model that has them batches
         """Generate on the calling thread, handing each piece to ``emit`` (the engine's fast path)."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList

@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from loadstar import default_model_source, one_line, write_atomic
 
@@ -87,7 +88,7 @@ def _cpu_identity() -> str:
         import platform
 
         return platform.processor() or platform.machine()
-    fields = {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
@@ -180,7 +181,7 @@ def _child(model: str) -> int:
 
     threads = max(1, min(4, os.cpu_count() or 1))
     llm = llama_cpp.Llama(model_path=model, n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
-    out = llm.create_completion(SMOKE_PROMPT, max_tokens=SMOKE_TOKENS, temperature=0.0)
+    out: Any = llm.create_completion(SMOKE_PROMPT, max_tokens=SMOKE_TOKENS, temperature=0.0)  # a dict: no stream
     text = out["choices"][0]["text"]
     print(json.dumps({
         "text": text, "tokens": out["usage"]["completion_tokens"],

@@ -6,6 +6,7 @@ members that come from it (chat_template, special_tokens, encode, count_tokens).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from loadstar import LoadedModel
@@ -24,10 +25,19 @@ class TokenizerPrompts(LoadedModel):
         template = getattr(self.tokenizer, "chat_template", None)
         return template if isinstance(template, str) and template.strip() else None
 
+    @chat_template.setter
+    def chat_template(self, value: str | None) -> None:  # the base class's attribute: writable here too
+        self.tokenizer.chat_template = value
+
     @property
-    def special_tokens(self) -> dict[str, str]:
+    def special_tokens(self) -> Mapping[str, str]:
         tokens = {name: getattr(self.tokenizer, name, None) for name in SPECIAL_TOKEN_NAMES}
         return {name: str(token) for name, token in tokens.items() if token}
+
+    @special_tokens.setter
+    def special_tokens(self, value: Mapping[str, str]) -> None:
+        for name, text in value.items():
+            setattr(self.tokenizer, name, text)
 
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a prompt. Chat templates write the BOS token themselves; add it only when missing."""

@@ -13,7 +13,7 @@ import importlib.util
 import logging
 from functools import lru_cache
 from importlib.metadata import version
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -113,7 +113,7 @@ class TransformersLoader:
         device = _pick_device(options.device)
         gguf_file = _pick_gguf(folder, options.gguf_file)
         dtype = _pick_dtype(options.dtype, device, gguf=gguf_file is not None)
-        common = {"trust_remote_code": False}
+        common: dict[str, Any] = {"trust_remote_code": False}
         if gguf_file is not None:
             common["gguf_file"] = gguf_file
         try:
@@ -150,7 +150,8 @@ def _assess_gptq(folder: ModelFolder) -> Assessment:
     missing = [p for p in ("optimum", "gptqmodel") if importlib.util.find_spec(p) is None]
     if missing:
         return Assessment(False, f"GPTQ needs {' and '.join(missing)}")
-    return Assessment(True, f"{folder.quantization.describe()} via optimum + gptqmodel (choose it to use it)", 10)
+    what = folder.quantization.describe() if folder.quantization else "GPTQ"
+    return Assessment(True, f"{what} via optimum + gptqmodel (choose it to use it)", 10)
 
 
 @hookimpl

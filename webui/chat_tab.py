@@ -19,7 +19,7 @@ from loadstar.webui.streaming import only_changes
 # reports positions, and Stop must never wait behind a running reply.
 UNLIMITED = None
 # Display and inline math in replies: $$…$$, \[…\], and inline $…$ and \(…\).
-LATEX = [
+LATEX: list[dict[str, str | bool]] = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "\\[", "right": "\\]", "display": True},
     {"left": "$", "right": "$", "display": False},

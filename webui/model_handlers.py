@@ -189,7 +189,7 @@ class ModelHandlers:
             return ""
         plugin = self.engine.loaders().get(loader)
         estimate = getattr(plugin, "estimate_memory", None)
-        if estimate is None:
+        if plugin is None or estimate is None:
             return f"Memory: {loader} gives no estimate before loading."
         try:
             folder = self.engine.inspect(name)

@@ -22,7 +22,7 @@ class ParameterControls:
     stops: gr.Textbox
     # Re-read on page load and after a model load: the model's defaults, ignored-parameter marks
     # and prompt format.
-    refresh: Callable[[], list[Any]] | None = None
+    refresh: Callable[[gr.Request], list[Any]] | None = None
     refresh_outputs: list[Any] = field(default_factory=list)
     preset: Any = None  # the preset dropdown
     preset_loaded: Any = None  # the event of loading a preset, to chain on
@@ -60,7 +60,7 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
                           info="auto: the model's own chat template, else the card's named format, else completion",
                           elem_id="prompt-format", scale=2)
         fmt_status = gr.Markdown(elem_id="prompt-format-status")
-    controls = []
+    controls: list[Any] = []
     specs = parameter_specs()
     for start in range(0, len(specs), 3):
         with gr.Row():

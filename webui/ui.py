@@ -80,7 +80,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
         def model_views(request: gr.Request):
             """What shows the loaded model elsewhere: its parameter defaults, the chat's model line
             and switch, the system message's placeholder."""
-            return [*parameters.refresh(request), *chat_model_views(engine, models)]
+            refresh = parameters.refresh
+            assert refresh is not None  # build_parameters_tab sets it
+            return [*refresh(request), *chat_model_views(engine, models)]
 
         model_outputs = [*parameters.refresh_outputs, chat.model, chat.model_switch, chat.system]
 

@@ -41,7 +41,7 @@ def check_schema(schema: Any) -> dict[str, Any]:
     from jsonschema import exceptions, validators
 
     try:
-        validators.validator_for(schema).check_schema(schema)
+        validators.validator_for(schema).check_schema(dict(schema))
     except exceptions.SchemaError as error:
         raise BadRequestError(f"the JSON schema is not valid: {error.message}") from None
     return dict(schema)

@@ -175,8 +175,8 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
     elif isinstance(config.get("quantization_config"), dict):
         quantization = quantization_from_config(config["quantization_config"], "config.json", default_method=None)
     weights = tuple(
-        WeightFile(path=f.path, format=weight_format(f.path), size=f.size)
-        for f in files if "/" not in f.path and weight_format(f.path) is not None
+        WeightFile(path=f.path, format=kind, size=f.size)
+        for f in files if "/" not in f.path and (kind := weight_format(f.path)) is not None
     )
     tensors, warnings = None, []
     first = next((w.path for w in sorted(weights, key=lambda w: w.path) if w.format == "safetensors"), None)

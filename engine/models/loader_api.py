@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -216,7 +216,7 @@ _END = object()
 def pump(
     produce: Callable[[Callable[[T], None]], None], *, cancel: CancelToken | None = None,
     poll: float = 0.25, name: str = "loadstar-pump", stop: Callable[[], None] | None = None,
-) -> Iterator[T]:
+) -> Generator[T, None, None]:
     """Run ``produce(put)`` on a helper thread and yield what it puts, in order.
 
     What ``produce`` raises is raised here. With ``cancel``, the iterator ends within ``poll``

@@ -260,14 +260,14 @@ class ModelManager:
 
         needed = estimate.weights + (0 if estimate.grows else (estimate.kv_cache or 0))
         free = psutil.virtual_memory().available
-        leaving = [r for r in self._resident.values() if r.name == name] or (
-            [self._least_recently_used()] if len(self._resident) >= self.max_models else [])
-        freed = sum(_process_memory(r.model) for r in leaving if r is not None)
+        lru = self._least_recently_used() if len(self._resident) >= self.max_models else None
+        leaving = [r for r in self._resident.values() if r.name == name] or ([lru] if lru is not None else [])
+        freed = sum(_process_memory(r.model) for r in leaving)
         if needed > free + freed:
             parts = f"{format_size(estimate.weights)} of weights"
             if needed > estimate.weights:
                 parts += f" + {format_size(needed - estimate.weights)} of KV cache"
-            also = f" (+ {format_size(freed)} that unloading {leaving[0].name} would free)" if freed and leaving[0] else ""
+            also = f" (+ {format_size(freed)} that unloading {leaving[0].name} would free)" if freed else ""
             raise ModelLoadError(
                 f"{name} needs about {format_size(needed)} ({parts}), but {format_size(free)} of memory is free{also}: "
                 "unload a model, or lower the context or batch in its loader options")

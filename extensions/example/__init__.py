@@ -19,6 +19,7 @@ globals, so two engines in one process (tests) never share it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ from loadstar import (
     CancelToken,
     LoadedModel,
     LoadedModelInfo,
+    OutputSpec,
     PluginContext,
     ReplyDraft,
     RequestDraft,
+    SamplingParams,
     StreamPiece,
     UIContribution,
     hookimpl,
@@ -58,7 +61,9 @@ class EchoModel(LoadedModel):
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def stream(self, prompt: str, params: Any, cancel: CancelToken, *, seed: int):
+    def stream(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, output: OutputSpec | None = None,
+    ) -> Iterator[StreamPiece]:  # ``output`` comes only to a model whose info.features name it: none here
         for word in self._text.split()[: params.max_new_tokens]:
             if cancel.cancelled:
                 return

@@ -36,6 +36,8 @@ from loadstar import (
     LoadedModel,
     LoadedModelInfo,
     ModelLoadError,
+    OutputSpec,
+    SamplingParams,
     StreamPiece,
     hookimpl,
     one_line,
@@ -109,7 +111,9 @@ class RemoteModel(LoadedModel):
     def count_tokens(self, text: str) -> int:
         return max(1, len(text) // 4)  # an estimate: the server's tokenizer is not here; usage is exact
 
-    def stream(self, prompt: str, params: Any, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
+    def stream(
+        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, output: OutputSpec | None = None,
+    ) -> Iterator[StreamPiece]:  # ``output`` comes only to a model whose info.features name it: none here
         yield from self._stream("/completions", {"prompt": prompt}, params, cancel, seed)
 
     def stream_chat(self, messages: list[dict[str, str]], params: Any, cancel: CancelToken, *, seed: int) -> Iterator[StreamPiece]:
@@ -254,7 +258,7 @@ class RemoteLoader:
         if response.status_code >= 400:
             client.close()
             raise ModelLoadError(f"{config.base_url}/models answered {_error_text(response)}")
-        served = [m.get("id") for m in (response.json().get("data") or []) if isinstance(m, dict)]
+        served = [m["id"] for m in (response.json().get("data") or []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
         if served and config.model not in served:
             client.close()
             raise ModelLoadError(f"{config.base_url} does not serve '{config.model}' (it serves: {', '.join(served)})")
