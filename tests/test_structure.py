@@ -125,3 +125,16 @@ def test_loaders_and_extensions_import_only_the_public_surface():
             if target.startswith(("loadstar.engine", "loadstar.api", "loadstar.webui")):
                 wrong.append(f"{path.relative_to(ROOT)}: {target}")
     assert not wrong, wrong
+
+
+def test_generation_is_a_queue_a_scheduler_and_an_output_processor():
+    """The three parts of engine/generation/ each do one job: the queue knows nothing of models or
+    output, the output processor nothing of the queue or the loop, and events go out through the
+    handle's public ``emit`` only (no part reaches into another's privates)."""
+    parts = {name: imports_of(ROOT / "engine" / "generation" / f"{name}.py") for name in ("fair_queue", "scheduler", "output")}
+    assert not {t for t in parts["fair_queue"] if t.startswith(("loadstar.engine.models", "loadstar.engine.generation.output",
+                                                                 "loadstar.engine.generation.scheduler"))}
+    assert not {t for t in parts["output"] if t.startswith(("loadstar.engine.generation.fair_queue",
+                                                             "loadstar.engine.generation.scheduler"))}
+    private_emits = [str(p.relative_to(ROOT)) for p in (ROOT / "engine").rglob("*.py") if "._emit(" in p.read_text()]
+    assert not private_emits, private_emits
