@@ -71,7 +71,7 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
         k: {"tps": [], "ttft": []} for k in ("raw", "engine", "worker_engine", "api", "ui", "transformers_engine")}
 
     with engine.models.use() as model:
-        llm = model._llm
+        llm = model.native.llm
         eos = llm.token_eos()
 
     def ban_eos(input_ids: Any, scores: Any) -> Any:

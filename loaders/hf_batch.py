@@ -39,11 +39,11 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from loadstar import OutputSpec, SamplingParams, SequenceStep, StreamPiece, TokenChoice, TokenLogprob
+from loadstar.loaders.hf_sampling import PREFILL_CHUNK, PieceStreamer, eos_ids, logits_processors
 
 if TYPE_CHECKING:
     from loadstar.loaders.hf_causal_lm import HFCausalLM
 
-PREFILL_CHUNK = 512  # prompt tokens per forward pass; Stop is checked between them
 KV_SHARE_OF_FREE_MEMORY = 0.5  # the batch's KV reservations stay within this share of free memory
 
 
@@ -89,7 +89,7 @@ class _Sequence:
     greedy: bool
     processors: Any  # transformers.LogitsProcessorList
     generator: Any  # torch.Generator, seeded with the request's seed
-    streamer: Any  # hf_causal_lm._PieceStreamer
+    streamer: Any  # hf_sampling.PieceStreamer
     eos: frozenset[int]
     reserve: int  # bytes of KV cache this sequence may come to hold
     skip_special: bool = True  # special tokens are left out of the text (the end-of-sequence one too)
@@ -121,8 +121,6 @@ class HFBatch:
     ) -> None:
         import torch
 
-        from loadstar.loaders.hf_causal_lm import _PieceStreamer
-
         if len(self._reading) + len(self._rows) >= self._slots:
             raise RuntimeError(f"the batch is full ({self._slots} requests)")
         model = self._model
@@ -131,16 +129,16 @@ class HFBatch:
             raise ValueError("the prompt is empty after tokenizing")
         context = model.info.context_length
         max_new = max(0, min(params.max_new_tokens, context - len(ids))) if context else params.max_new_tokens
-        eos = model._eos_ids()
+        eos = eos_ids(model.model, model.tokenizer)
         device = model.model.device
         sequence = _Sequence(
             key=key, tokens=list(ids), prompt_length=len(ids), max_new=max_new, greedy=params.greedy,
-            processors=_processors(params, len(ids), eos),
+            processors=logits_processors(params, len(ids), eos),
             generator=None if params.greedy else torch.Generator(device=device).manual_seed(seed),
             streamer=None, eos=frozenset(eos), reserve=(self._per_token or 0) * (len(ids) + max_new),
             skip_special=params.skip_special_tokens, logprobs=output.logprobs if output is not None else None,
         )
-        sequence.streamer = _PieceStreamer(model.tokenizer, sequence.pieces.append,
+        sequence.streamer = PieceStreamer(model.tokenizer, sequence.pieces.append,
                                            skip_special_tokens=params.skip_special_tokens, prompt_seen=True)
         self._reading.append(sequence)
 
@@ -382,42 +380,3 @@ def _free_memory(model: Any) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def _processors(params: SamplingParams, prompt_length: int, eos: list[int]) -> Any:
-    """The logits processors ``generate`` runs for these parameters, in its order (see
-    ``HFCausalLM.stream_to``, which hands the same parameters to ``generate``)."""
-    from transformers import (
-        LogitsProcessorList,
-        MinPLogitsWarper,
-        NoRepeatNGramLogitsProcessor,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-        TypicalLogitsWarper,
-    )
-
-    from loadstar.loaders.hf_causal_lm import _BanTokens, _PresenceFrequencyPenalty
-
-    processors = LogitsProcessorList()
-    if params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if params.no_repeat_ngram_size:
-        processors.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
-    if params.presence_penalty or params.frequency_penalty:
-        processors.append(_PresenceFrequencyPenalty(prompt_length, params.presence_penalty, params.frequency_penalty))
-    if params.ban_eos and eos:
-        processors.append(_BanTokens(eos))
-    if not params.greedy:
-        if params.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_k:
-            processors.append(TopKLogitsWarper(top_k=params.top_k))
-        if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p=params.top_p))
-        if params.min_p:
-            processors.append(MinPLogitsWarper(min_p=params.min_p))
-        if params.typical_p < 1.0:
-            processors.append(TypicalLogitsWarper(mass=params.typical_p))
-    return processors

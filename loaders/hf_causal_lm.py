@@ -21,6 +21,7 @@ from loadstar import (
     SamplingParams,
     StreamPiece,
 )
+from loadstar.loaders.hf_sampling import PREFILL_CHUNK, PieceStreamer, eos_ids, generate_kwargs
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512  # prompt tokens per forward pass before generation; Stop is checked between them
 
 
 def batch_size(model: Any, requested: int) -> tuple[int, str]:
@@ -75,7 +75,7 @@ class HFCausalLM(TokenizerPrompts):
     ) -> None:  # ``output`` (log probabilities) goes to the batch, never here: a model that has them batches
         """Generate on the calling thread, handing each piece to ``emit`` (the engine's fast path)."""
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         class StopWhenCancelled(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -83,31 +83,16 @@ class HFCausalLM(TokenizerPrompts):
 
         ids = self.fit_prompt(self.encode(prompt), params)
         input_ids = torch.tensor([ids], device=self.model.device)
-        eos_ids = self._eos_ids()
-        processors = LogitsProcessorList()
-        if params.presence_penalty or params.frequency_penalty:
-            processors.append(_PresenceFrequencyPenalty(len(ids), params.presence_penalty, params.frequency_penalty))
-        if params.ban_eos and eos_ids:
-            processors.append(_BanTokens(eos_ids))
+        eos = eos_ids(self.model, self.tokenizer)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
-            "max_new_tokens": params.max_new_tokens,
-            "streamer": _PieceStreamer(self.tokenizer, emit, skip_special_tokens=params.skip_special_tokens),
+            "streamer": PieceStreamer(self.tokenizer, emit, skip_special_tokens=params.skip_special_tokens),
             "stopping_criteria": StoppingCriteriaList([StopWhenCancelled()]),
-            "logits_processor": processors,
-            "repetition_penalty": params.repetition_penalty if params.repetition_penalty != 1.0 else None,
-            "no_repeat_ngram_size": params.no_repeat_ngram_size or None,
+            **generate_kwargs(params, len(ids), eos),
         }
-        if self.tokenizer.pad_token_id is None and eos_ids:
-            kwargs["pad_token_id"] = eos_ids[0]
-        if params.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(
-                do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                min_p=params.min_p or None, typical_p=params.typical_p if params.typical_p < 1.0 else None,
-            )
+        if self.tokenizer.pad_token_id is None and eos:
+            kwargs["pad_token_id"] = eos[0]
         past = self._prefill(input_ids, cancel)
         if cancel.cancelled:
             return
@@ -145,14 +130,6 @@ class HFCausalLM(TokenizerPrompts):
             return None
         return cache
 
-    def _eos_ids(self) -> list[int]:
-        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if configured is None:
-            configured = self.tokenizer.eos_token_id
-        if configured is None:
-            return []
-        return list(configured) if isinstance(configured, (list, tuple)) else [int(configured)]
-
     def unload(self) -> None:
         device = str(getattr(self.model, "device", "cpu"))
         if self._batch is not None:
@@ -166,82 +143,3 @@ class HFCausalLM(TokenizerPrompts):
             import torch
 
             torch.cuda.empty_cache()
-
-
-class _PresenceFrequencyPenalty:
-    """OpenAI-style penalties over the generated tokens only (not the prompt):
-    logit -= presence * [count > 0] + frequency * count."""
-
-    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
-        self._start = prompt_length
-        self._presence = presence
-        self._frequency = frequency
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        generated = input_ids[:, self._start :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
-
-
-class _BanTokens:
-    """Makes the given tokens (the end-of-sequence ones) impossible to pick."""
-
-    def __init__(self, token_ids: list[int]) -> None:
-        self._ids = token_ids
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        scores[:, self._ids] = float("-inf")
-        return scores
-
-
-class _PieceStreamer:
-    """Turns token ids from ``generate`` into text pieces without splitting characters.
-
-    Decodes the tokens since the last line break as a whole (so multi-token characters and
-    word-initial spaces come out right), emits only the new suffix, and holds back text that
-    ends in an incomplete UTF-8 sequence.
-    """
-
-    def __init__(
-        self, tokenizer: Any, emit: Callable[[StreamPiece], None], *, skip_special_tokens: bool = True,
-        prompt_seen: bool = False,
-    ) -> None:
-        """``prompt_seen``: the first ``put`` is a generated token (``generate`` first hands over the prompt)."""
-        self._tokenizer = tokenizer
-        self._skip_special = skip_special_tokens
-        self._emit = emit
-        self._prompt_seen = prompt_seen
-        self._cache: list[int] = []
-        self._printed = 0
-        self._pending_tokens = 0
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt
-            self._prompt_seen = True
-            return
-        ids = value.reshape(-1).tolist()
-        self._cache.extend(ids)
-        self._pending_tokens += len(ids)
-        text = self._tokenizer.decode(self._cache, skip_special_tokens=self._skip_special)
-        if text.endswith("\ufffd"):
-            return
-        piece = text[self._printed :]
-        if text.endswith("\n"):
-            self._cache, self._printed = [], 0
-        else:
-            self._printed = len(text)
-        if piece:
-            self._emit(StreamPiece(piece, self._pending_tokens))
-            self._pending_tokens = 0
-
-    def end(self) -> None:
-        text = self._tokenizer.decode(self._cache, skip_special_tokens=self._skip_special) if self._cache else ""
-        # Cut short (max_new_tokens, Stop) inside a multi-byte character: drop the unfinished one.
-        piece = text[self._printed :].rstrip("\ufffd")
-        if piece or self._pending_tokens:
-            self._emit(StreamPiece(piece, self._pending_tokens))
-        self._cache, self._printed, self._pending_tokens = [], 0, 0

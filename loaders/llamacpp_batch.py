@@ -66,10 +66,10 @@ class LlamaCppBatch:
         from llama_cpp import _internals
 
         self._model = model
-        self._llm = model._llm
-        self._ctx = self._llm._ctx
-        self._n_batch = self._llm.n_batch
-        self._n_ctx = model.info.context_length or self._ctx.n_ctx()  # each sequence's
+        self._native = model.native
+        self._llm = model.native.llm
+        self._n_batch = self._native.n_batch
+        self._n_ctx = model.info.context_length or self._native.n_ctx  # each sequence's
         self._batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1, verbose=False)
         self._slots = [_Slot(i) for i in range(slots)]
         self._by_key: dict[int, _Slot] = {}
@@ -149,18 +149,18 @@ class LlamaCppBatch:
                 break
         if batch.n_tokens == 0:
             return results
-        code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        code = llama_cpp.llama_decode(self._native.ctx, batch)
         if code != 0:
             for slot in active:  # what their caches hold is unknown now: start them afresh
                 self._forget(slot, 0)
             raise RuntimeError(f"llama_decode returned {code}" + (" (no room left in the KV cache)" if code == 1 else ""))
-        vocab = self._llm._model.vocab
+        vocab = self._native.vocab
         for slot, index in outputs:
             sequence = slot.sequence
             assert sequence is not None
             if sequence.logprobs is not None:  # read before sampling: the logits are the model's own
                 logits = self._logits(index)
-            token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self._ctx.ctx, index)
+            token = llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self._native.ctx, index)
             if llama_cpp.llama_vocab_is_eog(vocab, token) and not sequence.ban_eos:
                 results[sequence.key] = SequenceStep(
                     StreamPiece("", sequence.pending, tuple(sequence.pending_logprobs)), done=True)
@@ -201,7 +201,7 @@ class LlamaCppBatch:
         import llama_cpp
 
         self.close()
-        llama_cpp.llama_memory_clear(self._ctx.memory, True)
+        llama_cpp.llama_memory_clear(self._native.memory, True)
         for slot in self._slots:
             slot.cached.clear()
 
@@ -214,7 +214,7 @@ class LlamaCppBatch:
         import llama_cpp
 
         if len(slot.cached) > keep:
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, keep, -1)
+            llama_cpp.llama_memory_seq_rm(self._native.memory, slot.seq_id, keep, -1)
             del slot.cached[keep:]
 
     def _finish(self, slot: _Slot) -> None:
@@ -230,7 +230,7 @@ class LlamaCppBatch:
         import llama_cpp
         import numpy as np
 
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, index)
+        pointer = llama_cpp.llama_get_logits_ith(self._native.ctx, index)
         logits = np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),)).astype(np.float64)
         peak = logits.max()
         return logits - (peak + np.log(np.exp(logits - peak).sum()))  # log-softmax
@@ -259,7 +259,7 @@ class LlamaCppBatch:
             size = 64
             while True:
                 buffer = ctypes.create_string_buffer(size)
-                n = llama_cpp.llama_token_to_piece(self._llm._model.vocab, token, buffer, size, 0, True)
+                n = llama_cpp.llama_token_to_piece(self._native.vocab, token, buffer, size, 0, True)
                 if n >= 0:
                     break
                 size = -n
@@ -311,7 +311,7 @@ class LlamaCppBatch:
             raise BadRequestError("the JSON schema is nested too deeply for a grammar") from None
         except Exception as error:
             raise BadRequestError(f"llama.cpp cannot make a grammar of this JSON schema: {str(error) or type(error).__name__}") from None
-        pointer = llama_cpp.llama_sampler_init_grammar(self._llm._model.vocab, grammar.encode("utf-8"), b"root")
+        pointer = llama_cpp.llama_sampler_init_grammar(self._native.vocab, grammar.encode("utf-8"), b"root")
         if not pointer:
             raise BadRequestError("llama.cpp could not compile the grammar made from this JSON schema")
         llama_cpp.llama_sampler_chain_add(sampler.sampler, pointer)

@@ -50,6 +50,7 @@ from loadstar import (
     load_failure,
     missing_parts,
 )
+from loadstar.loaders.llamacpp_native import NativeLlama
 from loadstar.loaders.llamacpp_smoke import SmokeResult, check_build
 
 if TYPE_CHECKING:
@@ -167,7 +168,8 @@ class LlamaCppLoader:
             what = "its chat template does not compile" if type(error).__module__.startswith("jinja2") else "llama.cpp could not load it"
             raise ModelLoadError(f"{model_file.first}: {what}: {load_failure(error, [model_file.first])}") from None
         try:
-            _make_context_batched(llm, options.max_batch, n_ctx)
+            if options.max_batch > 1:  # llama-cpp-python made a one-sequence context
+                NativeLlama(llm).make_context(options.max_batch, n_ctx)
         except Exception as error:
             llm.close()
             raise ModelLoadError(f"{model_file.first}: llama.cpp could not make its context: {load_failure(error, [model_file.first])}") from None
@@ -189,44 +191,24 @@ class LlamaCppLoader:
         return model
 
 
-def _make_context_batched(llm: Any, sequences: int, n_ctx: int) -> None:
-    """Give ``llm`` a context for ``sequences`` sequences of ``n_ctx`` tokens each (llama-cpp-python
-    makes a one-sequence context and has no option for more): the first is freed, then remade.
-
-    Each sequence gets a KV cache of its own (not one unified cache): in a shared cache a
-    sequence's cells end up out of position order as others come and go, attention then adds
-    them up in another order, and measured greedy answers changed (1 of 16 in a batch); with
-    a cache each they are the answers given alone, token for token."""
-    from llama_cpp import _internals
-
-    if sequences == 1:
-        return
-    params = llm.context_params
-    params.n_seq_max = sequences
-    params.n_ctx = n_ctx * sequences  # llama.cpp gives each sequence n_ctx / n_seq_max
-    params.kv_unified = False
-    llm._ctx.close()
-    llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
-
-
 class LlamaCppModel(LoadedModel):
     supported_params = SUPPORTED
 
     def __init__(self, llm: Any, info: LoadedModelInfo, max_batch: int = 1) -> None:
         from loadstar.loaders.llamacpp_batch import LlamaCppBatch
 
+        self.native = NativeLlama(llm)  # llama-cpp-python's internals, for the batch
         self._llm = llm
         self.info = info
         self.max_batch = max_batch
         self._batch = LlamaCppBatch(self, max_batch)
         self.prompt_tokens_evaluated = 0  # of the last prompt: what the prefix cache did not cover
-        model = llm._model
         self._eos = llm.token_eos()
-        self._add_bos = bool(model.add_bos_token()) and llm.token_bos() >= 0
-        self._bos_text = model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
+        self._add_bos = self.native.adds_bos() and llm.token_bos() >= 0
+        self._bos_text = self.native.token_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
         template = llm.metadata.get("tokenizer.chat_template")
         self.chat_template = template if isinstance(template, str) and template.strip() else None
-        special = {"bos_token": self._bos_text, "eos_token": model.token_get_text(self._eos) if self._eos >= 0 else ""}
+        special = {"bos_token": self._bos_text, "eos_token": self.native.token_text(self._eos) if self._eos >= 0 else ""}
         self.special_tokens = {name: text for name, text in special.items() if text}
 
     # -- tokens --------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def batch_engine(real_engine):
 class TestTransformersBatching(batching.BatchingChecks):
     def test_a_long_prompt_is_read_in_chunks_beside_the_decoding(self, batch_engine, alone):
         """A prompt longer than a chunk joins while others decode; everyone's answer is as alone."""
-        from loadstar.loaders.hf_batch import PREFILL_CHUNK
+        from loadstar.loaders.hf_sampling import PREFILL_CHUNK
 
         padding = "Here is some background you may ignore. " * (PREFILL_CHUNK // 3)
         long_question = padding + batching.QUESTIONS[0]

@@ -158,14 +158,14 @@ def test_a_tiny_temperature_is_greedy_not_an_internal_error(real_engine):
 def test_a_reply_cut_inside_a_character_never_ends_in_a_replacement_mark(real_engine):
     import torch
 
-    from loadstar.loaders.hf_causal_lm import _PieceStreamer
+    from loadstar.loaders.hf_sampling import PieceStreamer
 
     with real_engine.models.use() as model:
         tokenizer = model.tokenizer
     ids = tokenizer("😀", add_special_tokens=False)["input_ids"]
     assert len(ids) > 1 and tokenizer.decode(ids[:1]).endswith("\ufffd")  # one token is half a character
     pieces = []
-    streamer = _PieceStreamer(tokenizer, pieces.append)
+    streamer = PieceStreamer(tokenizer, pieces.append)
     streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, which generate() hands over first
     streamer.put(torch.tensor([ids[0]]))  # then max_new_tokens cuts the reply here
     streamer.end()
