@@ -1,7 +1,8 @@
 """Loadstar's one entry point: parse flags, build the settings and the app, launch it.
 
-This is the only module that reads argv or the environment; everything below gets a
-``Settings`` object. Errors the user can fix are printed as one line and exit non-zero.
+This is the only module that reads argv, and the environment for settings; everything below gets
+a ``Settings`` object. (One switch is read where it acts: ``LOADSTAR_TRACE_PLUGINS``, by the plugin
+host, so that every command that makes one traces alike.) Errors the user can fix are printed as one line and exit non-zero.
 """
 
 from __future__ import annotations

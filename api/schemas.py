@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loadstar.engine.generation.requests import MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
-from loadstar.engine.sampling import SEED_MAX
+from loadstar.engine.sampling import SEED_MAX, SamplingParams
 
 
 class TextPart(BaseModel):
@@ -131,6 +131,27 @@ class SamplingFields(BaseModel):
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    def to_sampling_params(self, max_tokens_cap: int) -> SamplingParams:
+        """The engine's parameters for this request (OpenAI's defaults where it sets none; new tokens
+        capped at ``max_tokens_cap``); a ``ValidationError`` for values the engine refuses."""
+        requested = self.max_completion_tokens or self.max_tokens or max_tokens_cap
+        optional = {name: getattr(self, name) for name in (
+            "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty",
+        ) if getattr(self, name) is not None}
+        return SamplingParams.model_validate({
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": 0,
+            "max_new_tokens": min(requested, max_tokens_cap),
+            "seed": -1 if self.seed is None else self.seed,
+            **optional,
+        })
+
+    def choice_seeds(self) -> list[int]:
+        """One seed per choice: -1 (random) each, or ``seed + i`` for choice i, so choice i equals the
+        same request sent alone with that seed."""
+        return [-1 if self.seed is None else (self.seed + index) % (SEED_MAX + 1) for index in range(self.n)]
 
 
 class ChatCompletionRequest(SamplingFields):
