@@ -12,4 +12,4 @@ def test_mypy_sees_loadstar_engine():
     assert done.returncode == 0, done.stdout + done.stderr
     # Were loadstar.engine missing to mypy, Engine would be Any and this would read "Any".
     assert ("def (self: loadstar.engine.facade.Engine, request: loadstar.engine.generation.requests.GenerationRequest)"
-            " -> loadstar.engine.generation.service.GenerationHandle") in done.stdout, done.stdout
+            " -> loadstar.engine.generation.handle.GenerationHandle") in done.stdout, done.stdout
