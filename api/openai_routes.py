@@ -17,10 +17,16 @@ from pydantic import ValidationError
 
 from loadstar.api.errors import ApiError
 from loadstar.api.metrics_text import render_metrics
-from loadstar.api.responses import chat_message, job_dict, loaded_dict, tool_use
-from loadstar.api.schemas import ChatCompletionRequest, CompletionRequest, DownloadRequest, LoadRequest
+from loadstar.api.responses import chat_message, embeddings_body, job_dict, loaded_dict, tool_use
+from loadstar.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DownloadRequest,
+    EmbeddingRequest,
+    LoadRequest,
+)
 from loadstar.api.security import ApiKeys
-from loadstar.api.serving import ServingLimits, generate
+from loadstar.api.serving import ServingLimits, generate, load_named
 from loadstar.engine.errors import BadRequestError, LoadstarError, ModelNotFoundError, problem_line
 from loadstar.engine.facade import Engine
 from loadstar.engine.models.loader_api import OutputSpec
@@ -70,6 +76,22 @@ def build_router(
     async def completions(body: CompletionRequest, request: Request, owner: str = user) -> Any:
         output = OutputSpec(logprobs=body.logprobs)
         return await generate(engine, limits, request, body, owner, chat=False, prompt=body.prompt_text(), output=output)
+
+    @router.post("/v1/embeddings", dependencies=[user])
+    async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
+        if body.dimensions is not None:
+            raise ApiError(400, "dimensions is not supported: the model's own embedding size is given",
+                           "invalid_request_error", param="dimensions")
+        if limits.load_on_request:
+            await load_named(engine, body.model)
+        target = body.model if engine.models_resident(body.model) else None
+        try:
+            info, vectors = await anyio.to_thread.run_sync(engine.embed, body.texts(), target)
+        except BadRequestError as error:
+            raise ApiError(400, str(error), "invalid_request_error", param="input") from None
+        except LoadstarError as error:  # the model's worker crashed meanwhile, say
+            raise ApiError(500, str(error), "server_error") from None
+        return embeddings_body(info.name, vectors, body.encoding_format)
 
     @router.get("/metrics", dependencies=[user], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

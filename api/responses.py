@@ -7,7 +7,9 @@ model that answered and the name the client asked for); the functions turn the e
 
 from __future__ import annotations
 
+import base64
 import secrets
+import struct
 import time
 from typing import Any
 
@@ -18,7 +20,7 @@ from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, Started
 from loadstar.engine.hub.downloads import progress_dict
 from loadstar.engine.hub.jobs import DownloadJob
-from loadstar.engine.models.loader_api import TokenChoice, TokenLogprob
+from loadstar.engine.models.loader_api import TextEmbedding, TokenChoice, TokenLogprob
 
 
 class ResponseShape:
@@ -91,6 +93,21 @@ class ResponseShape:
     def usage_chunk(self, finished: list[Finished]) -> dict[str, Any]:
         object_ = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(object_), "choices": [], "usage": _usage(finished)}
+
+
+def embeddings_body(model: str, embeddings: list[TextEmbedding], encoding_format: str) -> dict[str, Any]:
+    """OpenAI's embeddings list: each vector as floats, or as base64 of little-endian float32."""
+    def encoded(vector: tuple[float, ...]) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+        return list(vector)
+
+    tokens = sum(e.tokens for e in embeddings)
+    return {
+        "object": "list", "model": model,
+        "data": [{"object": "embedding", "index": i, "embedding": encoded(e.vector)} for i, e in enumerate(embeddings)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def chat_message(message: ChatMessageIn) -> ChatMessage:

@@ -216,6 +216,34 @@ class CompletionRequest(SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+MAX_EMBEDDING_INPUTS = 256
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: one text or a list of them (token-id inputs are not taken)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256, description="A loaded model's name; any other name: the current model.")
+    input: str | list[str] = Field(description=f"A text, or up to {MAX_EMBEDDING_INPUTS} of them.")
+    encoding_format: Literal["float", "base64"] = Field("float", description="Floats, or base64 of little-endian float32.")
+    dimensions: int | None = Field(None, ge=1, description="Not supported: the model's own size is given.")
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts or len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input must be 1 to {MAX_EMBEDDING_INPUTS} texts")
+        if any(len(text) > 100_000 for text in texts):
+            raise ValueError("each input text must be at most 100,000 characters")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -23,7 +23,7 @@ from loadstar.engine.metrics import MetricsSnapshot
 from loadstar.engine.models.choice import LoaderCandidate
 from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
 from loadstar.engine.models.folder import ModelFolder
-from loadstar.engine.models.loader_api import LoadedModel, LoadedModelInfo, Loader
+from loadstar.engine.models.loader_api import FEATURE_EMBEDDINGS, LoadedModel, LoadedModelInfo, Loader, TextEmbedding
 from loadstar.engine.models.manager import ModelManager
 from loadstar.engine.plugins.extension_api import PluginContext, UIContribution
 from loadstar.engine.plugins.host import PluginHost, PluginInfo, PluginProblem
@@ -358,6 +358,16 @@ class Engine:
                              metrics=self.metrics, components=dict(components))
 
     # -- generation ----------------------------------------------------------------------------
+
+    def embed(self, texts: list[str], model: str | None = None) -> tuple[LoadedModelInfo, list[TextEmbedding]]:
+        """Embeddings of ``texts`` from loaded model ``model`` (None: the current one), on the model
+        thread; ``BadRequestError`` when it gives none or a text is too long."""
+        with self.models.use(model) as loaded:
+            if loaded is None:
+                raise BadRequestError(f"{model} is not loaded" if model else "no model is loaded: load one first")
+            if FEATURE_EMBEDDINGS not in loaded.info.features:
+                raise BadRequestError(f"{loaded.info.loader} gives no embeddings")
+            return loaded.info, self.models.model_thread.call(loaded.embed, list(texts))
 
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         return self.generation.submit(request)

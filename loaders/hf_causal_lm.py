@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from loadstar import (
     ALL_PARAMS,
+    FEATURE_EMBEDDINGS,
     FEATURE_LOGPROBS,
+    BadRequestError,
     CancelToken,
     LoadedModelInfo,
     OutputSpec,
     SamplingParams,
     StreamPiece,
+    TextEmbedding,
 )
 from loadstar.loaders.hf_sampling import PREFILL_CHUNK, PieceStreamer, eos_ids, generate_kwargs
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
     from loadstar.loaders.hf_batch import HFBatch
 
 log = logging.getLogger(__name__)
+
+EMBED_MAX_TOKENS = 512  # tokens per embedded text
 
 
 
@@ -54,7 +59,8 @@ class HFCausalLM(TokenizerPrompts):
         Requests then go through the batch only, which also gives log probabilities."""
         self.model = model
         self.tokenizer = tokenizer
-        self.info = replace(info, features=info.features | {FEATURE_LOGPROBS}) if max_batch > 1 else info
+        features = info.features | {FEATURE_EMBEDDINGS} | ({FEATURE_LOGPROBS} if max_batch > 1 else set())
+        self.info = replace(info, features=frozenset(features))
         self._keepalive = keepalive
         self.max_batch = max_batch
         self._batch: HFBatch | None = None
@@ -129,6 +135,24 @@ class HFCausalLM(TokenizerPrompts):
             log.warning("chunked prefill unavailable for this model (%s): reading the prompt at once", error)
             return None
         return cache
+
+    def embed(self, texts: list[str]) -> list[TextEmbedding]:
+        """The mean of the last hidden state over each text's tokens (its attention mask), unit length."""
+        import torch
+
+        limit = self.info.context_length or EMBED_MAX_TOKENS
+        out = []
+        for index, text in enumerate(texts):
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            if not ids:
+                raise BadRequestError(f"input {index} is empty")
+            if len(ids) > min(limit, EMBED_MAX_TOKENS):
+                raise BadRequestError(f"input {index} is {len(ids)} tokens long; at most {min(limit, EMBED_MAX_TOKENS)} are embedded")
+            input_ids = torch.tensor([ids], device=self.model.device)
+            with torch.inference_mode():
+                hidden = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1][0]
+            out.append(TextEmbedding.of(hidden.float().mean(dim=0).tolist(), len(ids)))
+        return out
 
     def unload(self) -> None:
         device = str(getattr(self.model, "device", "cpu"))

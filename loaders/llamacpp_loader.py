@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from loadstar import (
+    FEATURE_EMBEDDINGS,
     FEATURE_GRAMMAR,
     FEATURE_LOGPROBS,
     Assessment,
     Availability,
+    BadRequestError,
     CancelToken,
     GGUFModelFile,
     LoadedModel,
@@ -44,6 +46,7 @@ from loadstar import (
     OutputSpec,
     SamplingParams,
     StreamPiece,
+    TextEmbedding,
     format_size,
     gguf_models,
     hookimpl,
@@ -70,6 +73,7 @@ KV_SHARE_OF_FREE_MEMORY = 0.5  # the default context is capped so the KV caches 
 MIN_CONTEXT = 512
 
 
+EMBED_MAX_TOKENS = 512  # tokens per embedded text, read in one pass
 MAX_TEMPLATE_BYTES = 1024 * 1024  # real chat templates are a few kB; the largest known is ~30 kB
 
 
@@ -179,7 +183,7 @@ class LlamaCppLoader:
         info = LoadedModelInfo(name=folder.name, loader=self.name, device="cuda" if gpu_layers else "cpu",
                                dtype=(folder.quantization.gguf_type if folder.quantization else None) or "gguf",
                                context_length=n_ctx, details=details,
-                               features=frozenset({FEATURE_GRAMMAR, FEATURE_LOGPROBS}))
+                               features=frozenset({FEATURE_GRAMMAR, FEATURE_LOGPROBS, FEATURE_EMBEDDINGS}))
         model = LlamaCppModel(llm, info, options.max_batch)
         own = folder.path / "chat_template.jinja"  # the folder's template wins over the GGUF's, as for Transformers
         if own.is_file():
@@ -198,6 +202,7 @@ class LlamaCppModel(LoadedModel):
         from loadstar.loaders.llamacpp_batch import LlamaCppBatch
 
         self.native = NativeLlama(llm)  # llama-cpp-python's internals, for the batch
+        self._embedder: Any = None  # the embedding context, made at the first embed()
         self._llm = llm
         self.info = info
         self.max_batch = max_batch
@@ -257,8 +262,26 @@ class LlamaCppModel(LoadedModel):
         for piece in self.stream(prompt, params, cancel, seed=seed, output=output):
             emit(piece)
 
+    def embed(self, texts: list[str]) -> list[TextEmbedding]:
+        """Each text through a second context on the same weights, in embedding mode (made at the first
+        call: the chat's context and its cached prefixes stay as they are)."""
+        if self._embedder is None:
+            self._embedder = self.native.embedding_context(EMBED_MAX_TOKENS, _physical_cores())
+        out = []
+        for index, text in enumerate(texts):
+            tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+            if len(tokens) > EMBED_MAX_TOKENS:
+                raise BadRequestError(f"input {index} is {len(tokens)} tokens long; at most {EMBED_MAX_TOKENS} are embedded")
+            if not tokens:
+                raise BadRequestError(f"input {index} is empty")
+            out.append(TextEmbedding.of(self.native.embed_tokens(self._embedder, tokens), len(tokens)))
+        return out
+
     def unload(self) -> None:
         llm, self._llm = self._llm, None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if llm is not None:
             self._batch.free()
             llm.close()

@@ -50,6 +50,37 @@ class NativeLlama:
     def n_batch(self) -> int:
         return int(self.llm.n_batch)
 
+    def embedding_context(self, n_ctx: int, threads: int) -> Any:
+        """A second context on the same weights (no copy), in embedding mode, one sequence of ``n_ctx``
+        tokens read in one pass; pooled as the GGUF's header says, else the mean over the tokens."""
+        import llama_cpp
+        from llama_cpp import _internals
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads
+        params.embeddings = True
+        arch = self.llm.metadata.get("general.architecture", "")
+        own = f"{arch}.pooling_type" in self.llm.metadata  # embedding models say how they pool
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if own else llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        return _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+
+    def embed_tokens(self, context: Any, tokens: list[int]) -> list[float]:
+        """The pooled embedding of ``tokens`` (at most the context's size) in ``context``."""
+        import llama_cpp
+        from llama_cpp import _internals
+
+        batch = _internals.LlamaBatch(n_tokens=len(tokens), embd=0, n_seq_max=1, verbose=False)
+        try:
+            llama_cpp.llama_memory_clear(context.memory, True)
+            batch.add_sequence(tokens, 0, True)
+            context.decode(batch)
+            pointer = llama_cpp.llama_get_embeddings_seq(context.ctx, 0)
+            return [float(v) for v in pointer[: self.llm.n_embd()]]
+        finally:
+            batch.close()
+
     def make_context(self, sequences: int, n_ctx: int) -> None:
         """Replace the context by one for ``sequences`` sequences of ``n_ctx`` tokens each.
 

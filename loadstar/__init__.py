@@ -43,6 +43,7 @@ from loadstar.engine.models.gptq_tensors import (
 )
 from loadstar.engine.models.load_failures import load_failure
 from loadstar.engine.models.loader_api import (
+    FEATURE_EMBEDDINGS,
     FEATURE_GRAMMAR,
     FEATURE_LOGPROBS,
     Assessment,
@@ -56,6 +57,7 @@ from loadstar.engine.models.loader_api import (
     OutputSpec,
     SequenceStep,
     StreamPiece,
+    TextEmbedding,
     TokenChoice,
     TokenLogprob,
     pump,
@@ -71,7 +73,7 @@ __all__ = [
     # loaders: the contract
     "Loader", "Availability", "Assessment", "MemoryEstimate", "LoadedModel", "LoadedModelInfo",
     "StreamPiece", "CancelToken", "DecodeBatch", "SequenceStep", "OutputSpec", "TokenChoice",
-    "TokenLogprob", "FEATURE_GRAMMAR", "FEATURE_LOGPROBS", "pump",
+    "TokenLogprob", "FEATURE_GRAMMAR", "FEATURE_LOGPROBS", "FEATURE_EMBEDDINGS", "TextEmbedding", "pump",
     # loaders: what they read
     "ModelFolder", "Quantization", "GGUFModelFile", "gguf_models", "missing_parts", "weight_format",
     "format_size", "TensorGPTQ", "infer_gptq_from_safetensors", "read_safetensors_header", "filename_hint",

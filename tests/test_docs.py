@@ -60,7 +60,7 @@ def test_every_hook_is_documented_with_its_full_signature():
 
 def test_the_loaded_model_and_loader_contracts_are_documented_with_their_signatures():
     text = DOCS.read_text().replace("\\|", "|")  # a table cell escapes the union's bar
-    for member in ("count_tokens", "stream", "stream_to", "open_batch", "unload"):
+    for member in ("count_tokens", "stream", "stream_to", "open_batch", "embed", "unload"):
         signature = signature_of(getattr(LoadedModel, member), method=True)
         assert f"`{signature}`" in text, f"LoadedModel.{signature} is missing from {DOCS.name}"
     for member in ("availability", "assess", "load"):

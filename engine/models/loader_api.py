@@ -59,6 +59,21 @@ class LoadedModelInfo:
 
 FEATURE_GRAMMAR = "grammar"  # constrains its output to a JSON schema (OutputSpec.json_schema)
 FEATURE_LOGPROBS = "logprobs"  # gives each token's log probability and the top alternatives
+FEATURE_EMBEDDINGS = "embeddings"  # turns texts into vectors (LoadedModel.embed)
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    """A text's vector (unit length, so a dot product is the cosine) and the tokens it took."""
+
+    vector: tuple[float, ...]
+    tokens: int
+
+    @classmethod
+    def of(cls, values: list[float], tokens: int) -> TextEmbedding:
+        """``values`` scaled to unit length (a zero vector stays as it is)."""
+        norm = sum(v * v for v in values) ** 0.5
+        return cls(tuple(v / norm for v in values) if norm else tuple(values), tokens)
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,12 @@ class LoadedModel:
     def open_batch(self) -> DecodeBatch:
         """The model's batch (only called when ``max_batch`` > 1)."""
         raise NotImplementedError(f"{type(self).__name__} does not batch")
+
+    def embed(self, texts: list[str]) -> list[TextEmbedding]:
+        """One vector per text, pooled as the model's header says (else the mean over its tokens) and
+        scaled to unit length; only called on a model whose ``info.features`` name FEATURE_EMBEDDINGS.
+        Raise ``BadRequestError`` for a text it cannot take (too long)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no embeddings")
 
     def unload(self) -> None:
         """Free the model's memory (RAM and GPU). The object is unusable afterwards."""

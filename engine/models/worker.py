@@ -40,6 +40,7 @@ from loadstar.engine.models.loader_api import (
     OutputSpec,
     SequenceStep,
     StreamPiece,
+    TextEmbedding,
 )
 from loadstar.engine.models.worker_main import BATCH, CALL, CANCEL, ERROR, FACTS, LOAD, PIECE, STREAM
 from loadstar.engine.sampling import SamplingParams
@@ -271,6 +272,10 @@ class WorkerModel(LoadedModel):
 
     def open_batch(self) -> DecodeBatch:
         return self._batch
+
+    def embed(self, texts: list[str]) -> list[TextEmbedding]:
+        result: list[TextEmbedding] = self.call("embed", texts)
+        return result
 
     def unload(self) -> None:
         self._channel.close()
