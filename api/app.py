@@ -7,8 +7,10 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from loadstar.api.errors import install_error_handlers
 from loadstar.api.limits import BodyLimit
+from loadstar.api.messages_api import build_messages_router
 from loadstar.api.openai_routes import build_router
 from loadstar.api.security import ApiKeys
+from loadstar.api.serving import ServingLimits
 from loadstar.engine.facade import Engine
 
 
@@ -35,6 +37,8 @@ def build_http_app(engine: Engine) -> FastAPI:
         app.include_router(build_router(engine, keys, queue_timeout=settings.queue_timeout,
                                         max_tokens_cap=settings.api_max_tokens,
                                         load_on_request=settings.load_on_request))
+        limits = ServingLimits(settings.queue_timeout, settings.api_max_tokens, settings.load_on_request)
+        app.include_router(build_messages_router(engine, keys, limits))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:  # no CORS headers at all unless an allow-list is given
         app.add_middleware(

@@ -11,9 +11,12 @@ from loadstar.api.errors import ApiError
 
 
 def _bearer(request: Request) -> str | None:
+    """The key a client sent: ``Authorization: Bearer KEY``, or ``x-api-key: KEY`` (Anthropic's clients)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key", "").strip() or None
 
 
 def _matches(given: str | None, expected: str) -> bool:

@@ -32,6 +32,7 @@ from loadstar.engine.generation.service import GenerationHandle
 from loadstar.engine.models.loader_api import FEATURE_LOGPROBS, OutputSpec
 
 POLL_SECONDS = 0.25  # how often a waiting request looks whether its client went away
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,25 @@ async def load_named(engine: Engine, name: str) -> None:
         raise ApiError(400, f"could not load '{name}': {error}", "invalid_request_error", code="load_failed") from None
 
 
-async def generate(
-    engine: Engine, limits: ServingLimits, request: Request, body: SamplingFields, owner: str, *, chat: bool,
+@dataclass
+class Opened:
+    """A submitted request that has started (or was refused before any text): what answering it needs."""
+
+    handles: list[GenerationHandle]
+    events: asyncio.Queue[tuple[int, GenerationEvent]]
+    started: Started | None
+    early: dict[int, Finished]  # the choices that ended before the first started
+    model: str  # the model that answers
+    asked: str | None  # the name the client sent, when another model answers
+
+
+async def open_request(
+    engine: Engine, limits: ServingLimits, request: Request, body: SamplingFields, owner: str, *,
     messages: tuple[ChatMessage, ...] = (), prompt: str | None = None, tools: ToolUse = ToolUse(),
     output: OutputSpec = OutputSpec(),
-) -> Any:
-    """Submit the request (``n`` choices), wait until it starts, then answer it whole or as a stream."""
+) -> Opened:
+    """Submit the request (``n`` choices) and wait through the queue until it starts; an ``ApiError``
+    for a request refused before any text (an HTTP error, not a stream that ends in one)."""
     if limits.load_on_request:
         await load_named(engine, body.model)
     # A request naming a loaded model goes to it; any other name to the current model.
@@ -71,9 +85,6 @@ async def generate(
     if output.logprobs is not None and FEATURE_LOGPROBS not in loaded.features:
         raise ApiError(400, f"{loaded.loader} does not give log probabilities (logprobs)", "invalid_request_error",
                        param="logprobs")
-    # Any name is served by the loaded model (clients often send a fixed one, e.g. "gpt-4"); the
-    # response names the model that answered, and a notice says so.
-    asked = body.model if body.model != loaded.name else None
     handles: list[GenerationHandle] = []
     try:
         params = body.to_sampling_params(limits.max_tokens_cap)
@@ -83,8 +94,7 @@ async def generate(
                 stop=body.stop_strings(), output=output, tools=tools, model=target,
             )))
     except (BadRequestError, ValidationError) as error:
-        for handle in handles:
-            handle.cancel()
+        cancel_all(handles)
         raise ApiError(400, problem_line(error), "invalid_request_error") from None
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
@@ -93,40 +103,55 @@ async def generate(
     try:
         started, early = await _wait_until_started(events, request, limits.queue_timeout)
     except BaseException:
-        _cancel(handles)
+        cancel_all(handles)
         raise
     refused = next((f for f in early.values() if f.reason == "error"), None)
-    if refused is not None:  # before any text: an HTTP error, not a stream that ends in one
-        _cancel(handles)
-        _raise_for(refused)
-    ids = ResponseShape(chat=chat, model=loaded.name, started=started, asked=asked, choices=len(handles))
+    if refused is not None:
+        cancel_all(handles)
+        raise_for(refused)
+    # Any name is served by a loaded model (clients often send a fixed one, e.g. "gpt-4"); the
+    # response names the model that answered, and a notice says so.
+    asked = body.model if body.model != loaded.name else None
+    return Opened(handles, events, started, early, loaded.name, asked)
+
+
+async def generate(
+    engine: Engine, limits: ServingLimits, request: Request, body: SamplingFields, owner: str, *, chat: bool,
+    messages: tuple[ChatMessage, ...] = (), prompt: str | None = None, tools: ToolUse = ToolUse(),
+    output: OutputSpec = OutputSpec(),
+) -> Any:
+    """An OpenAI chat or text completion: submitted, waited for, answered whole or as a stream."""
+    opened = await open_request(engine, limits, request, body, owner, messages=messages, prompt=prompt, tools=tools,
+                                output=output)
+    handles, events, early = opened.handles, opened.events, opened.early
+    ids = ResponseShape(chat=chat, model=opened.model, started=opened.started, asked=opened.asked, choices=len(handles))
     if body.stream:
         return StreamingResponse(
             _sse(handles, events, request, ids, early, include_usage=body.include_usage(), hold=tools.active),
-            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            media_type="text/event-stream", headers=STREAM_HEADERS,
         )
     try:
-        finished = await _wait_finished(handles, events, request, early)
+        finished = await wait_finished(handles, events, request, early)
     finally:
-        _cancel(handles)
+        cancel_all(handles)
     failed = next((f for f in finished if f.reason == "error"), None)
     if failed is not None:
-        _raise_for(failed)
+        raise_for(failed)
     return ids.completion(finished)
 
 
-def _raise_for(failed: Finished) -> None:
+def raise_for(failed: Finished) -> None:
     if failed.bad_request:
         raise ApiError(400, failed.error or "bad request", "invalid_request_error")
     raise ApiError(500, failed.error or "generation failed", "server_error")
 
 
-def _cancel(handles: list[GenerationHandle]) -> None:
+def cancel_all(handles: list[GenerationHandle]) -> None:
     for handle in handles:
         handle.cancel()
 
 
-async def _next(events: asyncio.Queue[tuple[int, GenerationEvent]]) -> tuple[int, GenerationEvent] | None:
+async def next_event(events: asyncio.Queue[tuple[int, GenerationEvent]]) -> tuple[int, GenerationEvent] | None:
     """The next (choice, event), or None after ``POLL_SECONDS`` without one (time to look at the client)."""
     if not events.empty():
         return events.get_nowait()  # most tokens under load: no waiting at all
@@ -137,7 +162,7 @@ async def _next(events: asyncio.Queue[tuple[int, GenerationEvent]]) -> tuple[int
         return None
 
 
-def _pending_text(
+def pending_text(
     events: asyncio.Queue[tuple[int, GenerationEvent]], index: int, delta: TextDelta,
 ) -> tuple[TextDelta, tuple[int, GenerationEvent] | None]:
     """``delta`` joined with the deltas of the same choice already waiting (a lagging client gets one
@@ -162,7 +187,7 @@ async def _wait_until_started(
     position = None
     early: dict[int, Finished] = {}
     while True:
-        tagged = await _next(events)
+        tagged = await next_event(events)
         event = tagged[1] if tagged else None
         if isinstance(event, Started):
             return event, early
@@ -180,17 +205,17 @@ async def _wait_until_started(
                            "timeout_error", code="queue_timeout")
 
 
-async def _wait_finished(
+async def wait_finished(
     handles: list[GenerationHandle], events: asyncio.Queue[tuple[int, GenerationEvent]], request: Request,
     early: dict[int, Finished],
 ) -> list[Finished]:
     finished = dict(early)
     while len(finished) < len(handles) and not any(f.reason == "error" for f in finished.values()):
-        tagged = await _next(events)
+        tagged = await next_event(events)
         if tagged is not None and isinstance(tagged[1], Finished):
             finished[tagged[0]] = tagged[1]
         elif tagged is None and await request.is_disconnected():
-            _cancel(handles)  # nobody is waiting for the answer any more
+            cancel_all(handles)  # nobody is waiting for the answer any more
     return [finished[i] for i in sorted(finished)]
 
 
@@ -226,9 +251,9 @@ async def _sse(
                 yield line
         carried: tuple[int, GenerationEvent] | None = None  # read while joining deltas, not yet handled
         while len(finished) < len(handles) and not any(f.reason == "error" for f in finished.values()):
-            tagged, carried = carried or await _next(events), None
+            tagged, carried = carried or await next_event(events), None
             if tagged is not None and isinstance(tagged[1], TextDelta):
-                delta, carried = _pending_text(events, tagged[0], tagged[1])
+                delta, carried = pending_text(events, tagged[0], tagged[1])
                 if not hold:
                     yield data(ids.chunk(tagged[0], delta.text, None, logprobs=delta.logprobs))
                 elif shown := watches[tagged[0]].add(delta.text):
@@ -243,4 +268,4 @@ async def _sse(
             yield data(ids.usage_chunk([finished[i] for i in sorted(finished)]))
         yield "data: [DONE]\n\n"
     finally:
-        _cancel(handles)  # a client that went away stops its own generation
+        cancel_all(handles)  # a client that went away stops its own generation

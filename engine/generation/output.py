@@ -219,6 +219,7 @@ class RequestRun:
             seconds=time.perf_counter() - self.started if prepared else 0.0, error=error, notices=tuple(self.notices),
             logprobs=tuple(self.logprobs) if self.handle.request.output.logprobs is not None else None,
             tool_calls=self.calls, bad_request=bad_request,
+            stop_string=self.stops.matched if reason == "stop" else None,
         )
 
 

@@ -92,6 +92,7 @@ class Finished:
     logprobs: tuple[TokenLogprob, ...] | None = None  # of the reply's tokens, when the request asked for them
     tool_calls: tuple[ToolCall, ...] = ()  # when reason == "tool_calls" (the text is what came besides them)
     bad_request: bool = False  # the error is the request's (the API answers 400), not the server's
+    stop_string: str | None = None  # the stop string that ended the reply, when one did
 
     @property
     def tokens_per_second(self) -> float:
