@@ -196,6 +196,10 @@ def render(report: dict[str, Any]) -> str:
                                      f"{_f(row['total_tokens_per_second'], 1)} | {_f(row['p95_latency_seconds'], 1)} |")
         lines.append("")
         for loader, batches in by_loader.items():
+            ratio = (s["concurrency"].get(loader) or {}).get("worker_vs_in_process_8_clients")
+            if ratio is not None:
+                lines.append(f"- {loader}, max batch 8, 8 clients: the model in a worker gives "
+                             f"{_f(ratio)}x the tokens/s of the model in the server process.")
             for batch, rows in batches.items():
                 if "throughput_8_vs_1" in rows:
                     lines.append(f"- {loader}, max batch {batch.removeprefix('max_batch_')}: 8 clients give "

@@ -560,15 +560,19 @@ def concurrency(tokens: int, levels: tuple[int, ...] = (1, 4, 8),
                 loaders: tuple[str, ...] = ("llama.cpp", "Transformers")) -> dict[str, Any]:
     """Streaming API clients on the default model, for each loader that batches: one at a time
     (--max-batch 1, as before continuous batching) and batched (--max-batch 8); then 16 clients
-    at once, each answer compared with the same question asked alone."""
+    at once, each answer compared with the same question asked alone. The model is in a worker, as
+    the server runs it; llama.cpp batched is measured with the model in the server process too
+    (``max_batch_8_in_process``), so the worker's cost shows as a ratio of one run."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-conc-"))
     models = _default_models(tmp)
     out: dict[str, Any] = {}
     for loader in loaders:
         out[loader] = {}
-        for batch in (1, 8):
-            port, server = _start_server(models, tmp / f"data-{loader}-{batch}", "--max-batch", str(batch),
-                                         "--loader", loader)
+        runs = [(1, False), (8, False)] + ([(8, True)] if loader == "llama.cpp" else [])
+        for batch, in_process in runs:
+            extra = ("--in-process-models",) if in_process else ()
+            port, server = _start_server(models, tmp / f"data-{loader}-{batch}-{in_process}", "--max-batch", str(batch),
+                                         "--loader", loader, *extra)
             try:
                 _clients(port, 1, tokens)  # warm-up
                 rows: dict[str, Any] = {str(clients): _clients(port, clients, tokens) for clients in levels}
@@ -578,7 +582,11 @@ def concurrency(tokens: int, levels: tuple[int, ...] = (1, 4, 8),
                     rows["16_clients"] = _sixteen_at_once(port)
             finally:
                 _stop(server)
-            out[loader][f"max_batch_{batch}"] = rows
+            out[loader][f"max_batch_{batch}" + ("_in_process" if in_process else "")] = rows
+        if "max_batch_8_in_process" in out[loader]:
+            worker, here = out[loader]["max_batch_8"], out[loader]["max_batch_8_in_process"]
+            out[loader]["worker_vs_in_process_8_clients"] = (
+                worker["8"]["total_tokens_per_second"] / here["8"]["total_tokens_per_second"])
     return out
 
 
