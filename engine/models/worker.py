@@ -183,7 +183,8 @@ class _Channel:
         """End the worker: close the socket (it exits on its own), then wait for it, killing it if it hangs."""
         self._closing = True
         try:  # a shutdown, not only a close: it wakes the reader blocked on this socket, and the worker sees EOF
-            socket.socket(fileno=os.dup(self._conn.fileno())).shutdown(socket.SHUT_RDWR)
+            with socket.socket(fileno=os.dup(self._conn.fileno())) as same:
+                same.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass
         try:
