@@ -54,3 +54,18 @@ def gguf_folder(root: Path, name: str = "gguf", *, arch: str = "llama", chat_tem
     writer.write_tensors_to_file()
     writer.close()
     return folder
+
+
+def default_and_tools_models(models: Path, tools_name: str) -> Path:
+    """The embedded default model, and beside it ``tools_name``: the same file (a hard link) with a
+    chat template that reads ``tools`` (tests/data/chatml_tools.jinja). Returns ``models``."""
+    import os
+
+    from loadstar.engine.models.default_model import DEFAULT_MODEL_FILE, place_default_model
+
+    default = place_default_model(models)
+    tools = models / tools_name
+    tools.mkdir()
+    os.link(default / DEFAULT_MODEL_FILE, tools / DEFAULT_MODEL_FILE)
+    (tools / "chat_template.jinja").write_text((Path(__file__).parent / "data" / "chatml_tools.jinja").read_text())
+    return models

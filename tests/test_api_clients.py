@@ -9,13 +9,12 @@ runs with --load-on-request, so a request names the one it wants.
 
 import json
 import math
-import os
-from pathlib import Path
 
 import httpx
 import pytest
 
-from loadstar.engine.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, place_default_model
+from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
+from tests.folders import default_and_tools_models
 from tests.helpers import CAPITAL_QUESTION, running_server
 
 pytestmark = pytest.mark.slow
@@ -51,12 +50,7 @@ CAT = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("clients")
-    models = root / "models"
-    default = place_default_model(models)
-    tools = models / TOOLS_MODEL
-    tools.mkdir()
-    os.link(default / DEFAULT_MODEL_FILE, tools / DEFAULT_MODEL_FILE)
-    (tools / "chat_template.jinja").write_text((Path(__file__).parent / "data" / "chatml_tools.jinja").read_text())
+    models = default_and_tools_models(root / "models", TOOLS_MODEL)
     with running_server(root, "--models-dir", str(models), "--api-key", KEY, "--load-on-request",
                         "--api-max-tokens", "96") as url:
         yield url

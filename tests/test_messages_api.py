@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from loadstar.engine.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, place_default_model
+from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
+from tests.folders import default_and_tools_models
 from tests.helpers import running_server
 
 pytestmark = pytest.mark.slow
@@ -25,12 +24,7 @@ def client(tmp_path_factory):
     import anthropic
 
     root = tmp_path_factory.mktemp("messages")
-    models = root / "models"
-    default = place_default_model(models)
-    tools = models / TOOLS_MODEL
-    tools.mkdir()
-    os.link(default / DEFAULT_MODEL_FILE, tools / DEFAULT_MODEL_FILE)
-    (tools / "chat_template.jinja").write_text((Path(__file__).parent / "data" / "chatml_tools.jinja").read_text())
+    models = default_and_tools_models(root / "models", TOOLS_MODEL)
     with running_server(root, "--models-dir", str(models), "--api-key", KEY, "--load-on-request",
                         "--max-models", "2") as url:
         yield anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0, timeout=300)  # sends x-api-key

@@ -79,10 +79,6 @@ class _Channel:
         self._reader = threading.Thread(target=self._read, name=f"loadstar-worker-{process.pid}", daemon=True)
         self._reader.start()
 
-    @property
-    def crashed(self) -> str | None:
-        return None if self._closing else self._dead
-
     def call(self, op: str, *args: Any) -> Any:
         future: Future = Future()
         self._send(op, args, future)
@@ -241,11 +237,6 @@ class WorkerModel(LoadedModel):
     @property
     def pid(self) -> int:
         return self._channel.process.pid
-
-    @property
-    def crashed(self) -> str | None:
-        """Why the worker died (one line), or None while it runs (or after a plain unload)."""
-        return self._channel.crashed
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call a public method of the model in the worker (tests and benchmarks: ``encode``, ``clear_cache``)."""
