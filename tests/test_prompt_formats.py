@@ -217,3 +217,23 @@ def test_the_front_matter_template_is_used_when_the_card_has_no_template_line():
 
 
 TEMPLATES_FOR_TEST = "### System:\n{system_message}\n### User:\n{prompt}\n### Assistant:\n"
+
+
+def test_a_tool_call_in_the_history_renders_as_plain_text_not_html():
+    """Jinja's own tojson returns Markup, which HTML-escaped the text added to it: a Hermes-style
+    template showed the model ``&lt;tool_call&gt;`` and ``&#34;`` and the model copied them."""
+    from pathlib import Path
+
+    from loadstar.engine.chat.prompt_formats import PromptFormat
+    from loadstar.engine.chat.tool_calls import ToolCall
+
+    template = (Path(__file__).parent / "data" / "chatml_tools.jinja").read_text()
+    call = ToolCall("call_1", "lookup", '{"city": "Zürich"}')
+    messages = [ChatMessage(role="user", content="Weather?"), ChatMessage(role="assistant", content="", tool_calls=(call,)),
+                ChatMessage(role="tool", content="Sunny <b>", tool_call_id="call_1")]
+    tool = {"type": "function", "function": {"name": "lookup", "description": "A & B", "parameters": {"type": "object"}}}
+    prompt = render(PromptFormat(name="tools", template=template), messages, TOKENS, renderer=RENDERER,
+                    tools=[tool]).text
+    assert '<tool_call>\n{"name": "lookup", "arguments": {"city": "Zürich"}}\n</tool_call>' in prompt
+    assert '"description": "A & B"' in prompt and "Sunny <b>" in prompt
+    assert "&lt;" not in prompt and "&#34;" not in prompt and "&amp;" not in prompt
