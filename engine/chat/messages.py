@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
+from loadstar.engine.chat.attachments import Attachment
 from loadstar.engine.chat.tool_calls import ToolCall
 from loadstar.engine.errors import BadRequestError
 
@@ -19,6 +20,7 @@ class ChatMessage(BaseModel):
     content: str = Field(description="Plain text of the message.")
     tool_calls: tuple[ToolCall, ...] = Field((), description="An assistant message's calls to tools.")
     tool_call_id: str | None = Field(None, description="The call a tool message answers.")
+    attachments: tuple[Attachment, ...] = Field((), max_length=10, description="Files attached to a user message.")
 
     @field_validator("content")
     @classmethod
@@ -27,17 +29,26 @@ class ChatMessage(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_empty_tool_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Chats without tools (all of the UI's) store and show just role and content."""
+        """Messages without tools or files store and show just role and content."""
         data = handler(self)
         if not self.tool_calls:
             data.pop("tool_calls", None)
         if self.tool_call_id is None:
             data.pop("tool_call_id", None)
+        if not self.attachments:
+            data.pop("attachments", None)
         return data
+
+    @property
+    def model_text(self) -> str:
+        """What the model reads: the attached files (as sent), then the message's own text."""
+        if not self.attachments:
+            return self.content
+        return "\n\n".join([*(a.for_model() for a in self.attachments), self.content])
 
     def as_dict(self) -> dict[str, Any]:
         """The message as chat templates see it."""
-        shown: dict[str, Any] = {"role": self.role, "content": self.content}
+        shown: dict[str, Any] = {"role": self.role, "content": self.model_text}
         if self.tool_calls:
             shown["tool_calls"] = [call.as_template_dict() for call in self.tool_calls]
         if self.tool_call_id is not None:

@@ -45,7 +45,7 @@ class RequestDraft:
     def user_text(self, text: str) -> None:
         for i in range(len(self.messages) - 1, -1, -1):
             if self.messages[i].role == "user":
-                self.messages[i] = ChatMessage(role="user", content=text)
+                self.messages[i] = self.messages[i].model_copy(update={"content": text})  # files stay attached
                 return
         raise ValueError("this request has no user message")
 
