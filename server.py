@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated extensions to turn on, all others off (remembered; "
                               "'' turns all off; default: as last time). See --list-plugins")
     add_plugin_switches(plugins)
+    plugins.add_argument("--tools-folder", metavar="DIR", type=Path, default=None,
+                         help="the folder the example tool read_file may read (default: none, the tool is off)")
+    plugins.add_argument("--mcp-config", metavar="FILE", type=Path, default=None,
+                         help='MCP servers whose tools the chat offers: a JSON file {"mcpServers": {NAME: '
+                              '{"command": ..., "args": [...]} or {"url": "http://..."}}} (operator only)')
     tools = parser.add_argument_group("maintenance")
     tools.add_argument("--list-plugins", action="store_true", help="print each plugin, its version and hooks, then exit")
     tools.add_argument("--place-default-model", action="store_true",
@@ -157,6 +162,8 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             remote_keys=tuple((name, environ[name]) for name in dict.fromkeys(args.remote_key_env) if environ.get(name)),
             third_party_plugins=switches["third_party"],
             disabled_plugins=switches["disabled"],
+            tools_folder=args.tools_folder,
+            mcp_config=args.mcp_config,
             extensions=None if args.extensions is None else tuple(
                 name.strip() for name in args.extensions.split(",") if name.strip()
             ),

@@ -27,8 +27,9 @@ from loadstar.engine.models.loader_api import FEATURE_EMBEDDINGS, LoadedModel, L
 from loadstar.engine.models.manager import ModelManager
 from loadstar.engine.plugins.extension_api import PluginContext, UIContribution
 from loadstar.engine.plugins.host import PluginHost, PluginInfo, PluginProblem
-from loadstar.engine.sampling import ALL_PARAMS, SamplingParams
+from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
 from loadstar.engine.settings import Settings
+from loadstar.engine.tools import ToolBox
 from loadstar.engine.user_settings import ModelChoice, UserSettingsStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Engine:
         self.downloads = DownloadManager(settings.models_dir, settings.hub_endpoint, settings.hub_token)
         self.presets = PresetStore(settings.data_dir / "presets")
         self.conversations = ConversationStore(settings.data_dir / "conversations")
+        self.tools = ToolBox(self.plugins.tools, self.plugins.enabled_names, self.plugins.shutdown)
 
     # -- models --------------------------------------------------------------------------------
 
@@ -369,6 +371,22 @@ class Engine:
                 raise BadRequestError(f"{loaded.info.loader} gives no embeddings")
             return loaded.info, self.models.model_thread.call(loaded.embed, list(texts))
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens each text takes in the loaded model's tokenizer."""
+        with self.models.use() as model:
+            if model is None:
+                raise BadRequestError("no model is loaded: load one first")
+            return self.models.model_thread.call(lambda: [model.count_tokens(t) for t in texts])
+
+    def prompt_room(self, request: GenerationRequest) -> tuple[int | None, PreparedRequest]:
+        """Prompt tokens ``request`` leaves free in the context (None: the context length is unknown)."""
+        with self.models.use() as model:
+            if model is None:
+                raise BadRequestError("no model is loaded: load one first")
+            prepared = self.models.model_thread.call(self.pipeline.prepare, model, request, [])
+            budget = prompt_budget(prepared.params, model.info.context_length)
+        return (None if budget is None else budget - prepared.prompt_tokens), prepared
+
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         return self.generation.submit(request)
 
@@ -386,3 +404,4 @@ class Engine:
                 pass
         self.models.model_thread.stop()
         self.pipeline.close()
+        self.tools.close()

@@ -50,6 +50,8 @@ class Settings(BaseModel):
     )
     third_party_plugins: bool = Field(True, description="Load plugins from other packages (off = only built-ins).")
     disabled_plugins: tuple[str, ...] = Field((), description="Plugins never imported (--disable-plugin NAME).")
+    tools_folder: Path | None = Field(None, description="The folder the example read_file tool may read (None: off).")
+    mcp_config: Path | None = Field(None, description="JSON file naming the MCP servers whose tools the chat offers.")
     extensions: tuple[str, ...] | None = Field(
         None, description="Turn on exactly these optional extensions and plugins (remembered); None = as last time."
     )

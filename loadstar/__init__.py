@@ -66,6 +66,7 @@ from loadstar.engine.plugins.extension_api import PluginContext, ReplyDraft, Req
 from loadstar.engine.plugins.hookspecs import hookimpl
 from loadstar.engine.sampling import ALL_PARAMS, SamplingParams, prompt_budget
 from loadstar.engine.settings import Settings
+from loadstar.engine.tools import Tool
 
 __all__ = [
     # hooks
@@ -81,7 +82,7 @@ __all__ = [
     "SamplingParams", "ALL_PARAMS", "prompt_budget",
     # extensions
     "RequestDraft", "ReplyDraft", "UIContribution", "PluginContext", "GenerationRequest", "ChatMessage",
-    "PromptFormat", "Settings", "MetricsSnapshot",
+    "PromptFormat", "Settings", "MetricsSnapshot", "Tool",
     # errors and helpers
     "LoadstarError", "ModelLoadError", "BadRequestError", "GenerationFailed", "one_line", "problem_line",
     "first_problem", "load_failure", "write_atomic", "read_store",

@@ -28,7 +28,7 @@ PLUGIN = textwrap.dedent('''
 
     from loadstar import (
         Assessment, Availability, LoadedModel, LoadedModelInfo, PluginContext, ReplyDraft, RequestDraft,
-        StreamPiece, UIContribution, hookimpl,
+        StreamPiece, Tool, UIContribution, hookimpl,
     )
 
     SEEN = {}
@@ -108,6 +108,18 @@ PLUGIN = textwrap.dedent('''
     @hookimpl
     def webui_contribution(register):
         register(UIContribution("Every hook", _build, placement="tab"))
+
+
+    @hookimpl
+    def register_tools(register, report):
+        register(Tool("squawk", "Say it twice.", lambda args: args["word"] * 2,
+                      {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}))
+        report("the parrot's second tool is asleep")
+
+
+    @hookimpl
+    def shutdown():
+        SEEN["shutdown"] = True
 ''')
 
 
@@ -159,9 +171,12 @@ def test_a_plugin_package_exercises_every_hook(installed, tmp_path):
         contribution.build(engine.plugin_context({}))  # webui_contribution, with its typed context
         data_dir, loaded, requests = plugin.SEEN["context"]
         assert (data_dir, loaded.name, requests) == (tmp_path / "data", "polly", {"stop": 2})
+        assert engine.tools.run("squawk", '{"word": "hi"}').text == "hihi"  # register_tools
+        assert "the parrot's second tool is asleep" in engine.tools.problems()
         assert engine.plugin_problems() == []
     finally:
         engine.close()
+    assert plugin.SEEN["shutdown"] is True  # shutdown
 
 
 def test_the_server_lists_the_package_and_disable_plugin_leaves_it_out(installed, monkeypatch):

@@ -97,7 +97,7 @@ def test_list_plugins_shows_the_builtin_loader():
 
 def test_unknown_extension_is_a_one_line_error(tmp_path):
     result = run_server("--no-model", "--data-dir", str(tmp_path), "--extensions", "example,nope")
-    assert_one_line_error(result, "unknown extension nope (known: example, remote_engine, reply_rules)", 1)
+    assert_one_line_error(result, "unknown extension nope (known: example, example_tools, mcp_servers, remote_engine, reply_rules)", 1)
 
 
 def test_list_plugins_shows_extensions_and_remembers_the_extensions_flag(tmp_path):
@@ -106,7 +106,7 @@ def test_list_plugins_shows_extensions_and_remembers_the_extensions_flag(tmp_pat
     assert "(extensions/example): configure, generate, modify_reply" in listed.stdout and "[off]" in listed.stdout
     (tmp_path / "settings.json").write_text('{"extensions": {"example": true, "remote_engine": false}}')
     listed = run_server("--list-plugins", "--data-dir", str(tmp_path))
-    assert "render_prompt, webui_contribution [on]" in listed.stdout
+    assert "render_prompt, shutdown, webui_contribution [on]" in listed.stdout
     assert "(extensions/remote_engine): configure, generate, register_loaders [off]" in listed.stdout
 
 

@@ -18,7 +18,7 @@ MAPPED = {"engine": "loadstar.engine", "api": "loadstar.api", "webui": "loadstar
 # specifications name GenerationRequest, and the plugin host must not import the service.
 LAYERS = [
     {"errors", "atomic", "settings", "user_settings", "sampling", "metrics"},
-    {"chat"},
+    {"chat", "tools"},
     {"models"},
     {"generation.requests"},
     {"plugins"},

@@ -43,6 +43,8 @@ class Conversation(BaseModel):
     # Every version of a regenerated reply, by message index, oldest first; the message's own text
     # is the version in use (the one the model sees in later turns).
     alternatives: dict[int, list[str]] = Field(default_factory=dict, max_length=10_000)
+    allowed_tools: list[str] = Field(default_factory=list, max_length=1000, description=(
+        "Tools the user let run without asking, in this conversation."))
 
     @model_validator(mode="after")
     def _alternatives_follow_the_messages(self) -> Conversation:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from loadstar.engine.models.loader_api import CancelToken, LoadedModel, LoadedModelInfo, Loader, StreamPiece
     from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContribution
     from loadstar.engine.settings import Settings
+    from loadstar.engine.tools import Tool
 
 PROJECT_NAME = "loadstar"
 
@@ -114,4 +115,23 @@ def webui_contribution(register: Callable[[UIContribution], None]) -> None:
     Called by ``webui/`` only, once when the page is built, for every discovered extension;
     the contribution is shown while its extension is enabled. ``build(context)`` runs inside a
     Gradio Blocks context and may import Gradio; the engine never does.
+    """
+
+
+@hookspec
+def register_tools(register: Callable[[Tool], None], report: Callable[[str], None]) -> None:
+    """Offer tools the chat may let a model call: ``register(Tool(name, description, run, parameters))``.
+
+    ``run(arguments)`` gets arguments already checked against ``parameters`` (a JSON schema of an
+    object) and returns text; the user approves each call before it runs. Call ``report(line)``
+    for a source of tools that cannot be used now (a server that does not answer), in one line
+    the chat shows. Called once per set of enabled plugins, when the chat first needs tools.
+    """
+
+
+@hookspec
+def shutdown() -> None:
+    """The engine is closing: stop your threads, end child processes, close connections.
+
+    Called once, for every plugin (enabled or not), when the server stops.
     """

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from loadstar.engine.models.loader_api import CancelToken, LoadedModel, LoadedModelInfo, StreamPiece
     from loadstar.engine.plugins.extension_api import ReplyDraft, RequestDraft, UIContribution
     from loadstar.engine.settings import Settings
+    from loadstar.engine.tools import Tool
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("loadstar.plugins.trace")
@@ -54,7 +55,7 @@ OUR_DISTRIBUTION = "loadstar"
 EXTENSIONS_PACKAGE = "loadstar.extensions"
 TRACE_ENV = "LOADSTAR_TRACE_PLUGINS"
 # Built-in extensions that are on until the user turns them off; the others wait to be enabled.
-ENABLED_BY_DEFAULT = frozenset({"remote_engine"})
+ENABLED_BY_DEFAULT = frozenset({"remote_engine", "example_tools", "mcp_servers"})
 
 # Per hook call (a context variable, so calls on different threads never mix): the plugin whose
 # implementation is running, and the problems the call met.
@@ -338,6 +339,24 @@ class PluginHost:
 
         self._invoke("webui_contribution", include_disabled=True, register=register)
         return [(name, contribution) for name, contribution in found if name not in self._failed]
+
+    def tools(self) -> tuple[list[tuple[str, Tool]], list[str]]:
+        """(plugin name, tool) for every enabled plugin's tools, and the one-line problems they reported."""
+        found: list[tuple[str, Tool]] = []
+        problems: list[str] = []
+
+        def register(tool: Tool) -> None:
+            found.append((_RUNNING.get() or "", tool))
+
+        def report(line: str) -> None:
+            problems.append(" ".join(str(line).split())[:300])
+
+        self._invoke("register_tools", problems, register=register, report=report)
+        return [(name, tool) for name, tool in found if name not in self._failed], problems
+
+    def shutdown(self) -> None:
+        if self._loaded:
+            self._invoke("shutdown", include_disabled=True)
 
     # -- the one way a hook is called ----------------------------------------------------------
 

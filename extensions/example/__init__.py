@@ -12,6 +12,8 @@ Turn it on in the Extensions tab or with ``--extensions example``. What it does,
 - ``generate``: the message ``/ping`` is answered "pong" without the model (first True wins).
 - ``modify_reply``: a message ending in "(in capitals)" gets its reply in capitals.
 - ``webui_contribution``: an "Example" tab showing how many generations the engine has run.
+- ``register_tools``: a ``word_count`` tool the chat can let a model call (after the user approves).
+- ``shutdown``: the engine is closing; this plugin holds nothing to close, so it only says so.
 
 State lives on the plugin object (``create_plugin()`` makes one per plugin host), never in module
 globals, so two engines in one process (tests) never share it.
@@ -19,6 +21,7 @@ globals, so two engines in one process (tests) never share it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,10 +40,12 @@ from loadstar import (
     RequestDraft,
     SamplingParams,
     StreamPiece,
+    Tool,
     UIContribution,
     hookimpl,
 )
 
+log = logging.getLogger(__name__)
 SHORT = "/short "
 RAW = "/raw "
 SHOUT = "(in capitals)"
@@ -134,6 +139,15 @@ class ExamplePlugin:
     @hookimpl
     def webui_contribution(self, register: Any) -> None:
         register(UIContribution("Example", _build_tab, placement="tab"))
+
+    @hookimpl
+    def register_tools(self, register: Any) -> None:
+        register(Tool("word_count", "Count the words of a text.", lambda args: str(len(args["text"].split())),
+                      {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}))
+
+    @hookimpl
+    def shutdown(self) -> None:
+        log.debug("example extension: nothing to close")
 
 
 def _build_tab(context: PluginContext) -> None:
