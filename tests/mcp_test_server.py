@@ -3,6 +3,7 @@
     python tests/mcp_test_server.py              serves the tools below
     python tests/mcp_test_server.py --only NAME  serves only that tool
     python tests/mcp_test_server.py --hang       starts but never answers (a server that hangs)
+    python tests/mcp_test_server.py --http PORT  serves over streamable HTTP at http://127.0.0.1:PORT/mcp
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def main() -> None:
     for tool in (warehouse_stock, todays_special, slow_echo, broken):
         if only in (None, tool.__name__):
             server.tool()(tool)
-    server.run()
+    if "--http" in sys.argv:
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[sys.argv.index("--http") + 1]))
+    else:
+        server.run()
 
 
 if __name__ == "__main__":

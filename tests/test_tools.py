@@ -141,3 +141,33 @@ def test_a_bad_mcp_config_is_one_line(tmp_path):
     [problem] = box.problems()
     assert problem.startswith("--mcp-config") and "either command" in problem
     box.close()
+
+
+def test_an_mcp_server_over_streamable_http_answers_calls(tmp_path):
+    import socket
+    import subprocess
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, SERVER, "--http", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "the HTTP MCP server did not start"
+                time.sleep(0.2)
+        plugin = mcp_servers(tmp_path, {"remote": {"url": f"http://127.0.0.1:{port}/mcp"}})
+        box = toolbox(plugin)
+        try:
+            assert "remote_todays_special" in [o.tool.name for o in box.available()], box.problems()
+            assert box.run("remote_todays_special", "{}").text == "Today's special is mushroom risotto."
+        finally:
+            box.close()
+    finally:
+        process.terminate()
+        process.wait(10)

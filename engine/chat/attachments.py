@@ -94,12 +94,6 @@ class Attachment(BaseModel):
             body, note = self.text, ""
         return f'<attached_file name="{self.name}"{where}>\n{note}{body}\n</attached_file>'
 
-    def summary(self) -> str:
-        """One line for the chat: name, size and how it was sent."""
-        how = {"whole": "", "cut": f", cut to the first {self.sent_tokens:,} tokens",
-               "searched": f", searched: {len(self.quotes)} passage{'s' if len(self.quotes) != 1 else ''} sent"}
-        return f"{self.name} · {self.tokens:,} tokens{how[self.fit]}"
-
 
 def read_attachment(path: Path, name: str) -> ReadFile:
     """Read ``path`` (uploaded as ``name``) into text, or raise a one-line ``BadRequestError``."""
