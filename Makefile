@@ -65,10 +65,11 @@ $(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
 	$(PIP) install -r requirements-test.txt
 	touch $@
 
-# Debian's chromium for browser tests (never `playwright install`).
+# Debian's chromium for browser tests (never `playwright install`), and a colour emoji font so that
+# screenshots show the UI's emoji (📎 ⚠️ 🔧) as users' browsers do.
 $(CHROMIUM):
 	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium fonts-noto-color-emoji
 
 clean-venv:
 	rm -rf $(VENV)

@@ -202,7 +202,7 @@ def test_enabling_an_extension_shows_its_tab_and_panel(page):
     assert example_tab.count() == 0
     page.get_by_role("tab", name="Extensions").click()
     switches = page.locator("#extension-switches")
-    switches.get_by_label("example").check()
+    switches.get_by_label("example", exact=True).check()
     switches.get_by_label("reply_rules").check()
     wait_until(lambda: page.get_by_role("tab", name="Example").count() == 1, "the Example tab")
     table = page.locator("#plugin-table")
@@ -217,7 +217,7 @@ def test_enabling_an_extension_shows_its_tab_and_panel(page):
     assert bot_messages(page).last.inner_text() == "pong"  # the example's generate hook answered
 
     page.get_by_role("tab", name="Extensions").click()
-    switches.get_by_label("example").uncheck()
+    switches.get_by_label("example", exact=True).uncheck()
     switches.get_by_label("reply_rules").uncheck()
     wait_until(lambda: page.get_by_role("tab", name="Example").count() == 0, "the Example tab to go")
 

@@ -11,15 +11,21 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from loadstar.engine.chat.attachments import MAX_FILES, read_attachment
 from loadstar.engine.chat.conversations import Conversation, title_from
-from loadstar.engine.errors import LoadstarError, problem_line
+from loadstar.engine.chat.retrieval import Fitted, Overflow, fit_files
+from loadstar.engine.chat.tool_calls import ToolMode, ToolUse
+from loadstar.engine.errors import BadRequestError, LoadstarError, problem_line
 from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started
+from loadstar.engine.models.loader_api import FEATURE_EMBEDDINGS
 from loadstar.engine.sampling import SamplingParams, parameter_specs
+from loadstar.webui.message_display import without_chips
 from loadstar.webui.reasoning import reasoning_source
 from loadstar.webui.streaming import redraws
 
@@ -39,7 +45,7 @@ def who(request: Any) -> Who:
 
 @dataclass(frozen=True)
 class ChatUpdate:
-    chatbot: list[dict[str, str]]
+    chatbot: list[dict[str, Any]]
     state: State
     status: str
     prompt: str | None = None  # the prompt sent, for the prompt viewer (None: leave it)
@@ -66,9 +72,29 @@ def stops_from_text(text: str | None) -> tuple[str, ...]:
 
 
 EDITED = "edited_user_message"  # in the page's state only: the user message Regenerate answers anew
+ToolChoice = Literal["off", "auto", "required"]  # "required": the first reply of a turn must call a tool
+MAX_TOOL_ROUNDS = 5  # tool calls run without asking (tools allowed always) before a reply, per turn
+DECLINED = "The user declined this call: it did not run. Answer without it."
 
 
-def chat_messages(state: State) -> list[dict[str, str]]:
+@dataclass(frozen=True)
+class TurnOptions:
+    """What the chat's controls say about a turn besides its text and sampling parameters."""
+
+    files: tuple[str, ...] = ()  # uploaded paths (checked: inside Gradio's upload folder)
+    overflow: Overflow = "search"  # a file too long for the context: searched or cut
+    tools: ToolChoice = "off"  # offer the enabled plugins' tools: "auto" (the model decides), "required"
+
+
+def pending_calls(state: State) -> list[dict[str, Any]]:
+    """The tool calls of the last message, when it is an assistant's call that awaits the user."""
+    messages = state.get("messages") or []
+    if messages and messages[-1].get("role") == "assistant" and messages[-1].get("tool_calls"):
+        return list(messages[-1]["tool_calls"])
+    return []
+
+
+def chat_messages(state: State) -> list[dict[str, Any]]:
     return [dict(m) for m in state.get("messages", [])]
 
 
@@ -82,22 +108,124 @@ class ChatHandlers:
 
     # -- turns -----------------------------------------------------------------------------------
 
-    def send(self, text: str, state: State, who: Who, params: tuple[Any, ...], stops: str) -> Iterator[ChatUpdate]:
-        """Append the user's message and stream the reply."""
+    def send(
+        self, text: str, state: State, who: Who, params: tuple[Any, ...], stops: str,
+        options: TurnOptions = TurnOptions(),
+    ) -> Iterator[ChatUpdate]:
+        """Append the user's message (and its files, fitted into the context) and stream the reply."""
         text = (text or "").strip()
-        if not text:
+        if not text and not options.files:
             yield ChatUpdate(chat_messages(state), state, "Type a message first.")
             return
         if self.engine.has_work(who.owner):  # keep the message out of the chat, not lost
             yield ChatUpdate(chat_messages(state), state, "Still answering: press Stop first.", keep_input=True)
             return
-        state = {**{k: v for k, v in state.items() if k != EDITED},
-                 "messages": [*chat_messages(state), {"role": "user", "content": text}]}
+        if pending_calls(state):
+            yield ChatUpdate(chat_messages(state), state, "The model asked to run a tool: approve or reject it first.",
+                             keep_input=True)
+            return
+        state = {k: v for k, v in state.items() if k != EDITED}
+        message: dict[str, Any] = {"role": "user", "content": text or "Read the attached file."}
+        if options.files:
+            yield ChatUpdate(chat_messages(state), state, "Reading the attached files…", keep_input=True)
+            try:
+                fitted = self.fit(options.files, message["content"], state, params, stops, options.overflow)
+            except (LoadstarError, ValidationError) as error:
+                yield ChatUpdate(chat_messages(state), state, f"⚠️ {problem_line(error)}", keep_input=True)
+                return
+            message["attachments"] = [a.model_dump() for a in fitted.attachments]
+        state = {**state, "messages": [*chat_messages(state), message]}
         if state.get("title", "New chat") == "New chat":
-            state["title"] = title_from(text)
-        yield from self._reply(state, who, params, stops)
+            state["title"] = title_from(text or options.files[0].rsplit("/", 1)[-1])
+        yield from self._reply(state, who, params, stops, tools=options.tools)
 
-    def regenerate(self, state: State, who: Who, params: tuple[Any, ...], stops: str) -> Iterator[ChatUpdate]:
+    # -- attachments -----------------------------------------------------------------------------
+
+    def fit(
+        self, files: tuple[str, ...], text: str, state: State, params: tuple[Any, ...], stops: str,
+        overflow: Overflow,
+    ) -> Fitted:
+        """The uploaded ``files`` read and fitted into the room ``text`` leaves in the context."""
+        from loadstar.webui.uploads import uploaded_file
+
+        if len(files) > MAX_FILES:
+            raise BadRequestError(f"attach at most {MAX_FILES} files to one message")
+        read = [read_attachment(uploaded_file(path), Path(path).name) for path in files]
+        probe = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text}]}
+        room, _ = self.engine.prompt_room(self._request(probe, "fit", params, stops))
+        info = self.engine.loaded
+        embed = None
+        if info is not None and FEATURE_EMBEDDINGS in info.features:
+            def embed(texts: list[str]) -> list[list[float]]:
+                return [list(e.vector) for e in self.engine.embed(texts)[1]]
+        return fit_files(read, room if room is not None else 10**9, lambda t: self.engine.count_tokens([t])[0],
+                         text, overflow, embed)
+
+    def fit_line(
+        self, files: tuple[str, ...], text: str, state: State, params: tuple[Any, ...], stops: str,
+        overflow: Overflow,
+    ) -> str:
+        """Before sending: each file's tokens against the room left, and what happens to one that does not fit."""
+        if not files:
+            return ""
+        from loadstar.webui.uploads import uploaded_file
+
+        try:
+            if len(files) > MAX_FILES:
+                raise BadRequestError(f"attach at most {MAX_FILES} files to one message")
+            read = [read_attachment(uploaded_file(path), Path(path).name) for path in files]
+            probe = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text or "…"}]}
+            room, _ = self.engine.prompt_room(self._request(probe, "fit", params, stops))
+            sizes = self.engine.count_tokens([f.text for f in read])
+        except (LoadstarError, ValidationError) as error:
+            return f"⚠️ {problem_line(error)}"
+        notes = [f.notice for f in read if f.notice]
+        listed = ", ".join(f"**{f.name}** {size:,} tokens" for f, size in zip(read, sizes, strict=True))
+        if room is None:
+            return f"📎 {listed}." + "".join(f" {n}." for n in notes)
+        if sum(sizes) + 60 * len(sizes) <= room:
+            return f"📎 {listed}: fits ({room:,} tokens free in the context)." + "".join(f" {n}." for n in notes)
+        what = ("the parts most relevant to your message will be sent, quoted with file and page"
+                if overflow == "search" else "only its beginning will be sent, with a notice")
+        return (f"⚠️ {listed}: more than the {max(room, 0):,} tokens free in the context: {what}."
+                + "".join(f" {n}." for n in notes))
+
+    # -- tools -----------------------------------------------------------------------------------
+
+    def decide(
+        self, state: State, who: Who, params: tuple[Any, ...], stops: str, decision: str,
+    ) -> Iterator[ChatUpdate]:
+        """The user's answer to the tool calls that wait: "approve", "always" (this tool, in this
+        conversation, from now on) or "reject"; then the model goes on."""
+        calls = pending_calls(state)
+        if not calls:
+            yield ChatUpdate(chat_messages(state), state, "No tool call is waiting.")
+            return
+        if self.engine.has_work(who.owner):
+            yield ChatUpdate(chat_messages(state), state, "Still answering: press Stop first.")
+            return
+        if decision == "always":
+            allowed = list(dict.fromkeys([*(state.get("allowed_tools") or []), *(c["name"] for c in calls)]))
+            state = {**state, "allowed_tools": allowed}
+        messages = chat_messages(state)
+        yield ChatUpdate(messages, state, "Running " + ", ".join(c["name"] for c in calls) + "…"
+                         if decision != "reject" else "Declined.")
+        lines = []
+        for call in calls:
+            if decision == "reject":
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": DECLINED})
+                continue
+            result = self.engine.tools.run(call["name"], call.get("arguments") or "{}")
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
+            if not result.ok:
+                lines.append(result.text)
+        state = self._save({**state, "messages": messages}, who)
+        yield ChatUpdate(messages, state, "⚠️ " + " ".join(lines) if lines else "Answering…")
+        yield from self._reply(state, who, params, stops, tools="auto")
+
+    def regenerate(
+        self, state: State, who: Who, params: tuple[Any, ...], stops: str, tools: ToolChoice = "off",
+    ) -> Iterator[ChatUpdate]:
         """Drop the last reply and generate it again; after a user message was edited, answer that
         message anew (what came after it is replaced)."""
         messages = chat_messages(state)
@@ -114,7 +242,8 @@ class ChatHandlers:
         if not messages:
             yield ChatUpdate(chat_messages(state), state, "Nothing to regenerate yet.")
             return
-        yield from self._reply({**state, "messages": messages}, who, params, stops, earlier_versions=previous)
+        yield from self._reply({**state, "messages": messages}, who, params, stops, earlier_versions=previous,
+                               tools=tools)
 
     def switch_reply(self, state: State, who: Who, step: int) -> ChatUpdate:
         """Show the previous (step -1) or next (+1) version of the last reply; the model sees it next."""
@@ -146,7 +275,7 @@ class ChatHandlers:
             return ChatUpdate(messages, state, "Still answering: press Stop first.")
         if not messages:
             return ChatUpdate(messages, state, "Nothing to remove.")
-        if messages[-1]["role"] == "assistant":
+        while messages and messages[-1]["role"] in ("assistant", "tool"):  # a reply, with its tool calls
             messages.pop()
         if messages and messages[-1]["role"] == "user":
             messages.pop()
@@ -162,7 +291,11 @@ class ChatHandlers:
         if not content.strip():
             return ChatUpdate(messages, state, "A message cannot be empty: use Remove last instead.")
         role = messages[index]["role"]
-        messages[index] = {"role": role, "content": content}
+        if role == "tool" or messages[index].get("tool_calls"):
+            return ChatUpdate(messages, state, "Tool calls and their results cannot be edited.")
+        if role == "user":
+            content = without_chips(content)  # the files stay attached as they were sent
+        messages[index] = {**messages[index], "content": content}
         state = self._save({**state, "messages": messages}, who)
         if role != "user":
             return ChatUpdate(messages, state, "Message edited.")
@@ -193,17 +326,24 @@ class ChatHandlers:
     # -- generation ------------------------------------------------------------------------------
 
     def _request(
-        self, state: State, owner: str, params: tuple[Any, ...], stops: str, continue_last: bool = False
+        self, state: State, owner: str, params: tuple[Any, ...], stops: str, continue_last: bool = False,
+        tools: ToolChoice = "off",
     ) -> GenerationRequest:
         conversation = Conversation.model_validate(state)
+        offered = self.engine.tools.specs() if tools != "off" else ()
+        # "required" holds only for the reply to the user's message: after a tool's result the
+        # model decides, or it would call tools for ever.
+        answering_user = bool(conversation.messages) and conversation.messages[-1].role == "user"
+        mode: ToolMode = "required" if tools == "required" and answering_user else "auto"
         return GenerationRequest(
             messages=conversation.chat_messages(), params=sampling_from_values(params), owner=owner,
             stop=stops_from_text(stops), continue_last=continue_last,
+            tools=ToolUse(tools=offered, mode=mode) if offered else ToolUse(),
         )
 
     def _reply(
         self, state: State, who: Who, params: tuple[Any, ...], stops: str, continue_last: bool = False,
-        earlier_versions: list[str] | None = None,
+        earlier_versions: list[str] | None = None, tools: ToolChoice = "off", rounds: int = 0,
     ) -> Iterator[ChatUpdate]:
         """Stream a reply to ``state``'s messages. ``earlier_versions``: the replies a Regenerate
         replaces, kept with the new one as alternatives of the same message."""
@@ -213,7 +353,7 @@ class ChatHandlers:
             yield ChatUpdate(shown, state, "Still answering: press Stop first.")
             return
         try:
-            request = self._request(state, who.owner, params, stops, continue_last)
+            request = self._request(state, who.owner, params, stops, continue_last, tools)
             handle = self.engine.submit(request)
         except (LoadstarError, ValidationError) as error:
             yield ChatUpdate(messages, state, f"⚠️ {problem_line(error)}")
@@ -237,7 +377,12 @@ class ChatHandlers:
                     finished = event
                     status = finished_status(event) + format_note
                 shown = [*messages, {"role": "assistant", "content": prefix + reply}]
-                if isinstance(event, Finished):
+                if isinstance(event, Finished) and event.tool_calls:
+                    shown = [*messages, {"role": "assistant", "content": event.text.strip(),
+                                         "tool_calls": [_call_dict(c) for c in event.tool_calls]}]
+                    status = _asking(event, state)
+                    state = self._save({**state, "messages": shown}, who)
+                elif isinstance(event, Finished):
                     shown = shown if prefix + reply else messages
                     state = {**state, "messages": shown}
                     keep = bool(earlier_versions) and len(shown) > len(messages)
@@ -251,6 +396,26 @@ class ChatHandlers:
             handle.cancel()  # the page went away or Gradio closed us: stop generating for nobody
             if finished is None and prefix + reply:  # keep what was said before the page went away
                 self._save({**state, "messages": [*messages, {"role": "assistant", "content": prefix + reply}]}, who)
+        calls = pending_calls(state) if finished is not None and finished.tool_calls else []
+        allowed = set(state.get("allowed_tools") or [])
+        if calls and all(c["name"] in allowed for c in calls):
+            if rounds >= MAX_TOOL_ROUNDS:
+                yield ChatUpdate(chat_messages(state), state,
+                                 f"The model called tools {rounds} times in a row: approve or reject this call.")
+                return
+            yield from self._run_allowed(state, who, params, stops, calls, rounds + 1)
+
+    def _run_allowed(
+        self, state: State, who: Who, params: tuple[Any, ...], stops: str, calls: list[dict[str, Any]], rounds: int,
+    ) -> Iterator[ChatUpdate]:
+        """Run calls of tools the user allowed always, then let the model go on."""
+        messages = chat_messages(state)
+        yield ChatUpdate(messages, state, "Running " + ", ".join(c["name"] for c in calls) + " (allowed always)…")
+        for call in calls:
+            result = self.engine.tools.run(call["name"], call.get("arguments") or "{}")
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
+        state = self._save({**state, "messages": messages}, who)
+        yield from self._reply(state, who, params, stops, tools="auto", rounds=rounds)
 
     def _save(self, state: State, who: Who) -> State:
         try:
@@ -294,6 +459,18 @@ def _text_of(value: Any) -> str:
     if isinstance(value, list):
         return "".join(_text_of(part) for part in value)
     return "" if value is None else str(value)
+
+
+def _call_dict(call: Any) -> dict[str, Any]:
+    return {"id": call.id, "name": call.name, "arguments": call.arguments}
+
+
+def _asking(event: Finished, state: State) -> str:
+    names = ", ".join(dict.fromkeys(c.name for c in event.tool_calls))
+    allowed = set(state.get("allowed_tools") or [])
+    if all(c.name in allowed for c in event.tool_calls):
+        return f"The model calls {names} (allowed always)."
+    return f"The model wants to run **{names}**: approve or reject the call below."
 
 
 def _notices(notices: tuple[str, ...]) -> str:

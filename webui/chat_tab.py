@@ -8,10 +8,10 @@ from typing import Any
 import gradio as gr
 
 from loadstar.engine.facade import Engine
-from loadstar.webui.chat_handlers import ChatHandlers, ChatUpdate, chat_messages, who
+from loadstar.webui.chat_handlers import ChatHandlers, ChatUpdate, TurnOptions, chat_messages, pending_calls, who
 from loadstar.webui.conversation_handlers import ConversationHandlers
+from loadstar.webui.message_display import displayed
 from loadstar.webui.parameters_tab import ParameterControls
-from loadstar.webui.reasoning import displayed
 from loadstar.webui.remembered import CLOSE_SIDEBAR_ON_PHONE, remember, remembered
 from loadstar.webui.streaming import only_changes
 
@@ -25,6 +25,17 @@ LATEX: list[dict[str, str | bool]] = [
     {"left": "$", "right": "$", "display": False},
     {"left": "\\(", "right": "\\)", "display": False},
 ]
+
+
+def text_of(value: Any) -> str:
+    """The text of the message box (a MultimodalTextbox: {"text", "files"})."""
+    return str((value or {}).get("text") or "") if isinstance(value, dict) else str(value or "")
+
+
+def files_of(value: Any) -> tuple[str, ...]:
+    """The paths of the files attached in the message box (Gradio's upload folder; checked again later)."""
+    files = (value or {}).get("files") or [] if isinstance(value, dict) else []
+    return tuple(str(f.get("path") if isinstance(f, dict) else getattr(f, "path", f)) for f in files)
 
 
 def build_chat_tab(engine: Engine) -> ChatTab:
@@ -59,10 +70,25 @@ def build_chat_tab(engine: Engine) -> ChatTab:
             system = gr.Textbox(label="System message", lines=2, elem_id="system-message",
                                 placeholder="Empty: the model's default, if it has one")
         # lines=1 with room to grow: Gradio sends on Enter and leaves Shift+Enter to the textarea
-        # (a new line); with lines > 1 it would send on Shift+Enter only.
-        message = gr.Textbox(label="Message", show_label=False,
-                             placeholder="Message (Enter sends, Shift+Enter: new line)",
-                             lines=1, max_lines=10, elem_id="chat-input")
+        # (a new line); with lines > 1 it would send on Shift+Enter only. Files: its 📎 button, or
+        # dropped onto the box; a chip for each shows above the text before sending.
+        message = gr.MultimodalTextbox(
+            label="Message", show_label=False, placeholder="Message (Enter sends, Shift+Enter: new line)",
+            lines=1, max_lines=10, elem_id="chat-input", file_count="multiple", sources=["upload"],
+            submit_btn=False)
+        with gr.Row(elem_id="attachment-row", equal_height=True):
+            fit = gr.Markdown("", elem_id="attachment-fit")
+            overflow = gr.Radio([("Search it", "search"), ("Cut it", "cut")], value="search", show_label=False,
+                                info="A file too long for the context:", elem_id="attachment-overflow", scale=0,
+                                min_width=230, container=False, visible=False)  # shown while files are attached
+        fitted_files = gr.State(())  # the files the fit line was made for
+        with gr.Column(visible=False, elem_id="tool-approval") as approval:
+            approval_text = gr.Markdown(elem_id="tool-question")
+            with gr.Row():
+                approve = gr.Button("Run it", variant="primary", elem_id="tool-approve", size="sm", min_width=90,
+                                    scale=0)
+                always = gr.Button("Always run this tool", elem_id="tool-always", size="sm", min_width=90, scale=0)
+                reject = gr.Button("Reject", variant="stop", elem_id="tool-reject", size="sm", min_width=90, scale=0)
         with gr.Row():
             send_button = gr.Button("Send", variant="primary", elem_id="send", min_width=90)
             stop_button = gr.Button("Stop", variant="stop", elem_id="stop", min_width=90)
@@ -72,6 +98,12 @@ def build_chat_tab(engine: Engine) -> ChatTab:
             previous_reply = gr.Button("‹", elem_id="previous-reply", min_width=40, scale=0)
             next_reply = gr.Button("›", elem_id="next-reply", min_width=40, scale=0)
         status = gr.Markdown("", elem_id="chat-status")
+        with gr.Accordion("Tools", open=False, elem_id="tools-panel"):
+            tools_on = gr.Checkbox(False, label="Let the model call tools (each call waits for your approval)",
+                                   elem_id="tools-on")
+            tool_mode = gr.Radio([("The model decides", "auto"), ("Call a tool first", "required")], value="auto",
+                                 label="When", elem_id="tool-mode")
+            tools_info = gr.Markdown(elem_id="tools-info")
         with gr.Accordion("Prompt sent", open=False):
             preview_button = gr.Button("Show the prompt for the message above", size="sm", elem_id="preview-prompt")
             prompt_info = gr.Markdown(elem_id="prompt-info")
@@ -84,6 +116,7 @@ def build_chat_tab(engine: Engine) -> ChatTab:
         export_button, export_file, import_file, conversation_status, system, message, send_button, stop_button,
         regenerate_button, continue_button, remove_button, status, preview_button, prompt_info, prompt_box, panels,
         model, previous_reply, next_reply, sidebar, menu, model_switch, delete_confirm, confirm_delete, keep,
+        fitted_files, overflow, fit, approval, approval_text, approve, always, reject, tools_on, tool_mode, tools_info,
     )
 
 
@@ -123,6 +156,17 @@ class ChatTab:
     delete_confirm: Any  # the row that asks again before deleting
     confirm_delete: Any
     keep: Any
+    fitted_files: Any  # the files the fit line describes (it is redone when they change)
+    overflow: Any  # search or cut a file too long for the context
+    fit: Any  # each file's tokens against the room left, before sending
+    approval: Any  # the row that asks before a tool call runs
+    approval_text: Any
+    approve: Any
+    always: Any
+    reject: Any
+    tools_on: Any
+    tool_mode: Any  # auto, or required (the first reply of a turn calls a tool)
+    tools_info: Any  # the tools on offer, and sources that could not be used
 
     def wire(self, demo: gr.Blocks, parameters: ParameterControls, memory: Any) -> None:
         """``memory``: the browser's kept values (webui.remembered); the open conversation is one."""
@@ -132,7 +176,7 @@ class ChatTab:
 
         def shown(state):
             """Everything that shows one conversation: chat, system, title."""
-            return displayed(chat_messages(state)), state.get("system", ""), state.get("title", "")
+            return displayed(chat_messages(state), bool(pending_calls(state))), state.get("system", ""), state.get("title", "")
 
         def listing(request: gr.Request, state=None):
             user = who(request).user
@@ -147,24 +191,72 @@ class ChatTab:
             return listing(request, state), state.get("title", "") if state else gr.update()
 
         # -- turns ------------------------------------------------------------------------------
+        def asking(state) -> tuple[Any, str]:
+            """The approval row: shown while the last message is a tool call that waits."""
+            calls = pending_calls(state or {})
+            if not calls:
+                return gr.update(visible=False), ""
+            names = ", ".join(dict.fromkeys(c["name"] for c in calls))
+            return gr.update(visible=True), f"Run **{names}** with the arguments shown above?"
+
         @only_changes
         def stream(updates, clear_message: bool):
+            empty = {"text": "", "files": []}  # one object: only_changes sends it once, not at every redraw
             for update in updates:
                 assert isinstance(update, ChatUpdate)
-                out = [displayed(update.chatbot), update.state, update.status,
-                       gr.update() if update.prompt is None else update.prompt]
-                yield ([gr.update() if update.keep_input else ""] if clear_message else []) + out
+                waiting = bool(pending_calls(update.state))
+                row, question = asking(update.state)
+                out = [displayed(update.chatbot, waiting), update.state, update.status,
+                       gr.update() if update.prompt is None else update.prompt, row, question]
+                cleared = [gr.update()] * 3 if update.keep_input else [empty, "", ()]
+                yield (cleared if clear_message else []) + out
+
+        def options(data) -> TurnOptions:
+            return TurnOptions(files=files_of(data[w.message]),
+                               overflow=data[w.overflow] or "search", tools=tool_choice(data))
+
+        def tool_choice(data):
+            return (data[w.tool_mode] or "auto") if data[w.tools_on] else "off"
 
         def with_system(data):
             return {**(data[w.state] or {}), "system": data[w.system] or ""}
 
         def send(data, request: gr.Request):
             values, stops = parameters.read(data)
-            yield from stream(chat.send(data[w.message], with_system(data), who(request), values, stops), True)
+            yield from stream(chat.send(text_of(data[w.message]), with_system(data), who(request), values, stops,
+                                        options(data)), True)
 
         def regenerate(data, request: gr.Request):
             values, stops = parameters.read(data)
-            yield from stream(chat.regenerate(with_system(data), who(request), values, stops), False)
+            yield from stream(chat.regenerate(with_system(data), who(request), values, stops,
+                                              tools=tool_choice(data)), False)
+
+        def decide(decision: str):
+            def handler(data, request: gr.Request):
+                values, stops = parameters.read(data)
+                yield from stream(chat.decide(with_system(data), who(request), values, stops, decision), False)
+            return handler
+
+        def fit_line(data):
+            """The fit line, redone when the attached files (or the overflow choice) change, not per keystroke."""
+            files = files_of(data[w.message])
+            if not files:
+                return "", (), gr.update(visible=False)
+            if files == tuple(data[w.fitted_files] or ()):
+                return gr.skip(), gr.skip(), gr.skip()
+            return refit(data), files, gr.update(visible=bool(files))
+
+        def refit(data):
+            values, stops = parameters.read(data)
+            return chat.fit_line(files_of(data[w.message]), text_of(data[w.message]), with_system(data), values,
+                                 stops, data[w.overflow] or "search")
+
+        def tools_listing():
+            offered = self.engine.tools.available()
+            lines = [f"- **{o.tool.name}** ({o.plugin}): {o.tool.description.splitlines()[0] if o.tool.description else ''}"
+                     for o in offered] or ["No tools: enable an extension that offers some (Extensions tab)."]
+            lines += [f"- ⚠️ {problem}" for problem in self.engine.tools.problems()]
+            return "\n".join(lines)
 
         def continue_(data, request: gr.Request):
             values, stops = parameters.read(data)
@@ -185,18 +277,26 @@ class ChatTab:
 
         def preview(data):
             values, stops = parameters.read(data)
-            prompt, info = chat.preview(data[w.message], with_system(data), values, stops)
+            prompt, info = chat.preview(text_of(data[w.message]), with_system(data), values, stops)
             return prompt, info
 
         def leave(request: gr.Request):
             self.engine.stop(who(request).owner)
 
-        inputs = {w.message, w.state, w.system, *parameters.inputs}
-        turn_outputs = [w.chatbot, w.state, w.status, w.prompt_box]
+        inputs = {w.message, w.state, w.system, w.fitted_files, w.overflow, w.tools_on, w.tool_mode,
+                  *parameters.inputs}
+        turn_outputs = [w.chatbot, w.state, w.status, w.prompt_box, w.approval, w.approval_text]
         after = dict(fn=listing, inputs=[w.state], outputs=w.conversation_list)
         after_turn = dict(fn=listing_and_title, inputs=[w.state], outputs=[w.conversation_list, w.title])
         for trigger in (w.send_button.click, w.message.submit):
-            trigger(send, inputs, [w.message, *turn_outputs], concurrency_limit=UNLIMITED).then(**after_turn)
+            trigger(send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs],
+                    concurrency_limit=UNLIMITED).then(**after_turn)
+        for button, decision in ((w.approve, "approve"), (w.always, "always"), (w.reject, "reject")):
+            button.click(decide(decision), inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
+        w.message.change(fit_line, inputs, [w.fit, w.fitted_files, w.overflow], show_progress="hidden",
+                         trigger_mode="always_last")
+        w.overflow.change(refit, inputs, w.fit, show_progress="hidden")
+        w.tools_on.change(lambda on: tools_listing() if on else "", w.tools_on, w.tools_info)
         w.regenerate_button.click(regenerate, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
         w.continue_button.click(continue_, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
         w.remove_button.click(remove_last, w.state, [w.chatbot, w.state, w.status]).then(**after)
