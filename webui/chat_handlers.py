@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from loadstar.engine.chat.attachments import MAX_FILES, read_attachment
+from loadstar.engine.chat.attachments import MAX_FILES, ReadFile, read_attachment
 from loadstar.engine.chat.conversations import Conversation, title_from
-from loadstar.engine.chat.retrieval import Fitted, Overflow, fit_files
+from loadstar.engine.chat.retrieval import MARGIN, WRAPPER_TOKENS, Fitted, Overflow, fit_files
 from loadstar.engine.chat.tool_calls import ToolMode, ToolUse
 from loadstar.engine.errors import BadRequestError, LoadstarError, problem_line
 from loadstar.engine.facade import Engine
@@ -141,18 +141,25 @@ class ChatHandlers:
 
     # -- attachments -----------------------------------------------------------------------------
 
-    def fit(
+    def _read(
         self, files: tuple[str, ...], text: str, state: State, params: tuple[Any, ...], stops: str,
-        overflow: Overflow,
-    ) -> Fitted:
-        """The uploaded ``files`` read and fitted into the room ``text`` leaves in the context."""
+    ) -> tuple[list[ReadFile], int | None]:
+        """The uploaded ``files`` read, and the prompt tokens a message of ``text`` leaves free."""
         from loadstar.webui.uploads import uploaded_file
 
         if len(files) > MAX_FILES:
             raise BadRequestError(f"attach at most {MAX_FILES} files to one message")
         read = [read_attachment(uploaded_file(path), Path(path).name) for path in files]
-        probe = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text}]}
+        probe = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text or "…"}]}
         room, _ = self.engine.prompt_room(self._request(probe, "fit", params, stops))
+        return read, room
+
+    def fit(
+        self, files: tuple[str, ...], text: str, state: State, params: tuple[Any, ...], stops: str,
+        overflow: Overflow,
+    ) -> Fitted:
+        """The uploaded ``files`` read and fitted into the room ``text`` leaves in the context."""
+        read, room = self._read(files, text, state, params, stops)
         info = self.engine.loaded
         embed = None
         if info is not None and FEATURE_EMBEDDINGS in info.features:
@@ -168,27 +175,20 @@ class ChatHandlers:
         """Before sending: each file's tokens against the room left, and what happens to one that does not fit."""
         if not files:
             return ""
-        from loadstar.webui.uploads import uploaded_file
-
         try:
-            if len(files) > MAX_FILES:
-                raise BadRequestError(f"attach at most {MAX_FILES} files to one message")
-            read = [read_attachment(uploaded_file(path), Path(path).name) for path in files]
-            probe = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text or "…"}]}
-            room, _ = self.engine.prompt_room(self._request(probe, "fit", params, stops))
+            read, room = self._read(files, text, state, params, stops)
             sizes = self.engine.count_tokens([f.text for f in read])
         except (LoadstarError, ValidationError) as error:
             return f"⚠️ {problem_line(error)}"
-        notes = [f.notice for f in read if f.notice]
+        notes = "".join(f" {f.notice}." for f in read if f.notice)
         listed = ", ".join(f"**{f.name}** {size:,} tokens" for f, size in zip(read, sizes, strict=True))
         if room is None:
-            return f"📎 {listed}." + "".join(f" {n}." for n in notes)
-        if sum(sizes) + 60 * len(sizes) <= room:
-            return f"📎 {listed}: fits ({room:,} tokens free in the context)." + "".join(f" {n}." for n in notes)
+            return f"📎 {listed}.{notes}"
+        if sum(sizes) + WRAPPER_TOKENS * len(sizes) <= room * MARGIN:
+            return f"📎 {listed}: fits ({room:,} tokens free in the context).{notes}"
         what = ("the parts most relevant to your message will be sent, quoted with file and page"
                 if overflow == "search" else "only its beginning will be sent, with a notice")
-        return (f"⚠️ {listed}: more than the {max(room, 0):,} tokens free in the context: {what}."
-                + "".join(f" {n}." for n in notes))
+        return f"⚠️ {listed}: more than the {max(room, 0):,} tokens free in the context: {what}.{notes}"
 
     # -- tools -----------------------------------------------------------------------------------
 
