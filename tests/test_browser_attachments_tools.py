@@ -161,7 +161,7 @@ def test_a_tool_call_is_approved_and_its_result_used_and_a_hanging_server_is_ref
     shots(page, "tool-call", bot_messages(page).last)
     page.locator("#tool-approve").click()
     wait_for_status(page, FINISHED, timeout=180)
-    assert not page.locator("#tool-approval").is_visible()
+    wait_until(lambda: not page.locator("#tool-approval").is_visible(), "the approval row to go", timeout=30)
     text = page.locator("#chatbot").inner_text()
     assert "Result of: kitchen_todays_special" in text
     assert "mushroom risotto" in bot_messages(page).last.inner_text().lower()
@@ -186,4 +186,4 @@ def test_a_rejected_call_does_not_run_and_always_runs_the_next_ones_unasked(page
     send(page, "And what is today's special now?")  # allowed always in this conversation: no question
     wait_for_status(page, FINISHED, timeout=240)
     assert page.locator("#chatbot").inner_text().count("Result of: kitchen_todays_special") == 2
-    assert not page.locator("#tool-approval").is_visible()
+    wait_until(lambda: not page.locator("#tool-approval").is_visible(), "no approval row", timeout=30)

@@ -50,6 +50,7 @@ class ChatUpdate:
     status: str
     prompt: str | None = None  # the prompt sent, for the prompt viewer (None: leave it)
     keep_input: bool = False  # the message was not taken: leave it in the textbox
+    asking: bool | None = None  # show the tool approval row (None: when the state has calls waiting)
 
 
 def sampling_from_values(values: tuple[Any, ...]) -> SamplingParams:
@@ -209,7 +210,7 @@ class ChatHandlers:
             state = {**state, "allowed_tools": allowed}
         messages = chat_messages(state)
         yield ChatUpdate(messages, state, "Running " + ", ".join(c["name"] for c in calls) + "…"
-                         if decision != "reject" else "Declined.")
+                         if decision != "reject" else "Declined.", asking=False)
         lines = []
         for call in calls:
             if decision == "reject":

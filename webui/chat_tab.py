@@ -204,8 +204,8 @@ class ChatTab:
             empty = {"text": "", "files": []}  # one object: only_changes sends it once, not at every redraw
             for update in updates:
                 assert isinstance(update, ChatUpdate)
-                waiting = bool(pending_calls(update.state))
-                row, question = asking(update.state)
+                waiting = bool(pending_calls(update.state)) if update.asking is None else update.asking
+                row, question = asking(update.state) if waiting else (gr.update(visible=False), "")
                 out = [displayed(update.chatbot, waiting), update.state, update.status,
                        gr.update() if update.prompt is None else update.prompt, row, question]
                 cleared = [gr.update()] * 3 if update.keep_input else [empty, "", ()]
