@@ -196,7 +196,8 @@ def test_regenerate_keeps_versions_and_switching_picks_one(engine):
 
 
 def test_reasoning_is_collapsed_for_display_and_restored_for_an_edit():
-    from loadstar.webui.reasoning import displayed, reasoning_source, show_reasoning
+    from loadstar.webui.message_display import displayed
+    from loadstar.webui.reasoning import reasoning_source, show_reasoning
 
     text = "<think>\nIs it Lyon? No: <b>Paris</b> & co.\n</think>\n\nThe capital is Paris."
     shown = show_reasoning(text)

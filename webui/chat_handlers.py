@@ -25,7 +25,7 @@ from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started
 from loadstar.engine.models.loader_api import FEATURE_EMBEDDINGS
 from loadstar.engine.sampling import SamplingParams, parameter_specs
-from loadstar.webui.message_display import without_chips
+from loadstar.webui.message_display import DECLINED, without_chips
 from loadstar.webui.reasoning import reasoning_source
 from loadstar.webui.streaming import redraws
 
@@ -75,7 +75,6 @@ def stops_from_text(text: str | None) -> tuple[str, ...]:
 EDITED = "edited_user_message"  # in the page's state only: the user message Regenerate answers anew
 ToolChoice = Literal["off", "auto", "required"]  # "required": the first reply of a turn must call a tool
 MAX_TOOL_ROUNDS = 5  # tool calls run without asking (tools allowed always) before a reply, per turn
-DECLINED = "The user declined this call: it did not run. Answer without it."
 
 
 @dataclass(frozen=True)
@@ -211,15 +210,7 @@ class ChatHandlers:
         messages = chat_messages(state)
         yield ChatUpdate(messages, state, "Running " + ", ".join(c["name"] for c in calls) + "…"
                          if decision != "reject" else "Declined.", asking=False)
-        lines = []
-        for call in calls:
-            if decision == "reject":
-                messages.append({"role": "tool", "tool_call_id": call["id"], "content": DECLINED})
-                continue
-            result = self.engine.tools.run(call["name"], call.get("arguments") or "{}")
-            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
-            if not result.ok:
-                lines.append(result.text)
+        lines = self._answer_calls(messages, calls, run=decision != "reject")
         state = self._save({**state, "messages": messages}, who)
         yield ChatUpdate(messages, state, "⚠️ " + " ".join(lines) if lines else "Answering…")
         yield from self._reply(state, who, params, stops, tools="auto")
@@ -412,11 +403,24 @@ class ChatHandlers:
         """Run calls of tools the user allowed always, then let the model go on."""
         messages = chat_messages(state)
         yield ChatUpdate(messages, state, "Running " + ", ".join(c["name"] for c in calls) + " (allowed always)…")
-        for call in calls:
-            result = self.engine.tools.run(call["name"], call.get("arguments") or "{}")
-            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
+        self._answer_calls(messages, calls, run=True)
         state = self._save({**state, "messages": messages}, who)
         yield from self._reply(state, who, params, stops, tools="auto", rounds=rounds)
+
+    def _answer_calls(self, messages: list[dict[str, Any]], calls: list[dict[str, Any]], run: bool) -> list[str]:
+        """Append a tool message per call to ``messages``: its result (``run``) or that the user
+        declined it. Returns the one-line failures, for the status."""
+        failures = []
+        for call in calls:
+            if run:
+                result = self.engine.tools.run(call["name"], call.get("arguments") or "{}")
+                text = result.text
+                if not result.ok:
+                    failures.append(text)
+            else:
+                text = DECLINED
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": text})
+        return failures
 
     def _save(self, state: State, who: Who) -> State:
         try:

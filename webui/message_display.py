@@ -17,6 +17,7 @@ from typing import Any
 
 from loadstar.webui.reasoning import OPEN, show_reasoning
 
+DECLINED = "The user declined this call: it did not run. Answer without it."  # the tool message of a rejected call
 _CHIPS = re.compile(r'^<div class="attachments">.*?</div><!--/attachments-->\n\n', re.DOTALL)
 
 
@@ -76,7 +77,7 @@ def displayed(messages: list[dict[str, Any]], waiting: bool = False) -> list[dic
             shown.append({"role": "user", "content": (chips(files) if files else "") + content})
         elif role == "tool":
             name = names.get(m.get("tool_call_id") or "", "the tool")
-            declined = content.startswith("The user declined")
+            declined = content == DECLINED
             title = f"{'🚫 Declined' if declined else '📋 Result of'}: {name}"
             shown.append({"role": "assistant", "content": content or "(empty result)",
                           "metadata": {"title": title, "status": "done"}})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Any
 
 OPEN, CLOSE = "<think>", "</think>"
 _SHOWN = re.compile(
@@ -38,12 +37,3 @@ def show_reasoning(text: str) -> str:
 def reasoning_source(text: str) -> str:
     """The model's own text for a displayed message (the inverse of ``show_reasoning``)."""
     return _SHOWN.sub(lambda m: f"{OPEN}{html.unescape(m.group(2))}{CLOSE}\n", text, count=1)
-
-
-def displayed(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Conversation messages as the chat shows them: the assistant's reasoning collapsed."""
-    return [
-        {**m, "content": show_reasoning(m["content"])} if m.get("role") == "assistant" and OPEN in str(
-            m.get("content", "")) else m
-        for m in messages
-    ]
