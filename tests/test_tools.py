@@ -112,6 +112,12 @@ def test_an_mcp_server_over_stdio_offers_its_tools_and_answers_calls(tmp_path):
         assert time.monotonic() - started < 15
         # The server still answers after a call it was too slow for.
         assert "5 gadgets" in box.run("store_warehouse_stock", '{"item": "gadgets"}').text
+        # Collected again (the enabled plugins changed): the same server serves, none is started anew.
+        connection = plugin._connections["store"]
+        box._key = None
+        assert [o.tool.name for o in box.available()] == names
+        assert plugin._connections["store"] is connection
+        assert "73 widgets" in box.run("store_warehouse_stock", '{"item": "widgets"}').text
     finally:
         box.close()
     assert plugin._loop is None  # the loop thread and the child process are gone

@@ -100,6 +100,7 @@ class _Connection:
         self.spec = spec
         self.calls: asyncio.Queue[tuple[str, dict[str, Any], asyncio.Future[tuple[bool, str]], float]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
+        self.tools: list[Any] = []  # what the server listed when it started
 
     def target(self) -> Any:
         from mcp.client.stdio import StdioServerParameters
@@ -148,8 +149,7 @@ class McpServers:
         self.config_path: Path | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._connections: dict[str, _Connection] = {}
-        self._lock = threading.Lock()
+        self._connections: dict[str, _Connection] = {}  # register_tools runs under the ToolBox's lock
 
     @hookimpl
     def configure(self, settings: Settings) -> None:
@@ -164,15 +164,20 @@ class McpServers:
         except BadRequestError as error:
             report(str(error))
             return
-        with self._lock:
-            for name, spec in config.servers.items():
+        # Called again when the enabled plugins change: a server still running is asked nothing
+        # and keeps its process; only the ones not running (refused, or stopped) are started.
+        for name, spec in config.servers.items():
+            running = self._connections.get(name)
+            if running is not None and running.task is not None and not running.task.done():
+                tools = running.tools
+            else:
                 try:
                     tools = self._start(name, spec, config.startup_timeout)
                 except BadRequestError as error:
                     report(str(error))
                     continue
-                for tool in tools:
-                    self._offer(register, report, name, tool, config.call_timeout)
+            for tool in tools:
+                self._offer(register, report, name, tool, config.call_timeout)
 
     def _offer(self, register: Callable[[Tool], None], report: Callable[[str], None], server: str, tool: Any,
                timeout: float) -> None:
@@ -210,6 +215,7 @@ class McpServers:
             raise BadRequestError(f"MCP server {name} refused: it did not answer within {timeout:g} s") from None
         except Exception as error:
             raise BadRequestError(f"MCP server {name} refused: {_why(error)}") from None
+        connection.tools = tools
         self._connections[name] = connection
         return tools
 
