@@ -96,6 +96,8 @@ def test_a_text_file_and_a_pdf_are_attached_and_answered_from(page, tmp_path):
     assert "notes.txt" in chip.inner_text()
     assert "BLUE HERON" in bot_messages(page).last.inner_text().upper()
     assert page.locator("#attachment-fit").inner_text().strip() == ""  # the files went with the message
+    assert page.locator("#chat-input textarea").input_value() == ""  # and the box is empty again
+    assert page.locator("#chat-input .thumbnail-item, #chat-input .thumbnails button").count() == 0
     shots(page, "attachment-chip", user_messages(page).last)
 
     new_chat(page)

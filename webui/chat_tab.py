@@ -76,7 +76,7 @@ def build_chat_tab(engine: Engine) -> ChatTab:
             label="Message", show_label=False, placeholder="Message (Enter sends, Shift+Enter: new line)",
             lines=1, max_lines=10, elem_id="chat-input", file_count="multiple", sources=["upload"],
             submit_btn=False)
-        with gr.Row(elem_id="attachment-row", equal_height=True):
+        with gr.Column(elem_id="attachment-row"):  # a column: on a phone the line needs the full width
             fit = gr.Markdown("", elem_id="attachment-fit")
             overflow = gr.Radio([("Search it", "search"), ("Cut it", "cut")], value="search", show_label=False,
                                 info="A file too long for the context:", elem_id="attachment-overflow", scale=0,
@@ -201,7 +201,7 @@ class ChatTab:
 
         @only_changes
         def stream(updates, clear_message: bool):
-            empty = {"text": "", "files": []}  # one object: only_changes sends it once, not at every redraw
+            empty = None  # the box cleared (text and files); None is one object: only_changes sends it once
             for update in updates:
                 assert isinstance(update, ChatUpdate)
                 waiting = bool(pending_calls(update.state)) if update.asking is None else update.asking
