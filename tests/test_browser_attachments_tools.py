@@ -6,6 +6,7 @@ The MCP servers are real ones (tests/mcp_test_server.py, over stdio)."""
 import json
 import re
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,10 @@ def tools_server(tmp_path_factory):
     }, "startup_timeout": 5}))
     with running_server(root, "--models-dir", str(models), "--model", TOOLS_MODEL, "--mcp-config", str(config),
                         "--extensions", "mcp_servers") as url:
+        # The model loads after the server answers; the fit line needs it (on a busy machine the
+        # first test attached its file while it was still loading).
+        wait_until(lambda: json.load(urllib.request.urlopen(f"{url}/health", timeout=10))["model_loaded"],
+                   "the model to load", timeout=300)
         yield url + "/"
 
 
