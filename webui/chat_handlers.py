@@ -127,7 +127,6 @@ class ChatHandlers:
         state = {k: v for k, v in state.items() if k != EDITED}
         message: dict[str, Any] = {"role": "user", "content": text or "Read the attached file."}
         if options.files:
-            yield ChatUpdate(chat_messages(state), state, "Reading the attached files…", keep_input=True)
             try:
                 fitted = self.fit(options.files, message["content"], state, params, stops, options.overflow)
             except (LoadstarError, ValidationError) as error:
