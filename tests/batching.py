@@ -26,17 +26,17 @@ def ask(question: str, **params) -> GenerationRequest:
                              params=SamplingParams(**{**GREEDY, **params}), owner=f"client-{question}")
 
 
-def answers_alone(engine, questions=QUESTIONS) -> dict[str, str]:
+def answers_alone(engine, questions=QUESTIONS, **params) -> dict[str, str]:
     """Each question's greedy answer asked alone (a batch of one)."""
-    return {q: engine.submit(ask(q)).result().text for q in questions}
+    return {q: engine.submit(ask(q, **params)).result().text for q in questions}
 
 
 def question_of(handle) -> str:
     return handle.request.messages[-1].content
 
 
-def batch_answers_as_each_request_alone(engine, alone, questions=QUESTIONS) -> None:
-    handles = [engine.submit(ask(q)) for q in questions * 2]  # the batch fills; the others join as they leave
+def batch_answers_as_each_request_alone(engine, alone, questions=QUESTIONS, **params) -> None:
+    handles = [engine.submit(ask(q, **params)) for q in questions * 2]  # the batch fills; the others join as they leave
     seen_running = 0
     while not all(h.finished for h in handles):
         seen_running = max(seen_running, engine.generation.running)

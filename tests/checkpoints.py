@@ -84,15 +84,18 @@ def smollm_tokenizer_into(out: Path) -> None:
     AutoTokenizer.from_pretrained(source, gguf_file=DEFAULT_MODEL_FILE).save_pretrained(out)
 
 
-def gptq_checkpoint(cache: Path, bits: int, group_size: int, desc_act: bool) -> Path:
-    """SmolLM2 quantized by gptqmodel on CPU (~75 s each on 2 cores), cached by recipe."""
+def gptq_checkpoint(cache: Path, bits: int, group_size: int, desc_act: bool, *, threads: int = 2) -> Path:
+    """SmolLM2 quantized by gptqmodel on CPU, cached by recipe (``threads``: the build's CPU threads;
+    it does not change the recipe)."""
     source = cached(cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors)
     script = Path(__file__).with_name("quantize_checkpoint.py")
 
     def quantize(out: Path) -> None:
         with tempfile.TemporaryDirectory() as scratch:
-            env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "PYTHONPATH": str(ROOT),
-                   "HF_HOME": str(Path(scratch) / "hf")}
+            env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "OMP_NUM_THREADS": str(threads),  # its pools need 2
+                   "PYTHONPATH": str(ROOT), "HF_HOME": str(Path(scratch) / "hf"),
+                   # gptqmodel's progress bars redraw on every step: about a tenth of a build here
+                   "LOGBAR_ANIMATION": "0", "LOGBAR_PROGRESS_OUTPUT_INTERVAL": "100000"}
             args = [sys.executable, "-m", "tests.quantize_checkpoint", str(source), str(out),
                     str(bits), str(group_size), "1" if desc_act else "0"]
             result = subprocess.run(args, cwd=scratch, env=env, capture_output=True, text=True)
@@ -101,6 +104,27 @@ def gptq_checkpoint(cache: Path, bits: int, group_size: int, desc_act: bool) -> 
 
     name = f"smollm2-gptq-{bits}bit-g{group_size}-{'act' if desc_act else 'noact'}"
     return cached(cache, name, quantize, key_parts=(script.read_text(), version("gptqmodel"), source.name))
+
+
+# Every GPTQ recipe the tests use (bits, group size, act-order); the 8-bit g128 pair is TheBloke's
+# gptq-8bit-128g-actorder_* branches with and without act-order.
+GPTQ_RECIPES = ((4, 64, True), (4, 128, False), (8, -1, True), (8, 128, True), (8, 128, False))
+
+
+def gptq_checkpoints(cache: Path) -> dict[tuple[int, int, bool], Path]:
+    """Every checkpoint of GPTQ_RECIPES, the missing ones built two at a time with one thread each.
+
+    A build is mostly GPTQ's column loop, Python-bound small tensor operations, so one build uses
+    little of a second core: two one-thread builds side by side take about as long as one
+    two-thread build (measured in docs/TESTING.md)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cached(cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors)  # their common source, first
+    workers = max(1, min(2, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ThreadPoolExecutor(workers) as pool:
+        builds = {recipe: pool.submit(gptq_checkpoint, cache, *recipe, threads=threads) for recipe in GPTQ_RECIPES}
+        return {recipe: build.result() for recipe, build in builds.items()}
 
 
 LEGACY_STEM = "smollm2-135M-GPTQ-4bit-128g.no-act-order"

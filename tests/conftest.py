@@ -14,6 +14,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pytest_collection_modifyitems(config, items):
+    """One place decides what needs CUDA: a test marked ``gpu`` is skipped where no CUDA device is
+    (so ``-m gpu`` selects every test that needs one, and no test needs its own skipif)."""
+    needing = [item for item in items if item.get_closest_marker("gpu")]
+    if not needing:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in needing:
+        item.add_marker(skip)
+
+
 def loose_model_work() -> list[str]:
     """Model threads and model workers of this process still running (none once every engine is closed)."""
     import threading
@@ -88,6 +103,14 @@ def checkpoint_cache() -> Path:
     root = Path(os.environ.get("LOADSTAR_TEST_CACHE", Path.home() / ".cache" / "loadstar-test-checkpoints"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def gptq_folders(checkpoint_cache) -> dict[tuple[int, int, bool], Path]:
+    """Every GPTQ test checkpoint by (bits, group size, act-order), built together on first use."""
+    from tests.checkpoints import gptq_checkpoints
+
+    return gptq_checkpoints(checkpoint_cache)
 
 
 @pytest.fixture(scope="session")

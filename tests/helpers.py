@@ -74,6 +74,24 @@ def running_server(root: Path, *args: str, env: dict[str, str] | None = None) ->
         stop_server(process)
 
 
+def still_there(pid: int, timeout: float = 30) -> str | None:
+    """Wait up to ``timeout`` s for process ``pid`` to be gone; None once it is, else its status.
+
+    A zombie is not gone: it ended but its parent (this server or engine) never reaped it, and a
+    server that leaks one per crash or unload fills the process table."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = psutil.Process(pid).status()
+        except psutil.NoSuchProcess:
+            return None
+        if time.monotonic() >= deadline:
+            return status
+        time.sleep(0.1)
+
+
 def run_concurrently(fn: Callable[[Any], Any], keys: Iterable[Any], timeout: float = 300) -> dict[Any, Any]:
     """Call ``fn(key)`` for every key at the same time, each on its own thread; {key: result}."""
     results: dict[Any, Any] = {}

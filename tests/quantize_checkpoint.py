@@ -41,7 +41,7 @@ def calibration(tokenizer) -> list[str]:
         )
         for q, a in QUESTIONS
     ]
-    return (chats + PLAIN_TEXTS) * 3
+    return chats + PLAIN_TEXTS
 
 
 def main(source: str, out: str, bits: str, group_size: str, desc_act: str) -> None:

@@ -212,7 +212,7 @@ def test_a_required_tool_call_comes_in_the_openai_shape_and_its_answer_is_read(c
     follow_up = [*question, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}, {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "sunny"})}]
     answer = client.chat.completions.create(model=TOOLS_MODEL, messages=follow_up, tools=[WEATHER], temperature=0,
                                             max_tokens=40)
-    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.choices[0].finish_reason == "stop", answer.choices[0].message  # greedy: prose about the weather
     assert answer.usage.prompt_tokens > reply.usage.prompt_tokens  # the call and its answer are in the prompt
 
 

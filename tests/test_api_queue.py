@@ -1,6 +1,7 @@
 """API behaviour that needs a slow model: queue timeouts, fairness with the UI's users (fake model)."""
 
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -38,8 +39,10 @@ def test_a_request_waiting_too_long_gets_a_clear_timeout(slow_app):
     first = {}
     hog = threading.Thread(target=lambda: first.setdefault("response", ask(client)))
     hog.start()
-    while not engine.generation.busy:
-        pass
+    deadline = time.monotonic() + 60
+    while not engine.generation.busy:  # the hog is generating
+        assert time.monotonic() < deadline, "the first request never started"
+        time.sleep(0.005)
     waited = ask(client, max_tokens=5)
     assert waited.status_code == 503
     error = waited.json()["error"]
@@ -64,8 +67,6 @@ def test_no_model_loaded_is_a_503_with_a_hint(slow_app):
 
 
 def test_admin_api_starts_a_download_and_reports_its_progress(tmp_path):
-    import time
-
     from tests.hub_standin import HubStandIn
     from tests.test_downloads import REPO, gptq_branch
 

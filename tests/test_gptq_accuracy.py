@@ -13,7 +13,6 @@ from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import GenerationRequest
 from loadstar.engine.sampling import SamplingParams
 from loadstar.engine.settings import Settings
-from tests.checkpoints import gptq_checkpoint
 from tests.kernel_accuracy import QUESTION, exact_model, kernel_model, logits, max_error, prompt_ids
 
 pytestmark = pytest.mark.slow
@@ -29,8 +28,8 @@ SLACK = 1.25  # a bound measured on one CPU may move a little on another (bfloat
 
 
 @pytest.fixture(scope="module")
-def folders(checkpoint_cache):
-    return {name: gptq_checkpoint(checkpoint_cache, *combo) for name, combo in COMBOS.items()}
+def folders(gptq_folders):
+    return {name: gptq_folders[combo] for name, combo in COMBOS.items()}
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def test_a_message_and_its_stream_say_the_same(client):
     assert reply.type == "message" and reply.role == "assistant" and reply.id.startswith("msg_")
     assert reply.model == DEFAULT_MODEL_NAME
     assert reply.content[0].type == "text" and "Paris" in reply.content[0].text
-    assert reply.stop_reason in ("end_turn", "max_tokens")
+    assert reply.stop_reason == "end_turn"  # greedy: "The capital of France is Paris." and the end of the turn
     assert reply.usage.input_tokens > 10 and reply.usage.output_tokens > 0
 
     with client.messages.stream(model="claude-sonnet-4", max_tokens=40, extra_body=GREEDY,
@@ -78,7 +78,7 @@ def test_tool_use_and_its_result_round_trip(client):
     answer = client.messages.create(model=TOOLS_MODEL, max_tokens=40, extra_body=GREEDY, tools=[WEATHER],
                                     messages=follow_up)
     assert answer.usage.input_tokens > reply.usage.input_tokens  # the call and its result are in the prompt
-    assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    assert answer.stop_reason == "end_turn", answer.content  # greedy: a sentence about the weather, then the end
 
 
 def test_bad_requests_are_anthropic_clients_errors(client):

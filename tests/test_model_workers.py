@@ -24,6 +24,7 @@ from loadstar.engine.settings import Settings
 from tests.crashing_loader import SegfaultingLoader
 from tests.fakes import engine_with
 from tests.folders import hf_folder
+from tests.helpers import still_there
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
 LONG = SamplingParams(temperature=0.0, max_new_tokens=400, ban_eos=True)
@@ -82,7 +83,7 @@ def test_kill_9_mid_stream_ends_it_in_one_line_and_the_model_comes_back(worker_e
     assert again.error is None and "Paris" in again.text
     with worker_engine.models.use() as model:
         assert model.pid != first_pid
-    assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == psutil.STATUS_ZOMBIE
+    assert still_there(first_pid) is None  # ended and reaped: no zombie left behind
 
 
 @pytest.mark.slow
@@ -254,7 +255,7 @@ def test_two_models_resident_answer_alternating_requests_without_reloading(tmp_p
             pass
         engine.ensure_loaded("SmolLM2-third")
         assert {m.name for m in engine.resident_models()} == {DEFAULT_MODEL_NAME, "SmolLM2-third"}
-        assert not psutil.pid_exists(pids["SmolLM2-copy"]) or psutil.Process(pids["SmolLM2-copy"]).status() == psutil.STATUS_ZOMBIE
+        assert still_there(pids["SmolLM2-copy"]) is None  # ended and reaped
     finally:
         engine.close()
 

@@ -255,13 +255,7 @@ def smollm2_tokenizer(default_models_dir):
                                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif("not _cuda()", reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("config_class", ARCHITECTURES)
 def test_padded_rows_answer_as_generate_does_alone_across_architectures(smollm2_tokenizer, config_class, device):
     """Tiny random models of architectures with their own attention, rotary and norm code: four

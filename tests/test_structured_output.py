@@ -164,14 +164,22 @@ def test_the_transformers_loader_has_its_json_validated_and_gives_logprobs(real_
 
 
 @pytest.mark.slow
-def test_a_transformers_model_that_does_not_batch_refuses_logprobs(real_engine):
-    real_engine.load_model("SmolLM2-135M-Instruct", "Transformers", {"max_batch": 1})
-    try:
-        assert "one request at a time" in real_engine.models.loaded.details
-        refused = real_engine.submit(GenerationRequest(prompt="Hello", output=OutputSpec(logprobs=2))).result()
-        assert refused.bad_request and refused.error == "Transformers does not give log probabilities (logprobs)"
-    finally:
-        real_engine.load_model("SmolLM2-135M-Instruct", "Transformers")
+def test_a_transformers_model_that_does_not_batch_refuses_logprobs(real_engine, service_for):  # noqa: F811
+    """The real network wrapped as the Transformers loader wraps it with max_batch 1 (no reload:
+    the loaded weights are shared), served by a real generation service."""
+    from dataclasses import replace
+
+    from loadstar.engine.models.loader_api import FEATURE_LOGPROBS
+    from loadstar.loaders.hf_causal_lm import HFCausalLM, batch_size
+
+    with real_engine.models.use() as loaded:
+        network, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
+    assert FEATURE_LOGPROBS in info.features  # the batching model gives them
+    assert batch_size(network, 1) == (1, "one request at a time")  # the loader's words for max_batch 1
+    alone = HFCausalLM(network, tokenizer, replace(info, features=info.features - {FEATURE_LOGPROBS}), max_batch=1)
+    assert FEATURE_LOGPROBS not in alone.info.features
+    refused = service_for(alone).submit(GenerationRequest(prompt="Hello", output=OutputSpec(logprobs=2))).result()
+    assert refused.bad_request and refused.error == "Transformers does not give log probabilities (logprobs)"
 
 
 def test_a_call_watch_shows_prose_and_holds_what_may_be_a_call():

@@ -15,6 +15,7 @@ from loadstar.engine.plugins.host import PluginHost
 from loadstar.engine.tools import MAX_RESULT_CHARS, ToolBox
 from loadstar.extensions.example_tools import calculate, read_inside
 from loadstar.extensions.mcp_servers import McpServers
+from tests.helpers import still_there
 
 SERVER = str(Path(__file__).with_name("mcp_test_server.py"))
 
@@ -92,6 +93,20 @@ def mcp_servers(tmp_path, servers: dict, **extra) -> McpServers:
     return plugin
 
 
+def mcp_children() -> list[int]:
+    """The pids of this process's MCP test servers (tests/mcp_test_server.py)."""
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "mcp_test_server" in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def stdio(*args: str) -> dict:
     return {"command": sys.executable, "args": [SERVER, *args]}
 
@@ -118,9 +133,11 @@ def test_an_mcp_server_over_stdio_offers_its_tools_and_answers_calls(tmp_path):
         assert [o.tool.name for o in box.available()] == names
         assert plugin._connections["store"] is connection
         assert "73 widgets" in box.run("store_warehouse_stock", '{"item": "widgets"}').text
+        [child] = mcp_children()  # the one server process, started once
     finally:
         box.close()
-    assert plugin._loop is None  # the loop thread and the child process are gone
+    assert still_there(child, timeout=15) is None  # shut down: the server's process ended and was reaped
+    assert mcp_children() == []
 
 
 def test_a_hanging_or_missing_mcp_server_is_refused_in_one_line_and_the_others_serve(tmp_path):
