@@ -11,6 +11,9 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 CHROMIUM := /usr/bin/chromium
 ARGS   ?=
 LLAMA_CPP_BUILD ?= native
+# make test: the tests but the browser's on two pytest-xdist workers, each on its own share of the
+# CPUs, then the browser tests in order (tools/run_tests.py, docs/TESTING.md). 1 = all in order.
+TEST_WORKERS ?= 2
 
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -21,7 +24,7 @@ run: install
 	$(PY) server.py $(ARGS)
 
 test: install-test lint
-	$(PY) -m pytest $(ARGS)
+	$(PY) tools/run_tests.py --workers $(TEST_WORKERS) $(ARGS)
 
 # The quick loop: lint, then every test that needs neither Chromium nor a real model load.
 test-fast: install $(VENV)/.test-installed lint

@@ -331,9 +331,14 @@ def _gpu_layers(requested: int) -> int:
 
 
 def _physical_cores() -> int:
+    """The physical cores, but never more than the CPUs this process may run on (a container's
+    cpuset, taskset): llama.cpp's threads spin at each step's barriers, so one thread more than
+    the CPUs it has turns a token's milliseconds into a scheduler's time slices."""
     import psutil
 
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return max(1, min(cores, allowed))
 
 
 def _llama_cpp_architectures() -> frozenset[str]:

@@ -179,7 +179,8 @@ def _child(model: str) -> int:
     """The generation itself: load, read the prompt, decode a few greedy tokens, print one JSON line."""
     import llama_cpp
 
-    threads = max(1, min(4, os.cpu_count() or 1))
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(4, allowed))
     llm = llama_cpp.Llama(model_path=model, n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
     out: Any = llm.create_completion(SMOKE_PROMPT, max_tokens=SMOKE_TOKENS, temperature=0.0)  # a dict: no stream
     text = out["choices"][0]["text"]

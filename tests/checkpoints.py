@@ -7,6 +7,7 @@ killed build never leaves a half-written checkpoint in the cache.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
@@ -30,13 +31,19 @@ def cached(cache: Path, name: str, recipe: Callable[[Path], None], *, key_parts:
     target = cache / f"{name}-{key}"
     if target.is_dir():
         return target
-    build = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
-    try:
-        recipe(build)
-        build.rename(target)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+    # One build per recipe: a second test process (pytest-xdist's other worker) that needs it
+    # waits here for the first one's build instead of building it again beside it.
+    with (cache / f".{name}-{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return target
+        build = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
+        try:
+            recipe(build)
+            build.rename(target)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
     return target
 
 
@@ -120,8 +127,9 @@ def gptq_checkpoints(cache: Path) -> dict[tuple[int, int, bool], Path]:
     from concurrent.futures import ThreadPoolExecutor
 
     cached(cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors)  # their common source, first
-    workers = max(1, min(2, os.cpu_count() or 1))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    cpus = len(os.sched_getaffinity(0))  # this process's share (one CPU each under make test's two workers)
+    workers = max(1, min(2, cpus))
+    threads = max(1, cpus // workers)
     with ThreadPoolExecutor(workers) as pool:
         builds = {recipe: pool.submit(gptq_checkpoint, cache, *recipe, threads=threads) for recipe in GPTQ_RECIPES}
         return {recipe: build.result() for recipe, build in builds.items()}

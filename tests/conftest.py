@@ -14,6 +14,25 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers) each worker gets its own share of the
+    CPUs, and so do the servers, model workers and browsers it starts (they inherit it): model code
+    sizes its threads by the CPUs it may use, so two workers never run four spinning llama.cpp
+    threads on two cores."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < count:
+        return
+    share = set(cpus[int(worker.removeprefix("gw")) % count::count])
+    for thread in os.listdir("/proc/self/task"):  # every thread of the worker, not only this one
+        try:
+            os.sched_setaffinity(int(thread), share)
+        except OSError:
+            pass
+
+
 def pytest_collection_modifyitems(config, items):
     """One place decides what needs CUDA: a test marked ``gpu`` is skipped where no CUDA device is
     (so ``-m gpu`` selects every test that needs one, and no test needs its own skipif)."""

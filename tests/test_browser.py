@@ -177,10 +177,11 @@ def test_enter_sends_and_shift_enter_adds_a_line(page):
 
 def test_the_next_message_can_be_typed_while_a_reply_streams(page):
     """Each streamed redraw used to send the message box "" again, wiping what the user typed."""
-    start_long_story(page, 200)
+    bot = start_long_story(page, 160)
     box = page.locator("#chat-input textarea")
     box.click()
     box.type("And what did the dragon bake next?", delay=20)
+    assert not re.match(r"^(Done|Reached)", page.locator("#chat-status").inner_text())  # typed while it streamed
     status = wait_for_status(page, r"^(Done|Reached)")
     assert re.search(r"\((\d{2,}) tokens", status), status  # the reply went on streaming while we typed
     assert box.input_value() == "And what did the dragon bake next?"
@@ -189,7 +190,9 @@ def test_the_next_message_can_be_typed_while_a_reply_streams(page):
     wait_until(lambda: users.count() == 2, "the typed message to be sent")
     assert users.last.inner_text() == "And what did the dragon bake next?"
     assert box.input_value() == ""
-    wait_for_status(page, r"^(Done|Reached)")
+    wait_until(lambda: bot.count() == 2 and bot.last.inner_text().strip(), "the second reply to start")
+    page.locator("#stop").click()  # its end is not what this checks
+    wait_for_status(page, r"^(Stopped|Done|Reached)")
 
 
 def test_loading_shows_what_is_loading_then_the_loaded_model(page):

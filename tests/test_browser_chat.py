@@ -65,7 +65,10 @@ def test_continue_edit_copy_and_remove_last(browser, ui_server):
 
 def test_system_message_reaches_the_prompt_shown_with_its_token_count(page):
     page.get_by_text("System message").first.click()
-    page.locator("#system-message textarea").fill("You are a pirate. Always say arr.")
+    box = page.locator("#system-message textarea")
+    # Typed as soon as the box shows: the page's opening (which restores a conversation's system
+    # message) once arrived after the typing on a busy machine and emptied the box again.
+    box.fill("You are a pirate. Always say arr.")
     chat_once(page, "Hello", max_new_tokens=5)
     page.get_by_text("Prompt sent").click()
     prompt = page.locator("#prompt-text textarea").input_value()

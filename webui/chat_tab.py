@@ -326,7 +326,10 @@ class ChatTab:
             if opened is not None:
                 state = opened
             value = state["id"] if any(cid == state["id"] for _, cid in choices) else None
-            return [state, *shown(state), gr.update(choices=choices, value=value)]
+            chat_view, system, title = shown(state)
+            # The box is empty when the page opens: writing "" again would wipe what the user typed
+            # meanwhile, when this arrives late on a busy server.
+            return [state, chat_view, system or gr.update(), title, gr.update(choices=choices, value=value)]
 
         def keep_open(memory_value, state):
             return remember(memory_value, conversation=state.get("id") if state else None)
