@@ -148,3 +148,58 @@ def test_inspecting_a_file_is_an_error(tmp_path):
     file.write_text("")
     with pytest.raises(BadModelFolderError):
         inspect_model_folder(file)
+
+
+def test_json_nested_past_any_sense_or_too_large_is_a_problem_named_by_its_file(tmp_path):
+    """A hostile repo's configs: parsing one must not raise (RecursionError once escaped and broke
+    every model listing), and each is named in one line."""
+    folder = hf_folder(tmp_path, name="nested")
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "tokenizer_config.json").write_text('{"a": ' * 65 + "1" + "}" * 65)  # parses, but deeper than any config
+    info = inspect_model_folder(folder)
+    assert "config.json is nested too deeply (over 64 levels)" in info.problems
+    assert "tokenizer_config.json is nested too deeply (over 64 levels)" in info.problems
+    assert not info.has_config and info.architecture is None
+    huge = hf_folder(tmp_path, name="huge")
+    with (huge / "config.json").open("w") as out:  # valid JSON past the bound, sparse on disk
+        out.write('{"pad": "')
+        out.seek(20 << 20)
+        out.write('"}')
+    assert "config.json is larger than 16 MiB" in inspect_model_folder(huge).problems
+
+
+def test_one_bad_folder_leaves_the_model_list_to_the_others(tmp_path):
+    """Through the real HTTP app: the listing and the admin listing answer, the bad folder with its problem."""
+    from fastapi.testclient import TestClient
+
+    from loadstar.api.app import build_http_app
+    from loadstar.engine.facade import Engine
+    from loadstar.engine.settings import Settings
+
+    models = tmp_path / "models"
+    hf_folder(models, name="good")
+    (hf_folder(models, name="nested") / "config.json").write_text("[" * 50_000 + "]" * 50_000)
+    engine = Engine(Settings(models_dir=models, data_dir=tmp_path / "data", admin_key="admin-key-0123"))
+    try:
+        with TestClient(build_http_app(engine)) as client:
+            listed = client.get("/v1/models")
+            assert listed.status_code == 200, listed.text
+            assert [m["id"] for m in listed.json()["data"]] == ["good", "nested"]
+            admin = client.get("/admin/models", headers={"Authorization": "Bearer admin-key-0123"})
+            assert admin.status_code == 200, admin.text
+            loaded = client.post("/admin/models/load", json={"model": "nested"},
+                                 headers={"Authorization": "Bearer admin-key-0123"})
+            assert loaded.status_code in (400, 422) and "config.json" in loaded.json()["error"]["message"], loaded.text
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("header, why", [
+    (b'{"w": ' * 5_000 + b"1" + b"}" * 5_000, "corrupt safetensors header (nested too deeply)"),
+    (b'{"w": {"dtype": "F16", "shape": [1]}}', "corrupt safetensors header (a tensor without its offsets)"),
+])
+def test_a_hostile_safetensors_header_is_a_problem_not_a_crash(tmp_path, header, why):
+    folder = hf_folder(tmp_path, weights=())
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    info = inspect_model_folder(folder)
+    assert any(why in p for p in info.problems), info.problems

@@ -7,7 +7,6 @@ configs, safetensors headers, GGUF metadata (memory-mapped, the tensors are not 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from loadstar.engine.models.gptq_tensors import (
     infer_gptq_from_safetensors,
     read_safetensors_header,
 )
+from loadstar.engine.untrusted_json import UntrustedJsonError, read_untrusted_json
 
 WeightFormat = Literal["safetensors", "bin", "pt", "gguf"]
 
@@ -275,9 +275,9 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        problems.append(f"{path.name} is not valid JSON ({error.__class__.__name__})")
+        data = read_untrusted_json(path)
+    except UntrustedJsonError as error:
+        problems.append(str(error))
         return None
     if not isinstance(data, dict):
         problems.append(f"{path.name} does not hold a JSON object")

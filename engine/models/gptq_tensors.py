@@ -16,13 +16,14 @@ Only the safetensors header and the small ``g_idx`` tensors are read.
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loadstar.engine.untrusted_json import TOO_DEEP, UntrustedJsonError, parse_untrusted_json
 
 _MAX_HEADER = 100 * 1024 * 1024
 _FILENAME_BITS = re.compile(r"(?i)(\d)-?bits?")
@@ -62,13 +63,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(size - 8, _MAX_HEADER):
             raise ValueError(f"{path.name} has a corrupt safetensors header (length {header_len} for a {size}-byte file)")
-        try:
-            header = json.loads(handle.read(header_len))
-        except ValueError:
-            raise ValueError(f"{path.name} has a corrupt safetensors header (not JSON)") from None
+        header = _header_json(handle.read(header_len), path.name)
     if not isinstance(header, dict):
         raise ValueError(f"{path.name} has a corrupt safetensors header")
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise ValueError(f"{path.name} has a corrupt safetensors header (a tensor without its offsets)") from None
     if 8 + header_len + end > size:
         raise ValueError(f"{path.name} is truncated ({size} bytes, its header promises {8 + header_len + end})")
     return header, 8 + header_len
@@ -189,13 +190,19 @@ def parse_header_prefix(prefix: bytes, file: str) -> tuple[dict[str, Any], int, 
         if cut < 0:
             raise ValueError(f"{file}: the first {len(prefix)} bytes hold no whole header entry")
         text = text[: cut + 2] + "}"
-    try:
-        header = json.loads(text)
-    except ValueError:
-        raise ValueError(f"{file} has a corrupt safetensors header (not JSON)") from None
+    header = _header_json(text, file)
     if not isinstance(header, dict):
         raise ValueError(f"{file} has a corrupt safetensors header")
     return header, 8 + header_len, complete
+
+
+def _header_json(text: str | bytes, file: str) -> Any:
+    """A safetensors header's JSON, bounded in depth (untrusted_json); ValueError when corrupt."""
+    try:
+        return parse_untrusted_json(text, file)
+    except UntrustedJsonError as error:
+        why = "nested too deeply" if error.why == TOO_DEEP else "not JSON"
+        raise ValueError(f"{file} has a corrupt safetensors header ({why})") from None
 
 
 def _is_matrix(shape: Any) -> bool:
