@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loadstar.api.errors import ApiError
 from loadstar.api.schemas import MAX_STOP_LENGTH, MAX_STOP_STRINGS, SamplingFields
@@ -99,6 +99,15 @@ class MessagesRequest(SamplingFields):
     tools: list[ToolIn] | None = Field(None, max_length=128)
     tool_choice: ToolChoiceIn | None = None
     metadata: dict[str, Any] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_reply(cls, n: int) -> int:
+        # SamplingFields is shared with OpenAI's API, whose n decodes choices together; a message
+        # has one reply, and n=3 once mixed three into one stream.
+        if n != 1:
+            raise ValueError("the Messages API has no n (one reply per request): send one request per reply")
+        return n
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = tuple(self.stop_sequences or ())

@@ -91,3 +91,21 @@ def test_bad_requests_are_anthropic_clients_errors(client):
     wrong_key = client.with_options(api_key="not-the-key")
     with pytest.raises(anthropic.AuthenticationError):
         wrong_key.messages.create(model="x", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_n_is_refused_the_messages_api_has_none(client):
+    """n=3 once mixed three replies into one stream, and silently dropped two when not streamed."""
+    import anthropic
+
+    for stream in (False, True):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            if stream:
+                with client.messages.stream(model="x", max_tokens=5, extra_body={"n": 3},
+                                            messages=[{"role": "user", "content": "hi"}]) as events:
+                    list(events.text_stream)
+            else:
+                client.messages.create(model="x", max_tokens=5, extra_body={"n": 3},
+                                       messages=[{"role": "user", "content": "hi"}])
+        assert "the Messages API has no n" in str(refused.value)
+    one = client.messages.create(model="x", max_tokens=5, extra_body={"n": 1}, messages=[{"role": "user", "content": "hi"}])
+    assert one.content[0].type == "text"
