@@ -3,6 +3,7 @@ half-written one), and reading a JSON store back with its defaults when it is mi
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -37,7 +38,9 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
-
+    # A save killed mid-write left its temporary file: the next save of the same file removes it
+    # (every store, not only conversations; a minute's age spares a save running beside this one).
+    remove_stale_temps(path.parent, pattern=f".{glob.escape(path.name)}.*{TEMP_SUFFIX}")
 
 
 def read_store(path: Path, model: type[Stored]) -> Stored:
@@ -53,12 +56,12 @@ def read_store(path: Path, model: type[Stored]) -> Stored:
         return model()
 
 
-def remove_stale_temps(folder: Path, older_than: float = 60.0) -> int:
+def remove_stale_temps(folder: Path, older_than: float = 60.0, pattern: str = f".*{TEMP_SUFFIX}") -> int:
     """Delete temporary files that ``write_atomic`` left behind when its process was killed mid-save."""
     removed = 0
     now = time.time()
     try:
-        candidates = list(folder.glob(f".*{TEMP_SUFFIX}"))
+        candidates = list(folder.glob(pattern))
     except OSError:
         return 0
     for path in candidates:
@@ -78,9 +81,14 @@ def login_folder_name(user: str | None) -> str:
 
 
 def private_folder(root: Path, *parts: str) -> Path:
-    """``root/parts…``, created 0700, refused if any part is a symlink (nothing is written elsewhere)."""
+    """``root/parts…``, created 0700 (``root`` too, when this makes it), refused if any part is a
+    symlink (nothing is written elsewhere)."""
     folder = root
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
     for part in parts:
         if not part or part in (".", "..") or "/" in part or "\\" in part:
             raise ValueError(f"not a plain folder name: {part!r}")

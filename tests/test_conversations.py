@@ -102,3 +102,26 @@ def test_a_save_killed_mid_write_leaves_the_previous_history_whole(tmp_path):
     leftovers = [p.name for p in store.folder(None).iterdir() if p.suffix == ".tmp"]
     assert all(name.startswith(".") for name in leftovers)  # a killed write leaves only a hidden temp file
     assert [c.id for c in store.summaries(None)] == ["00000000000000aa"]
+
+
+def test_conversation_folders_are_the_logins_own_and_killed_saves_are_swept_on_the_next(tmp_path):
+    import stat
+
+    from loadstar.engine.atomic import write_atomic
+
+    store = ConversationStore(tmp_path / "conversations")
+    saved = store.save("alice", Conversation(messages=chat("hi", "hello")))
+    for folder in (store.root, store.folder("alice")):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder  # other accounts on the machine read nothing
+    assert stat.S_IMODE(store._path("alice", saved.id).stat().st_mode) == 0o600
+    # A killed save of any store leaves a hidden temp file; the next save of that file removes it once
+    # it is a minute old (a save running beside it is younger), and leaves other files' temps alone.
+    settings = tmp_path / "settings.json"
+    stale, fresh, other = (tmp_path / ".settings.json.x1.tmp", tmp_path / ".settings.json.x2.tmp",
+                           tmp_path / ".presets.json.x3.tmp")
+    for temp in (stale, fresh, other):
+        temp.write_text("{half")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
+    os.utime(other, (time.time() - 120, time.time() - 120))
+    write_atomic(settings, b"{}")
+    assert not stale.exists() and fresh.exists() and other.exists()

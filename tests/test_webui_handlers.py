@@ -227,3 +227,43 @@ def test_a_streamed_redraw_sends_only_the_outputs_that_changed():
     assert first == ["", history, state, "Generating…"]
     assert second == [gr.skip(), grown, gr.skip(), gr.skip()]
     assert third[:2] == [gr.skip(), gr.skip()] and third[2] == {"id": "c"} and third[3] == "Done"
+
+
+def test_a_double_click_on_run_it_runs_the_tool_once(tmp_path):
+    """Two decisions on one waiting call (a double click: each with the page's copy of the
+    conversation) run its tool once; the second is told it was answered already."""
+    import threading
+
+    from loadstar import Tool, hookimpl
+    from loadstar.engine.facade import Engine
+    from loadstar.engine.plugins.host import PluginHost
+    from loadstar.engine.settings import Settings
+    from tests.helpers import run_concurrently
+
+    runs, both_in = [], threading.Barrier(2, timeout=30)
+
+    class Oven:
+        @hookimpl
+        def register_tools(self, register):
+            register(Tool("bake", "Bakes a cake.", lambda arguments: runs.append(1) or "baked"))
+
+    host = PluginHost([], builtin_extensions=False)
+    host.register(Oven(), name="oven")
+    engine = Engine(Settings(models_dir=tmp_path / "models", data_dir=tmp_path / "data"), plugins=host)
+    try:
+        chat = ChatHandlers(engine)
+        waiting = {**new_state(), "messages": [
+            {"role": "user", "content": "Bake a cake."},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "name": "bake", "arguments": "{}"}]}]}
+
+        def click(_):
+            both_in.wait()  # the two clicks arrive together
+            return [update.status for update in chat.decide(waiting, ME, DEFAULTS, "", "approve")]
+
+        statuses = run_concurrently(click, [1, 2], timeout=60)
+        assert len(runs) == 1, statuses
+        assert sum("These tool calls were answered already." in s for s in statuses.values()) == 1, statuses
+        again = [u.status for u in chat.decide(waiting, ME, DEFAULTS, "", "reject")]  # a late click, too
+        assert again == ["These tool calls were answered already."] and len(runs) == 1
+    finally:
+        engine.close()

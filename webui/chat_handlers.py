@@ -9,7 +9,8 @@ conversations belong to the login name (``local`` without logins).
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,29 @@ class TurnOptions:
     tools: ToolChoice = "off"  # offer the enabled plugins' tools: "auto" (the model decides), "required"
 
 
+class AnsweredCalls:
+    """The ids of tool calls a decision was taken on. Two clicks on Run it send the same waiting
+    call twice, each with the page's copy of the conversation: only the first claim runs it (a
+    tool's side effect must not happen twice). Call ids are unique; the oldest are forgotten past
+    ``keep``, long after any click could repeat them."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._ids: dict[str, None] = {}
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    def claim(self, ids: Iterable[str]) -> bool:
+        """True if none of ``ids`` was claimed before (they are now); False if any was."""
+        wanted = list(ids)
+        with self._lock:
+            if any(call_id in self._ids for call_id in wanted):
+                return False
+            self._ids.update(dict.fromkeys(wanted))
+            while len(self._ids) > self._keep:
+                del self._ids[next(iter(self._ids))]
+            return True
+
+
 def pending_calls(state: State) -> list[dict[str, Any]]:
     """The tool calls of the last message, when it is an assistant's call that awaits the user."""
     messages = state.get("messages") or []
@@ -105,6 +129,7 @@ def new_state() -> State:
 class ChatHandlers:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._answered = AnsweredCalls()
 
     # -- turns -----------------------------------------------------------------------------------
 
@@ -202,6 +227,9 @@ class ChatHandlers:
             return
         if self.engine.has_work(who.owner):
             yield ChatUpdate(chat_messages(state), state, "Still answering: press Stop first.")
+            return
+        if not self._answered.claim(c["id"] for c in calls):  # a double click: the first one runs them
+            yield ChatUpdate(chat_messages(state), state, "These tool calls were answered already.", asking=False)
             return
         if decision == "always":
             allowed = list(dict.fromkeys([*(state.get("allowed_tools") or []), *(c["name"] for c in calls)]))

@@ -97,8 +97,9 @@ class ConversationStore:
         self._cleaned: set[str] = set()
 
     def folder(self, user: str | None) -> Path:
+        """The login's own folder, 0700 (its files are 0600): other accounts on the machine read nothing."""
         name = login_folder_name(user)
-        folder = self.root / name
+        folder = private_folder(self.root, name)
         if name not in self._cleaned:  # saves killed mid-write leave hidden temp files: once per login
             self._cleaned.add(name)
             removed = remove_stale_temps(folder)
