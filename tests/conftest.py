@@ -33,9 +33,17 @@ def pytest_configure(config):
             pass
 
 
+# The longest files, started first: two workers then end together instead of one of them ending
+# the run with a GPTQ file that started late (longest first; measured in docs/TESTING.md).
+LONGEST_FIRST = ("test_gptq_accuracy.py", "test_gptq.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """One place decides what needs CUDA: a test marked ``gpu`` is skipped where no CUDA device is
-    (so ``-m gpu`` selects every test that needs one, and no test needs its own skipif)."""
+    """The longest files first; and one place decides what needs CUDA: a test marked ``gpu`` is
+    skipped where no CUDA device is (so ``-m gpu`` selects every test that needs one, and no test
+    needs its own skipif)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     needing = [item for item in items if item.get_closest_marker("gpu")]
     if not needing:
         return
