@@ -33,7 +33,7 @@ from typing import Any
 from loadstar.engine.atomic import write_atomic
 from loadstar.engine.errors import LoadstarError, one_line
 from loadstar.engine.hub.names import ModelRef
-from loadstar.engine.models.folder import gguf_models, weight_format
+from loadstar.engine.models.folder import format_size, gguf_models, weight_format
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ STAGING_DIR = ".downloads"
 CHUNK = 1024 * 1024
 RETRIES = 5
 MAX_JSON_BYTES = 1024 * 1024  # config files read before a download (branch picker)
+DISK_SPARE = 1 << 30  # a download never leaves less free on the models' disk than this
+DISK_CHECK_EVERY = 64 << 20  # bytes written between two looks at the free space
 MAX_PATH_CHARS = 400
 # Files a download never writes: ours (the record of the download) and operator-only configuration
 # (a downloaded remote.json would point the server, and its keys, at a URL the repo chose).
@@ -398,6 +400,7 @@ def download(
         if previous and _same_file(target, previous, f)
     }
     needed = [f for f in selection.files if f.path not in unchanged]
+    _check_room(ref, models_dir, sum(f.size - _have(_part_path(staging, f), f) for f in needed))
     counter = _Counter(total=sum(f.size for f in needed), files_total=len(needed))
     try:
         staging.mkdir(parents=True, exist_ok=True)
@@ -426,6 +429,34 @@ def download(
 
 
 _OWNER_FILE = ".loadstar-repo"  # in a staging folder: which repo and branch it is assembling
+
+
+def free_space(path: Path) -> int:
+    """Bytes free on the disk that holds ``path`` (or would hold it: its nearest existing folder)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def _have(part: Path, f: RemoteFile) -> int:
+    """Bytes of ``f`` already on disk from an earlier try (its .part), which a resume keeps."""
+    try:
+        size = part.stat().st_size
+    except OSError:
+        return 0
+    return size if size <= f.size else 0
+
+
+def _check_room(ref: ModelRef, models_dir: Path, missing: int) -> None:
+    """Refuse before the first byte when the listed sizes do not fit: a Hub that lists a file of a
+    petabyte once filled the disk at the download's pace."""
+    free = free_space(models_dir)
+    if missing + DISK_SPARE > free:
+        raise DownloadError(
+            f"{ref}: needs {format_size(missing)} more but {format_size(free)} are free on the disk of {models_dir} "
+            f"({format_size(DISK_SPARE)} is kept spare): nothing downloaded"
+        )
 
 
 def _owner(ref: ModelRef) -> str:
@@ -558,6 +589,8 @@ def _stream_with_resume(
                             raise DownloadError(f"cannot write {part}: {error.strerror or error}") from None
                         sha.update(chunk)
                         blob.update(chunk)
+                        if have // DISK_CHECK_EVERY != (have + len(chunk)) // DISK_CHECK_EVERY:
+                            _still_room(part, f, have + len(chunk))  # something else may fill the disk meanwhile
                         have += len(chunk)
                         counter.done += len(chunk)
                         counter.transferred += len(chunk)
@@ -574,6 +607,15 @@ def _stream_with_resume(
             time.sleep(min(0.2 * failures, 2.0))
     _report(progress, counter, f, have, force=True)
     return sha.hexdigest() if have == f.size and _matches(f, sha, blob) else None
+
+
+def _still_room(part: Path, f: RemoteFile, have: int) -> None:
+    free = free_space(part)
+    if free < DISK_SPARE:
+        raise DownloadError(
+            f"{f.path}: stopped at {format_size(have)} of {format_size(f.size)}: less than {format_size(DISK_SPARE)} "
+            f"is free on the disk of {part.parent}; free some space and run the same download again to resume"
+        )
 
 
 class _ShortBody(Exception):

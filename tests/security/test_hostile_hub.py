@@ -118,3 +118,40 @@ def test_two_repos_that_map_to_one_folder_never_mix(hub, tmp_path):
     download(HubClient(hub.url), parse_model_name("org/repo:x"), tmp_path)
     with pytest.raises(DownloadError, match="already holds org/repo:x"):
         download(HubClient(hub.url), parse_model_name("org/repo_x"), tmp_path)
+
+
+def test_a_listing_larger_than_the_free_disk_is_refused_before_the_first_byte(hub, tmp_path):
+    """A file listed at 10^15 bytes was fetched until the disk filled (311 MB of .part in 5 minutes)."""
+    hub.repo("liar/huge").add_commit("main", {"config.json": b"{}", "model.safetensors": b"\0" * 64})
+    hub.declared_size["model.safetensors"] = 10**15
+    models = tmp_path / "models"
+    with pytest.raises(DownloadError) as refused:
+        download(HubClient(hub.url), parse_model_name("liar/huge"), models)
+    message = str(refused.value)
+    assert "\n" not in message and "free on the disk of" in message and message.endswith("nothing downloaded"), message
+    assert sum(hub.gets.values()) == 0 and not models.exists()  # not a byte, not a folder
+
+
+def test_a_disk_filled_by_something_else_stops_the_download_in_one_line_and_it_resumes(hub, tmp_path, monkeypatch):
+    from loadstar.engine.hub import downloads
+
+    body = os.urandom(8 << 20)
+    hub.repo("org/big").add_commit("main", {"config.json": b"{}", "model.safetensors": body})
+    models, filler = tmp_path / "models", tmp_path / "filler.bin"
+    free = downloads.free_space(tmp_path)
+    monkeypatch.setattr(downloads, "DISK_CHECK_EVERY", 1 << 20)
+    monkeypatch.setattr(downloads, "DISK_SPARE", free - len(body) - (16 << 20))  # fits, with 16 MiB to spare
+
+    def something_else_writes(progress):
+        if not filler.exists():
+            filler.write_bytes(b"\1" * (64 << 20))  # another program takes 64 MiB meanwhile
+
+    with pytest.raises(DownloadError) as stopped:
+        download(HubClient(hub.url), parse_model_name("org/big"), models, progress=something_else_writes)
+    message = str(stopped.value)
+    assert "\n" not in message and "model.safetensors: stopped at" in message and "run the same download again" in message
+    part = next((models / ".downloads").rglob("*.part"))
+    assert 0 < part.stat().st_size < len(body)  # what arrived is kept for the resume
+    filler.unlink()
+    done = download(HubClient(hub.url), parse_model_name("org/big"), models)
+    assert (done.folder / "model.safetensors").read_bytes() == body
