@@ -194,3 +194,44 @@ def test_an_mcp_server_over_streamable_http_answers_calls(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_slow_calls_leave_the_server_serving_and_a_dead_server_starts_again_on_the_next_call(tmp_path):
+    """Calls were answered one at a time: four slow ones at once left the last callers waiting past
+    their deadline, their late answers went to cancelled callers and raised, and every later call
+    answered "MCP server store is not running"."""
+    import os
+    import signal
+
+    from tests.helpers import run_concurrently
+
+    plugin = mcp_servers(tmp_path, {"store": stdio()}, call_timeout=2)
+    box = toolbox(plugin)
+    try:
+        assert box.problems() == []
+        slow = '{"text": "hi", "seconds": 6}'
+        timed_out = run_concurrently(lambda _: box.run("store_slow_echo", slow).text, range(4), timeout=60)
+        assert set(timed_out.values()) == {"error: store_slow_echo: MCP server store did not answer within 2 s"}, timed_out
+        time.sleep(5)  # the server's late answers come now, for callers that are gone
+        assert "5 gadgets" in box.run("store_warehouse_stock", '{"item": "gadgets"}').text
+
+        def beside(_):  # a quick call while a slow one runs is answered at once
+            if _ == "slow":
+                return box.run("store_slow_echo", slow).text
+            time.sleep(0.3)
+            started = time.monotonic()
+            return box.run("store_warehouse_stock", '{"item": "widgets"}').text, time.monotonic() - started
+
+        both = run_concurrently(beside, ["slow", "quick"], timeout=60)
+        text, took = both["quick"]
+        assert "73 widgets" in text and took < 1.0, both
+
+        [child] = mcp_children()
+        os.kill(child, signal.SIGKILL)  # the server dies
+        assert still_there(child, timeout=15) is None
+        again = box.run("store_warehouse_stock", '{"item": "widgets"}')  # started again for this call
+        assert "73 widgets" in again.text, again
+        assert len(mcp_children()) == 1 and mcp_children() != [child]
+    finally:
+        box.close()
+    assert mcp_children() == []

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -101,6 +102,7 @@ class _Connection:
         self.calls: asyncio.Queue[tuple[str, dict[str, Any], asyncio.Future[tuple[bool, str]], float]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.tools: list[Any] = []  # what the server listed when it started
+        self.closed = False  # a call found the connection closed (the server died): start it again
 
     def target(self) -> Any:
         from mcp.client.stdio import StdioServerParameters
@@ -118,20 +120,35 @@ class _Connection:
             async with Client(self._transport()) as client:
                 listed = await client.list_tools()
                 ready.set_result(list(listed.tools))
-                while True:
-                    tool, arguments, reply, timeout = await self.calls.get()
-                    try:
-                        result = await asyncio.wait_for(client.call_tool(tool, arguments), timeout)
-                        reply.set_result((not result.is_error, result_text(result)))
-                    except TimeoutError:
-                        reply.set_result((False, f"MCP server {self.name} did not answer within {timeout:g} s"))
-                    except Exception as error:  # the server's failure is the model's one-line result
-                        reply.set_result((False, f"MCP server {self.name}: {one_line(error)}"))
+                # Each call is a task of its own (requests to one server are independent): a slow
+                # call no longer holds up the next, and ends with the group when the server stops.
+                async with asyncio.TaskGroup() as calls:
+                    while True:
+                        tool, arguments, reply, timeout = await self.calls.get()
+                        calls.create_task(self._call_one(client, tool, arguments, reply, timeout))
         except Exception as error:
             if not ready.done():
                 ready.set_exception(error)
             else:
                 log.warning("MCP server %s stopped: %s", self.name, one_line(error))
+
+    async def _call_one(self, client: Any, tool: str, arguments: dict[str, Any],
+                        reply: asyncio.Future[tuple[bool, str]], timeout: float) -> None:
+        """One call's answer to its caller; never raises (a raise would end every call of the server)."""
+        from mcp_types import CONNECTION_CLOSED
+
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(client.call_tool(tool, arguments), timeout)
+            answer = (not result.is_error, result_text(result))
+        except TimeoutError:
+            answer = (False, f"MCP server {self.name} did not answer within {time.monotonic() - started:.0f} s")
+        except Exception as error:  # the server's failure is the model's one-line result
+            if getattr(error, "code", None) == CONNECTION_CLOSED:
+                self.closed = True
+            answer = (False, f"MCP server {self.name}: {one_line(error)}")
+        if not reply.done():  # a caller that stopped waiting cancelled it: the late answer is dropped
+            reply.set_result(answer)
 
     def _transport(self) -> Any:
         target = self.target()
@@ -150,6 +167,8 @@ class McpServers:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._connections: dict[str, _Connection] = {}  # register_tools runs under the ToolBox's lock
+        self._startup_timeout = 15.0  # the config's, kept for a restart
+        self._restarting = threading.Lock()
 
     @hookimpl
     def configure(self, settings: Settings) -> None:
@@ -164,6 +183,7 @@ class McpServers:
         except BadRequestError as error:
             report(str(error))
             return
+        self._startup_timeout = config.startup_timeout
         # Called again when the enabled plugins change: a server still running is asked nothing
         # and keeps its process; only the ones not running (refused, or stopped) are started.
         for name, spec in config.servers.items():
@@ -219,23 +239,41 @@ class McpServers:
         self._connections[name] = connection
         return tools
 
+    def _live(self, server: str) -> tuple[_Connection, asyncio.AbstractEventLoop]:
+        """The server's connection, started again first if it stopped (it crashed, or a call found
+        its connection closed)."""
+        with self._restarting:  # two calls that find it stopped start one server, not two
+            connection, loop = self._connections.get(server), self._loop
+            if connection is None or loop is None or connection.task is None:
+                raise BadRequestError(f"MCP server {server} is not running")
+            if connection.closed or connection.task.done():
+                log.warning("MCP server %s had stopped: starting it again", server)
+                loop.call_soon_threadsafe(connection.task.cancel)  # ends the old client and its process
+                try:
+                    self._start(server, connection.spec, self._startup_timeout)
+                except BadRequestError as error:
+                    raise BadRequestError(f"MCP server {server} had stopped and did not start again: {error}") from None
+                connection = self._connections[server]
+            return connection, loop
+
     def _call(self, server: str, tool: str, arguments: dict[str, Any], timeout: float) -> str:
-        connection = self._connections.get(server)
-        loop = self._loop
-        if connection is None or loop is None or connection.task is None or connection.task.done():
-            raise BadRequestError(f"MCP server {server} is not running")
+        started = time.monotonic()
+        for attempt in range(2):  # a call that finds the server gone is asked once more, of a new one
+            connection, loop = self._live(server)
 
-        async def ask() -> tuple[bool, str]:
-            reply: asyncio.Future[tuple[bool, str]] = loop.create_future()
-            await connection.calls.put((tool, arguments, reply, timeout))
-            return await reply
+            async def ask(connection: _Connection = connection, loop: asyncio.AbstractEventLoop = loop) -> tuple[bool, str]:
+                reply: asyncio.Future[tuple[bool, str]] = loop.create_future()
+                await connection.calls.put((tool, arguments, reply, timeout))
+                return await reply
 
-        future: Future[tuple[bool, str]] = asyncio.run_coroutine_threadsafe(ask(), loop)
-        try:
-            ok, text = future.result(timeout + 2)
-        except (TimeoutError, FutureTimeout):
-            future.cancel()
-            raise BadRequestError(f"MCP server {server} did not answer within {timeout:g} s") from None
+            future: Future[tuple[bool, str]] = asyncio.run_coroutine_threadsafe(ask(), loop)
+            try:
+                ok, text = future.result(timeout + 2)
+            except (TimeoutError, FutureTimeout):
+                future.cancel()
+                raise BadRequestError(f"MCP server {server} did not answer within {time.monotonic() - started:.0f} s") from None
+            if not (connection.closed and attempt == 0):
+                break
         if not ok:
             raise BadRequestError(" ".join(text.split())[:500] or f"MCP server {server}: the call failed")
         return text
