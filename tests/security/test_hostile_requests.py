@@ -86,6 +86,23 @@ def test_a_session_is_bound_to_the_login_that_opened_it(team):
     assert bob.post("/gradio_api/queue/join", json={**join, "session_hash": "bobs-own"}).status_code != 403
 
 
+def test_without_a_login_no_route_touches_a_session(team):
+    """The heartbeat answered without a login, and its closing stopped that session's reply: anyone
+    who had a session's hash could stop another user's generation."""
+    url, _ = team
+    alice = login(url, "alice", "alice-pw")
+    join = {"session_hash": "alices-heart", "fn_index": 0, "data": [], "event_data": None, "trigger_id": None}
+    assert alice.post("/gradio_api/queue/join", json=join).status_code != 403
+    stranger = httpx.Client(base_url=url, timeout=TIMEOUT)
+    for method, path, body in (("GET", "/gradio_api/heartbeat/alices-heart", None),
+                               ("GET", "/gradio_api/queue/data?session_hash=alices-heart", None),
+                               ("POST", "/gradio_api/cancel", {"session_hash": "alices-heart", "fn_index": 0})):
+        refused = stranger.request(method, path, json=body)
+        assert refused.status_code == 401 and "log in" in refused.text, (path, refused.status_code, refused.text)
+    with alice.stream("GET", "/gradio_api/heartbeat/alices-heart") as beating:  # its owner still may
+        assert beating.status_code == 200
+
+
 def _import_fn(config: dict) -> int:
     ids = [c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "import-chat"]
     return next(d["id"] for d in config["dependencies"] if [ids[0], "upload"] in [list(t) for t in d["targets"]])
@@ -193,3 +210,17 @@ def test_stop_reaches_a_long_prompt_between_prefill_chunks(real_engine):
         del module.forward
     assert done.reason == "cancelled"
     assert calls == [512]  # one chunk of the ~3,000-token prompt, then Stop was seen
+
+
+def test_an_upload_is_read_only_by_the_login_that_sent_it(team):
+    """Gradio serves any file of its upload folder to any login that names its path (a path derived
+    from the file's contents): another login's upload was readable."""
+    url, _ = team
+    alice, bob = login(url, "alice", "alice-pw"), login(url, "bob", "bob-pw")
+    sent = alice.post("/gradio_api/upload", files={"files": ("secret.txt", b"alice's plans", "text/plain")})
+    assert sent.status_code == 200, sent.text
+    [path] = sent.json()
+    assert alice.get(f"/gradio_api/file={path}").content == b"alice's plans"
+    stolen = bob.get(f"/gradio_api/file={path}")
+    assert stolen.status_code == 403 and "another login" in stolen.text
+    assert b"alice's plans" not in httpx.get(f"{url}/gradio_api/file={path}", timeout=TIMEOUT).content
