@@ -45,6 +45,10 @@ class Repo:
         self.branches[branch] = commit
         return commit
 
+    def file(self, branch: str, path: str) -> bytes:
+        """The bytes of ``path`` at the head of ``branch``."""
+        return self.commits[self.branches[branch]][path]
+
 
 @dataclass
 class Faults:

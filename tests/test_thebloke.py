@@ -88,7 +88,8 @@ def test_branch_picker_says_what_a_legacy_repo_is_before_download(hub):
     hub.sent.clear()
     tensors = remote_tensor_gptq(HubClient(hub.url), LEGACY_REPO, main.commit, f"{LEGACY_STEM}.safetensors")
     assert (tensors.bits, tensors.group_size, tensors.desc_act) == (4, 128, False)
-    assert 0 < sum(hub.sent.values()) < 64 * 1024, hub.sent  # not the 112 MB of weights
+    header = int.from_bytes(main_header_prefix(hub), "little")
+    assert 8 + header < sum(hub.sent.values()) < 8 + header + 64 * 1024, hub.sent  # its whole header, not the 112 MB of weights
 
     eight = rows["gptq-8bit-128g-actorder_True"]
     assert eight.quantization == "GPTQ 8-bit group 128 act-order" and eight.warnings == ()
@@ -169,3 +170,41 @@ def test_a_chat_model_without_a_template_finds_its_format_and_answers(server, br
         assert "Paris" in bot_messages(page).last.inner_text()
     finally:
         page.context.close()
+
+
+def main_header_prefix(hub) -> bytes:
+    """The first 8 bytes of the legacy branch's weights: the length of their safetensors header."""
+    return hub.repo(LEGACY_REPO).file("main", f"{LEGACY_STEM}.safetensors")[:8]
+
+
+def test_a_header_longer_than_the_first_read_is_read_whole_and_never_taken_for_unquantized(hub):
+    """A legacy branch whose header starts with 2,000 other entries (a real 13B checkpoint's header
+    is larger than the first 48 KiB read): its GPTQ tensors lie past that read."""
+    import json
+    import struct
+
+    from loadstar.engine.hub.branch_picker import MAX_REMOTE_HEADER, MemoryBudget, list_branches
+    from loadstar.engine.plugins.host import PluginHost
+
+    weights = hub.repo(LEGACY_REPO).file("main", f"{LEGACY_STEM}.safetensors")
+    (length,) = struct.unpack("<Q", weights[:8])
+    header = json.loads(weights[8: 8 + length])
+    data = weights[8 + length:]
+    padding = {f"model.aa_padding.{i:04d}.weight": {"dtype": "F16", "shape": [1], "data_offsets": [len(data) + 2 * i, len(data) + 2 * i + 2]}
+               for i in range(2000)}
+    padded_header = json.dumps({**padding, **header}).encode()
+    assert len(padded_header) > 3 * 48 * 1024
+    padded = struct.pack("<Q", len(padded_header)) + padded_header + data + b"\0" * 4000
+    files = {"config.json": hub.repo(LEGACY_REPO).file("main", "config.json"), f"{LEGACY_STEM}.safetensors": padded}
+    hub.repo("TheBloke/Padded-GPTQ").add_commit("main", files)
+    budget = MemoryBudget(ram_free=8 << 30, vram_free=None)
+    [row] = list_branches(HubClient(hub.url), "TheBloke/Padded-GPTQ", PluginHost().loaders(), budget)
+    assert row.quantization.startswith("GPTQ 4-bit group 128 no act-order (read from the tensors in"), row
+    assert row.best_loader == "AutoGPTQ" and row.warnings == ()
+
+    # A header too long to read before download: "could not be read", never "unquantized".
+    lying = struct.pack("<Q", MAX_REMOTE_HEADER + 1) + padded_header[: 60 * 1024]
+    hub.repo("TheBloke/Lying-GPTQ").add_commit("main", {**files, f"{LEGACY_STEM}.safetensors": lying})
+    [row] = list_branches(HubClient(hub.url), "TheBloke/Lying-GPTQ", PluginHost().loaders(), budget)
+    assert row.quantization == "unknown (the weights' header could not be read)", row
+    assert any("not read before download (at most 16 MiB)" in w for w in row.warnings), row.warnings

@@ -11,6 +11,7 @@ flagged before anyone downloads it.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,13 +179,14 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
         WeightFile(path=f.path, format=kind, size=f.size)
         for f in files if "/" not in f.path and (kind := weight_format(f.path)) is not None
     )
-    tensors, warnings = None, []
+    tensors, warnings, unread = None, [], None
     first = next((w.path for w in sorted(weights, key=lambda w: w.path) if w.format == "safetensors"), None)
     if first is not None and (quantization is None or quantization.method == "gptq"):
         try:
             tensors = remote_tensor_gptq(client, repo_id, commit, first)
         except (ValueError, KeyError, TypeError, IndexError, DownloadError) as error:
-            warnings.append(f"the header of {first} could not be read: {str(error).splitlines()[0]}")
+            unread = f"the header of {first} could not be read: {str(error).splitlines()[0]}"
+            warnings.append(unread)
     conflicts = gptq_disagreements(quantization, tensors) if tensors is not None else []
     if tensors is not None:
         warnings += gptq_disagreements(quantization, tensors, (branch,), act_order=True)
@@ -202,7 +204,8 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
     kv = kv_cache_bytes(config)
     needed = weight_bytes + kv if kv is not None else None
     shown = quantization or record.gptq
-    described = shown.describe() if shown else "unquantized"
+    # Without the tensors' word, "unquantized" would be a guess: the branch may hold GPTQ tensors.
+    described = shown.describe() if shown else "unknown (the weights' header could not be read)" if unread else "unquantized"
     if quantization is None and tensors is not None:
         described += f" (read from the tensors in {tensors.file})"
     return BranchRow(
@@ -220,16 +223,29 @@ def _row(client: HubClient, repo_id: str, branch: str, commit: str, loaders: Map
     )
 
 
-SAFETENSORS_HEAD_BYTES = 48 * 1024  # the header's first entries: norms, then whole layers in file order
+SAFETENSORS_HEAD_BYTES = 48 * 1024  # the first read: most headers, and the length of any
+MAX_REMOTE_HEADER = 16 << 20  # a 70B checkpoint's header is a few MB; more is not read before download
 MAX_REMOTE_TENSOR = 1024 * 1024  # a g_idx of 262,144 inputs: far beyond any real layer
 
 
 def remote_tensor_gptq(client: HubClient, repo_id: str, commit: str, path: str) -> TensorGPTQ | None:
-    """GPTQ parameters of a remote safetensors file, from its header's first bytes and one small
-    ``g_idx`` tensor: the same inference as for a local file (``gptq_from_header``)."""
+    """GPTQ parameters of a remote safetensors file, from its whole header (its first 8 bytes give
+    its length: one more ranged read when it is longer than the first) and one small ``g_idx``
+    tensor: the same inference as for a local file (``gptq_from_header``). A header that cannot be
+    read whole raises ValueError: a cut one once hid every GPTQ tensor past its cut."""
     head = client.read_head(repo_id, commit, path, SAFETENSORS_HEAD_BYTES)
     if not head:
         return None
+    if len(head) >= 8:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 8 + header_len > len(head):
+            if header_len > MAX_REMOTE_HEADER:
+                raise ValueError(f"{path}: its safetensors header is said to be {header_len:,} bytes; "
+                                 f"not read before download (at most {MAX_REMOTE_HEADER >> 20} MiB)")
+            rest = client.read_range(repo_id, commit, path, len(head), 8 + header_len - len(head)) or b""
+            head += rest
+            if 8 + header_len > len(head):
+                raise ValueError(f"{path}: the Hub sent {len(head) - 8:,} of its header's {header_len:,} bytes")
     header, data_start, complete = parse_header_prefix(head, path)
 
     def read(start: int, length: int) -> bytes:
