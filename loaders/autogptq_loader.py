@@ -43,6 +43,7 @@ from loadstar import (
     filename_hint,
     hookimpl,
     infer_gptq_from_safetensors,
+    load_error,
     load_failure,
     weight_format,
 )
@@ -230,8 +231,7 @@ class AutoGPTQLoader:
         except ModelLoadError:
             raise
         except Exception as error:
-            log.exception("gptqmodel failed on %s", staged)
-            raise ModelLoadError(f"AutoGPTQ could not load {folder.name}: {load_failure(error, [w.path for w in weight_files], folder.path)}") from None
+            raise load_error(self.name, folder.name, error, [w.path for w in weight_files], folder.path) from None
         model.eval()
         kernels = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Linear")} - {"Linear"})
         error_bound = kernel_error(backend, dtype) if device == "cpu" else None

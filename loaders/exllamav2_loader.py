@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import threading
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
@@ -31,12 +30,10 @@ from loadstar import (
     SamplingParams,
     StreamPiece,
     hookimpl,
-    load_failure,
+    load_error,
 )
 from loadstar.loaders.derived_folder import derived_folder
 from loadstar.loaders.tokenizer_facts import TokenizerPrompts
-
-log = logging.getLogger(__name__)
 
 # Architectures exllamav2 0.3.2 knows (exllamav2/architecture.py); others it would load as Llama.
 SUPPORTED_ARCHITECTURES = frozenset({
@@ -128,9 +125,8 @@ class ExLlamaV2Loader:
             generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=ex_tokenizer)
             hf_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except Exception as error:
-            log.exception("exllamav2 failed on %s", path)
             weights = [w.path for w in folder.files_of("safetensors")]
-            raise ModelLoadError(f"ExLlamaV2 could not load {folder.name}: {load_failure(error, weights, folder.path)}") from None
+            raise load_error(self.name, folder.name, error, weights, folder.path) from None
         info = LoadedModelInfo(
             name=folder.name, loader=self.name, device="cuda", dtype="float16",
             context_length=ex_config.max_seq_len, details=folder.gptq.describe() if folder.gptq else "",

@@ -10,7 +10,6 @@ No ``trust_remote_code``: architectures must be built into transformers.
 from __future__ import annotations
 
 import importlib.util
-import logging
 from functools import lru_cache
 from importlib.metadata import version
 from typing import Any, Literal
@@ -25,12 +24,10 @@ from loadstar import (
     ModelFolder,
     ModelLoadError,
     hookimpl,
-    load_failure,
+    load_error,
 )
 from loadstar.loaders.hf_causal_lm import HFCausalLM, batch_size
 from loadstar.loaders.weight_bytes import loaded_bytes
-
-log = logging.getLogger(__name__)
 
 
 class TransformersOptions(BaseModel):
@@ -127,9 +124,8 @@ class TransformersLoader:
                 **common,
             )
         except Exception as error:
-            log.exception("Transformers failed on %s", folder.path)
             files = [gguf_file] if gguf_file else [w.path for w in folder.weight_files]
-            raise ModelLoadError(f"Transformers could not load {folder.name}: {load_failure(error, files, folder.path)}") from None
+            raise load_error(self.name, folder.name, error, files, folder.path) from None
         model.eval()
         max_batch, batch_note = batch_size(model, options.max_batch)
         info = LoadedModelInfo(

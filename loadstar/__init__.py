@@ -41,7 +41,7 @@ from loadstar.engine.models.gptq_tensors import (
     infer_gptq_from_safetensors,
     read_safetensors_header,
 )
-from loadstar.engine.models.load_failures import load_failure
+from loadstar.engine.models.load_failures import load_error, load_failure
 from loadstar.engine.models.loader_api import (
     FEATURE_EMBEDDINGS,
     FEATURE_GRAMMAR,
@@ -85,5 +85,5 @@ __all__ = [
     "PromptFormat", "Settings", "MetricsSnapshot", "Tool",
     # errors and helpers
     "LoadstarError", "ModelLoadError", "BadRequestError", "GenerationFailed", "one_line", "problem_line",
-    "first_problem", "load_failure", "write_atomic", "read_store",
+    "first_problem", "load_failure", "load_error", "write_atomic", "read_store",
 ]

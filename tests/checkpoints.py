@@ -26,6 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cached(cache: Path, name: str, recipe: Callable[[Path], None], *, key_parts: tuple[str, ...] = ()) -> Path:
+    built = cached_or_busy(cache, name, recipe, key_parts=key_parts, wait=True)
+    assert built is not None
+    return built
+
+
+def cached_or_busy(cache: Path, name: str, recipe: Callable[[Path], None], *, key_parts: tuple[str, ...] = (),
+                   wait: bool = True) -> Path | None:
+    """``cached``; with ``wait=False``, None at once when another process is building it."""
     key_source = "|".join((inspect.getsource(recipe), version("transformers"), version("torch"), *key_parts))
     key = hashlib.sha256(key_source.encode()).hexdigest()[:12]
     target = cache / f"{name}-{key}"
@@ -34,7 +42,10 @@ def cached(cache: Path, name: str, recipe: Callable[[Path], None], *, key_parts:
     # One build per recipe: a second test process (pytest-xdist's other worker) that needs it
     # waits here for the first one's build instead of building it again beside it.
     with (cache / f".{name}-{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return None
         if target.is_dir():
             return target
         build = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
@@ -94,6 +105,14 @@ def smollm_tokenizer_into(out: Path) -> None:
 def gptq_checkpoint(cache: Path, bits: int, group_size: int, desc_act: bool, *, threads: int = 2) -> Path:
     """SmolLM2 quantized by gptqmodel on CPU, cached by recipe (``threads``: the build's CPU threads;
     it does not change the recipe)."""
+    built = gptq_checkpoint_or_busy(cache, bits, group_size, desc_act, threads=threads, wait=True)
+    assert built is not None
+    return built
+
+
+def gptq_checkpoint_or_busy(cache: Path, bits: int, group_size: int, desc_act: bool, *, threads: int = 2,
+                            wait: bool = True) -> Path | None:
+    """``gptq_checkpoint``; with ``wait=False``, None at once when another process is building it."""
     source = cached(cache, "smollm2-135m-bf16-safetensors", smollm2_safetensors)
     script = Path(__file__).with_name("quantize_checkpoint.py")
 
@@ -110,7 +129,8 @@ def gptq_checkpoint(cache: Path, bits: int, group_size: int, desc_act: bool, *, 
                 raise RuntimeError(f"quantizing failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
     name = f"smollm2-gptq-{bits}bit-g{group_size}-{'act' if desc_act else 'noact'}"
-    return cached(cache, name, quantize, key_parts=(script.read_text(), version("gptqmodel"), source.name))
+    return cached_or_busy(cache, name, quantize, key_parts=(script.read_text(), version("gptqmodel"), source.name),
+                          wait=wait)
 
 
 # Every GPTQ recipe the tests use (bits, group size, act-order); the 8-bit g128 pair is TheBloke's
@@ -131,8 +151,14 @@ def gptq_checkpoints(cache: Path) -> dict[tuple[int, int, bool], Path]:
     workers = max(1, min(2, cpus))
     threads = max(1, cpus // workers)
     with ThreadPoolExecutor(workers) as pool:
-        builds = {recipe: pool.submit(gptq_checkpoint, cache, *recipe, threads=threads) for recipe in GPTQ_RECIPES}
-        return {recipe: build.result() for recipe, build in builds.items()}
+        # First the recipes no other process is building, then a wait for the rest: two test workers
+        # build different checkpoints side by side (in one order, the second waited on each in turn).
+        free = {recipe: pool.submit(gptq_checkpoint_or_busy, cache, *recipe, threads=threads, wait=False)
+                for recipe in GPTQ_RECIPES}
+        built = {recipe: build.result() for recipe, build in free.items()}
+        busy = {recipe: pool.submit(gptq_checkpoint, cache, *recipe, threads=threads)
+                for recipe, folder in built.items() if folder is None}
+        return {recipe: busy[recipe].result() if folder is None else folder for recipe, folder in built.items()}
 
 
 LEGACY_STEM = "smollm2-135M-GPTQ-4bit-128g.no-act-order"

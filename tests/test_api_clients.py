@@ -108,7 +108,10 @@ def test_json_that_cannot_end_in_time_and_bad_schemas_are_clear_errors(client, s
                                          max_tokens=3, response_format={"type": "json_object"})
     assert cut.choices[0].finish_reason == "length"
     assert any("before its JSON ended" in notice for notice in cut.model_extra["loadstar"]["notices"])
-    for schema, words in (({"type": "objekt"}, "not valid"), ({"properties": {"a": {}}} | {"x": "y" * 70_000}, "too large")):
+    impossible = {"type": "object", "required": ["name"],
+                  "properties": {"name": {"type": "string", "minLength": 5, "maxLength": 2}}}  # a 500 before
+    for schema, words in (({"type": "objekt"}, "not valid"), ({"properties": {"a": {}}} | {"x": "y" * 70_000}, "too large"),
+                          (impossible, "allows no value: minLength 5 with maxLength 2 at 'name' in the top level")):
         with pytest.raises(openai.BadRequestError, match=words):
             client.chat.completions.create(
                 model=DEFAULT_MODEL_NAME, messages=ask("Hi"), max_tokens=8,

@@ -203,3 +203,15 @@ def test_a_hostile_safetensors_header_is_a_problem_not_a_crash(tmp_path, header,
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
     info = inspect_model_folder(folder)
     assert any(why in p for p in info.problems), info.problems
+
+
+def test_a_gguf_folder_names_the_template_llama_cpp_uses(tmp_path):
+    """A GGUF folder with a template in tokenizer_config.json too was labelled as using that one,
+    while llama.cpp uses the GGUF's own."""
+    folder = gguf_folder(tmp_path, chat_template="{{ 'gguf' }}")
+    write_json(folder / "tokenizer_config.json", {"chat_template": "{{ 'tokenizer config' }}"})
+    assert inspect_model_folder(folder).chat_template_source == "gguf.Q8_0.gguf"
+    # beside other weights, the folder's own files still name it (Transformers reads those)
+    write_json(folder / "config.json", llama_config())
+    hf = hf_folder(tmp_path, name="gguf")
+    assert inspect_model_folder(hf).chat_template_source == "tokenizer_config.json"

@@ -149,3 +149,27 @@ def test_gradio_builds_no_monitoring_summary_after_each_event(monkeypatch):
     summary, kept = summary_after_an_event()
     assert summary == {"functions": {}}
     assert kept == 100
+
+
+class _OpensAFile:
+    """A pickle payload: loading it would call open()."""
+
+    def __reduce__(self):
+        return (open, ("/nonexistent/pwned", "w"))
+
+
+def test_a_pickle_trap_named_with_model_is_one_line_without_torch_s_advice(tmp_path):
+    """torch's refusal (four paragraphs, advising weights_only=False) came before our one line."""
+    import torch
+
+    from tests.checkpoints import smollm_tokenizer_into
+
+    models = tmp_path / "models"
+    trap = hf_folder(models, "trap", weights=())
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "payload": _OpensAFile()}, trap / "pytorch_model.bin")
+    smollm_tokenizer_into(trap)
+    result = run_server("--models-dir", str(models), "--data-dir", str(tmp_path / "data"), "--model", "trap",
+                        "--port", str(free_port()))
+    assert_one_line_error(result, "pytorch_model.bin contains pickled code (io.open); refused: only tensors are loaded", 1)
+    for torch_words in ("Weights only load failed", "weights_only=False", "WeightsUnpickler"):
+        assert torch_words not in result.stderr + result.stdout, result.stderr

@@ -17,7 +17,7 @@ MAPPED = {"engine": "loadstar.engine", "api": "loadstar.api", "webui": "loadstar
 # generation/requests.py (the request and its events) sits below plugins: the hook
 # specifications name GenerationRequest, and the plugin host must not import the service.
 LAYERS = [
-    {"errors", "atomic", "settings", "user_settings", "sampling", "metrics"},
+    {"errors", "atomic", "settings", "user_settings", "sampling", "metrics", "untrusted_json"},
     {"chat", "tools"},
     {"models"},
     {"generation.requests"},

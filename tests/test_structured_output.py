@@ -79,6 +79,33 @@ def test_schemas_are_checked_as_untrusted_input():
         GenerationRequest(prompt="hi", output=OutputSpec(logprobs=21))
 
 
+@pytest.mark.parametrize("schema, why", [
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength 5 with maxLength 2 at the top level"),
+    ({"type": "integer", "minimum": 5, "exclusiveMaximum": 5}, "minimum 5 with exclusiveMaximum 5 at the top level"),
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "types integer and string together at the top level"),
+    ({"type": "object", "required": ["a"], "properties": {"a": {"enum": []}}}, "an empty enum at 'a' in the top level"),
+    ({"type": "object", "required": ["b"], "additionalProperties": False}, "'b' is required but no property may be added at the top level"),
+    ({"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 2, "maxItems": 0}},
+     "minItems 2 with maxItems 0 at the items of the top level"),
+])
+def test_a_schema_no_value_can_satisfy_is_refused_where_it_contradicts_itself(schema, why):
+    """A grammar cannot hold such bounds: the model wrote JSON the schema then refused, and the API
+    answered 500 as if the server had failed."""
+    with pytest.raises(BadRequestError) as refused:
+        check_schema(schema)
+    assert str(refused.value) == f"the JSON schema allows no value: {why}"
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "string", "minLength": 2, "maxLength": 1}}},  # optional: may be left out
+    {"type": "number", "minimum": 1, "maximum": 1},
+    {"allOf": [{"type": "number"}, {"type": "integer"}]},
+    {"type": "array", "items": {"enum": []}},  # the empty array
+])
+def test_schemas_that_some_value_satisfies_are_taken(schema):
+    assert check_schema(schema) == schema
+
+
 def test_replies_are_validated_and_unwrapped_from_a_fence():
     schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}, "required": ["n"]}
     assert parse_reply('```json\n{"n": 2}\n```', schema) == ('{"n": 2}', None)

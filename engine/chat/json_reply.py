@@ -44,7 +44,53 @@ def check_schema(schema: Any) -> dict[str, Any]:
         validators.validator_for(schema).check_schema(dict(schema))
     except exceptions.SchemaError as error:
         raise BadRequestError(f"the JSON schema is not valid: {error.message}") from None
+    contradiction = _contradiction(schema)
+    if contradiction:
+        # A grammar cannot hold bounds like these: the model would write JSON the schema then
+        # refuses, and the request would fail as if the server had (a 500 before).
+        raise BadRequestError(f"the JSON schema allows no value: {contradiction}")
     return dict(schema)
+
+
+_BOUNDS = (("minLength", "maxLength"), ("minimum", "maximum"), ("minItems", "maxItems"),
+           ("minProperties", "maxProperties"), ("exclusiveMinimum", "maximum"), ("minimum", "exclusiveMaximum"))
+
+
+def _contradiction(schema: Mapping[str, Any]) -> str | None:
+    """Where the parts every valid value must satisfy (the root, ``allOf``, required properties,
+    the items of an array that must have some) contradict themselves, in words; None if nowhere."""
+    stack: list[tuple[Any, str]] = [(schema, "the top level")]
+    while stack:
+        node, where = stack.pop()
+        if node is False:
+            return f"false at {where}"
+        if not isinstance(node, Mapping):
+            continue
+        for low, high in _BOUNDS:
+            a, b = node.get(low), node.get(high)
+            if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool) and (
+                    a > b or (a == b and "exclusive" in low + high)):
+                return f"{low} {a} with {high} {b} at {where}"
+        if node.get("enum") == []:
+            return f"an empty enum at {where}"
+        if node.get("not") in ({}, True):
+            return f"'not' of everything at {where}"
+        named = [node.get("type"), *(part.get("type") for part in node.get("allOf") or () if isinstance(part, Mapping))]
+        types = [set(t) if isinstance(t, list) else {t} for t in named if isinstance(t, str | list)]
+        types = [t | {"integer"} if "number" in t else t for t in types]  # an integer is a number too
+        if types and not set.intersection(*types):
+            return f"types {' and '.join(sorted('/'.join(sorted(t)) for t in types))} together at {where}"
+        properties: Mapping[str, Any] = node["properties"] if isinstance(node.get("properties"), Mapping) else {}
+        for name in node.get("required") or ():
+            if name not in properties and node.get("additionalProperties") is False:
+                return f"'{name}' is required but no property may be added at {where}"
+            if name in properties:
+                stack.append((properties[name], f"'{name}' in {where}"))
+        stack.extend((part, where) for part in node.get("allOf") or ())
+        items, least = node.get("items"), node.get("minItems")
+        if isinstance(items, Mapping | bool) and isinstance(least, int) and least > 0:
+            stack.append((items, f"the items of {where}"))
+    return None
 
 
 def unfenced(text: str) -> str:

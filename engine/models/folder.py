@@ -241,7 +241,9 @@ def inspect_model_folder(path: Path) -> ModelFolder:
             model_type = model_type or meta.get("architecture")
             context_length = context_length or meta.get("context_length")
             kv_bytes_per_token = meta.get("kv_bytes_per_token") or kv_bytes_per_token
-            if meta.get("chat_template") and chat_template_source is None:
+            # llama.cpp reads the GGUF's own template: in a folder of GGUF weights alone, that is the
+            # one in use, whatever tokenizer_config.json beside it says.
+            if meta.get("chat_template") and (chat_template_source is None or len(gguf_files) == len(weights)):
                 chat_template_source = gguf_files[0].path
             if quantization is None:
                 quantization = Quantization(method="gguf", source=gguf_files[0].path, gguf_type=meta.get("file_type"))

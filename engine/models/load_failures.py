@@ -2,16 +2,19 @@
 
 Third-party loaders raise long, multi-paragraph errors (torch's ``weights_only`` refusal is four
 paragraphs with colour codes and advises turning the protection off). The user gets the class of
-failure and the file, in words; ``log.exception`` at the call site keeps the original.
+failure and the file, in words; ``load_error`` logs the original, except a refused pickle's.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from loadstar.engine.errors import LoadstarError
+from loadstar.engine.errors import LoadstarError, ModelLoadError
+
+log = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 _PICKLE_GLOBAL = re.compile(r"(?:GLOBAL|global)\s+([A-Za-z_][\w.]*)")
@@ -21,6 +24,23 @@ _ADVICE = re.compile(r"(?i)\b(re-?running|retry|please|check the documentation|y
 
 def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
+
+
+def load_error(loader: str, name: str, error: BaseException, files: Sequence[str], folder: Path) -> ModelLoadError:
+    """The one-line ``ModelLoadError`` to raise for a loader's failure, logged once. A refused pickle
+    is the protection doing its work: one line in the log too (torch's refusal is four paragraphs
+    that advise turning it off); any other failure keeps its traceback in the log."""
+    reason = load_failure(error, files, folder)
+    if _refused_pickle(error):
+        log.warning("%s refused to load %s: %s", loader, name, reason)
+    else:
+        log.error("%s failed to load %s", loader, name, exc_info=error)
+    return ModelLoadError(f"{loader} could not load {name}: {reason}")
+
+
+def _refused_pickle(error: BaseException) -> bool:
+    flat = " ".join(strip_ansi(str(error)).split())
+    return type(error).__name__ == "UnpicklingError" or "weights_only" in flat or "Weights only load failed" in flat
 
 
 def load_failure(error: BaseException, files: Sequence[str] = (), folder: Path | None = None) -> str:
@@ -34,7 +54,7 @@ def load_failure(error: BaseException, files: Sequence[str] = (), folder: Path |
     flat = " ".join(text.split())
     name = type(error).__name__
     pickled = _pickled_file(files)
-    if name == "UnpicklingError" or "weights_only" in flat or "Weights only load failed" in flat:
+    if _refused_pickle(error):
         found = _PICKLE_GLOBAL.search(flat)
         called = [found.group(1)] if found else []
         if not called and pickled and folder is not None:

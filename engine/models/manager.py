@@ -36,7 +36,7 @@ from loadstar.engine.models.folder import (
     list_model_folders,
     resolve_model_folder,
 )
-from loadstar.engine.models.load_failures import load_failure
+from loadstar.engine.models.load_failures import load_error
 from loadstar.engine.models.loader_api import LoadedModel, LoadedModelInfo, Loader
 from loadstar.engine.models.model_thread import ModelThread
 from loadstar.engine.models.worker import WorkerModel, start_worker
@@ -198,9 +198,7 @@ class ModelManager:
                     raise LoadCancelled(f"loading {name} was cancelled") from None
                 raise
             except Exception as error:
-                log.exception("%s failed to load %s", chosen.loader, name)
-                files = [w.path for w in folder.weight_files]
-                raise ModelLoadError(f"{chosen.loader} could not load {name}: {load_failure(error, files, folder.path)}") from None
+                raise load_error(chosen.loader, name, error, [w.path for w in folder.weight_files], folder.path) from None
             if not isinstance(model, LoadedModel):
                 raise ModelLoadError(
                     f"{chosen.loader} returned a {type(model).__name__}, not a loadstar.LoadedModel: "

@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from loadstar.engine.errors import LoadstarError, ModelLoadError, WorkerError, one_line
-from loadstar.engine.models.load_failures import load_failure
+from loadstar.engine.models.load_failures import load_error
 from loadstar.engine.models.loader_api import CancelToken, LoadedModel
 
 log = logging.getLogger("loadstar.worker")
@@ -112,9 +112,7 @@ class _Worker:
         except LoadstarError:
             raise
         except Exception as error:
-            log.exception("%s failed to load %s", loader.name, folder.name)
-            files = [w.path for w in folder.weight_files]
-            raise ModelLoadError(f"{loader.name} could not load {folder.name}: {load_failure(error, files, folder.path)}") from None
+            raise load_error(loader.name, folder.name, error, [w.path for w in folder.weight_files], folder.path) from None
         if not isinstance(model, LoadedModel):
             raise ModelLoadError(f"{loader.name} returned a {type(model).__name__}, not a loadstar.LoadedModel: "
                                  "its plugin needs updating")
