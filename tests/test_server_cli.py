@@ -158,6 +158,7 @@ class _OpensAFile:
         return (open, ("/nonexistent/pwned", "w"))
 
 
+@pytest.mark.slow  # torch and the real model's tokenizer
 def test_a_pickle_trap_named_with_model_is_one_line_without_torch_s_advice(tmp_path):
     """torch's refusal (four paragraphs, advising weights_only=False) came before our one line."""
     import torch
