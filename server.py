@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-models", metavar="N", type=int, default=1,
                        help="models kept loaded at once, each in its own worker (default: %(default)s); loading one "
                             "more unloads the least recently used")
+    model.add_argument("--worker-deadline", metavar="SECONDS", type=float, default=30.0,
+                       help="a model's worker that sends nothing (no token, no heartbeat) for this long is reported "
+                            "as not responding and its requests end; Stop, Unload or Load then kills it "
+                            "(default: %(default)s)")
     model.add_argument("--idle-unload", metavar="MINUTES", type=float, default=None,
                        help="unload a model that no request has used for this many minutes (default: never)")
     model.add_argument("--allow-pt", action="store_true",
@@ -145,6 +149,7 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]):
             allow_pt=args.allow_pt,
             model_workers=not args.in_process_models,
             max_models=args.max_models,
+            worker_deadline=args.worker_deadline,
             idle_unload_minutes=args.idle_unload,
             max_batch=args.max_batch,
             host=args.host,

@@ -40,6 +40,10 @@ class WorkerCrashed(LoadstarError):
     """The model's worker process died; what it was doing is lost (the server stays up)."""
 
 
+class WorkerNotResponding(LoadstarError):
+    """The model's worker sent nothing (no step, no heartbeat) for longer than its deadline."""
+
+
 class WorkerError(LoadstarError):
     """An error raised inside a model's worker by something other than Loadstar, worded there in one line."""
 

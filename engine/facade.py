@@ -67,13 +67,14 @@ class Engine:
             workers=settings.model_workers,
             log_level=logging.getLevelName(logging.getLogger("loadstar").getEffectiveLevel()),
             max_models=settings.max_models,
+            deadline=settings.worker_deadline,
         )
         self._closing = threading.Event()
         if settings.idle_unload_minutes is not None:
             threading.Thread(target=self._unload_idle_models, args=(settings.idle_unload_minutes * 60,),
                              name="loadstar-idle-unload", daemon=True).start()
         self.pipeline = RequestPipeline(self.plugins, self.prompt_format)
-        self.generation = GenerationService(self.models, self.models.model_thread, self.pipeline)
+        self.generation = GenerationService(self.models, self.pipeline)
         self.downloads = DownloadManager(settings.models_dir, settings.hub_endpoint, settings.hub_token)
         self.presets = PresetStore(settings.data_dir / "presets")
         self.conversations = ConversationStore(settings.data_dir / "conversations")
@@ -237,7 +238,7 @@ class Engine:
         with self.models.use() as model:
             if model is None:
                 raise BadRequestError("no model is loaded: load one first")
-            return self.models.model_thread.call(self.pipeline.prepare, model, request, [])
+            return self.pipeline.prepare(model, request, [])
 
     def default_params(self) -> SamplingParams:
         """Loadstar's defaults with the loaded model's generation_config.json on top."""
@@ -362,28 +363,28 @@ class Engine:
     # -- generation ----------------------------------------------------------------------------
 
     def embed(self, texts: list[str], model: str | None = None) -> tuple[LoadedModelInfo, list[TextEmbedding]]:
-        """Embeddings of ``texts`` from loaded model ``model`` (None: the current one), on the model
-        thread; ``BadRequestError`` when it gives none or a text is too long."""
+        """Embeddings of ``texts`` from loaded model ``model`` (None: the current one), answered by its
+        core between two steps; ``BadRequestError`` when it gives none or a text is too long."""
         with self.models.use(model) as loaded:
             if loaded is None:
                 raise BadRequestError(f"{model} is not loaded" if model else "no model is loaded: load one first")
             if FEATURE_EMBEDDINGS not in loaded.info.features:
                 raise BadRequestError(f"{loaded.info.loader} gives no embeddings")
-            return loaded.info, self.models.model_thread.call(loaded.embed, list(texts))
+            return loaded.info, loaded.embed(list(texts))
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens each text takes in the loaded model's tokenizer."""
         with self.models.use() as model:
             if model is None:
                 raise BadRequestError("no model is loaded: load one first")
-            return self.models.model_thread.call(lambda: [model.count_tokens(t) for t in texts])
+            return [model.count_tokens(t) for t in texts]
 
     def prompt_room(self, request: GenerationRequest) -> tuple[int | None, PreparedRequest]:
         """Prompt tokens ``request`` leaves free in the context (None: the context length is unknown)."""
         with self.models.use() as model:
             if model is None:
                 raise BadRequestError("no model is loaded: load one first")
-            prepared = self.models.model_thread.call(self.pipeline.prepare, model, request, [])
+            prepared = self.pipeline.prepare(model, request, [])
             budget = prompt_budget(prepared.params, model.info.context_length)
         return (None if budget is None else budget - prepared.prompt_tokens), prepared
 
@@ -397,11 +398,6 @@ class Engine:
     def close(self) -> None:
         self._closing.set()
         self.generation.close()
-        for info in self.models.resident():
-            try:
-                self.models.unload(info.name)
-            except LoadstarError:
-                pass
-        self.models.model_thread.stop()
+        self.models.close()
         self.pipeline.close()
         self.tools.close()

@@ -30,6 +30,8 @@ class Settings(BaseModel):
         "(off: in the server process, for debugging and in-process tests)."))
     max_models: int = Field(1, ge=1, le=16, description=(
         "Models kept loaded at once; loading one more unloads the least recently used."))
+    worker_deadline: float = Field(30.0, ge=2.0, le=3600.0, description=(
+        "Seconds a model's worker may send nothing (no token, no heartbeat) before it is reported as not responding."))
     idle_unload_minutes: float | None = Field(None, gt=0, le=10_080, description=(
         "Unload a model no request has used for this many minutes (None: never)."))
     allow_pt: bool = Field(False, description="Allow pickled .pt weights (read with torch weights_only) when no safetensors exist.")

@@ -8,18 +8,22 @@ from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.errors import BadRequestError
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
 from loadstar.engine.generation.service import GenerationService
+from loadstar.engine.models.core_client import serve_in_thread
 from loadstar.engine.models.loader_api import StreamPiece
 from loadstar.engine.sampling import SamplingParams
 from tests.fakes import FakeModel
 
 
 class Slot:
+    """One model, served by an engine core on a thread here (as ``--in-process-models`` does)."""
+
     def __init__(self, model):
         self.model = model
+        self.client = serve_in_thread(model) if model is not None else None
 
     @contextmanager
     def use(self, name=None):
-        yield self.model if self.resolve(name) else None
+        yield self.client if self.resolve(name) else None
 
     def resolve(self, name):
         here = self.model.info.name if self.model is not None else None
@@ -31,13 +35,16 @@ def service_for():
     services = []
 
     def make(model):
-        service = GenerationService(Slot(model))
-        services.append(service)
+        slot = Slot(model)
+        service = GenerationService(slot)
+        services.append((service, slot))
         return service
 
     yield make
-    for service in services:
+    for service, slot in services:
         service.close()
+        if slot.client is not None:
+            slot.client.unload()
 
 
 def prompt_request(prompt, owner="a", **params):
@@ -238,7 +245,7 @@ def test_requests_join_a_running_batch_in_fair_order_up_to_its_size(service_for)
 
     model = FakeBatchModel(max_batch=2, delay=0.03)
     service = service_for(model)
-    long = service.submit(prompt_request("w " * 12, owner="a"))
+    long = service.submit(prompt_request("w " * 40, owner="a"))  # runs until the others are done
     short = service.submit(prompt_request("v " * 8, owner="d"))
     for event in long.events():
         if isinstance(event, TextDelta):
@@ -248,7 +255,7 @@ def test_requests_join_a_running_batch_in_fair_order_up_to_its_size(service_for)
     c1 = service.submit(prompt_request("z " * 3, owner="c"))
     events = {h: list(h.events()) for h in (a2, b1, c1)}
     results = [long.result(), short.result(), *(events[h][-1] for h in (a2, b1, c1))]
-    assert [r.text for r in results] == ["w " * 12, "v " * 8, "x " * 3, "y " * 3, "z " * 3]
+    assert [r.text for r in results] == ["w " * 40, "v " * 8, "x " * 3, "y " * 3, "z " * 3]
     # The positions shown follow the rule the joining follows: when c arrives (short still runs),
     # the line is b, c, then a's second (a already has a request in the batch).
     shown = {h: [e.position for e in events[h] if isinstance(e, Queued)] for h in (a2, b1, c1)}
@@ -276,7 +283,7 @@ def test_stopping_one_sequence_of_a_batch_leaves_the_others(service_for):
     assert handles[1].id not in model.steps[-1]
 
 
-def test_a_pending_load_lets_the_batch_drain(service_for):
+def test_a_replaced_model_lets_its_batch_drain_and_takes_no_more(service_for):
     from tests.fakes import FakeBatchModel
 
     model = FakeBatchModel(max_batch=4, delay=0.02)
@@ -286,11 +293,12 @@ def test_a_pending_load_lets_the_batch_drain(service_for):
     for event in first.events():
         if isinstance(event, TextDelta):
             break
-    slot.load_pending = True  # a load waits for the model: nobody joins, the batch ends
+    slot.serves = lambda client: False  # replaced by a new load: its requests end, nobody joins
     later = service.submit(prompt_request("x " * 2, owner="b"))
-    first.result()
+    assert first.result().text == "w " * 5
+    time.sleep(0.3)
     assert later.finished is None and all(later.id not in keys for keys in model.steps)
-    slot.load_pending = False
+    slot.serves = lambda client: True  # (the manager's use() then gives the new model)
     assert later.result().text == "x " * 2
 
 

@@ -154,7 +154,7 @@ def test_plain_dequantization_matches_the_packed_kernels_layer(engine, models_di
     expected = x @ dense.T
 
     engine.load_model(name, "AutoGPTQ", {"backend": CHECKPOINTS[name][3][0]})
-    with engine.models.use() as model:
+    with engine.models.local() as model:
         layer = model.model.get_submodule(prefix)
         dtype = next(p for p in model.model.parameters()).dtype
         with torch.inference_mode():
@@ -212,7 +212,7 @@ def test_the_memory_estimate_of_the_exact_path_is_what_the_loaded_model_holds(en
     loader, folder = engine.loaders()["AutoGPTQ"], engine.models.inspect(name)
     estimate = loader.estimate_memory(folder, AutoGPTQOptions())
     engine.load_model(name, "AutoGPTQ")
-    with engine.models.use() as model:
+    with engine.models.local() as model:
         assert "dense_float32 kernel" in model.info.details
         assert estimate.weights == sum(p.numel() * p.element_size() for p in model.model.parameters())
         assert estimate.kv_cache == model.open_batch()._per_token * folder.context_length * 4

@@ -79,7 +79,7 @@ def test_greedy_equals_llama_cpps_own_create_completion(engine, default_models_d
     assert done.text == raw["choices"][0]["text"]
     assert done.completion_tokens == raw["usage"]["completion_tokens"]
     assert done.prompt_tokens == raw["usage"]["prompt_tokens"]
-    with engine.models.use() as model:  # same token ids, not only the same text
+    with engine.models.local() as model:  # same token ids, not only the same text
         assert model.encode(done.text)[: len(raw_tokens)] == raw_tokens
 
 

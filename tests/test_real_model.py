@@ -41,7 +41,7 @@ def test_engine_stream_equals_raw_generate_token_for_token(real_engine):
     events = list(handle.events())
     prompt = next(e for e in events if isinstance(e, Started)).prompt
     streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
-    with real_engine.models.use() as model:
+    with real_engine.models.local() as model:
         ids = torch.tensor([model.encode(prompt)])
         raw = model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
         raw_text = model.tokenizer.decode(raw[0, ids.shape[1]:], skip_special_tokens=True)
@@ -81,7 +81,7 @@ def test_two_users_at_once_get_their_own_answers(real_engine):
 def test_usage_counts_match_the_tokenizer(real_engine):
     result = ask(real_engine)
     prompt = real_engine.preview(GenerationRequest(messages=QUESTION)).prompt
-    with real_engine.models.use() as model:
+    with real_engine.models.local() as model:
         assert result.prompt_tokens == len(model.encode(prompt))
         assert result.completion_tokens >= len(model.tokenizer(result.text, add_special_tokens=False)["input_ids"])
 
@@ -195,7 +195,7 @@ class TestTransformersBatching(batching.BatchingChecks):
 
 
 def test_the_transformers_model_batches(real_engine):
-    with real_engine.models.use() as model:
+    with real_engine.models.local() as model:
         assert model.max_batch == 4
     assert "batch 4" in real_engine.models.loaded.details
 

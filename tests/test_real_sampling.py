@@ -26,7 +26,7 @@ def test_the_engine_renders_the_models_own_template_as_transformers_does(real_en
     messages = (ChatMessage(role="system", content="Be brief."), *QUESTION,
                 ChatMessage(role="assistant", content="Paris."), ChatMessage(role="user", content="And Italy?"))
     prepared = real_engine.preview(GenerationRequest(messages=messages))
-    with real_engine.models.use() as model:
+    with real_engine.models.local() as model:
         expected = model.tokenizer.apply_chat_template([m.as_dict() for m in messages], tokenize=False,
                                                        add_generation_prompt=True)
     assert prepared.prompt == expected and prepared.format_name == "model's own"
@@ -62,7 +62,7 @@ def test_penalties_change_a_repetitive_reply(real_engine):
     _, penalised = run(real_engine, STORY, max_new_tokens=60, repetition_penalty=1.5)
     _, presence = run(real_engine, STORY, max_new_tokens=60, presence_penalty=2.0, frequency_penalty=1.0)
     assert len({plain.text, no_repeat.text, penalised.text, presence.text}) == 4
-    with real_engine.models.use() as model:
+    with real_engine.models.local() as model:
         ids = model.tokenizer(no_repeat.text, add_special_tokens=False)["input_ids"]
     bigrams = list(itertools.pairwise(ids))
     assert len(bigrams) > 20 and len(set(bigrams)) >= len(bigrams) - 2  # re-tokenising may merge a pair

@@ -33,7 +33,8 @@ def test_earliest_of_several_stops_wins():
 
 
 def test_service_stops_generation_at_the_stop_string():
-    service = GenerationService(Slot(FakeModel(reply="one two three four five")))
+    slot = Slot(FakeModel(reply="one two three four five"))
+    service = GenerationService(slot)
     try:
         request = GenerationRequest(prompt="x", params=SamplingParams(), stop=("ee fo",))
         handle = service.submit(request)
@@ -44,6 +45,7 @@ def test_service_stops_generation_at_the_stop_string():
         assert final.completion_tokens == 4  # generation ended there, "five" never came
     finally:
         service.close()
+        slot.client.unload()
 
 
 @pytest.mark.parametrize("stop", [("",), tuple("x" * 17), ("y" * 257,)])

@@ -199,7 +199,7 @@ def test_a_transformers_model_that_does_not_batch_refuses_logprobs(real_engine, 
     from loadstar.engine.models.loader_api import FEATURE_LOGPROBS
     from loadstar.loaders.hf_causal_lm import HFCausalLM, batch_size
 
-    with real_engine.models.use() as loaded:
+    with real_engine.models.local() as loaded:
         network, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
     assert FEATURE_LOGPROBS in info.features  # the batching model gives them
     assert batch_size(network, 1) == (1, "one request at a time")  # the loader's words for max_batch 1

@@ -102,7 +102,7 @@ def test_stop_with_nothing_running(engine):
 
 def test_stop_leaves_the_status_to_the_stopped_reply(engine):
     """Stop writes no "Stopping…": it could reach the page after the reply's own "Stopped" and stay."""
-    with engine.models.use() as model:
+    with engine.models.local() as model:
         model.delay = 0.05
     chat = ChatHandlers(engine)
     updates = chat.send("one two three four five six seven eight nine ten", new_state(), ME, DEFAULTS, "")
@@ -148,7 +148,7 @@ def test_loading_says_what_is_loading_while_it_loads(tmp_path):
 def test_a_message_sent_while_answering_stays_in_the_textbox(engine):
     from loadstar.engine.generation.requests import GenerationRequest
 
-    with engine.models.use() as model:
+    with engine.models.local() as model:
         model.delay = 0.05
     handle = engine.submit(GenerationRequest(prompt="a b c d e f g h", owner="me"))
     try:

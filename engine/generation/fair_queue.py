@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from loadstar.engine.generation.handle import GenerationHandle
 
@@ -39,13 +39,16 @@ def fair_order(
 
 
 class FairQueue:
-    """Waiting and running requests under one condition (``cond``, shared with the service's worker)."""
+    """Waiting and running requests under one condition (``cond``, shared with the service).
+
+    Each request has a lane (``handle.lane``: the model it goes to); owners take turns within a
+    lane, and each lane is served on its own, so positions are counted per lane."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[GenerationHandle]] = OrderedDict()
         self._running: dict[int, GenerationHandle] = {}
-        self.batching = False  # the model now served batches (positions follow its rule)
+        self.batching: dict[str, bool] = {}  # lane -> whether its model batches (positions follow its rule)
 
     # Callers hold ``cond`` for all of these.
 
@@ -62,15 +65,14 @@ class FairQueue:
             del self._waiting[handle.owner]
         return True
 
-    def take(self, joins: Callable[[GenerationHandle], bool] | None = None) -> GenerationHandle | None:
-        """The next handle by ``fair_order``, now running; None when none waits, or when the next one
-        cannot join (``joins`` says no: it is for another model) and so stays first."""
-        running = {h.owner for h in self._running.values()}
-        handle = next(fair_order(self._waiting, running, batching=True), None)
-        if handle is None or (joins is not None and not joins(handle)):
+    def take(self, lane: str) -> GenerationHandle | None:
+        """The next handle of ``lane`` by ``fair_order``, now running; None when none waits there."""
+        running = {h.owner for h in self._running.values() if h.lane == lane}
+        handle = next(fair_order(self._in_lane(lane), running, batching=True), None)
+        if handle is None:
             return None
         jobs = self._waiting.pop(handle.owner)
-        jobs.popleft()
+        jobs.remove(handle)
         if jobs:  # this owner goes to the back of the line
             self._waiting[handle.owner] = jobs
         self._running[handle.id] = handle
@@ -79,15 +81,18 @@ class FairQueue:
     def done(self, handle: GenerationHandle) -> None:
         self._running.pop(handle.id, None)
 
-    def order(self) -> list[GenerationHandle]:
-        """Waiting handles in the order they will run (for their positions)."""
-        running = {h.owner for h in self._running.values()} if self.batching else set()
-        return list(fair_order(self._waiting, running, batching=self.batching))
+    def order(self) -> list[list[GenerationHandle]]:
+        """Each lane's waiting handles in the order they will run (for their positions)."""
+        lines = []
+        for lane in dict.fromkeys(h.lane for jobs in self._waiting.values() for h in jobs):
+            batching = self.batching.get(lane, False)
+            running = {h.owner for h in self._running.values() if h.lane == lane} if batching else set()
+            lines.append(list(fair_order(self._in_lane(lane), running, batching=batching)))
+        return lines
 
-    def waiting(self, owner: str | None = None) -> list[GenerationHandle]:
-        if owner is not None:
-            return list(self._waiting.get(owner, ()))
-        return [h for jobs in self._waiting.values() for h in jobs]
+    def waiting(self, owner: str | None = None, lane: str | None = None) -> list[GenerationHandle]:
+        handles = list(self._waiting.get(owner, ())) if owner is not None else [h for jobs in self._waiting.values() for h in jobs]
+        return [h for h in handles if lane is None or h.lane == lane]
 
     def running(self) -> list[GenerationHandle]:
         return list(self._running.values())
@@ -95,3 +100,6 @@ class FairQueue:
     @property
     def empty(self) -> bool:
         return not self._waiting
+
+    def _in_lane(self, lane: str) -> dict[str, list[GenerationHandle]]:
+        return {owner: [h for h in jobs if h.lane == lane] for owner, jobs in self._waiting.items()}

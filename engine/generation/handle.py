@@ -21,6 +21,7 @@ class GenerationHandle:
     def __init__(self, request: GenerationRequest, job_id: int, on_cancel: Callable[[GenerationHandle], None]) -> None:
         self.request = request
         self.id = job_id
+        self.lane = request.model or ""  # the model it goes to (the service sets it when it is queued)
         self._token = CancelToken()
         self._events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
         self._on_cancel = on_cancel

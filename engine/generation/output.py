@@ -1,4 +1,4 @@
-"""The output processor: one request's run on the model thread, from its prompt to its ``Finished``.
+"""The output processor: one request's run in its lane, from its prompt to its ``Finished``.
 
 What a request's output becomes does not depend on how its tokens were made (alone or in a
 batch): stop strings are held back and cut, tool calls are read, a JSON reply is checked against
@@ -16,9 +16,9 @@ from typing import Any
 
 from loadstar.engine.chat.json_reply import parse_reply
 from loadstar.engine.chat.tool_calls import ToolCall, find_calls
-from loadstar.engine.errors import BadRequestError
+from loadstar.engine.errors import BadRequestError, LoadstarError
 from loadstar.engine.generation.handle import GenerationHandle
-from loadstar.engine.generation.pipeline import PreparedRequest, RequestPipeline
+from loadstar.engine.generation.pipeline import DraftedRequest, PreparedRequest, RequestPipeline
 from loadstar.engine.generation.requests import Finished, FinishReason, Started, TextDelta
 from loadstar.engine.generation.stop_strings import StopStringFilter
 from loadstar.engine.models.loader_api import (
@@ -49,7 +49,7 @@ class _RunToken(CancelToken):
 
 
 class RequestRun:
-    """One request on the model thread: prepared and started, fed the model's pieces, finished.
+    """One request in its lane: prepared and started, fed the model's pieces, finished.
 
     The same for a request served alone and for one in a batch: stop strings, the reply's
     extensions, the finish reason and the notices do not depend on how its tokens were made.
@@ -88,15 +88,37 @@ class RequestRun:
 
     def start(self) -> bool:
         """Prepare the request and send ``Started``; False (with ``Finished`` sent) when it cannot run."""
+        drafted = self.draft()
+        if drafted is None:
+            return False
+        try:
+            count = self.model.count_tokens(drafted.prompt)
+        except LoadstarError as error:
+            self.fail(error)
+            return False
+        return self.begin(drafted, count)
+
+    def draft(self) -> DraftedRequest | None:
+        """The request after the extensions, rendered; None (with ``Finished`` sent) when it cannot run."""
         handle = self.handle
         if handle.cancelled:
             handle.emit(Finished(reason="cancelled", text=""))
-            return False
+            return None
         try:
-            prepared = self.prepared = self._pipeline.prepare(self.model, handle.request, self.notices)
-        except BadRequestError as error:
-            handle.emit(Finished(reason="error", text="", error=str(error), notices=tuple(self.notices), bad_request=True))
-            return False
+            return self._pipeline.draft(self.model, handle.request, self.notices)
+        except LoadstarError as error:  # a bad request, or a model whose worker crashed or stopped responding
+            self.fail(error)
+            return None
+
+    def fail(self, error: LoadstarError) -> None:
+        """End a request that never started with ``error``."""
+        self.handle.emit(Finished(reason="error", text="", error=str(error), notices=tuple(self.notices),
+                                  bad_request=isinstance(error, BadRequestError)))
+
+    def begin(self, drafted: DraftedRequest, prompt_tokens: int) -> bool:
+        """Complete the preparation with the prompt's token count and send ``Started`` (False: ended)."""
+        handle = self.handle
+        prepared = self.prepared = self._pipeline.complete(self.model, drafted, prompt_tokens, self.notices)
         lacking = self._lacking(handle.request.output)
         if lacking:
             handle.emit(Finished(reason="error", text="", error=lacking, notices=tuple(self.notices), bad_request=True))

@@ -1,10 +1,11 @@
 """From a submitted request to the text the model continues, and from its output to the reply.
 
-The generation service calls this on the model thread, with the model held:
+The scheduler calls this in the model's lane, with the model held:
 
-1. ``prepare``: extensions change the request (``modify_request``); the chat is rendered (an
-   extension's ``render_prompt``, else the chosen prompt format in a Jinja sandbox); parameters
-   the model does not honour and a prompt cut to fit the context become notices for the user.
+1. ``prepare`` (``draft``, then ``complete`` with the prompt's token count): extensions change the
+   request (``modify_request``); the chat is rendered (an extension's ``render_prompt``, else the
+   chosen prompt format in a Jinja sandbox); parameters the model does not honour and a prompt
+   cut to fit the context become notices for the user.
 2. ``generate``: an extension may produce the reply itself (``generate``, first one wins).
 3. ``finish``: extensions change the finished reply (``modify_reply``).
 
@@ -46,6 +47,18 @@ class PreparedRequest:
     format_why: str | None = None  # how the format was found (the card, the tokenizer, ...)
 
 
+@dataclass(frozen=True)
+class DraftedRequest:
+    """A request after the extensions and the rendering, before its prompt's tokens are counted."""
+
+    prompt: str
+    params: SamplingParams
+    stop: tuple[str, ...]
+    messages: tuple[ChatMessage, ...]
+    format_name: str | None
+    format_why: str | None
+
+
 class ChatPrompt(NamedTuple):
     text: str
     format_name: str
@@ -71,6 +84,12 @@ class RequestPipeline:
         self.renderer.close()
 
     def prepare(self, model: LoadedModel, request: GenerationRequest, notices: list[str]) -> PreparedRequest:
+        """The request as the model gets it: ``draft``, its prompt's tokens counted, ``complete``."""
+        drafted = self.draft(model, request, notices)
+        return self.complete(model, drafted, model.count_tokens(drafted.prompt), notices)
+
+    def draft(self, model: LoadedModel, request: GenerationRequest, notices: list[str]) -> DraftedRequest:
+        """Extensions' changes and the rendered prompt (the scheduler counts many drafts' tokens in one question)."""
         draft = RequestDraft(
             messages=list(request.messages), prompt=request.prompt, params=request.params,
             stop=list(request.stop), owner=request.owner, continue_last=request.continue_last,
@@ -86,7 +105,13 @@ class RequestPipeline:
             chat = self.render_chat(model, draft.messages, draft.continue_last, notices, request.tools)
             prompt, format_name, format_why = chat.text, chat.format_name, chat.why
             stop = tuple(dict.fromkeys((*draft.stop, *chat.stop)))
-        prompt_tokens = model.count_tokens(prompt)
+        return DraftedRequest(prompt, params, stop, tuple(draft.messages), format_name, format_why)
+
+    def complete(
+        self, model: LoadedModel, drafted: DraftedRequest, prompt_tokens: int, notices: list[str],
+    ) -> PreparedRequest:
+        """The prepared request, with the notices its parameters and its prompt's length call for."""
+        params = drafted.params
         supported = model.supported_params
         ignored = ignored_params(params, supported)
         if ignored:
@@ -97,8 +122,8 @@ class RequestPipeline:
                 f"the prompt ({prompt_tokens} tokens) was cut to its last {budget} tokens to fit the context"
             )
         return PreparedRequest(
-            prompt, prompt_tokens, params, stop, tuple(draft.messages), format_name, tuple(notices),
-            format_why,
+            drafted.prompt, prompt_tokens, params, drafted.stop, drafted.messages, drafted.format_name, tuple(notices),
+            drafted.format_why,
         )
 
     def render_chat(

@@ -1,166 +1,177 @@
-"""The scheduler: the loop on the model thread that runs requests on their model.
+"""The scheduler: one lane's loop, feeding a model's engine core and taking back its steps.
 
-A model that batches (``max_batch`` > 1 and ``open_batch``, see loader_api.py) decodes several
-requests together, each with its own KV cache and sampler: the scheduler adds a waiting request
-(taken in fair order, for the same model) at the next step, steps the batch, and lets each
-request leave when it is done or stopped, without touching the others. Other models serve one
-request at a time. What each request's pieces become is the output processor's (output.py).
+Each resident model has a lane (the service runs one scheduler thread per lane with work). The
+loop takes waiting requests of its lane in fair order, up to the model's ``max_batch``, prepares
+each (extensions, the prompt, its token count) and adds it to the model's core
+(engine/models/core.py), which decodes them together in its own thread or process. The core's
+steps come back through a queue; each request's pieces go to its output processor (output.py:
+stop strings, tool calls, JSON, reply hooks). Stop, a stop string or a client that went away
+removes only that request, at once: the core is told, nobody waits for it. A core that crashed
+or stopped responding ends its requests with one line (from its client). Nothing here blocks on
+a model step, so two models decode at the same time and one's long prompt never holds up another.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from loadstar.engine.errors import BadRequestError, WorkerCrashed, one_line
-from loadstar.engine.generation.fair_queue import FairQueue
+from loadstar.engine.errors import BadRequestError, LoadstarError, one_line
 from loadstar.engine.generation.handle import GenerationHandle
 from loadstar.engine.generation.output import RequestRun
 from loadstar.engine.generation.pipeline import RequestPipeline
 from loadstar.engine.generation.requests import Finished
-from loadstar.engine.models.loader_api import DecodeBatch, LoadedModel
+from loadstar.engine.models.core_client import CoreClient, SeqItem
 
 log = logging.getLogger(__name__)
 
+POLL_S = 0.5  # how often a lane with requests running looks at cancels even when no step comes
+
+# What a lane's queue gets: steps or errors by request id (an empty list: "look again").
+LaneItems = list[tuple[int, SeqItem]]
+
 
 class ModelSlot(Protocol):
-    def use(self, name: str | None = None) -> AbstractContextManager[LoadedModel | None]:
-        """Hold loaded model ``name`` (None: the current one), or None, for one generation or batch."""
+    def use(self, name: str | None = None) -> AbstractContextManager[CoreClient | None]:
+        """Hold resident model ``name`` (None: the current one), or None, while a lane serves it."""
 
     def resolve(self, name: str | None) -> str | None:
         """The name of the loaded model a request for ``name`` goes to (None: the current one), or None."""
 
-    # Optional: ``load_pending`` (bool), True while a model load waits; no request joins a running
-    # batch then, so the batch drains and the load gets the model thread.
-
+    # Optional: ``serves(model) -> bool``, False once ``model`` was replaced or unloaded (its lane
+    # then lets its running requests end and takes no more on it).
 
 
 class Scheduler:
-    """Runs each taken request on its model; ``take(joins)`` gives the next waiting request that may
-    join a running batch (or None), ``done(handle)`` marks one ended."""
+    """Serves one lane on its model: ``take(lane)`` gives its next waiting request (or None),
+    ``done(handle)`` marks one ended, ``closed()`` says the service is shutting down."""
 
     def __init__(
-        self, slot: ModelSlot, pipeline: RequestPipeline, queue: FairQueue,
-        take: Callable[[Callable[[GenerationHandle], bool]], GenerationHandle | None],
-        done: Callable[[GenerationHandle], None],
+        self, slot: ModelSlot, pipeline: RequestPipeline, take: Callable[[str], GenerationHandle | None],
+        done: Callable[[GenerationHandle], None], closed: Callable[[], bool],
     ) -> None:
         self._slot = slot
         self._pipeline = pipeline
-        self._queue = queue
         self._take = take
         self._done = done
+        self._closed = closed
 
-    def serve(self, handle: GenerationHandle) -> None:
-        """Serve ``handle`` on the model it asks for, with what joins it while it runs (the model thread calls this)."""
-        wanted = handle.request.model
-        with self._slot.use(wanted) as model:
-            if model is None:
-                error = f"{wanted} is not loaded" if wanted else "no model is loaded: load one first"
-                handle.emit(Finished(reason="error", text="", error=error))
-                self._done(handle)
-                return
-            self._queue.batching = model.max_batch > 1
-            if self._queue.batching:
-                self._serve_batch(model, handle)
-            else:
-                self._serve_alone(model, handle)
-
-    def _serve_alone(self, model: LoadedModel, handle: GenerationHandle) -> None:
-        run = RequestRun(handle, model, self._pipeline)
-        try:
-            if not run.start():
-                return
-            try:
-                if run.by_extension():
-                    pass
-                else:
-                    model.stream_to(run.prompt, run.params, run.token, seed=run.seed, emit=run.take, **run.output)
-            except Exception as error:
-                log.exception("generation %s failed in the model", handle.id)
-                run.end(one_line(error), bad_request=isinstance(error, BadRequestError))
-                return
-            run.end()
-        finally:
+    def fail_waiting(self, lane: str) -> None:
+        """The lane's model is not loaded: each waiting request ends with one line."""
+        while (handle := self._take(lane)) is not None:
+            wanted = handle.request.model
+            error = f"{wanted} is not loaded" if wanted else "no model is loaded: load one first"
+            handle.emit(Finished(reason="error", text="", error=error))
             self._done(handle)
 
-    def _serve_batch(self, model: LoadedModel, first: GenerationHandle) -> None:
-        """Continuous batching: waiting requests join at the next step (fair order, up to the
-        model's ``max_batch``); each leaves when it is done."""
-        batch: DecodeBatch = model.open_batch()
-        limit = int(model.max_batch)
+    def serve(self, lane: str, model: CoreClient, items: queue.SimpleQueue[LaneItems]) -> None:
+        """Run the lane's requests on ``model`` until none runs or waits (``items``: the lane's queue)."""
+        limit = max(1, int(model.max_batch))
         runs: dict[int, RequestRun] = {}
-        arrived: GenerationHandle | None = first
-        serving = self._slot.resolve(first.request.model)
-
-        def joins(handle: GenerationHandle) -> bool:  # a request for another model waits until this batch drains
-            return self._slot.resolve(handle.request.model) == serving
-
         try:
             while True:
-                while len(runs) < limit:
-                    handle = arrived or self._take(joins)
-                    arrived = None
+                current = self.serves(model)
+                taken: list[GenerationHandle] = []
+                while current and len(runs) + len(taken) < limit and not self._closed():
+                    handle = self._take(lane)
                     if handle is None:
                         break
-                    run = RequestRun(handle, model, self._pipeline)
-                    if not run.start():
-                        self._done(handle)
-                    elif not self._by_extension(run) and self._join(batch, run):
-                        runs[handle.id] = run
+                    taken.append(handle)
+                for run in self._start(taken, model, items):
+                    runs[run.handle.id] = run
                 if not runs:
                     return
                 try:
-                    steps = batch.step()
-                except WorkerCrashed as error:  # the batch is gone with its worker: wait for the model's reload
-                    for key in list(runs):
-                        self._end(runs.pop(key), one_line(error))
-                    return
-                except Exception as error:
-                    log.exception("a batched decode step failed")
-                    for key in list(runs):
-                        batch.remove(key)
-                        self._end(runs.pop(key), one_line(error))
-                    continue
-                for key, step in steps.items():
-                    run = runs[key]
-                    if step.piece is not None:
-                        run.take(step.piece)
-                    if step.done:
-                        del runs[key]
-                        self._end(run)
+                    got = items.get(timeout=POLL_S)
+                except queue.Empty:
+                    got = []
+                while True:  # everything that came, before looking at cancels
+                    self._apply(got, runs)
+                    try:
+                        got = items.get_nowait()
+                    except queue.Empty:
+                        break
                 for key in [key for key, run in runs.items() if run.stopped]:
-                    batch.remove(key)  # Stop or a stop string: this sequence leaves, the others go on
+                    model.cancel(key)  # Stop or a stop string: this request leaves, the others go on
                     self._end(runs.pop(key))
         finally:
-            for run in runs.values():
+            for key, run in runs.items():
+                model.cancel(key)
                 self._end(run, "generation stopped unexpectedly")
-            batch.close()
 
-    def _join(self, batch: DecodeBatch, run: RequestRun) -> bool:
-        """Add ``run`` to the batch; a request the model refuses ends with its error, alone."""
+    def serves(self, model: CoreClient) -> bool:
+        """Whether ``model`` is still the one its lane's name stands for (see ``ModelSlot``)."""
+        serves = getattr(self._slot, "serves", None)
+        return serves is None or bool(serves(model))
+
+    def _start(self, handles: list[GenerationHandle], model: CoreClient, items: queue.SimpleQueue[LaneItems]) -> list[RequestRun]:
+        """Prepare the taken requests (their prompts' tokens counted in one question to the core) and
+        add them to it; the ones that started."""
+        drafted = []
+        for handle in handles:
+            run = RequestRun(handle, model, self._pipeline)
+            draft = run.draft()
+            if draft is None:
+                self._done(handle)
+            else:
+                drafted.append((run, draft))
+        if not drafted:
+            return []
         try:
-            batch.add(run.handle.id, run.prompt, run.params, seed=run.seed, **run.output)
-        except Exception as error:
-            log.exception("generation %s could not join the batch", run.handle.id)
-            self._end(run, one_line(error), bad_request=isinstance(error, BadRequestError))
-            return False
-        return True
+            counts = model.count_many([draft.prompt for _, draft in drafted])
+        except LoadstarError as error:
+            for run, _ in drafted:
+                run.fail(error)
+                self._done(run.handle)
+            return []
+        started = []
+        for (run, draft), count in zip(drafted, counts, strict=True):
+            if not run.begin(draft, count):
+                self._done(run.handle)
+            elif self._add(run, model, items):
+                started.append(run)
+        return started
 
-    def _by_extension(self, run: RequestRun) -> bool:
+    def _add(self, run: RequestRun, model: CoreClient, items: queue.SimpleQueue[LaneItems]) -> bool:
         try:
             produced = run.by_extension()
         except Exception as error:
             log.exception("generation %s failed in an extension", run.handle.id)
             self._end(run, one_line(error))
-            return True
+            return False
         if produced:
             self._end(run)
-        return produced
+            return False
+        try:
+            model.add(run.handle.id, run.prompt, run.params, seed=run.seed, sink=items.put, **run.output)
+        except LoadstarError as error:
+            self._end(run, str(error), bad_request=isinstance(error, BadRequestError))
+            return False
+        return True
+
+    def _apply(self, got: LaneItems, runs: dict[int, RequestRun]) -> None:
+        for key, item in got:
+            run = runs.get(key)
+            if run is None or (run.stopped and not isinstance(item, LoadstarError)):
+                continue  # (what a stopped request's core made before the cancel reached it is dropped)
+            if isinstance(item, LoadstarError):
+                del runs[key]
+                self._end(run, str(item), bad_request=isinstance(item, BadRequestError))
+                continue
+            if item.piece is not None:
+                run.take(item.piece)
+            if item.done:
+                del runs[key]
+                self._end(run)
 
     def _end(self, run: RequestRun, error: str | None = None, *, bad_request: bool = False) -> None:
         try:
             run.end(error, bad_request=bad_request)
+        except Exception as failure:  # a reply hook that broke: the request still ends
+            log.exception("ending generation %s failed", run.handle.id)
+            run.handle.emit(Finished(reason="error", text="", error=one_line(failure)))
         finally:
             self._done(run.handle)

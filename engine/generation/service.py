@@ -1,49 +1,56 @@
-"""The generation service: typed requests in, token streams out, per-request cancel, a fair queue.
+"""The generation service: typed requests in, token streams out, per-request cancel, fair queues.
 
 It is three parts put together: the fair queue (fair_queue.py: who waits, who runs next, and the
-positions shown), the scheduler on the model thread (scheduler.py: batch joins, steps, leaves),
-and the output processor (output.py: stop strings, tool calls, JSON, reply hooks). All model work
-runs on the engine's one model thread. Each request gets a ``GenerationHandle`` (handle.py): its
-events (queue position, start, text, finish) and its own ``cancel()``; cancelling one request
-never touches another.
+positions shown), the scheduler (scheduler.py: one lane per model, feeding the model's engine
+core and taking back its steps), and the output processor (output.py: stop strings, tool calls,
+JSON, reply hooks). Each lane with work has a thread of its own, so each resident model serves
+at the same time as the others. Each request gets a ``GenerationHandle`` (handle.py): its events
+(queue position, start, text, finish) and its own ``cancel()``; cancelling one request never
+touches another.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
-from collections.abc import Callable
+import time
+from dataclasses import dataclass, field
 
-from loadstar.engine.errors import BadRequestError, one_line
+from loadstar.engine.errors import BadRequestError
 from loadstar.engine.generation.fair_queue import FairQueue
 from loadstar.engine.generation.handle import GenerationHandle
 from loadstar.engine.generation.output import empty_reply_reason
 from loadstar.engine.generation.pipeline import RequestPipeline
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued
-from loadstar.engine.generation.scheduler import ModelSlot, Scheduler
+from loadstar.engine.generation.scheduler import LaneItems, ModelSlot, Scheduler
 from loadstar.engine.metrics import GenerationMetrics
-from loadstar.engine.models.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
 __all__ = ["GenerationHandle", "GenerationService", "ModelSlot", "empty_reply_reason"]
 
 
-class GenerationService:
-    """Runs generation requests on the models held by ``slot``: decoded together when a model
-    batches (continuous batching), else one at a time; waiting requests are taken in fair order."""
+@dataclass
+class _Lane:
+    """One model's requests: its scheduler thread (while it has work) and the queue its core's steps come to."""
 
-    def __init__(
-        self, slot: ModelSlot, model_thread: ModelThread | None = None, pipeline: RequestPipeline | None = None
-    ) -> None:
+    name: str
+    items: queue.SimpleQueue[LaneItems] = field(default_factory=queue.SimpleQueue)
+    thread: threading.Thread | None = None
+
+
+class GenerationService:
+    """Runs generation requests on the models held by ``slot``: each model in its own lane,
+    decoded together when it batches (continuous batching); waiting requests in fair order."""
+
+    def __init__(self, slot: ModelSlot, pipeline: RequestPipeline | None = None) -> None:
         self._slot = slot
-        self._own_thread = model_thread is None  # made here, so stopped here
-        self._model_thread = model_thread or ModelThread()
         self._queue = FairQueue()
         self._cond = self._queue.cond
-        self._scheduler = Scheduler(slot, pipeline or RequestPipeline(), self._queue, self._take_joining, self._done)
-        self._worker: threading.Thread | None = None
+        self._scheduler = Scheduler(slot, pipeline or RequestPipeline(), self._take, self._done, lambda: self._closed)
+        self._lanes: dict[str, _Lane] = {}
         self._closed = False
         self._ids = itertools.count(1)
         self.metrics = GenerationMetrics()
@@ -56,10 +63,10 @@ class GenerationService:
             if self._closed:
                 raise BadRequestError("the generation service is shut down")
             handle = GenerationHandle(request, next(self._ids), self._cancelled)
+            handle.lane = self._slot.resolve(request.model) or request.model or ""
             self._queue.put(handle)
-            self._start_worker()
+            self._wake(handle.lane)
             self._announce_positions()
-            self._cond.notify_all()
         return handle
 
     def cancel_owner(self, owner: str) -> int:
@@ -93,29 +100,31 @@ class GenerationService:
             return bool(self._queue.running())
 
     def close(self) -> None:
-        """Cancel everything and stop the worker."""
+        """Cancel everything and end the lanes' threads."""
         with self._cond:
             self._closed = True
             pending = self._queue.waiting()
             running = self._queue.running()
-            self._cond.notify_all()
+            threads = [lane.thread for lane in self._lanes.values() if lane.thread is not None]
         for handle in pending + running:
             handle.cancel()
-        if self._worker is not None:
-            self._worker.join(timeout=30)
-        if self._own_thread:
-            self._model_thread.stop()
+        for thread in threads:
+            thread.join(timeout=30)
 
     # -- queue ---------------------------------------------------------------------------------
 
     def _announce_positions(self) -> None:
-        for position, handle in enumerate(self._queue.order(), start=1):
-            handle.emit(Queued(position))
+        for line in self._queue.order():
+            for position, handle in enumerate(line, start=1):
+                handle.emit(Queued(position))
 
     def _cancelled(self, handle: GenerationHandle) -> None:
         with self._cond:
             if not self._queue.remove(handle):
-                return  # running: the loader sees the token between tokens
+                lane = self._lanes.get(handle.lane)
+                if lane is not None:
+                    lane.items.put([])  # running: its lane removes it now
+                return
             self._announce_positions()
         handle.emit(Finished(reason="cancelled", text=""))
         self._record(handle)
@@ -125,54 +134,52 @@ class GenerationService:
         if done is not None:
             self.metrics.record(done.reason, done.prompt_tokens, done.completion_tokens, done.seconds)
 
-    def _take_waiting(self) -> GenerationHandle | None:
-        """The next request in fair order, now running; blocks until there is one (None once closed)."""
+    def _take(self, lane: str) -> GenerationHandle | None:
+        """The lane's next request in fair order, now running; None when none waits (or it is closing)."""
         with self._cond:
-            while not self._closed and self._queue.empty:
-                self._cond.wait()
             if self._closed:
                 return None
-            handle = self._queue.take()
-            self._announce_positions()
-            return handle
-
-    def _take_joining(self, joins: Callable[[GenerationHandle], bool]) -> GenerationHandle | None:
-        """The next request in fair order that may join a running batch, now running; None when none
-        waits, when it is for another model, or while a model load waits (the batch then drains)."""
-        with self._cond:
-            if self._closed or self._queue.empty or self._slot_load_pending():
-                return None
-            handle = self._queue.take(joins)
+            handle = self._queue.take(lane)
             if handle is not None:
                 self._announce_positions()
             return handle
-
-    def _slot_load_pending(self) -> bool:
-        return bool(getattr(self._slot, "load_pending", False))
 
     def _done(self, handle: GenerationHandle) -> None:
         with self._cond:
             self._queue.done(handle)
         self._record(handle)
 
-    def _start_worker(self) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="loadstar-generation", daemon=True)
-            self._worker.start()
+    def _wake(self, name: str) -> None:
+        """Start the lane's thread if it has none (the caller holds ``cond``), else tell it to look."""
+        lane = self._lanes.setdefault(name, _Lane(name))
+        if lane.thread is None:
+            lane.thread = threading.Thread(target=self._run_lane, args=(lane,), name=f"loadstar-lane-{name or 'none'}",
+                                           daemon=True)
+            lane.thread.start()
+        else:
+            lane.items.put([])
 
-    def _work(self) -> None:
+    def _run_lane(self, lane: _Lane) -> None:
+        """Serve the lane until it has nothing waiting (a new request starts it again)."""
         while True:
-            handle = self._take_waiting()
-            if handle is None:
-                return
             try:
-                self._model_thread.call(self._scheduler.serve, handle)  # all model work on one thread (model_thread.py)
-            except Exception as error:  # never let one request kill the worker
-                log.exception("generation %s failed", handle.id)
-                handle.emit(Finished(reason="error", text="", error=one_line(error)))
-            finally:
+                with self._slot.use(lane.name or None) as model:
+                    if model is None:
+                        self._scheduler.fail_waiting(lane.name)
+                    else:
+                        with self._cond:
+                            self._queue.batching[lane.name] = model.max_batch > 1
+                        self._scheduler.serve(lane.name, model, lane.items)
+                        if not self._scheduler.serves(model):
+                            time.sleep(0.05)  # replaced: use() gives the new model once it is in
+            except Exception as error:  # never let one lane's failure strand its requests
+                log.exception("the %s lane failed", lane.name or "default")
                 with self._cond:
-                    stranded = self._queue.running()
-                for left in stranded:  # a failure in the batch loop leaves no request hanging
-                    left.emit(Finished(reason="error", text="", error="generation stopped unexpectedly"))
+                    stranded = [h for h in self._queue.running() if h.lane == lane.name]
+                for left in stranded:
+                    left.emit(Finished(reason="error", text="", error=f"generation stopped unexpectedly: {error}"))
                     self._done(left)
+            with self._cond:
+                if self._closed or not self._queue.waiting(lane=lane.name):
+                    lane.thread = None
+                    return

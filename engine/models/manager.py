@@ -1,15 +1,19 @@
 """The model manager: lists local models, loads one with the chosen loader, swaps and unloads.
 
 A load builds the new model first and only then swaps it in, so a failed load leaves the
-previously loaded model in place. Generation holds the model through ``use()``; a swap waits
-for the running generation to finish.
+previously loaded model in place, unless memory is short: then the model it replaces goes first
+(the memory check counts on what it frees, and both are never in memory at once). One load runs
+at a time, and a model asked for by two requests at once is loaded once.
 
-With ``workers`` (the server's default) each model is loaded in a worker process of its own
-(engine/models/worker.py), so a native fault costs the worker, not the server. When a worker
-dies, what it was doing ends with one line, generation waits (``use()``) while the model is
-loaded again once, and a second crash within ``CRASH_WINDOW_S`` leaves it unloaded, with the
-reason in ``problem`` (the UI's model line, ``/health``). Unloading ends the worker, so all its
-memory comes back. A cancelled load ends its worker at once.
+Each loaded model is served by its engine core (core.py), in a worker process of its own with
+``workers`` (the server's default, engine/models/worker.py: a native fault costs the worker, not
+the server), else on a thread here. Generation holds a model through ``use()`` (a count, never a
+lock: two models serve at once); a model that is replaced lets its running requests end, then
+unloads; ``unload`` ends a model's requests at once. When a worker dies, what it was doing ends
+with one line, generation waits (``use()``) while the model is loaded again once, and a second
+crash within ``CRASH_WINDOW_S`` leaves it unloaded, with the reason in ``problem`` (the UI's model
+line, ``/health``), where a worker that stopped responding is reported too. Unloading ends the
+worker, so all its memory comes back. A cancelled load ends its worker at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pydantic import ValidationError
 
 from loadstar.engine.errors import LoadCancelled, LoadstarError, ModelLoadError, problem_line
 from loadstar.engine.models.choice import LoaderCandidate, choose_loader, rank_loaders
+from loadstar.engine.models.core_client import CoreClient, load_in_thread
 from loadstar.engine.models.folder import (
     ModelFolder,
     folder_signature,
@@ -38,19 +43,20 @@ from loadstar.engine.models.folder import (
 )
 from loadstar.engine.models.load_failures import load_error
 from loadstar.engine.models.loader_api import LoadedModel, LoadedModelInfo, Loader
-from loadstar.engine.models.model_thread import ModelThread
-from loadstar.engine.models.worker import WorkerModel, start_worker
+from loadstar.engine.models.worker import DEADLINE_S, start_worker
 
 log = logging.getLogger(__name__)
 
 CRASH_WINDOW_S = 60.0  # a model whose worker crashes again within this long is not loaded again
 RECOVERY_WAIT_S = 900.0  # how long generation waits for a crashed model's reload
+RETIRE_WAIT_S = 600.0  # how long a replaced model's running requests may go on before it is unloaded anyway
+GPU_DEVICES = ("cuda", "gpu", "rocm", "hip")  # device strings (any index after ':') that put a model on a GPU
 
 
 class ModelManager:
     def __init__(
         self, models_dir: Path, loaders: Callable[[], Mapping[str, Loader]], *, load_defaults: dict[str, Any] | None = None,
-        model_thread: ModelThread | None = None, workers: bool = False, log_level: str = "INFO", max_models: int = 1,
+        workers: bool = False, log_level: str = "INFO", max_models: int = 1, deadline: float = DEADLINE_S,
     ) -> None:
         """``loaders`` gives the registered loaders by name (the plugin host's ``loaders``, so the
         models part never imports the plugins part). ``load_defaults`` fill loader options of the same name the user did not set
@@ -58,12 +64,12 @@ class ModelManager:
         self.models_dir = models_dir
         self._loaders = loaders
         self._load_defaults = dict(load_defaults or {})
-        self.model_thread = model_thread or ModelThread()
         self.max_models = max_models
         self._resident: dict[str, _Resident] = {}  # name -> the loaded model (up to max_models)
         self._current: str | None = None  # the resident model requests naming none go to
-        self._use_lock = threading.RLock()  # held while a generation runs, and for a swap
-        self._load_lock = threading.Lock()  # one load at a time
+        self._lock = threading.Condition()  # guards the residents and their use counts (held briefly)
+        self._load_lock = threading.RLock()  # one load (or unload) at a time
+        self._deadline = deadline
         # Inspections by folder name, each with the folder's signature (names, sizes, mtimes):
         # listing and describing models never reads weights again while nothing changed on disk.
         self._inspected: dict[str, tuple[tuple[Any, ...], ModelFolder]] = {}
@@ -73,7 +79,8 @@ class ModelManager:
         self._crashed_at: dict[str, float] = {}  # model name -> when its worker last crashed
         self._steady = threading.Event()  # clear while a crashed model is being loaded again
         self._steady.set()
-        self.problem: str | None = None  # why no model is loaded after a crash (one line), for the UI and /health
+        self._problem: str | None = None  # why no model is loaded after a crash (one line)
+        self._closed = False
 
     # -- what is on disk -----------------------------------------------------------------------
 
@@ -139,24 +146,53 @@ class ModelManager:
         return name if name in self._resident else None
 
     @property
-    def load_pending(self) -> bool:
-        """Whether a load (or unload) is under way: the generation service lets its batch drain."""
-        return self._load_lock.locked()
+    def problem(self) -> str | None:
+        """One line for the UI's model line and ``/health``: a resident model's worker that is not
+        responding, or why no model is loaded after a crash; None when all is well."""
+        for resident in list(self._resident.values()):
+            line = resident.model.problem if isinstance(resident.model, CoreClient) else None
+            if line:
+                return line
+        return self._problem
+
+    @problem.setter
+    def problem(self, line: str | None) -> None:
+        self._problem = line
+
+    def serves(self, model: LoadedModel) -> bool:
+        """Whether ``model`` is still resident (not replaced or unloaded)."""
+        return any(r.model is model for r in list(self._resident.values()))
 
     @contextmanager
-    def use(self, name: str | None = None) -> Iterator[LoadedModel | None]:
-        """Hold resident model ``name`` (None: the current one) while a generation runs; None when it is not loaded."""
+    def use(self, name: str | None = None) -> Iterator[CoreClient | None]:
+        """Hold resident model ``name`` (None: the current one) while it serves; None when it is not
+        loaded. A count, not a lock: a model that is replaced waits for its holders before it unloads."""
         self._steady.wait(RECOVERY_WAIT_S)  # a crashed worker's model is being loaded again: wait for it
-        with self._use_lock:
+        with self._lock:
             resident = self._resident.get(name or self._current or "")
             if resident is None:
-                yield None
-                return
-            resident.last_used = time.monotonic()
-            try:
-                yield resident.model
-            finally:
+                client = None
+            else:
+                resident.users += 1
                 resident.last_used = time.monotonic()
+                client = resident.model
+        if resident is None:
+            yield None
+            return
+        try:
+            yield client
+        finally:
+            with self._lock:
+                resident.users -= 1
+                resident.last_used = time.monotonic()
+                self._lock.notify_all()
+
+    @contextmanager
+    def local(self, name: str | None = None) -> Iterator[Any]:
+        """The model object itself, for a model served on a thread here (tests and benchmarks read
+        its tokenizer, its network); None for a model in a worker or none loaded."""
+        with self.use(name) as client:
+            yield client.local if client is not None else None
 
     def load(
         self, name: str, loader: str | None = None, options: dict[str, Any] | None = None,
@@ -171,54 +207,66 @@ class ModelManager:
         unloaded at once and never replaces the current model.
         """
         with self._load_lock:
+            return self._load(name, loader, options, cancel, make_current=make_current)
+
+    def _load(
+        self, name: str, loader: str | None, options: dict[str, Any] | None, cancel: threading.Event | None, *,
+        make_current: bool,
+    ) -> LoadedModelInfo:
+        if cancel is not None and cancel.is_set():
+            raise LoadCancelled(f"loading {name} was cancelled")
+        if self._closed:
+            raise LoadCancelled(f"not loading {name}: the server is shutting down")
+        folder = self.inspect(name)
+        loaders = self._loaders()
+        chosen = choose_loader(folder, loaders, loader)
+        plugin = loaders[chosen.loader]
+        merged = dict(options or {})
+        for key, value in self._load_defaults.items():
+            if key in plugin.Options.model_fields:
+                merged.setdefault(key, value)
+        try:
+            validated = plugin.Options.model_validate(merged)
+        except ValidationError as error:
+            raise ModelLoadError(f"{chosen.loader} option {problem_line(error)}") from None
+        for leaving in self._check_memory(name, plugin, folder, validated):
+            log.info("unloading %s first: %s needs the memory it holds", leaving.name, name)
+            self._retire(leaving, wait=True)
+        log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
+        gpu_before = gpu_free_memory() if _on_gpu(validated) else None
+        try:
+            if self._workers and getattr(plugin, "runs_in_worker", True):  # optional in the Loader protocol
+                model: CoreClient = start_worker(plugin, folder, validated, on_exit=self._worker_exited,
+                                                 log_level=self._log_level, cancel=cancel, deadline=self._deadline)
+            else:
+                model = load_in_thread(lambda: plugin.load(folder, validated), cancel=cancel)
+        except LoadstarError:
             if cancel is not None and cancel.is_set():
-                raise LoadCancelled(f"loading {name} was cancelled")
-            folder = self.inspect(name)
-            loaders = self._loaders()
-            chosen = choose_loader(folder, loaders, loader)
-            plugin = loaders[chosen.loader]
-            merged = dict(options or {})
-            for key, value in self._load_defaults.items():
-                if key in plugin.Options.model_fields:
-                    merged.setdefault(key, value)
-            try:
-                validated = plugin.Options.model_validate(merged)
-            except ValidationError as error:
-                raise ModelLoadError(f"{chosen.loader} option {problem_line(error)}") from None
-            self._check_memory(name, plugin, folder, validated)
-            log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
-            try:
-                if self._workers and getattr(plugin, "runs_in_worker", True):  # optional in the Loader protocol
-                    model: LoadedModel = start_worker(plugin, folder, validated, on_exit=self._worker_exited,
-                                                      log_level=self._log_level, cancel=cancel)
-                else:
-                    model = self.model_thread.call(plugin.load, folder, validated)
-            except LoadstarError:
-                if cancel is not None and cancel.is_set():
-                    raise LoadCancelled(f"loading {name} was cancelled") from None
-                raise
-            except Exception as error:
-                raise load_error(chosen.loader, name, error, [w.path for w in folder.weight_files], folder.path) from None
-            if not isinstance(model, LoadedModel):
-                raise ModelLoadError(
-                    f"{chosen.loader} returned a {type(model).__name__}, not a loadstar.LoadedModel: "
-                    "its plugin needs updating"
-                )
-            if cancel is not None and cancel.is_set():
-                self._unload(model)
-                del model
-                _release_memory()
-                raise LoadCancelled(f"loading {name} was cancelled")
-            self._put(_Resident(name, model, folder, chosen.loader, options), make_current)
-            self.problem = None
-            return model.info
+                raise LoadCancelled(f"loading {name} was cancelled") from None
+            raise
+        except Exception as error:
+            raise load_error(chosen.loader, name, error, [w.path for w in folder.weight_files], folder.path) from None
+        if cancel is not None and cancel.is_set():
+            self._unload(model)
+            del model
+            _release_memory()
+            raise LoadCancelled(f"loading {name} was cancelled")
+        gpu_after = gpu_free_memory() if gpu_before is not None else None
+        gpu_bytes = max(0, gpu_before - gpu_after) if gpu_before is not None and gpu_after is not None else 0
+        self._put(_Resident(name, model, folder, chosen.loader, options, gpu_bytes=gpu_bytes), make_current)
+        self.problem = None
+        return model.info
 
     def ensure_resident(self, name: str, loader: str | None = None, options: dict[str, Any] | None = None) -> LoadedModelInfo:
         """Model ``name`` loaded, without making it current: as it is when resident, else loaded now."""
         resident = self._resident.get(name)
         if resident is not None:
             return resident.model.info
-        return self.load(name, loader, options, make_current=False)
+        with self._load_lock:  # a second request for the same model waits here, then finds it loaded
+            resident = self._resident.get(name)
+            if resident is not None:
+                return resident.model.info
+            return self._load(name, loader, options, None, make_current=False)
 
     def unload(self, name: str | None = None) -> bool:
         """Unload model ``name`` (None: the current one); False if it was not loaded."""
@@ -233,49 +281,60 @@ class ModelManager:
         idle = [r.name for r in list(self._resident.values()) if now - r.last_used >= idle_seconds]
         gone = []
         for name in idle:
-            with self._load_lock, self._use_lock:  # not while a generation holds it
+            with self._lock:  # not while a generation holds it
                 resident = self._resident.get(name)
-                if resident is None or time.monotonic() - resident.last_used < idle_seconds:
+                if resident is None or resident.users or time.monotonic() - resident.last_used < idle_seconds:
                     continue
             if self.unload(name):
                 log.info("unloaded %s: unused for %.0f minutes", name, idle_seconds / 60)
                 gone.append(name)
         return gone
 
-    def _check_memory(self, name: str, plugin: Loader, folder: ModelFolder, options: Any) -> None:
-        """Refuse a load whose estimate does not fit in the memory free now plus what it would free, naming the numbers."""
+    def _check_memory(self, name: str, plugin: Loader, folder: ModelFolder, options: Any) -> list[_Resident]:
+        """Refuse a load whose estimate does not fit, naming the numbers; the models that must be
+        unloaded first (the one it replaces, or the least recently used past ``max_models``) when it
+        fits only with the memory they free. A GPU load is checked against the GPU's free memory."""
         estimate_memory = getattr(plugin, "estimate_memory", None)  # optional in the Loader protocol
-        if estimate_memory is None or str(getattr(options, "device", "cpu")) == "cuda":
-            return
+        if estimate_memory is None:
+            return []
         try:
             estimate = estimate_memory(folder, options)
         except Exception:
             log.exception("%s failed to estimate %s", plugin.name, name)
-            return
+            return []
         if estimate is None:
-            return
-        import psutil
-
+            return []
         needed = estimate.weights + (0 if estimate.grows else (estimate.kv_cache or 0))
-        free = psutil.virtual_memory().available
         lru = self._least_recently_used() if len(self._resident) >= self.max_models else None
         leaving = [r for r in self._resident.values() if r.name == name] or ([lru] if lru is not None else [])
-        freed = sum(_process_memory(r.model) for r in leaving)
+        if _on_gpu(options):
+            free = gpu_free_memory()
+            if free is None:
+                log.warning("cannot tell the GPU's free memory (no nvidia-smi): %s is loaded unchecked", name)
+                return []
+            where, freed = "GPU memory", sum(r.gpu_bytes for r in leaving)
+        else:
+            import psutil
+
+            free, where, freed = psutil.virtual_memory().available, "memory", sum(_process_memory(r.model) for r in leaving)
+        if needed <= free:
+            return []
         if needed > free + freed:
             parts = f"{format_size(estimate.weights)} of weights"
             if needed > estimate.weights:
                 parts += f" + {format_size(needed - estimate.weights)} of KV cache"
             also = f" (+ {format_size(freed)} that unloading {leaving[0].name} would free)" if freed else ""
             raise ModelLoadError(
-                f"{name} needs about {format_size(needed)} ({parts}), but {format_size(free)} of memory is free{also}: "
+                f"{name} needs about {format_size(needed)} ({parts}), but {format_size(free)} of {where} is free{also}: "
                 "unload a model, or lower the context or batch in its loader options")
+        return leaving
 
     def _least_recently_used(self) -> _Resident | None:
         return min(self._resident.values(), key=lambda r: r.last_used, default=None)
 
     def _put(self, new: _Resident, make_current: bool) -> None:
-        """Make ``new`` resident (replacing the same name), unloading the least recently used past max_models."""
-        with self._use_lock:
+        """Make ``new`` resident (replacing the same name), retiring the least recently used past max_models."""
+        with self._lock:
             old = self._resident.pop(new.name, None)
             evicted = []
             while len(self._resident) >= self.max_models:
@@ -285,18 +344,35 @@ class ModelManager:
             self._resident[new.name] = new
             if make_current or self._current not in self._resident:
                 self._current = new.name
-        for gone in [old, *evicted]:
-            if gone is not None:
-                if gone in evicted:
-                    log.info("unloaded %s to make room for %s (--max-models %d)", gone.name, new.name, self.max_models)
-                self._unload(gone.model)
-        if old is not None or evicted:
-            del old, evicted
+        for victim in evicted:
+            log.info("unloading %s to make room for %s (--max-models %d)", victim.name, new.name, self.max_models)
+        for leaving in [old, *evicted]:
+            if leaving is not None:
+                self._retire(leaving, wait=False)
+
+    def _retire(self, resident: _Resident, *, wait: bool) -> None:
+        """Take ``resident`` out (if still in) and unload it once its running requests have ended
+        (at most ``RETIRE_WAIT_S``); ``wait``: here and now, else on a thread of its own."""
+        with self._lock:
+            if self._resident.get(resident.name) is resident:
+                del self._resident[resident.name]
+                if self._current == resident.name:
+                    self._current = max(self._resident.values(), key=lambda r: r.last_used).name if self._resident else None
+
+        def unload_when_idle() -> None:
+            with self._lock:
+                self._lock.wait_for(lambda: resident.users == 0, timeout=RETIRE_WAIT_S)
+            self._unload(resident.model)
             _release_memory()
 
+        if wait or resident.users == 0:  # nobody holds it: unloaded here and now
+            unload_when_idle()
+        else:
+            threading.Thread(target=unload_when_idle, name=f"loadstar-retire-{resident.name}", daemon=True).start()
+
     def _take_out(self, name: str, model: LoadedModel | None = None) -> bool:
-        """Unload resident ``name`` (only if it still is ``model``, when given)."""
-        with self._use_lock:
+        """Unload resident ``name`` now (only if it still is ``model``, when given): its running requests end."""
+        with self._lock:
             resident = self._resident.get(name)
             if resident is None or (model is not None and resident.model is not model):
                 return False
@@ -308,12 +384,18 @@ class ModelManager:
         _release_memory()
         return True
 
-    def _worker_exited(self, model: WorkerModel, reason: str) -> str:
+    def close(self) -> None:
+        """Unload every model (the server is shutting down): no crash is answered by a reload from now on."""
+        self._closed = True
+        for name in list(self._resident):
+            self._take_out(name)
+
+    def _worker_exited(self, model: CoreClient, reason: str) -> str:
         """A worker died (called on its reader thread, before its callers hear of it): what comes next, as
         the end of the line they get. Load it again once; after a second crash within a minute, leave it."""
-        resident = next((r for r in self._resident.values() if r.model is model), None)
-        if resident is None:
-            return ""  # an old model, already replaced or unloaded
+        resident = next((r for r in list(self._resident.values()) if r.model is model), None)
+        if resident is None or self._closed:
+            return ""  # an old model, already replaced or unloaded, or the server is ending
         name = resident.name
         now = time.monotonic()
         again = now - self._crashed_at.get(name, -CRASH_WINDOW_S) < CRASH_WINDOW_S
@@ -347,37 +429,60 @@ class ModelManager:
 
     def _unload(self, model: LoadedModel) -> None:
         try:
-            if isinstance(model, WorkerModel):
-                model.unload()  # ends its process; needs no model thread (which may be waiting in use())
-            else:
-                self.model_thread.call(model.unload)
+            model.unload()  # ends its core (and its worker): needs nothing else
         except Exception:
             log.exception("unloading %s failed", model.info.name)
 
 
 @dataclass(eq=False)
 class _Resident:
-    """A loaded model, what it was loaded from and with, and when it last answered."""
+    """A loaded model, what it was loaded from and with, when it last answered, and who holds it now."""
 
     name: str
-    model: LoadedModel
+    model: CoreClient
     folder: ModelFolder
     loader: str
     options: dict[str, Any] | None
     last_used: float = field(default_factory=time.monotonic)
+    users: int = 0  # lanes serving it now (``use``)
+    gpu_bytes: int = 0  # what it took of the GPU's memory when it loaded (0: none, or not known)
+
+
+def _on_gpu(options: Any) -> bool:
+    """Whether a load with ``options`` goes to a GPU: its device names one (any index), or is "auto"
+    on a machine with one."""
+    device = str(getattr(options, "device", "cpu")).lower()
+    return device.split(":")[0] in GPU_DEVICES or (device == "auto" and gpu_free_memory() is not None)
+
+
+def gpu_free_memory() -> int | None:
+    """The free memory of the first NVIDIA GPU in bytes, from ``nvidia-smi`` (None: no GPU, or no
+    way to tell); asked without importing torch into the server."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
+    try:
+        out = subprocess.run([tool, "--query-gpu=memory.free", "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+        return int(out.split()[0]) * 1024 * 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def _process_memory(model: LoadedModel) -> int:
-    """What unloading ``model`` gives back: its worker's resident memory (an in-process model's is unknown: 0)."""
-    if not isinstance(model, WorkerModel):
+    """What unloading ``model`` gives back: its worker's resident memory (a model on a thread here: 0, unknown)."""
+    pid = model.pid if isinstance(model, CoreClient) else None
+    if pid is None:
         return 0
     try:
         import psutil
 
-        return int(psutil.Process(model.pid).memory_info().rss)
+        return int(psutil.Process(pid).memory_info().rss)
     except Exception:
         return 0
-
 
 def _release_memory() -> None:
     gc.collect()

@@ -1,53 +1,83 @@
-"""The server's side of a model worker: a ``LoadedModel`` whose model lives in another process.
+"""A model in a worker process: ``start_worker`` and the ``WorkerLink`` to its engine core.
 
 Native code (llama.cpp, CUDA kernels, a hostile GGUF's parser) can fault in ways no ``except``
 catches; in a worker that costs the worker, not the server. ``start_worker`` starts
-``python -m loadstar.engine.models.worker_main`` on one end of a socket pair, has it load the model
-with the loader plugin, and returns a ``WorkerModel``: the engine uses it as any loaded model (its
-batch is a ``WorkerBatch``), and every call goes over the socket to the worker's one model thread.
-A reader thread here takes the worker's answers to whoever waits for them.
+``python -m loadstar.engine.models.worker_main`` in a session of its own (Ctrl+C in the
+terminal reaches the server alone, which ends its workers in order), with only the environment
+a model needs (no Hub token, no API keys), on one end of a socket pair. It sends the loader (its
+class and its plain-data attributes), the folder and the options as JSON, and the worker loads
+the model and serves it with its engine core (core.py). Every message is JSON (wire.py): what a
+worker sends is parsed, never unpickled; one that is not the protocol's ends the worker.
 
-If the worker dies (a signal, an OOM kill, ``kill -9``), every call waiting on it and every later
-one raises ``WorkerCrashed`` with one line ("the model's worker crashed (SIGSEGV, signal 11)"),
-and ``on_exit`` is called once with that line: the model manager decides what comes next.
-``unload`` closes the socket and waits for the process to end, so all its memory comes back.
+Three threads here per worker: one writes (a caller never blocks on the socket), one reads and
+hands each message to the core's client, one watches the heartbeat. The worker sends a ``beat``
+every second from a thread of its own, so a long step does not delay it; when nothing comes for
+``deadline`` seconds (30 by default: a stopped process, a hung driver, swapped out), the worker
+is reported as not responding (its client's ``problem``), its sequences and questions end with
+one line, and ending it (Stop, Unload, Load) kills it after a short grace. If it speaks again
+before that, it is taken back.
+
+If the worker dies (a signal, an OOM kill, ``kill -9``), everything waiting on it ends with
+``WorkerCrashed`` ("the model's worker crashed (SIGSEGV, signal 11)") and ``on_exit`` is called
+once with that line: the model manager decides what comes next.
 """
 
 from __future__ import annotations
 
-import itertools
+import json
 import logging
 import os
-import pickle
 import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from types import MappingProxyType
 from typing import Any
 
-from loadstar.engine.errors import ModelLoadError, WorkerCrashed, one_line
-from loadstar.engine.models.folder import ModelFolder
-from loadstar.engine.models.loader_api import (
-    CancelToken,
-    DecodeBatch,
-    LoadedModel,
-    OutputSpec,
-    SequenceStep,
-    StreamPiece,
-    TextEmbedding,
+from loadstar.engine.errors import (
+    LoadCancelled,
+    LoadstarError,
+    ModelLoadError,
+    WorkerCrashed,
+    WorkerNotResponding,
 )
-from loadstar.engine.models.worker_main import BATCH, CALL, CANCEL, ERROR, FACTS, LOAD, PIECE, STREAM
-from loadstar.engine.sampling import SamplingParams
+from loadstar.engine.models import wire
+from loadstar.engine.models.core_client import EXIT_WAIT_S, CoreClient
+from loadstar.engine.models.folder import ModelFolder
 
 log = logging.getLogger(__name__)
 
-EXIT_WAIT_S = 30.0  # a worker asked to end gets this long before it is killed
+DEADLINE_S = 30.0  # a worker silent this long is not responding
+BEAT_S = 1.0  # how often a worker says it is alive (worker_main.py sends it)
+SILENT_GRACE_S = 3.0  # a worker asked to end that stays silent this long is killed
+
+# What a worker's environment keeps of the server's: what Python, the loaders and their native
+# libraries read. Anything else (HF_TOKEN, API keys, passwords) stays in the server.
+_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "SHELL", "TERM",
+         "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONUTF8",
+         "PYTHONFAULTHANDLER", "LD_LIBRARY_PATH", "HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+         "TOKENIZERS_PARALLELISM", "XDG_CACHE_HOME", "GRADIO_ANALYTICS_ENABLED")
+_KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "ROCM_", "HSA_", "OMP_", "MKL_", "OPENBLAS_", "KMP_",
+                  "GOMP_", "GGML_", "LLAMA_", "GPTQMODEL_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "EXLLAMA",
+                  "COVERAGE_", "LOADSTAR_TEST_")
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+
+
+def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a worker gets: see ``_KEEP``; never a name that looks like a secret."""
+    source = os.environ if environ is None else environ
+    kept = {}
+    for name, value in source.items():
+        if any(word in name.upper() for word in _SECRET_WORDS):
+            continue
+        if name in _KEEP or name.startswith(_KEEP_PREFIXES):
+            kept[name] = value
+    return kept
 
 
 def exit_reason(returncode: int | None) -> str:
@@ -62,263 +92,236 @@ def exit_reason(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
-class _Channel:
-    """The socket to one worker: numbered calls, their answers, and the worker's end."""
+class WorkerLink:
+    """The socket to one worker's core (see the module's docstring)."""
 
-    def __init__(self, process: subprocess.Popen, conn: Connection) -> None:
+    def __init__(self, process: subprocess.Popen, conn: Connection, *, name: str = "the model",
+                 deadline: float = DEADLINE_S) -> None:
         self.process = process
         self._conn = conn
-        # Called once, on the reader thread, when the worker dies unasked, before any caller hears of it; what it
-        # returns ends the line the callers get ("; reloading ...").
+        self._name = name
+        self.deadline = deadline
+        self.handler: Callable[[dict[str, Any]], None] = lambda message: None
+        # Called once, on the reader thread, when the worker dies unasked; what it returns ends the
+        # line everyone waiting gets ("; reloading ...").
         self.on_exit: Callable[[str], str] = lambda reason: ""
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # guards the pending map, the send and ``_dead``
-        self._pending: dict[int, Future | queue.SimpleQueue] = {}
-        self._dead: str | None = None
+        self.on_silent: Callable[[LoadstarError], None] = lambda error: None  # the deadline passed
+        self.on_back: Callable[[], None] = lambda: None  # it answered again after that
+        self.on_ended: Callable[[LoadstarError], None] = lambda error: None  # gone, asked or not
+        self._heard = time.monotonic()
+        self._silent_since: float | None = None  # set while not responding
         self._closing = False
-        self._reader = threading.Thread(target=self._read, name=f"loadstar-worker-{process.pid}", daemon=True)
+        self._ended = threading.Event()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        pid = process.pid
+        self._writer = threading.Thread(target=self._write, name=f"loadstar-worker-{pid}-out", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"loadstar-worker-{pid}-in", daemon=True)
+        self._watch = threading.Thread(target=self._watchdog, name=f"loadstar-worker-{pid}-watch", daemon=True)
+        self._writer.start()
         self._reader.start()
+        self._watch.start()
 
-    def call(self, op: str, *args: Any) -> Any:
-        future: Future = Future()
-        self._send(op, args, future)
-        return future.result()
+    # -- CoreLink ------------------------------------------------------------------------------
 
-    def stream(self, op: str, args: tuple, cancel: CancelToken) -> Iterator[Any]:
-        """The pieces of a streamed call as they come; a cancel is passed on to the worker at once."""
-        items: queue.SimpleQueue = queue.SimpleQueue()
-        call_id = self._send(op, args, items)
-        told = False
-        while True:
-            try:
-                kind, payload = items.get(timeout=0.05)
-            except queue.Empty:
-                if cancel.cancelled and not told:
-                    told = True
-                    self._send_cancel(call_id)
-                continue
-            if kind == PIECE:
-                yield payload
-                if cancel.cancelled and not told:
-                    told = True
-                    self._send_cancel(call_id)
-            elif kind == ERROR:
-                raise payload
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def silent_for(self) -> float:
+        return time.monotonic() - self._heard
+
+    @property
+    def responding(self) -> bool:
+        return self._silent_since is None
+
+    @property
+    def problem(self) -> str | None:
+        if self._silent_since is None or self._ended.is_set():
+            return None
+        return (f"{self._name}'s worker is not responding: nothing from it for {self.silent_for:.0f} s "
+                f"(pid {self.pid}); Stop, Unload or Load ends it")
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self._ended.is_set():
+            self._outbox.put(wire.encode(message))
+
+    def end(self) -> None:
+        """Ask the core to end and wait for the process; kill it when it is not responding, goes
+        silent, or takes longer than ``EXIT_WAIT_S``."""
+        self._closing = True
+        if self.process.poll() is None:
+            if not self.responding:
+                log.warning("%s's worker is not responding: killed", self._name)
+                self.process.kill()
             else:
+                self.send({"op": "end"})
+                started = time.monotonic()
+                while self.process.poll() is None:
+                    if self.silent_for > SILENT_GRACE_S + BEAT_S or time.monotonic() - started > EXIT_WAIT_S:
+                        log.warning("%s's worker did not end in time: killed", self._name)
+                        self.process.kill()
+                        break
+                    time.sleep(0.05)
+        self.process.wait()
+        self._shutdown_socket()
+        self._reader.join(timeout=EXIT_WAIT_S)
+
+    def kill(self) -> None:
+        self._closing = True
+        self.process.kill()
+        self.process.wait()
+        self._shutdown_socket()
+
+    # -- threads -------------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        while True:
+            data = self._outbox.get()
+            if data is None:
                 return
-
-    def _send(self, op: str, args: tuple, waiter: Future | queue.SimpleQueue) -> int:
-        with self._lock:
-            if self._dead is not None:
-                raise WorkerCrashed(self._dead)
-            call_id = next(self._ids)
-            self._pending[call_id] = waiter
             try:
-                self._conn.send((call_id, op, args))
+                self._conn.send_bytes(data)
             except (OSError, ValueError):
-                self._pending.pop(call_id, None)
-                raise WorkerCrashed(self._dead or "the model's worker is gone") from None
-        return call_id
-
-    def _send_cancel(self, call_id: int) -> None:
-        with self._lock:
-            if self._dead is None:
-                try:
-                    self._conn.send((0, CANCEL, (call_id,)))
-                except (OSError, ValueError):
-                    pass
+                return  # the reader sees the end
 
     def _read(self) -> None:
         try:
             while True:
-                call_id, kind, payload = self._conn.recv()
-                with self._lock:
-                    waiter = self._pending.get(call_id) if kind == PIECE else self._pending.pop(call_id, None)
-                if waiter is None:
-                    continue
-                if isinstance(waiter, Future):
-                    if kind == ERROR:
-                        waiter.set_exception(payload)
-                    else:
-                        waiter.set_result(payload)
-                else:
-                    waiter.put((kind, payload))
+                data = self._conn.recv_bytes(wire.MAX_MESSAGE_BYTES)
+                self._heard = time.monotonic()
+                if self._silent_since is not None:
+                    log.warning("%s's worker answers again after %.0f s", self._name, self._heard - self._silent_since)
+                    self._silent_since = None
+                    self.on_back()
+                self.handler(wire.decode(data))
         except (EOFError, OSError):
             pass
-        except Exception:  # an answer that cannot be read: the channel is no use any more
-            log.exception("reading from the model's worker failed")
+        except Exception as error:  # not the protocol (a hostile or broken worker): it is ended
+            log.error("%s's worker sent a message that is not Loadstar's (%s): ended", self._name, error)
             self.process.kill()
-        self._ended()
+        self._finish()
 
-    def _ended(self) -> None:
+    def _finish(self) -> None:
         try:
             returncode = self.process.wait(timeout=EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             returncode = self.process.wait()
+        self._outbox.put(None)
         if self._closing:
             reason = "the model was unloaded"
         else:
             reason = f"the model's worker crashed ({exit_reason(returncode)})"
-            log.error("%s", reason)
+            log.error("%s: %s", self._name, reason)
             try:
                 reason += self.on_exit(reason)
             except Exception:
                 log.exception("handling the worker's end failed")
-        with self._lock:
-            self._dead = reason
-            waiting, self._pending = list(self._pending.values()), {}
-        error = WorkerCrashed(reason)
-        for waiter in waiting:
-            if isinstance(waiter, Future):
-                waiter.set_exception(error)
-            else:
-                waiter.put((ERROR, error))
+        self._ended.set()
+        self.on_ended(WorkerCrashed(reason))
 
-    def close(self) -> None:
-        """End the worker: close the socket (it exits on its own), then wait for it, killing it if it hangs."""
-        self._closing = True
-        try:  # a shutdown, not only a close: it wakes the reader blocked on this socket, and the worker sees EOF
+    def _watchdog(self) -> None:
+        while not self._ended.wait(0.5):
+            if self._silent_since is None and self.silent_for > self.deadline and not self._closing:
+                self._silent_since = self._heard
+                line = self.problem or "the model's worker is not responding"
+                log.error("%s", line)
+                self.on_silent(WorkerNotResponding(line))
+
+    def _shutdown_socket(self) -> None:
+        try:  # a shutdown, not only a close: it wakes the reader blocked on this socket
             with socket.socket(fileno=os.dup(self._conn.fileno())) as same:
                 same.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass
+        self._outbox.put(None)
+
+
+def loader_data(loader: Any) -> dict[str, Any]:
+    """A loader as plain data: its class (importable by the worker) and its attributes that are
+    plain data (caches that are not stay behind; the worker's copy makes its own)."""
+    cls = type(loader)
+    if "<locals>" in cls.__qualname__ or cls.__module__ == "__main__":
+        raise ModelLoadError(f"{getattr(loader, 'name', cls.__name__)} cannot run in a model worker: its class is not "
+                             "importable by name; define it in a module, or start with --in-process-models")
+    state = {}
+    for name, value in vars(loader).items():
         try:
-            self._conn.close()
-        except OSError:
-            pass
-        try:
-            self.process.wait(timeout=EXIT_WAIT_S)
-        except subprocess.TimeoutExpired:
-            log.warning("the model's worker did not end in %.0f s: killed", EXIT_WAIT_S)
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(timeout=EXIT_WAIT_S)
-
-
-class WorkerBatch:
-    """The model's ``DecodeBatch`` in the worker. After a crash, ``remove`` and ``close`` do nothing
-    (there is nothing left to remove from), so the engine's clean-up runs through."""
-
-    def __init__(self, channel: _Channel) -> None:
-        self._channel = channel
-
-    def add(self, key: int, prompt: str, params: SamplingParams, *, seed: int, output: OutputSpec | None = None) -> None:
-        extra = {"output": output} if output is not None else {}
-        self._channel.call(BATCH, "add", (key, prompt, params), {"seed": seed, **extra})
-
-    def step(self) -> dict[int, SequenceStep]:
-        result: dict[int, SequenceStep] = self._channel.call(BATCH, "step", (), {})
-        return result
-
-    def remove(self, key: int) -> None:
-        self._quietly("remove", key)
-
-    def close(self) -> None:
-        self._quietly("close")
-
-    def _quietly(self, method: str, *args: Any) -> None:
-        try:
-            self._channel.call(BATCH, method, args, {})
-        except WorkerCrashed:
-            pass
-
-
-class WorkerModel(LoadedModel):
-    """A loaded model that lives in a worker process (see the module's docstring)."""
-
-    def __init__(self, channel: _Channel, facts: dict[str, Any]) -> None:
-        self._channel = channel
-        for name in FACTS:
-            setattr(self, name, facts[name])
-        self.special_tokens = MappingProxyType(facts["special_tokens"])
-        self._batch = WorkerBatch(channel)
-
-    @property
-    def pid(self) -> int:
-        return self._channel.process.pid
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a public method of the model in the worker (tests and benchmarks: ``encode``, ``clear_cache``)."""
-        return self._channel.call(CALL, method, args, kwargs)
-
-    def count_tokens(self, text: str) -> int:
-        result: int = self.call("count_tokens", text)
-        return result
-
-    def fit_prompt(self, tokens: list[int], params: SamplingParams) -> list[int]:
-        result: list[int] = self.call("fit_prompt", tokens, params)
-        return result
-
-    def stream(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int, output: OutputSpec | None = None,
-    ) -> Iterator[StreamPiece]:
-        yield from self._channel.stream(STREAM, (prompt, params, seed, output), cancel)
-
-    def stream_to(
-        self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int,
-        emit: Callable[[StreamPiece], None], output: OutputSpec | None = None,
-    ) -> None:
-        for piece in self.stream(prompt, params, cancel, seed=seed, output=output):
-            emit(piece)
-
-    def open_batch(self) -> DecodeBatch:
-        return self._batch
-
-    def embed(self, texts: list[str]) -> list[TextEmbedding]:
-        result: list[TextEmbedding] = self.call("embed", texts)
-        return result
-
-    def unload(self) -> None:
-        self._channel.close()
+            if json.loads(json.dumps(value)) == value:
+                state[name] = value
+        except (TypeError, ValueError):
+            continue
+    return {"module": cls.__module__, "qualname": cls.__qualname__, "state": state}
 
 
 def start_worker(
-    loader: Any, folder: ModelFolder, options: Any, *, on_exit: Callable[[WorkerModel, str], str],
-    log_level: str = "INFO", cancel: threading.Event | None = None,
-) -> WorkerModel:
-    """Start a worker, load the model in it with ``loader``, and return it.
+    loader: Any, folder: ModelFolder, options: Any, *, on_exit: Callable[[CoreClient, str], str],
+    log_level: str = "INFO", cancel: threading.Event | None = None, deadline: float = DEADLINE_S,
+) -> CoreClient:
+    """Start a worker, load the model in it with ``loader``, and return its core's client.
 
-    ``ModelLoadError`` if the load fails (the worker is ended then) or the worker dies while loading;
-    setting ``cancel`` during the load ends the worker at once (then ``WorkerCrashed``). ``on_exit``
-    is called if the loaded model's worker dies later (see ``_Channel.on_exit``)."""
+    ``ModelLoadError`` if the load fails (the worker is ended then), the worker dies or goes
+    silent while loading; setting ``cancel`` during the load ends the worker at once
+    (``LoadCancelled``). ``on_exit`` is called if the loaded model's worker dies later."""
+    described = loader_data(loader)
     mine, theirs = socket.socketpair()
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "loadstar.engine.models.worker_main", str(theirs.fileno()), log_level],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True, env=worker_env(),
         )
     finally:
         theirs.close()
-    conn = Connection(mine.detach())
-    conn.send({"sys_path": list(sys.path)})  # plugins import in the worker as they do here
-    channel = _Channel(process, conn)
-    loading = threading.Event()
-    if cancel is not None:
-        def end_if_cancelled() -> None:
-            while not loading.wait(0.1):
-                if cancel.is_set():
-                    process.kill()
-                    return
+    link = WorkerLink(process, Connection(mine.detach()), name=folder.name, deadline=deadline)
+    loaded: Future = Future()
 
-        threading.Thread(target=end_if_cancelled, name="loadstar-load-cancel", daemon=True).start()
+    def while_loading(message: dict[str, Any]) -> None:
+        if message["op"] == "loaded":
+            loaded.set_result(wire.read_facts(message.get("facts")))
+        elif message["op"] == "load_failed":
+            loaded.set_exception(wire.read_error(message.get("error")))
+        elif message["op"] != "beat":
+            raise wire.WireError(f"{message['op']!r} before the model is loaded")
+
+    def fail(error: LoadstarError) -> None:
+        if not loaded.done():
+            try:
+                loaded.set_exception(error)
+            except Exception:  # InvalidStateError: it was set meanwhile
+                pass
+
+    link.handler = while_loading
+    link.on_ended = link.on_silent = fail
+    link.send({"op": "hello", "sys_path": list(sys.path)})  # plugins import there as they do here
+    link.send({"op": "load", "loader": described, "folder": str(folder.path),
+               "options": options.model_dump(mode="json")})
     try:
-        facts = channel.call(LOAD, loader, folder, options)
-    except (TypeError, AttributeError, pickle.PicklingError) as error:  # the loader object could not be sent
-        channel.close()
-        raise ModelLoadError(f"{loader.name} cannot run in a model worker ({one_line(error)}): its loader object "
-                             "must pickle, or start with --in-process-models") from None
-    except WorkerCrashed as error:
-        channel.close()
-        if cancel is not None and cancel.is_set():
-            raise
-        raise ModelLoadError(f"{loader.name} could not load {folder.name}: {error} while loading it") from None
-    except BaseException:
-        channel.close()
+        while True:
+            if cancel is not None and cancel.is_set():
+                link.kill()
+                raise LoadCancelled(f"loading {folder.name} was cancelled")
+            try:
+                facts = loaded.result(timeout=0.1)
+                break
+            except TimeoutError:
+                continue
+    except LoadCancelled:
         raise
-    finally:
-        loading.set()
-    model = WorkerModel(channel, facts)
+    except WorkerCrashed as error:
+        link.kill()
+        raise ModelLoadError(f"{loader.name} could not load {folder.name}: {error} while loading it") from None
+    except WorkerNotResponding:
+        link.kill()
+        raise ModelLoadError(f"{loader.name} could not load {folder.name}: its worker stopped responding "
+                             f"(nothing for {deadline:.0f} s) while loading it") from None
+    except BaseException:
+        link.end()
+        raise
+    client = CoreClient(link, facts)
+    link.on_silent = client.end_all
+    link.on_back = client.resume
+    link.on_ended = client.end_all
     # From now on a crash is the manager's to handle (a failed load is the caller's).
-    channel.on_exit = lambda reason: on_exit(model, reason)
-    return model
+    link.on_exit = lambda reason: on_exit(client, reason)
+    return client

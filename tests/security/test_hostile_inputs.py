@@ -124,7 +124,8 @@ def test_a_hostile_chat_template_is_refused_and_the_engine_stays_free(name):
     hostile = FakeModel("hostile")
     hostile.chat_template = HOSTILE_TEMPLATES[name]
     pipeline = RequestPipeline()
-    service = GenerationService(Slot(hostile), pipeline=pipeline)
+    slot = Slot(hostile)
+    service = GenerationService(slot, pipeline=pipeline)
     try:
         started = time.monotonic()
         handle = service.submit(GenerationRequest(messages=(ChatMessage(role="user", content="hi"),)))
@@ -134,11 +135,12 @@ def test_a_hostile_chat_template_is_refused_and_the_engine_stays_free(name):
         assert isinstance(finished, Finished) and finished.reason == "error"
         assert "refused" in finished.error or "could not be rendered" in finished.error
         assert "\n" not in finished.error
-        hostile.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"  # the next request works
+        slot.client.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"  # the next request works
         done = list(service.submit(GenerationRequest(messages=(ChatMessage(role="user", content="hi there"),))).events())[-1]
         assert isinstance(done, Finished) and done.reason == "stop" and done.text.strip() == "hi there"
     finally:
         service.close()
+        slot.client.unload()
         pipeline.close()
 
 
