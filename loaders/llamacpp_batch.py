@@ -5,9 +5,12 @@ The context is made with ``n_seq_max`` = the model's batch size and a KV cache p
 sequence id, the tokens whose keys and values are in its cache, and, while it generates, its own
 sampler chain with its own seed.
 
-One step is one ``llama_decode``: the next token of every generating sequence, then as much of the
-waiting prompts as fits in ``n_batch`` (a joining prompt is read beside the others' decoding, as
-llama.cpp's server does). A slot keeps its cache after its sequence ends, so the next turn of a
+One step is one ``llama_decode``: the next token of every generating sequence, then a chunk of
+the prompts being read (chunked prefill, as llama.cpp's server and vLLM do): the shortest left to
+read first, so a short question is read at once beside a long document. A prompt read alone
+takes ``n_batch`` tokens a step (fastest); while other sequences run, a step's prompt tokens are
+capped so that a step takes about ``STEP_TARGET_S`` (measured as it goes: attention over a long
+context makes each token dearer), and everyone's next token comes that often. A slot keeps its cache after its sequence ends, so the next turn of a
 chat, which starts with the same tokens, only reads what is new: a new request takes the free slot
 whose cache shares the longest start with its prompt, else the one least recently used.
 
@@ -20,6 +23,7 @@ Room: a prompt is cut to fit its slot's context and ``max_new_tokens`` to the ro
 from __future__ import annotations
 
 import codecs
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +33,8 @@ if TYPE_CHECKING:
     from loadstar.loaders.llamacpp_loader import LlamaCppModel
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama-cpp-python's default)
+STEP_TARGET_S = 0.4  # a shared step's prompt chunk is sized to take about this long
+MIN_CHUNK = 16  # prompt tokens a shared step reads at least (a long prompt always moves on)
 
 
 @dataclass
@@ -75,6 +81,7 @@ class LlamaCppBatch:
         self._by_key: dict[int, _Slot] = {}
         self._clock = 0
         self._pieces: dict[int, bytes] = {}  # token id -> its bytes, for log probabilities
+        self._chunk = min(128, self._n_batch)  # prompt tokens a shared step reads (adjusted to STEP_TARGET_S)
 
     # -- DecodeBatch ---------------------------------------------------------------------------
 
@@ -136,20 +143,32 @@ class LlamaCppBatch:
         for slot in generating:
             assert slot.sequence is not None and slot.sequence.last is not None
             put(slot, slot.sequence.last, True)
+        def left(slot: _Slot) -> int:
+            assert slot.sequence is not None
+            return len(slot.sequence.tokens) - slot.sequence.fed
+
         reading = sorted((s for s in self._slots if s.sequence is not None and s.sequence.last is None),
-                         key=lambda s: s.used)  # prompts are read in the order they joined
+                         key=lambda s: (left(s), s.used))  # the shortest first: a short question is not held up
+        shared = len(generating) + len(reading) > 1
+        budget = self._n_batch if not shared else max(MIN_CHUNK, min(self._chunk, self._n_batch - len(generating)))
+        read = 0
         for slot in reading:
             sequence = slot.sequence
             assert sequence is not None
-            take = min(self._n_batch - batch.n_tokens, len(sequence.tokens) - sequence.fed)
+            take = min(budget - read, self._n_batch - batch.n_tokens, left(slot))
             for token in sequence.tokens[sequence.fed : sequence.fed + take]:
                 sequence.fed += 1
                 put(slot, token, sequence.fed == len(sequence.tokens))
-            if batch.n_tokens >= self._n_batch:
+            read += take
+            if read >= budget or batch.n_tokens >= self._n_batch:
                 break
         if batch.n_tokens == 0:
             return results
+        started = time.perf_counter()
         code = llama_cpp.llama_decode(self._native.ctx, batch)
+        if shared and read >= MIN_CHUNK:  # how many prompt tokens fit in a step of STEP_TARGET_S now
+            rate = read / max(time.perf_counter() - started, 1e-3)
+            self._chunk = max(MIN_CHUNK, min(self._n_batch, int(rate * STEP_TARGET_S)))
         if code != 0:
             for slot in active:  # what their caches hold is unknown now: start them afresh
                 self._forget(slot, 0)

@@ -159,7 +159,8 @@ class RequestRun:
             request, messages=prepared.messages, params=prepared.params, stop=prepared.stop,
             prompt=prepared.prompt if request.prompt is not None else None,
         )
-        return self._pipeline.generate(effective, prepared.prompt, self.model, self.token, self.take, self.seed,
+        model = getattr(self.model, "local", None) or self.model  # see the hook's specification
+        return self._pipeline.generate(effective, prepared.prompt, model, self.token, self.take, self.seed,
                                        self.notices)
 
     def take(self, piece: StreamPiece) -> None:

@@ -96,6 +96,11 @@ def generate(
     Call ``emit(StreamPiece(text, tokens))`` for each piece as it comes and check
     ``cancel.cancelled`` between pieces; return True when you handled the request, None to let
     the model generate. Stop strings, the queue and the finished event stay the engine's work.
+    Called on the model's lane thread in the server. ``model`` is the loader's own object for a
+    model served in this process (``runs_in_worker = False``, ``--in-process-models``; its engine
+    core may be stepping it on another thread: use only what is safe there, as the remote
+    engine's HTTP client does), else the client of its worker, whose ``stream`` runs a sequence
+    in the model's batch.
     """
 
 
