@@ -71,6 +71,7 @@ def main(argv: list[str]) -> int:
         "downloads": lambda: SECTIONS["downloads"](args.runs, args.download_mib),
         "concurrency": lambda: SECTIONS["concurrency"](min(args.tokens, 64)),
         "streams": lambda: SECTIONS["streams"](),
+        "serving": lambda: SECTIONS["serving"](min(args.tokens, 64)),
         "gpu": lambda: SECTIONS["gpu"](args.runs, args.tokens),
     }
     previous = _latest()
@@ -216,6 +217,19 @@ def render(report: dict[str, Any]) -> str:
                   f"- /health p99: {_f(row['health_p99_ms'], 1)} ms with them open, {_f(row['health_idle_p99_ms'], 1)} ms idle "
                   f"(max {_f(row['health_max_ms'], 1)} ms).",
                   f"- Threads in the server process: {row['threads_idle']} idle, {row['threads_peak']} at most with the streams open.", ""]
+    if "serving" in s:
+        row = s["serving"]
+        lines += ["## Serving several people at once (default model, each copy in its worker)", "",
+                  "| what a user waits for | idle | while others are served |", "|---|---|---|",
+                  f"| an embedding (during a full batch of 4, 2 waiting) | {_f(row['embedding_idle_seconds'], 3)} s | "
+                  f"{_f(row['embedding_during_full_batch_seconds'], 3)} s |",
+                  f"| a short question's first token (behind an 8k-token prompt) | {_f(row['short_ttft_idle_seconds'], 3)} s | "
+                  f"{_f(row['short_ttft_behind_8k_prompt_seconds'], 3)} s |",
+                  f"| the second model's first token (during the first one's full batch) | "
+                  f"{_f(row['second_model_ttft_idle_seconds'], 3)} s | {_f(row['second_model_ttft_during_full_batch_seconds'], 3)} s |",
+                  "", f"8 API clients (--max-batch 8): {_f(row['api_8_clients_tps'], 1)} tokens/s; raw `llama_decode` with 8 "
+                  f"sequences in the same run: {_f(row['raw_llama_decode_8_sequences_tps'], 1)} tokens/s "
+                  f"({_f(row['api_8_clients_vs_raw_8'])}x).", ""]
     if "gpu" in s:
         lines += ["## GPU", "", "```", json.dumps(s["gpu"], indent=2, default=str), "```", ""]
     notes = ROOT / "bench" / "NOTES.md"

@@ -39,6 +39,19 @@ def _engine(models_dir: Path, data_dir: Path, *, workers: bool = True):
     return Engine(Settings(models_dir=models_dir, data_dir=data_dir, model_workers=workers))
 
 
+def model_call(engine: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on the current in-process model's core thread, between two of its steps (torch's and
+    llama.cpp's threads belong to the thread that first computed with the model)."""
+    from concurrent.futures import Future
+
+    done: Future = Future()
+    with engine.models.local() as model:
+        model.bench_call = lambda: done.set_result(fn(*args))
+    with engine.models.use() as client:
+        client.call("bench_call")
+    return done.result()
+
+
 def _default_models(tmp: Path) -> Path:
     from loadstar.engine.models.default_model import place_default_model
 
@@ -70,7 +83,7 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
     results: dict[str, dict[str, list[float]]] = {
         k: {"tps": [], "ttft": []} for k in ("raw", "engine", "worker_engine", "api", "ui", "transformers_engine")}
 
-    with engine.models.use() as model:
+    with engine.models.local() as model:
         llm = model.native.llm
         eos = llm.token_eos()
 
@@ -101,16 +114,16 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
         raise RuntimeError("no Finished event")
 
     for run in range(runs):
-        with engine.models.use() as model:
+        with engine.models.local() as model:
             prompt_tokens = model.encode(_prompt(run))
-        start = time.perf_counter()
-        # On the engine's model thread, as the engine itself does (engine/model_thread.py).
-        times = engine.models.model_thread.call(raw_generate, prompt_tokens)
-        results["raw"]["ttft"].append(times[0] - start)
-        results["raw"]["tps"].append((len(times) - 1) / (times[-1] - times[0]))
-        # llama.cpp's generate wrote sequence 0 behind the engine's back: the engine's slots forget
-        # their caches (it gets no head start from them either)
-        engine.models.model_thread.call(model.clear_cache)
+            start = time.perf_counter()
+            # On the model's core thread, as the engine itself runs it (a call between two steps).
+            times = model_call(engine, raw_generate, prompt_tokens)
+            results["raw"]["ttft"].append(times[0] - start)
+            results["raw"]["tps"].append((len(times) - 1) / (times[-1] - times[0]))
+            # llama.cpp's generate wrote sequence 0 behind the engine's back: the engine's slots forget
+            # their caches (it gets no head start from them either)
+            model_call(engine, model.clear_cache)
         ttft, tps = timed_engine(engine, _prompt(run))
         results["engine"]["ttft"].append(ttft)
         results["engine"]["tps"].append(tps)
@@ -187,7 +200,7 @@ def _second_turn(models: Path, data: Path) -> dict[str, Any]:
         for turn in (1, 2):
             start = time.perf_counter()
             done = engine.submit(GenerationRequest(messages=tuple(turns), params=params)).result()
-            with engine.models.use() as model:
+            with engine.models.local() as model:
                 evaluated = model.prompt_tokens_evaluated
             out[f"turn{turn}"] = {"prompt_tokens": done.prompt_tokens, "prompt_tokens_evaluated": evaluated,
                                   "seconds": time.perf_counter() - start}
@@ -703,7 +716,119 @@ def gpu(runs: int, tokens: int) -> dict[str, Any]:
     return out
 
 
+# -- 6. serving several people: one engine core per model ---------------------------------------
+
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 800  # about 8,000 tokens
+
+
+def _raw_batch_tps(models: Path, tmp: Path, sequences: int, tokens: int) -> float:
+    """Tokens/s of ``sequences`` greedy sequences decoded together by llama.cpp's batch alone (our
+    ``LlamaCppBatch`` stepped in a loop: ``llama_decode`` and sampling, nothing of the server)."""
+    from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
+    from loadstar.engine.sampling import SamplingParams
+
+    engine = _engine(models, tmp / f"raw-{sequences}", workers=False)
+    engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp", {"max_batch": sequences})
+    params = SamplingParams(temperature=0, max_new_tokens=tokens, ban_eos=True)
+    with engine.models.local() as model:
+        batch = model.open_batch()
+        for key in range(sequences):
+            batch.add(key, f"Story {key}. {PROMPT}", params, seed=key)
+        done: set[int] = set()
+        made = 0
+        first = None
+        while len(done) < sequences:
+            for key, step in batch.step().items():
+                if step.piece is not None:
+                    made += step.piece.tokens
+                    if first is None:
+                        first, made = time.perf_counter(), 0
+                if step.done:
+                    done.add(key)
+        seconds = time.perf_counter() - (first or time.perf_counter())
+        batch.close()
+    engine.close()
+    return made / seconds
+
+
+def serving(tokens: int) -> dict[str, Any]:
+    """What a user waits for while others are served, each model in its worker (as the server runs
+    them), each time beside the same wait on an idle model: an embedding during a full batch, a
+    short question's first token behind an 8k-token prompt, the second model's first token during
+    the first one's full batch; and 8 API clients against raw ``llama_decode`` with 8 sequences."""
+    from loadstar.engine.chat.messages import ChatMessage
+    from loadstar.engine.generation.requests import GenerationRequest, TextDelta
+    from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
+    from loadstar.engine.sampling import SamplingParams
+    from tests.test_model_workers import two_default_models
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    models = two_default_models(tmp)
+    engine = _engine(models, tmp / "data")
+    engine.models.max_models = 2
+    engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp")
+    engine.ensure_loaded("SmolLM2-copy")
+    stream = SamplingParams(temperature=0, max_new_tokens=4000, ban_eos=True)
+    short = SamplingParams(temperature=0, max_new_tokens=4)
+
+    def ask(text: str, owner: str, model: str | None = None, params: SamplingParams = short) -> Any:
+        return engine.submit(GenerationRequest(messages=(ChatMessage(role="user", content=text),), params=params,
+                                               owner=owner, model=model))
+
+    def ttft(handle: Any) -> float:
+        started = time.perf_counter()
+        next(e for e in handle.events() if isinstance(e, TextDelta))
+        seconds = time.perf_counter() - started
+        handle.result()
+        return seconds
+
+    def embed_seconds() -> float:
+        started = time.perf_counter()
+        engine.embed(["What is the capital of France?"])
+        return time.perf_counter() - started
+
+    def full_batch() -> list[Any]:
+        handles = [ask(f"Tell story {i} about a dragon.", f"user{i}", params=stream) for i in range(6)]
+        for handle in handles[:4]:
+            next(e for e in handle.events() if isinstance(e, TextDelta))
+        return handles
+
+    out: dict[str, Any] = {}
+    try:
+        out["embedding_idle_seconds"] = embed_seconds()
+        out["short_ttft_idle_seconds"] = ttft(ask("Hi!", "asker"))
+        out["second_model_ttft_idle_seconds"] = ttft(ask("Hi!", "other", "SmolLM2-copy"))
+        busy = full_batch()
+        out["embedding_during_full_batch_seconds"] = embed_seconds()
+        out["second_model_ttft_during_full_batch_seconds"] = ttft(ask("Hi!", "other", "SmolLM2-copy"))
+        for handle in busy:
+            handle.cancel()
+        long = engine.submit(GenerationRequest(prompt=LONG_PROMPT, params=short, owner="reader"))
+        next(e for e in long.events() if type(e).__name__ == "Started")
+        out["short_ttft_behind_8k_prompt_seconds"] = ttft(ask("Hi!", "asker"))
+        long.cancel()
+    finally:
+        engine.close()
+    raw8 = _raw_batch_tps(models, tmp, 8, tokens)
+    port, server = _start_server(models, tmp / "api8", "--max-batch", "8", "--loader", "llama.cpp")
+    try:
+        _clients(port, 1, tokens)  # warm-up
+        api8 = _clients(port, 8, tokens)["total_tokens_per_second"]
+    finally:
+        _stop(server)
+    out["raw_llama_decode_8_sequences_tps"] = raw8
+    out["api_8_clients_tps"] = api8
+    out["api_8_clients_vs_raw_8"] = api8 / raw8
+    out["goals"] = {
+        "embedding_during_full_batch_lt_5s": out["embedding_during_full_batch_seconds"] < 5,
+        "short_ttft_behind_8k_prompt_lt_3s": out["short_ttft_behind_8k_prompt_seconds"] < 3,
+        "second_model_ttft_during_full_batch_lt_3s": out["second_model_ttft_during_full_batch_seconds"] < 3,
+        "api_8_clients_ge_0.9x_raw_8": out["api_8_clients_vs_raw_8"] >= 0.9,
+    }
+    return out
+
+
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "decode": decode, "kernels": kernels, "gptq_accuracy": gptq_accuracy, "loading": loading, "llamacpp_build": llamacpp_build, "downloads": downloads,
-    "concurrency": concurrency, "streams": streams, "gpu": gpu,
+    "concurrency": concurrency, "streams": streams, "serving": serving, "gpu": gpu,
 }

@@ -3,8 +3,9 @@
 1. Everything but the browser tests on ``--workers`` pytest-xdist workers (default 2), whole
    files per worker, each worker on its own share of the CPUs (tests/conftest.py). Alone, the
    suite keeps about one core of two busy; two workers use both.
-2. The browser tests, in order, with the whole machine: Chromium, the server and the model on one
-   shared CPU miss what these tests watch for (a reply that streams, a Stop that lands mid-reply).
+2. The browser tests and the serving latencies (``whole_machine``), in order, with the whole
+   machine: Chromium, the server and the model on one shared CPU miss what these tests watch for
+   (a reply that streams, a Stop that lands mid-reply, two models decoding at once).
 
     python tools/run_tests.py [--workers N] [pytest arguments...]
 
@@ -54,8 +55,8 @@ def main(argv: list[str]) -> int:
         phases = [(argv, reports / "selected.xml")]
     else:
         parallel = ["-n", workers, "--dist", "loadfile"] if workers not in ("0", "1") else []
-        phases = [([*parallel, "-m", "not browser", *argv], reports / "parallel.xml"),
-                  (["-m", "browser", *argv], reports / "browser.xml")]
+        phases = [([*parallel, "-m", "not browser and not whole_machine", *argv], reports / "parallel.xml"),
+                  (["-m", "browser or whole_machine", *argv], reports / "browser.xml")]
     started = time.monotonic()
     codes = [pytest(args, report) for args, report in phases]
     total = {"passed": 0, "failed": 0, "skipped": 0}

@@ -177,7 +177,7 @@ def test_a_reply_cut_inside_a_character_never_ends_in_a_replacement_mark(real_en
 
     from loadstar.loaders.hf_sampling import PieceStreamer
 
-    with real_engine.models.use() as model:
+    with real_engine.models.local() as model:
         tokenizer = model.tokenizer
     ids = tokenizer("😀", add_special_tokens=False)["input_ids"]
     assert len(ids) > 1 and tokenizer.decode(ids[:1]).endswith("\ufffd")  # one token is half a character
@@ -193,7 +193,7 @@ def test_a_reply_cut_inside_a_character_never_ends_in_a_replacement_mark(real_en
 def test_stop_reaches_a_long_prompt_between_prefill_chunks(real_engine):
     long = (ChatMessage(role="user", content="word " * 3000 + "\nSummarise."),)
     handle = real_engine.submit(GenerationRequest(messages=long, params=SamplingParams(temperature=0, max_new_tokens=5)))
-    with real_engine.models.use() as model:
+    with real_engine.models.local() as model:
         module = model.model
     calls = []
     original = module.forward
