@@ -551,21 +551,26 @@ def _api_answer(port: int, question: str) -> str:
 
 
 def _clients(port: int, clients: int, tokens: int) -> dict[str, float]:
+    import httpx
+
     latencies: list[float] = []
     lock = threading.Lock()
+    made = [httpx.Client() for _ in range(clients)]  # before the clock: real clients keep theirs (see _api_stream)
 
-    def one() -> None:
-        _ttft, _tps, total = _api_stream(port, messages=CHAT, tokens=tokens)
+    def one(client: Any) -> None:
+        _ttft, _tps, total = _api_stream(port, messages=CHAT, tokens=tokens, client=client)
         with lock:
             latencies.append(total)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=one) for _ in range(clients)]
+    threads = [threading.Thread(target=one, args=(client,)) for client in made]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    for client in made:
+        client.close()
     return {"total_tokens_per_second": clients * tokens / wall, "p95_latency_seconds": p95(latencies)}
 
 
@@ -730,8 +735,10 @@ def _raw_batch_tps(models: Path, tmp: Path, sequences: int, tokens: int) -> floa
     engine = _engine(models, tmp / f"raw-{sequences}", workers=False)
     engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp", {"max_batch": sequences})
     params = SamplingParams(temperature=0, max_new_tokens=tokens, ban_eos=True)
-    with engine.models.local() as model:
-        batch = model.open_batch()
+
+    def run() -> float:
+        with engine.models.local() as model:
+            batch = model.open_batch()
         for key in range(sequences):
             batch.add(key, f"Story {key}. {PROMPT}", params, seed=key)
         done: set[int] = set()
@@ -747,8 +754,11 @@ def _raw_batch_tps(models: Path, tmp: Path, sequences: int, tokens: int) -> floa
                     done.add(key)
         seconds = time.perf_counter() - (first or time.perf_counter())
         batch.close()
+        return made / seconds
+
+    result = model_call(engine, run)  # on the model's core thread, as the engine steps it
     engine.close()
-    return made / seconds
+    return float(result)
 
 
 def serving(tokens: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ Transformers stays the fallback and is still offered with its reason.
   engine decodes several requests together; one alone is a batch of one, so both give the same tokens.
 - Each sequence slot keeps its prompt's KV cache: a new prompt that starts the same way (the next
   turn of a chat) only evaluates what is new.
-- All of it runs on the engine's one model thread.
+- All of it runs on the model's engine core thread (engine/models/core.py).
 
 ``llama_cpp`` is imported inside functions only.
 """

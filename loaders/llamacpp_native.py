@@ -4,8 +4,8 @@ llama-cpp-python's ``Llama`` covers one sequence; continuous batching (llamacpp_
 context's own pointers (``llama_decode``, the KV memory, logits by row) and a context made for
 several sequences, which its constructor has no option for. Everything that reaches past
 ``Llama``'s public methods goes through ``NativeLlama``, so a change in llama-cpp-python's private
-layout is mended here alone. All of it runs on the one thread that owns the model (the engine's
-model thread, inside a worker process). ``llama_cpp`` is imported inside functions only.
+layout is mended here alone. All of it runs on the one thread that owns the model (the
+model's engine core, inside a worker process). ``llama_cpp`` is imported inside functions only.
 """
 
 from __future__ import annotations

@@ -466,7 +466,9 @@ def model_line(engine: Engine) -> str:
         return f"No model is loaded: {problem}." if problem else "No model is loaded: pick one in the **Model** tab."
     others = [m.name for m in engine.resident_models() if m.name != info.name]
     also = f" · also loaded: {', '.join(others)}" if others else ""
-    return f"Model: **{info.name}** · {info.loader} on {info.device}{also}"
+    problem = engine.model_problem  # a worker that is not responding
+    trouble = f" · ⚠ {problem}" if problem else ""
+    return f"Model: **{info.name}** · {info.loader} on {info.device}{also}{trouble}"
 
 
 def _reply_position(state: State) -> str:

@@ -8,7 +8,15 @@ from typing import Any
 import gradio as gr
 
 from loadstar.engine.facade import Engine
-from loadstar.webui.chat_handlers import ChatHandlers, ChatUpdate, TurnOptions, chat_messages, pending_calls, who
+from loadstar.webui.chat_handlers import (
+    ChatHandlers,
+    ChatUpdate,
+    TurnOptions,
+    chat_messages,
+    model_line,
+    pending_calls,
+    who,
+)
 from loadstar.webui.conversation_handlers import ConversationHandlers
 from loadstar.webui.message_display import displayed
 from loadstar.webui.parameters_tab import ParameterControls
@@ -188,7 +196,8 @@ class ChatTab:
             """After a turn: the list, and the Title box in step with the saved title (the automatic
             one after a first message, so that Rename starts from it). Only after turns: elsewhere
             the box may hold a title the user is typing."""
-            return listing(request, state), state.get("title", "") if state else gr.update()
+            title = state.get("title", "") if state else gr.update()
+            return listing(request, state), title, model_line(self.engine)  # (a worker that stopped responding shows)
 
         # -- turns ------------------------------------------------------------------------------
         def asking(state) -> tuple[Any, str]:
@@ -287,7 +296,7 @@ class ChatTab:
                   *parameters.inputs}
         turn_outputs = [w.chatbot, w.state, w.status, w.prompt_box, w.approval, w.approval_text]
         after = dict(fn=listing, inputs=[w.state], outputs=w.conversation_list)
-        after_turn = dict(fn=listing_and_title, inputs=[w.state], outputs=[w.conversation_list, w.title])
+        after_turn = dict(fn=listing_and_title, inputs=[w.state], outputs=[w.conversation_list, w.title, w.model])
         for trigger in (w.send_button.click, w.message.submit):
             trigger(send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs],
                     concurrency_limit=UNLIMITED).then(**after_turn)

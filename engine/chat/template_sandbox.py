@@ -2,7 +2,7 @@
 
 A chat template comes with the model: untrusted input. Jinja's immutable sandbox stops attribute
 walks and mutation, but not ``{% for %}`` loops nested three deep, ``'x' * 10**9`` or ``9**9999999``.
-Those would hold the model thread (and every later request) for good. So templates render in a
+Those would hold the model's lane (and every later request) for good. So templates render in a
 child process (``template_child.py``) under an address-space limit; a render that has not
 answered within ``timeout`` seconds is refused, the child is killed and a fresh one starts on the
 next render. Rendering a chat takes ~0.1 ms, so the bound costs a round trip on a pipe.

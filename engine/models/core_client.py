@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
-from loadstar.engine.errors import LoadCancelled, LoadstarError, ModelLoadError, WorkerCrashed
+from loadstar.engine.errors import LoadCancelled, LoadstarError, ModelLoadError, WorkerCrashed, one_line
 from loadstar.engine.models import wire
 from loadstar.engine.models.core import EngineCore
 from loadstar.engine.models.loader_api import (
@@ -251,6 +251,7 @@ class ThreadLink:
 
     def __init__(self) -> None:
         self.handler: Callable[[dict[str, Any]], None] = lambda message: None
+        self.on_ended: Callable[[LoadstarError], None] = lambda error: None  # the core's loop ended
         self.inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
 
@@ -312,9 +313,17 @@ def _start_thread(load: Callable[[], LoadedModel], *, name: str) -> CoreClient:
             ready.set_exception(error)
             return
         ready.set_result(model)
-        core.run()
+        try:
+            core.run()
+        except Exception as error:  # a bug in the loop: whoever waits hears of it, nobody hangs
+            log.exception("the model's engine core failed")
+            link.on_ended(WorkerCrashed(f"the model's engine core failed: {one_line(error)}"))
+            return
+        link.on_ended(WorkerCrashed("the model was unloaded"))
 
     link.thread = threading.Thread(target=run, name=name, daemon=True)
     link.thread.start()
     model = ready.result()
-    return CoreClient(link, wire.read_facts(wire.facts_data(model)), local=model)
+    client = CoreClient(link, wire.read_facts(wire.facts_data(model)), local=model)
+    link.on_ended = client.end_all
+    return client

@@ -192,7 +192,7 @@ class LoadedModel:
         self, prompt: str, params: SamplingParams, cancel: CancelToken, *, seed: int,
         emit: Callable[[StreamPiece], None], output: OutputSpec | None = None,
     ) -> None:
-        """``stream`` on the calling thread (the engine's model thread), handing each piece to
+        """``stream`` on the calling thread (the model's engine core, engine/models/core.py), handing each piece to
         ``emit``: the engine calls this one. The default drives ``stream`` and stops when
         ``cancel`` is set (the request was stopped, or a stop string was hit)."""
         for piece in self.stream(prompt, params, cancel, seed=seed, **_output(output)):
@@ -295,7 +295,7 @@ class SequenceStep:
 class DecodeBatch(Protocol):
     """Sequences decoded together, each with its own KV cache, sampler and seed (continuous batching).
 
-    Everything runs on the engine's model thread. A sequence's tokens never depend on the others
+    Everything runs on the model's engine core thread (engine/models/core.py). A sequence's tokens never depend on the others
     in the batch: greedy answers are the answers the model gives alone.
     """
 
@@ -362,4 +362,4 @@ class Loader(Protocol):
     # change); None when it cannot tell for this folder. ``runs_in_worker = False`` (a class attribute)
     # keeps the loader's models in the server process: for a loader with no native code of its own
     # (a client of a remote server); every other loader's models live in a worker process each, so
-    # the loader object is pickled over to it and must pickle (plain attributes, no open handles).
+    # the loader goes over as its class (importable by name) and its plain-data attributes (JSON).

@@ -77,8 +77,7 @@ class ModelManager:
         self._workers = workers
         self._log_level = log_level
         self._crashed_at: dict[str, float] = {}  # model name -> when its worker last crashed
-        self._steady = threading.Event()  # clear while a crashed model is being loaded again
-        self._steady.set()
+        self._recovering: dict[str, threading.Event] = {}  # name -> set once its reload after a crash is done
         self._problem: str | None = None  # why no model is loaded after a crash (one line)
         self._closed = False
 
@@ -167,7 +166,9 @@ class ModelManager:
     def use(self, name: str | None = None) -> Iterator[CoreClient | None]:
         """Hold resident model ``name`` (None: the current one) while it serves; None when it is not
         loaded. A count, not a lock: a model that is replaced waits for its holders before it unloads."""
-        self._steady.wait(RECOVERY_WAIT_S)  # a crashed worker's model is being loaded again: wait for it
+        recovering = self._recovering.get(name or self._current or "")
+        if recovering is not None:  # its worker crashed and it is being loaded again: wait for it (others go on)
+            recovering.wait(RECOVERY_WAIT_S)
         with self._lock:
             resident = self._resident.get(name or self._current or "")
             if resident is None:
@@ -400,7 +401,7 @@ class ModelManager:
         now = time.monotonic()
         again = now - self._crashed_at.get(name, -CRASH_WINDOW_S) < CRASH_WINDOW_S
         self._crashed_at[name] = now
-        self._steady.clear()
+        self._recovering[name] = threading.Event()
         threading.Thread(target=self._recover, args=(resident, reason, again), name="loadstar-recover", daemon=True).start()
         if again:
             return f"; it crashed twice within {CRASH_WINDOW_S:.0f} s, so {name} stays unloaded"
@@ -425,7 +426,7 @@ class ModelManager:
                 with self._load_lock:
                     self._take_out(name, crashed.model)
         finally:
-            self._steady.set()
+            self._recovering.pop(name).set()
 
     def _unload(self, model: LoadedModel) -> None:
         try:
