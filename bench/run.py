@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
         "downloads": lambda: SECTIONS["downloads"](args.runs, args.download_mib),
         "concurrency": lambda: SECTIONS["concurrency"](min(args.tokens, 64)),
         "streams": lambda: SECTIONS["streams"](),
-        "serving": lambda: SECTIONS["serving"](min(args.tokens, 64)),
+        "serving": lambda: SECTIONS["serving"](args.tokens),
         "gpu": lambda: SECTIONS["gpu"](args.runs, args.tokens),
     }
     previous = _latest()

@@ -727,8 +727,11 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 800  # about 8,0
 
 
 def _raw_batch_tps(models: Path, tmp: Path, sequences: int, tokens: int) -> float:
-    """Tokens/s of ``sequences`` greedy sequences decoded together by llama.cpp's batch alone (our
-    ``LlamaCppBatch`` stepped in a loop: ``llama_decode`` and sampling, nothing of the server)."""
+    """Tokens/s of ``sequences`` greedy sequences of the API clients' chat decoded together by llama.cpp's
+    batch alone (our ``LlamaCppBatch`` stepped in a loop: ``llama_decode`` and sampling, nothing of the
+    server), prompts included as the clients' wall clock includes them."""
+    from loadstar.engine.chat.messages import ChatMessage
+    from loadstar.engine.generation.requests import GenerationRequest
     from loadstar.engine.models.default_model import DEFAULT_MODEL_NAME
     from loadstar.engine.sampling import SamplingParams
 
@@ -736,23 +739,23 @@ def _raw_batch_tps(models: Path, tmp: Path, sequences: int, tokens: int) -> floa
     engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp", {"max_batch": sequences})
     params = SamplingParams(temperature=0, max_new_tokens=tokens, ban_eos=True)
 
+    prompt = engine.preview(GenerationRequest(messages=(ChatMessage(**CHAT[0]),))).prompt  # as the API's
+
     def run() -> float:
         with engine.models.local() as model:
             batch = model.open_batch()
+        started = time.perf_counter()  # prompts read and tokens made, as the clients' wall clock counts them
         for key in range(sequences):
-            batch.add(key, f"Story {key}. {PROMPT}", params, seed=key)
+            batch.add(key, prompt, params, seed=key)
         done: set[int] = set()
         made = 0
-        first = None
         while len(done) < sequences:
             for key, step in batch.step().items():
                 if step.piece is not None:
                     made += step.piece.tokens
-                    if first is None:
-                        first, made = time.perf_counter(), 0
                 if step.done:
                     done.add(key)
-        seconds = time.perf_counter() - (first or time.perf_counter())
+        seconds = time.perf_counter() - started
         batch.close()
         return made / seconds
 
