@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from loadstar.engine.chat.attachments import AttachmentReader
 from loadstar.engine.chat.conversations import ConversationStore
 from loadstar.engine.chat.format_detection import ChosenFormat, choose_format
 from loadstar.engine.chat.presets import PresetStore, generation_config_defaults, model_system_message
@@ -78,6 +79,7 @@ class Engine:
         self.downloads = DownloadManager(settings.models_dir, settings.hub_endpoint, settings.hub_token)
         self.presets = PresetStore(settings.data_dir / "presets")
         self.conversations = ConversationStore(settings.data_dir / "conversations")
+        self.attachments = AttachmentReader()  # each upload parsed once, in a child process with limits
         self.tools = ToolBox(self.plugins.tools, self.plugins.enabled_names, self.plugins.shutdown)
 
     # -- models --------------------------------------------------------------------------------

@@ -72,6 +72,30 @@ def write_zip_bomb_docx(path: Path, unpacked_mb: int = 150) -> Path:
     return path
 
 
+def write_xml_heavy_docx(path: Path, xml_mb: float) -> Path:
+    """A real .docx whose document XML is about ``xml_mb`` MB of tiny paragraphs: it packs to a few
+    percent of that (the probe's 13.6 MB of XML weighed 0.67 MB) and every parser pays for it whole."""
+    import random
+
+    small = write_docx(path.with_suffix(".small.docx"), ["x"])
+    words = ["row", "table", "nobody", "reads", "cell", "total", "north", "south", "q1", "q2", "sum", "net"]
+    pick = random.Random(7)
+    rows, size = [], 0
+    while size < xml_mb * 1024 * 1024:  # varied words: it packs about as well as a real document (~20x)
+        row = f"<w:p><w:r><w:t>Row of a table nobody reads: {' '.join(pick.choices(words, k=6))} {pick.randrange(10**6)}</w:t></w:r></w:p>".encode()
+        rows.append(row)
+        size += len(row)
+    with zipfile.ZipFile(small) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename == "word/document.xml":
+                head, _, tail = data.partition(b"<w:body>")
+                data = head + b"<w:body>" + b"".join(rows) + tail.split(b"</w:p>", 1)[-1]
+            target.writestr(info, data)
+    small.unlink()
+    return path
+
+
 def long_text(fact: str = "The vault code is 4417, and the vault is behind the boiler room.", paragraphs: int = 400) -> str:
     """A handbook far longer than a small model's context (~40,000 tokens), with one fact in the middle."""
     topics = ["the parking rules", "the canteen menu", "holiday requests", "printer etiquette", "fire drills",

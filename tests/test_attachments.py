@@ -12,7 +12,7 @@ from loadstar.engine.chat.conversations import Conversation, ConversationStore
 from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.retrieval import bm25_scores, chunks_of, fit_files, rank
 from loadstar.engine.errors import BadRequestError
-from tests.documents import write_docx, write_encrypted_pdf, write_pdf, write_zip_bomb_docx
+from tests.documents import write_docx, write_encrypted_pdf, write_pdf, write_xml_heavy_docx, write_zip_bomb_docx
 
 
 def words(text: str) -> int:
@@ -149,3 +149,53 @@ def test_a_searched_attachment_keeps_its_quotes_through_a_save(tmp_path):
     store = ConversationStore(tmp_path / "c")
     saved = store.save(None, Conversation(messages=[ChatMessage(role="user", content="q", attachments=(attachment,))]))
     assert store.load(None, saved.id).messages[0].attachments[0].quotes == quotes
+
+
+# -- the parsers' cost stays out of the server (issue 41, item 8) ---------------------------------
+
+def test_an_xml_heavy_docx_is_read_in_a_child_once_and_costs_the_server_nothing(tmp_path):
+    """The probe's file: 13.6 MB of .docx XML packed to well under 1 MB took 11.5 s and 262 MiB of the
+    server's memory, and was read twice (the fit line, then Send)."""
+    import psutil
+
+    from loadstar.engine.chat.attachments import AttachmentReader
+
+    path = write_xml_heavy_docx(tmp_path / "heavy.docx", 13.6)
+    assert path.stat().st_size < 2 * 2**20
+    me = psutil.Process()
+    before = me.memory_info().rss
+    reader = AttachmentReader()
+    first = reader.read(path, "heavy.docx")
+    assert first.kind == "docx" and "Row of a table nobody reads:" in first.text
+    assert me.memory_info().rss - before < 64 * 2**20  # the text itself, not the parser's tree
+    assert reader.read(path, "heavy.docx") is first and reader.parsed == 1  # Send reads what the fit line read
+
+
+def test_a_docx_part_over_the_xml_limit_is_refused_in_one_line(tmp_path):
+    path = write_xml_heavy_docx(tmp_path / "huge.docx", 17)
+    with pytest.raises(BadRequestError) as refused:
+        read_attachment(path, "huge.docx")
+    assert str(refused.value).startswith("huge.docx: refused: its word/document.xml is ")
+    assert "more than the 16 MiB a .docx part may have" in str(refused.value)
+
+
+def test_reading_past_the_time_or_memory_limit_is_refused(tmp_path, monkeypatch):
+    from loadstar.engine.chat import attachments
+
+    path = write_xml_heavy_docx(tmp_path / "slow.docx", 12)
+    monkeypatch.setattr(attachments, "READ_SECONDS", 0.2)
+    with pytest.raises(BadRequestError, match=r"^slow.docx: reading it took longer than 0.2 s: refused$"):
+        read_attachment(path, "slow.docx")
+    monkeypatch.setattr(attachments, "READ_SECONDS", 120.0)
+    monkeypatch.setattr(attachments, "READ_MEMORY", 100 * 2**20)  # (reading it takes about 150 MiB)
+    with pytest.raises(BadRequestError, match=r"^slow.docx: reading it took more than 100 MiB of memory"):
+        read_attachment(path, "slow.docx")
+
+
+def test_a_pdf_is_read_up_to_the_page_limit(tmp_path, monkeypatch):
+    from loadstar.engine.chat import attachments
+
+    monkeypatch.setattr(attachments, "MAX_PDF_PAGES", 3)
+    path = write_pdf(tmp_path / "long.pdf", [f"Page {n} of the long report." for n in range(1, 6)])
+    read = read_attachment(path, "long.pdf")
+    assert len(read.pages) == 3 and read.notice == "long.pdf: only its first 3 of 5 pages were read"

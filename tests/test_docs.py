@@ -94,3 +94,14 @@ def test_readme_gives_the_two_setup_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     assert "make run " in readme and "make test " in readme
     assert "exec make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_readmes_attachment_limits_are_the_codes():
+    from loadstar.engine.chat import attachments as a
+
+    readme = (ROOT / "README.md").read_text()
+    said = [f"up to {a.MAX_FILES} per message and\n  {a.MAX_FILE_BYTES // 2**20} MiB each",
+            f"at most {a.READ_SECONDS:g} s and {a.READ_MEMORY // 2**30} GiB of memory",
+            f"up to {a.MAX_PDF_PAGES:,} pages", f"up to {a.MAX_DOCX_UNPACKED // 2**20} MiB unpacked",
+            f"{a.MAX_DOCX_XML // 2**20} MiB of XML in one part"]
+    assert [s for s in said if s not in readme] == []

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from loadstar.engine.chat.attachments import MAX_FILES, ReadFile, read_attachment
+from loadstar.engine.chat.attachments import MAX_FILES, ReadFile
 from loadstar.engine.chat.conversations import Conversation, title_from
 from loadstar.engine.chat.retrieval import MARGIN, WRAPPER_TOKENS, Fitted, Overflow, fit_files
 from loadstar.engine.chat.tool_calls import ToolMode, ToolUse
@@ -173,7 +173,7 @@ class ChatHandlers:
 
         if len(files) > MAX_FILES:
             raise BadRequestError(f"attach at most {MAX_FILES} files to one message")
-        read = [read_attachment(uploaded_file(path), Path(path).name) for path in files]
+        read = [self.engine.attachments.read(uploaded_file(path), Path(path).name) for path in files]
         probe = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text or "…"}]}
         room, _ = self.engine.prompt_room(self._request(probe, "fit", params, stops))
         return read, room

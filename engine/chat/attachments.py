@@ -1,18 +1,29 @@
 """Files attached to a chat message: read into text, and the record a conversation keeps of each.
 
-A file is read once, when its message is sent: plain text and code (UTF-8), PDF (pypdf, text per
-page) and Word ``.docx`` (python-docx: paragraphs and tables). What the model reads is stored with
+A file is read once per upload (``AttachmentReader`` keeps what it read by the file's hash, so
+the fit line and Send parse it once): plain text and code (UTF-8) here, PDF (pypdf, text per
+page) and Word ``.docx`` (python-docx: paragraphs and tables) in a child process
+(``attachment_child.py``) with a memory and a time limit, so a parser's cost never lands on the
+server. What the model reads is stored with
 the message (``Attachment.text``), so a saved or exported conversation shows and replays exactly
 what was sent, whether the whole file, its cut beginning or the chunks a search picked.
 
 Attached files are untrusted input: more than ``MAX_FILE_BYTES``, an encrypted or broken PDF, a
-``.docx`` whose parts unpack to more than ``MAX_DOCX_UNPACKED`` bytes (a zip bomb), a binary file
-under a text name: each is one ``BadRequestError`` line, and the message is not sent.
+``.docx`` whose parts unpack to more than ``MAX_DOCX_UNPACKED`` bytes (a zip bomb) or whose XML
+part is over ``MAX_DOCX_XML``, a binary file under a text name, a file whose reading takes more
+than ``READ_SECONDS`` or ``READ_MEMORY``: each is one ``BadRequestError`` line, and the message is
+not sent. A PDF is read up to ``MAX_PDF_PAGES`` pages (the rest is left out, with a notice).
 """
 
 from __future__ import annotations
 
-import zipfile
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,8 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from loadstar.engine.errors import BadRequestError
 
 MAX_FILE_BYTES = 20 * 1024 * 1024
-MAX_DOCX_UNPACKED = 100 * 1024 * 1024  # what the parts of a .docx may unpack to, together
+MAX_DOCX_UNPACKED = 64 * 1024 * 1024  # what the parts of a .docx may unpack to, together
 MAX_DOCX_RATIO = 200  # and how much bigger than it is packed one part may be
+MAX_DOCX_XML = 16 * 1024 * 1024  # one XML part of a .docx (a 1,000-page report's is a few MiB)
+MAX_PDF_PAGES = 1000  # pages of a PDF that are read
+READ_SECONDS = 30.0  # a PDF or .docx whose reading takes longer is refused
+READ_MEMORY = 1024 * 1024 * 1024  # the reading child's address space
+CACHED_FILES = 32  # files an AttachmentReader remembers (by hash) between the fit line and Send
 MAX_FILES = 10  # per message
 MAX_TEXT_CHARS = 5_000_000  # text read out of one file; more is cut with a notice
 
@@ -97,6 +113,47 @@ class Attachment(BaseModel):
 
 def read_attachment(path: Path, name: str) -> ReadFile:
     """Read ``path`` (uploaded as ``name``) into text, or raise a one-line ``BadRequestError``."""
+    name, kind = _checked(path, name)
+    if kind == "text":
+        return _read_text(path, name)
+    return _read_in_child(path, name, kind)
+
+
+class AttachmentReader:
+    """``read_attachment`` that remembers the last ``CACHED_FILES`` files it read, by their bytes'
+    hash: the fit line and Send read an upload once. ``parsed`` counts the files it really read."""
+
+    def __init__(self, cached: int = CACHED_FILES) -> None:
+        self._cached = cached
+        self._read: OrderedDict[tuple[str, str], ReadFile] = OrderedDict()
+        self._lock = threading.Lock()
+        self.parsed = 0
+
+    def read(self, path: Path, name: str) -> ReadFile:
+        name, _ = _checked(path, name)
+        digest = hashlib.sha256()
+        try:
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            raise BadRequestError(f"{name}: the file could not be read: attach it again") from None
+        key = (digest.hexdigest(), name)
+        with self._lock:
+            if key in self._read:
+                self._read.move_to_end(key)
+                return self._read[key]
+        read = read_attachment(path, name)
+        with self._lock:
+            self.parsed += 1
+            self._read[key] = read
+            while len(self._read) > self._cached:
+                self._read.popitem(last=False)
+        return read
+
+
+def _checked(path: Path, name: str) -> tuple[str, Kind]:
+    """The file's name (no folders) and kind, after the size check; one line when it cannot be attached."""
     name = Path(name).name or "file"
     try:
         size = path.stat().st_size
@@ -106,13 +163,38 @@ def read_attachment(path: Path, name: str) -> ReadFile:
         raise BadRequestError(f"{name}: {size / 1024 / 1024:.1f} MiB is more than the 20 MiB a file may have")
     suffix = Path(name).suffix.lower()
     if suffix == ".pdf":
-        return _read_pdf(path, name)
+        return name, "pdf"
     if suffix == ".docx":
-        return _read_docx(path, name)
+        return name, "docx"
     if suffix in TEXT_SUFFIXES or Path(name).name.lower() in TEXT_NAMES or not suffix:
-        return _read_text(path, name)
+        return name, "text"
     raise BadRequestError(
         f"{name}: {suffix} files cannot be attached (text, code, Markdown, PDF and .docx files can)")
+
+
+def _read_in_child(path: Path, name: str, kind: Kind) -> ReadFile:
+    """A PDF or .docx read by ``attachment_child.py`` under ``READ_MEMORY`` and ``READ_SECONDS``."""
+    limits = {"max_pages": MAX_PDF_PAGES, "max_chars": MAX_TEXT_CHARS, "max_unpacked": MAX_DOCX_UNPACKED,
+              "max_ratio": MAX_DOCX_RATIO, "max_xml": MAX_DOCX_XML, "memory": READ_MEMORY}
+    request = json.dumps({"path": str(path), "name": name, "kind": kind, "limits": limits})
+    here = os.path.dirname(os.path.abspath(__file__))
+    boot = ("import sys; sys.path[:0] = [sys.argv[1]] + " + repr([p for p in sys.path if p]) + "; "
+            "from attachment_child import main; sys.exit(main())")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}  # nothing of the server's secrets
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", boot, here], input=request.encode(),
+                              capture_output=True, timeout=READ_SECONDS, env=env, close_fds=True)
+    except subprocess.TimeoutExpired:
+        raise BadRequestError(f"{name}: reading it took longer than {READ_SECONDS:g} s: refused") from None
+    try:
+        answer = json.loads(done.stdout)
+        if "error" in answer:
+            raise BadRequestError(str(answer["error"]))
+        ok = answer["ok"]
+        return ReadFile(name, kind, tuple(str(p) for p in ok["pages"]), ok.get("notice"))
+    except (ValueError, KeyError, TypeError):
+        raise BadRequestError(f"{name}: reading it took more than {READ_MEMORY // 2**20} MiB of memory or "
+                              "failed: refused") from None
 
 
 def _cut(name: str, text: str) -> tuple[str, str | None]:
@@ -134,70 +216,3 @@ def _read_text(path: Path, name: str) -> ReadFile:
             raise BadRequestError(f"{name}: the file is not UTF-8 text") from None
     text, notice = _cut(name, text.replace("\r\n", "\n"))
     return ReadFile(name, "text", (text,), notice)
-
-
-def _read_pdf(path: Path, name: str) -> ReadFile:
-    from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
-
-    try:
-        reader = PdfReader(path)
-        if reader.is_encrypted:
-            raise BadRequestError(f"{name}: the PDF is encrypted: save a copy without a password and attach that")
-        pages = []
-        total = 0
-        for page in reader.pages:
-            text = (page.extract_text() or "").strip()
-            total += len(text)
-            if total > MAX_TEXT_CHARS:
-                break
-            pages.append(text)
-    except BadRequestError:
-        raise
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError,
-            RecursionError, AssertionError, ZeroDivisionError) as error:
-        raise BadRequestError(f"{name}: this PDF is damaged and cannot be read ({type(error).__name__})") from None
-    if not pages or not any(pages):
-        raise BadRequestError(f"{name}: this PDF has no text layer (a scan?): nothing to read")
-    empty = [str(i + 1) for i, text in enumerate(pages) if not text]
-    notice = f"{name}: page{'s' if len(empty) > 1 else ''} {', '.join(empty[:10])} have no text" if empty else None
-    if len(pages) < len(reader.pages):
-        notice = f"{name}: only its first {len(pages)} of {len(reader.pages)} pages were read"
-    return ReadFile(name, "pdf", tuple(pages), notice)
-
-
-def _check_zip(path: Path, name: str) -> None:
-    """Refuse a .docx that is no zip, or whose parts would unpack to far more than it weighs."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            total = 0
-            for info in archive.infolist():
-                total += info.file_size
-                if total > MAX_DOCX_UNPACKED or (
-                        info.compress_size and info.file_size / info.compress_size > MAX_DOCX_RATIO
-                        and info.file_size > 1024 * 1024):
-                    raise BadRequestError(
-                        f"{name}: refused: its parts unpack to far more than the file's size (a zip bomb?)")
-    except zipfile.BadZipFile:
-        raise BadRequestError(f"{name}: this is not a Word .docx file (it is no zip archive)") from None
-
-
-def _read_docx(path: Path, name: str) -> ReadFile:
-    _check_zip(path, name)
-    import docx
-    from docx.opc.exceptions import PackageNotFoundError
-
-    try:
-        document = docx.Document(str(path))
-        lines = [p.text for p in document.paragraphs]
-        for table in document.tables:
-            for row in table.rows:
-                lines.append(" | ".join(cell.text.strip() for cell in row.cells))
-    except (PackageNotFoundError, KeyError, ValueError, zipfile.BadZipFile, OSError) as error:
-        raise BadRequestError(f"{name}: this .docx is damaged and cannot be read ({type(error).__name__})") from None
-    except Exception as error:  # lxml's XMLSyntaxError and kin: an untrusted file's many ways to be wrong
-        raise BadRequestError(f"{name}: this .docx cannot be read ({type(error).__name__})") from None
-    text, notice = _cut(name, "\n".join(lines).strip())
-    if not text:
-        raise BadRequestError(f"{name}: this .docx holds no text")
-    return ReadFile(name, "docx", (text,), notice)

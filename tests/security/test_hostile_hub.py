@@ -138,9 +138,14 @@ def test_a_disk_filled_by_something_else_stops_the_download_in_one_line_and_it_r
     body = os.urandom(8 << 20)
     hub.repo("org/big").add_commit("main", {"config.json": b"{}", "model.safetensors": body})
     models, filler = tmp_path / "models", tmp_path / "filler.bin"
-    free = downloads.free_space(tmp_path)
+    # A disk of its own, as big as the download plus 16 MiB, that holds only what is written under
+    # tmp_path: the suite's other worker writes to the real disk meanwhile, and its free space moved
+    # by more than 16 MiB between this test's measure and the download's check.
+    disk = len(body) + (16 << 20)
+    monkeypatch.setattr(downloads, "free_space", lambda path: disk - sum(
+        f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()))
     monkeypatch.setattr(downloads, "DISK_CHECK_EVERY", 1 << 20)
-    monkeypatch.setattr(downloads, "DISK_SPARE", free - len(body) - (16 << 20))  # fits, with 16 MiB to spare
+    monkeypatch.setattr(downloads, "DISK_SPARE", 0)
 
     def something_else_writes(progress):
         if not filler.exists():
