@@ -513,7 +513,8 @@ def _notices(notices: tuple[str, ...]) -> str:
 
 def finished_status(event: Finished) -> str:
     if event.reason == "error":
-        return f"⚠️ {event.error}"
+        error = event.error or "generation failed"
+        return f"⚠️ {error}" + ("" if error.endswith((".", "!", "?")) else ".")  # what follows is a sentence of its own
     stats = f"{event.completion_tokens} tokens, {event.tokens_per_second:.1f} tokens/s, seed {event.seed}"
     if event.reason == "cancelled":
         text = f"Stopped ({stats})." if event.seed is not None else "Stopped."
