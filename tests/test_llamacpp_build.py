@@ -95,3 +95,33 @@ def test_the_install_tool_reads_its_pin_from_requirements():
                if line.startswith("llama_cpp_python=="))
     assert done.stdout.startswith(pin + " ")
     assert "-DGGML_NATIVE=OFF" in done.stdout and "-DLLAVA_BUILD=OFF" in done.stdout
+
+
+def recipe_with(path: str) -> list[str]:
+    """The native recipe's CMake arguments as the install tool works them out with ``PATH=path``."""
+    code = ("import json, sys; sys.path.insert(0, 'tools'); import build_llama_cpp as b; "
+            "print(json.dumps(b.recipe('native')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PATH": path},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_make_install_builds_llama_cpp_with_cuda_where_a_gpu_and_nvcc_are(tmp_path):
+    """The detection, with nvidia-smi and nvcc faked as an H100 machine shows them; without them the
+    CPU recipe is the one it always was."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 9.0'\n")
+    (fake / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    plain = os.environ["PATH"]
+    args, why = recipe_with(f"{fake}{os.pathsep}{plain}")
+    assert "-DGGML_CUDA=on" in args and "-DCMAKE_CUDA_ARCHITECTURES=90" in args
+    assert "CUDA on: NVIDIA H100 80GB HBM3 (sm_90), nvcc 13.0" in why
+    cpu_args, cpu_why = recipe_with(plain)
+    assert not any("CUDA" in a for a in cpu_args) and not any("CUDA" in w for w in cpu_why)
+    assert [a for a in args if "CUDA" not in a] == cpu_args  # the CPU part of the recipe is unchanged
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no driver'; exit 9\n")  # no GPU here
+    assert recipe_with(f"{fake}{os.pathsep}{plain}") == [cpu_args, cpu_why]

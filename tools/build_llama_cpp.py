@@ -9,7 +9,11 @@ process dies with SIGSEGV at the first prompt. ``-fno-dse`` keeps the stores, an
 2.1x the decode and 3.1x the prompt speed of the same build without AMX on the default model
 (docs/BENCHMARKS.md). Hence, in order:
 
-1. ``install`` (before the rest of requirements.txt): the native build. On a CPU with AMX, a probe
+1. ``install`` (before the rest of requirements.txt): the native build. On a machine with an
+   NVIDIA GPU (``nvidia-smi`` lists one) and CUDA's compiler (``nvcc`` on the PATH or in
+   ``/usr/local/cuda/bin``), it is built with CUDA for that GPU's architecture
+   (``-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90`` on an H100), detected, not asked for, and says
+   so in one line; ``LLAMA_CPP_CUDA=off`` leaves CUDA out. On a CPU with AMX, a probe
    (ggml's own tile set-up, a few lines, compiled as ggml is) says whether AMX code from this
    compiler runs; if not, whether it does with ``-fno-dse`` (then the build gets it); if neither,
    AMX is left out. ``LLAMA_CPP_BUILD=portable`` asks for the portable build (AVX2, no
@@ -138,11 +142,43 @@ def amx_flags() -> tuple[str | None, str]:
     return None, f"AMX off: code from {compiler()} faults in ggml's tile set-up here ({fault}), {NO_DSE} or not"
 
 
+def run_quietly(command: list[str]) -> str | None:
+    """A command's output, or None when it is missing or fails."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def cuda_target() -> tuple[str, str] | None:
+    """(CUDA architectures for CMake, one line saying what was found) when this machine has an NVIDIA
+    GPU and nvcc; None otherwise (then the build is the CPU one, as before)."""
+    if os.environ.get("LLAMA_CPP_CUDA", "").lower() in ("off", "0", "no", "false"):
+        return None
+    smi = shutil.which("nvidia-smi")
+    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.access(p, os.X_OK)), None)
+    if smi is None or nvcc is None:
+        return None
+    listed = run_quietly([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"])
+    gpus = [line.rsplit(",", 1) for line in (listed or "").splitlines() if "," in line]
+    archs = sorted({cap.strip().replace(".", "") for _, cap in gpus if re.fullmatch(r"\d+\.\d+", cap.strip())})
+    if not archs:
+        return None
+    version = re.search(r"release ([\d.]+)", run_quietly([nvcc, "--version"]) or "")
+    names = ", ".join(sorted({name.strip() for name, _ in gpus}))
+    return ";".join(archs), f"CUDA on: {names} (sm_{', sm_'.join(archs)}), nvcc {version.group(1) if version else '?'}"
+
+
 def recipe(variant: str) -> tuple[list[str], list[str]]:
     """CMake arguments for a variant, and the reasons for them (lines for the user)."""
+    cuda = cuda_target()
+    gpu = ["-DGGML_CUDA=on", f"-DCMAKE_CUDA_ARCHITECTURES={cuda[0]}"] if cuda else []
     if variant == "portable":
-        return [*PORTABLE, *COMMON], ["portable: AVX2/FMA/F16C, no -march=native"]
-    args, why = [*NATIVE, *COMMON], ["native: every feature this CPU reports (-march=native)"]
+        return [*PORTABLE, *COMMON, *gpu], ["portable: AVX2/FMA/F16C, no -march=native", *([cuda[1]] if cuda else [])]
+    args, why = [*NATIVE, *COMMON, *gpu], ["native: every feature this CPU reports (-march=native)"]
+    if cuda:
+        why.append(cuda[1])
     flags, reason = amx_flags()
     extra = NO_AMX if flags is None else flags
     if extra:
@@ -214,6 +250,8 @@ def install(variant: str, *, force: bool = False) -> int:
         pip("install", "--no-deps", "--force-reinstall", str(wheel))
     record = {"version": version, "variant": variant, "cmake_args": args, "why": why, "compiler": compiler()}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
+    cuda = next((a.split("=", 1)[1] for a in args if a.startswith("-DCMAKE_CUDA_ARCHITECTURES=")), None)
+    say(f"installed {version}: {variant}, " + (f"with CUDA for sm_{cuda}" if cuda else "CPU only (no NVIDIA GPU with nvcc here)"))
     return 0
 
 
