@@ -14,6 +14,12 @@ context makes each token dearer), and everyone's next token comes that often. A 
 chat, which starts with the same tokens, only reads what is new: a new request takes the free slot
 whose cache shares the longest start with its prompt, else the one least recently used.
 
+Prompts read once: a sequence whose prompt another slot holds (a finished one, or a request
+still running) gets that slot's cache copied into its own (``llama_memory_seq_cp``, the whole
+per-sequence cache) instead of reading it again; the ``n`` choices of one request, added together,
+wait for the first to read the prompt, then copy it. Each then reads only the prompt's last token,
+for logits of its own.
+
 Room: a prompt is cut to fit its slot's context and ``max_new_tokens`` to the room left, so
 ``llama_decode`` never runs out of cells mid-reply.
 
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
     from loadstar.loaders.llamacpp_loader import LlamaCppModel
 
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama-cpp-python's default)
+MIN_SHARED = 16  # prompt tokens another slot must hold beyond a slot's own before its cache is copied
 STEP_TARGET_S = 0.4  # a shared step's prompt chunk is sized to take about this long
 MIN_CHUNK = 16  # prompt tokens a shared step reads at least (a long prompt always moves on)
 
@@ -55,6 +62,7 @@ class _Sequence:
     previous: list[int] = field(default_factory=list)  # for detokenizing with the right spacing
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    follows: _Slot | None = None  # the slot reading the same prompt: its cache is copied when it is read
 
 
 @dataclass
@@ -82,6 +90,8 @@ class LlamaCppBatch:
         self._clock = 0
         self._pieces: dict[int, bytes] = {}  # token id -> its bytes, for log probabilities
         self._chunk = min(128, self._n_batch)  # prompt tokens a shared step reads (adjusted to STEP_TARGET_S)
+        self._copied: set[int] = set()  # seq ids given a copy since the last decode (not a source until then)
+        self.prompt_tokens_read = 0  # prompt tokens decoded since the batch was made (what sharing saves)
 
     # -- DecodeBatch ---------------------------------------------------------------------------
 
@@ -103,8 +113,14 @@ class LlamaCppBatch:
         )
         slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.used))
         cached = _common_prefix(slot.cached, tokens)
-        if cached == len(tokens):
-            cached -= 1  # the last prompt token is read again so that there are logits to sample from
+        others = [s for s in self._slots if s is not slot and s.seq_id not in self._copied]
+        source = max(others, key=lambda s: _common_prefix(s.cached, tokens), default=None)
+        if source is not None and _common_prefix(source.cached, tokens) >= cached + MIN_SHARED:
+            cached = self._copy(source, slot, _common_prefix(source.cached, tokens))
+        elif len(tokens) - cached >= MIN_SHARED:  # the same prompt being read by another: wait for it
+            sequence.follows = next((s for s in others if s.sequence is not None and s.sequence.tokens == tokens
+                                     and s.sequence.follows is None and s.sequence.last is None), None)
+        cached = min(cached, len(tokens) - 1)  # the last prompt token is read again: logits to sample from
         self._forget(slot, cached)
         sequence.fed = cached
         self._model.prompt_tokens_evaluated = len(tokens) - cached
@@ -123,6 +139,8 @@ class LlamaCppBatch:
             if slot.sequence is not None and slot.sequence.max_new == 0:
                 results[slot.sequence.key] = SequenceStep(done=True)
                 self._finish(slot)
+        for slot in active:
+            self._follow(slot)
         batch = self._batch.batch
         batch.n_tokens = 0
         outputs: list[tuple[_Slot, int]] = []
@@ -147,7 +165,8 @@ class LlamaCppBatch:
             assert slot.sequence is not None
             return len(slot.sequence.tokens) - slot.sequence.fed
 
-        reading = sorted((s for s in self._slots if s.sequence is not None and s.sequence.last is None),
+        reading = sorted((s for s in self._slots if s.sequence is not None and s.sequence.last is None
+                          and s.sequence.follows is None),
                          key=lambda s: (left(s), s.used))  # the shortest first: a short question is not held up
         shared = len(generating) + len(reading) > 1
         budget = self._n_batch if not shared else max(MIN_CHUNK, min(self._chunk, self._n_batch - len(generating)))
@@ -165,7 +184,9 @@ class LlamaCppBatch:
         if batch.n_tokens == 0:
             return results
         started = time.perf_counter()
+        self.prompt_tokens_read += read
         code = llama_cpp.llama_decode(self._native.ctx, batch)
+        self._copied.clear()  # the copies queued before this decode are done
         if shared and read >= MIN_CHUNK:  # how many prompt tokens fit in a step of STEP_TARGET_S now
             rate = read / max(time.perf_counter() - started, 1e-3)
             self._chunk = max(MIN_CHUNK, min(self._n_batch, int(rate * STEP_TARGET_S)))
@@ -227,6 +248,33 @@ class LlamaCppBatch:
     def free(self) -> None:
         self.close()
         self._batch.close()
+
+    def _copy(self, source: _Slot, slot: _Slot, shared: int) -> int:
+        """Give ``slot`` a copy of ``source``'s whole cache (llama.cpp copies a per-sequence cache
+        whole, at the next decode) and keep its first ``shared`` tokens; how many that is."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_cp(self._native.memory, source.seq_id, slot.seq_id, -1, -1)
+        slot.cached = list(source.cached)
+        self._copied.add(slot.seq_id)
+        return shared
+
+    def _follow(self, slot: _Slot) -> None:
+        """A sequence waiting for another slot to read its prompt: copy that slot's cache once it has
+        (then read the last token alone), or read the prompt itself when that sequence went away."""
+        sequence = slot.sequence
+        if sequence is None or sequence.follows is None:
+            return
+        leader = sequence.follows
+        if leader.sequence is None or leader.sequence.tokens != sequence.tokens:  # it left before reading it all
+            sequence.follows = None
+            return
+        if leader.sequence.last is None or leader.seq_id in self._copied:
+            return  # still reading
+        sequence.follows = None
+        keep = self._copy(leader, slot, len(sequence.tokens) - 1)
+        self._forget(slot, keep)
+        sequence.fed = keep
 
     def _forget(self, slot: _Slot, keep: int) -> None:
         """Drop the slot's cache past its first ``keep`` tokens."""

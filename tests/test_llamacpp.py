@@ -329,3 +329,25 @@ def batch_engine(engine):
 
 class TestBatching(batching.BatchingChecks):
     pass
+
+
+def test_the_n_choices_of_a_long_prompt_read_it_once(engine):
+    """Four requests with the same prompt (what ``n=4`` sends): the first reads it, the others get
+    a copy of its cache and read only its last token; greedy, all four answer what one alone does."""
+    with engine.models.local() as model:
+        batch = model.open_batch()
+    prompt = "Here is a list of the rivers of Europe, with their lengths: " + ", ".join(
+        f"river number {i}" for i in range(120))
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    before = batch.prompt_tokens_read
+    handles = [engine.submit(GenerationRequest(prompt=prompt, params=greedy, owner=f"choice{i}")) for i in range(4)]
+    results = [h.result() for h in handles]
+    read = batch.prompt_tokens_read - before
+    tokens = results[0].prompt_tokens
+    assert tokens > 300 and read <= tokens + 3 * 2, (tokens, read)  # once, not four times
+    assert len({r.text for r in results}) == 1 and results[0].text
+    with engine.models.use() as client:
+        client.call("clear_cache")  # (between two steps, on the core's thread) alone reads it all again
+    before = batch.prompt_tokens_read
+    alone = engine.submit(GenerationRequest(prompt=prompt, params=greedy)).result()
+    assert batch.prompt_tokens_read - before == tokens and alone.text == results[0].text

@@ -159,8 +159,9 @@ class ModelManager:
         self._problem = line
 
     def serves(self, model: LoadedModel) -> bool:
-        """Whether ``model`` is still resident (not replaced or unloaded)."""
-        return any(r.model is model for r in list(self._resident.values()))
+        """Whether ``model`` is still resident (not replaced or unloaded) and not crashed: a lane then
+        takes no more requests on it, and its next ``use()`` waits for the reload."""
+        return any(r.model is model and r.name not in self._recovering for r in list(self._resident.values()))
 
     @contextmanager
     def use(self, name: str | None = None) -> Iterator[CoreClient | None]:
