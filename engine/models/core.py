@@ -137,9 +137,7 @@ class EngineCore:
     def _answer(self, call_id: int, method: str, args: list[Any]) -> None:
         try:
             result = self._ask(method, args)
-        except BaseException as error:
-            if not isinstance(error, Exception):
-                raise
+        except Exception as error:
             if not isinstance(error, (BadRequestError, WorkerError)):
                 log.exception("answering %s failed", method)
             self._send({"op": "answer", "id": call_id, "error": wire.error_data(error)})
