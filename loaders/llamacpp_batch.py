@@ -111,12 +111,13 @@ class LlamaCppBatch:
             sampler=self._sampler(params, seed, output.json_schema), ban_eos=params.ban_eos,
             special=not params.skip_special_tokens, logprobs=output.logprobs, previous=list(tokens),
         )
-        slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.used))
-        cached = _common_prefix(slot.cached, tokens)
+        shared = {s.seq_id: _common_prefix(s.cached, tokens) for s in self._slots}
+        slot = max(free, key=lambda s: (shared[s.seq_id], -s.used))
+        cached = shared[slot.seq_id]
         others = [s for s in self._slots if s is not slot and s.seq_id not in self._copied]
-        source = max(others, key=lambda s: _common_prefix(s.cached, tokens), default=None)
-        if source is not None and _common_prefix(source.cached, tokens) >= cached + MIN_SHARED:
-            cached = self._copy(source, slot, _common_prefix(source.cached, tokens))
+        source = max(others, key=lambda s: shared[s.seq_id], default=None)
+        if source is not None and shared[source.seq_id] >= cached + MIN_SHARED:
+            cached = self._copy(source, slot, shared[source.seq_id])
         elif len(tokens) - cached >= MIN_SHARED:  # the same prompt being read by another: wait for it
             sequence.follows = next((s for s in others if s.sequence is not None and s.sequence.tokens == tokens
                                      and s.sequence.follows is None and s.sequence.last is None), None)

@@ -169,3 +169,28 @@ def test_a_frozen_worker_is_reported_its_requests_end_and_unload_kills_it(tmp_pa
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+class NaNLoader(FakeLoader):
+    """A model whose output is not plain data (a token count of NaN): JSON cannot carry it."""
+
+    def load(self, folder, options):
+        from loadstar import StreamPiece
+
+        model = FakeBatchModel(name=folder.name)  # its stream is what is replaced; it runs alone
+        model.max_batch = 1
+        model.stream = lambda prompt, params, cancel, *, seed: iter([StreamPiece("x ", float("nan"))])
+        return model
+
+
+def test_output_that_is_not_plain_data_ends_the_request_not_the_worker(tmp_path):
+    engine = engine_with(tmp_path, NaNLoader("NaN"), model_workers=True)
+    hf_folder(engine.settings.models_dir, "odd")
+    engine.load_model("odd")
+    with engine.models.use() as model:
+        pid = model.pid
+    for _ in range(2):
+        done = engine.submit(GenerationRequest(prompt="go")).result()
+        assert done.reason == "error" and "not plain data" in done.error and "\n" not in done.error
+    with engine.models.use() as model:
+        assert model.pid == pid and engine.model_problem is None  # the same worker, never taken for crashed

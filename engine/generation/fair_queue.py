@@ -97,9 +97,5 @@ class FairQueue:
     def running(self) -> list[GenerationHandle]:
         return list(self._running.values())
 
-    @property
-    def empty(self) -> bool:
-        return not self._waiting
-
     def _in_lane(self, lane: str) -> dict[str, list[GenerationHandle]]:
         return {owner: [h for h in jobs if h.lane == lane] for owner, jobs in self._waiting.items()}

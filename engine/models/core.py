@@ -142,7 +142,10 @@ class EngineCore:
                 log.exception("answering %s failed", method)
             self._send({"op": "answer", "id": call_id, "error": wire.error_data(error)})
             return
-        self._send({"op": "answer", "id": call_id, "result": result})
+        try:
+            self._send({"op": "answer", "id": call_id, "result": result})
+        except wire.WireError as error:  # (a worker's send encodes) a NaN in an embedding, an object
+            self._send({"op": "answer", "id": call_id, "error": wire.error_data(WorkerError(f"{method}: {error}"))})
 
     def _ask(self, method: str, args: list[Any]) -> Any:
         model = self._model
@@ -195,17 +198,29 @@ class EngineCore:
             if step.done:
                 self._running.discard(key)
         if steps:
-            self._send({"op": "step", "out": wire.steps_data(steps)})
+            try:
+                self._send({"op": "step", "out": wire.steps_data(steps)})
+            except wire.WireError as error:  # what the model gave is not plain data: those sequences end
+                for key in steps:
+                    if key in self._running:
+                        self._running.discard(key)
+                        self._batch.remove(key)
+                    self._failed(key, WorkerError(f"the model's output: {error}"))
 
     def _run_alone(self, sequence: _Sequence) -> None:
         """A non-batching model's sequence: its tokens streamed, messages taken between them."""
         token = CancelToken()
         self._alone = (sequence.key, token)
         key = sequence.key
+        unsent: list[wire.WireError] = []
 
         def emit(piece: StreamPiece) -> None:
             if not token.cancelled:
-                self._send({"op": "step", "out": [[key, wire.piece_data(piece), False]]})
+                try:
+                    self._send({"op": "step", "out": [[key, wire.piece_data(piece), False]]})
+                except wire.WireError as error:  # not plain data: the sequence ends with why
+                    unsent.append(error)
+                    token.cancel()
             self._take_messages(block=False)
 
         try:
@@ -218,6 +233,9 @@ class EngineCore:
             return
         finally:
             self._alone = None
+        if unsent:
+            self._failed(key, WorkerError(f"the model's output: {unsent[0]}"))
+            return
         self._send({"op": "step", "out": [[key, None, True]]})
 
     def _failed(self, key: int, error: BaseException) -> None:

@@ -234,6 +234,8 @@ class ModelManager:
         for leaving in self._check_memory(name, plugin, folder, validated):
             log.info("unloading %s first: %s needs the memory it holds", leaving.name, name)
             self._retire(leaving, wait=True)
+        if self._closed:  # Ctrl+C came while the model being replaced drained
+            raise LoadCancelled(f"not loading {name}: the server is shutting down")
         log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
         gpu_before = gpu_free_memory() if _on_gpu(validated) else None
         try:
@@ -248,11 +250,12 @@ class ModelManager:
             raise
         except Exception as error:
             raise load_error(chosen.loader, name, error, [w.path for w in folder.weight_files], folder.path) from None
-        if cancel is not None and cancel.is_set():
+        if (cancel is not None and cancel.is_set()) or self._closed:  # (close() does not wait for a load)
             self._unload(model)
             del model
             _release_memory()
-            raise LoadCancelled(f"loading {name} was cancelled")
+            raise LoadCancelled(f"loading {name} was cancelled" if not self._closed
+                                else f"not keeping {name}: the server is shutting down")
         gpu_after = gpu_free_memory() if gpu_before is not None else None
         gpu_bytes = max(0, gpu_before - gpu_after) if gpu_before is not None and gpu_after is not None else 0
         self._put(_Resident(name, model, folder, chosen.loader, options, gpu_bytes=gpu_bytes), make_current)

@@ -34,6 +34,8 @@ from loadstar.engine.models.loader_api import (
 from loadstar.engine.sampling import SamplingParams
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # an embedding of many texts is the largest honest message
+BEAT_S = 1.0  # how often a worker says it is alive, whatever its core is doing
+MAX_BATCH = 1024  # a worker's max_batch is taken up to this (a hostile one cannot ask for more)
 
 
 class WireError(ValueError):
@@ -41,7 +43,11 @@ class WireError(ValueError):
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    """The message as JSON; ``WireError`` for a value that is not plain data (an object, NaN)."""
+    try:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as error:
+        raise WireError(f"not plain data: {error}") from None
 
 
 def decode(data: bytes) -> dict[str, Any]:
@@ -240,5 +246,5 @@ def read_facts(data: Any) -> ModelFacts:
             dtype=field_of(info, "dtype", str), context_length=context, details=field_of(info, "details", str),
             features=frozenset(features)),
         chat_template=template, special_tokens=dict(special), supported_params=frozenset(supported),
-        max_batch=max(1, max_batch), chat_rendered_by=by,
+        max_batch=max(1, min(max_batch, MAX_BATCH)), chat_rendered_by=by,
     )

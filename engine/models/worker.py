@@ -53,7 +53,6 @@ from loadstar.engine.models.folder import ModelFolder
 log = logging.getLogger(__name__)
 
 DEADLINE_S = 30.0  # a worker silent this long is not responding
-BEAT_S = 1.0  # how often a worker says it is alive (worker_main.py sends it)
 SILENT_GRACE_S = 3.0  # a worker asked to end that stays silent this long is killed
 
 # What a worker's environment keeps of the server's: what Python, the loaders and their native
@@ -64,7 +63,7 @@ _KEEP = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", 
          "TOKENIZERS_PARALLELISM", "XDG_CACHE_HOME", "GRADIO_ANALYTICS_ENABLED")
 _KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "ROCM_", "HSA_", "OMP_", "MKL_", "OPENBLAS_", "KMP_",
                   "GOMP_", "GGML_", "LLAMA_", "GPTQMODEL_", "TRANSFORMERS_", "TORCH_", "PYTORCH_", "EXLLAMA",
-                  "COVERAGE_", "LOADSTAR_TEST_")
+                  "COVERAGE_")
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 
 
@@ -158,7 +157,7 @@ class WorkerLink:
                 self.send({"op": "end"})
                 started = time.monotonic()
                 while self.process.poll() is None:
-                    if self.silent_for > SILENT_GRACE_S + BEAT_S or time.monotonic() - started > EXIT_WAIT_S:
+                    if self.silent_for > SILENT_GRACE_S + wire.BEAT_S or time.monotonic() - started > EXIT_WAIT_S:
                         log.warning("%s's worker did not end in time: killed", self._name)
                         self.process.kill()
                         break

@@ -30,13 +30,12 @@ from typing import Any
 from loadstar.engine.errors import LoadstarError, ModelLoadError, one_line
 from loadstar.engine.models import wire
 from loadstar.engine.models.core import EngineCore
+from loadstar.engine.models.core_client import EXIT_WAIT_S  # after the server's end closes, the core gets this long
 from loadstar.engine.models.load_failures import load_error
 from loadstar.engine.models.loader_api import LoadedModel
 
 log = logging.getLogger("loadstar.worker")
 
-BEAT_S = 1.0  # engine/models/worker.py: BEAT_S
-EXIT_WAIT_S = 30.0  # after the server's end of the socket closes, the core gets this long to unload
 
 
 class _Outbox:
@@ -56,7 +55,7 @@ class _Outbox:
 
 
 def _beat(outbox: _Outbox, stop: threading.Event) -> None:
-    while not stop.wait(BEAT_S):
+    while not stop.wait(wire.BEAT_S):
         outbox.send({"op": "beat"})
 
 
