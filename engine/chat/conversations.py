@@ -8,13 +8,16 @@ the previous version whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -28,6 +31,27 @@ FORMAT = "loadstar-conversation/1"
 MAX_ALTERNATIVES = 20  # versions kept of one regenerated reply
 MAX_IMPORT_BYTES = 20 * 1024 * 1024
 _ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+ReplyEnd = Literal["stop", "length", "cancelled", "tool_calls", "error", "interrupted"]
+
+
+class ReplyStats(BaseModel):
+    """How one version of a reply was made, shown under it. ``interrupted``: the page went away
+    while it was written (what had come is kept); ``cancelled``: the user pressed Stop."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    first_token_s: float | None = Field(None, ge=0, allow_inf_nan=False, description="Start to first token (prompt read).")
+    tokens_per_s: float = Field(0.0, ge=0, allow_inf_nan=False, description="Decode speed after the first token.")
+    tokens: int = Field(0, ge=0)
+    end: ReplyEnd = "stop"
+    model: str = Field("", max_length=300)
+
+
+def version_key(text: str) -> str:
+    """The key of one version of a reply (its text's hash) in ``Conversation.reply_stats``."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class Conversation(BaseModel):
@@ -45,6 +69,9 @@ class Conversation(BaseModel):
     alternatives: dict[int, list[str]] = Field(default_factory=dict, max_length=10_000)
     allowed_tools: list[str] = Field(default_factory=list, max_length=1000, description=(
         "Tools the user let run without asking, in this conversation."))
+    # How each version of a reply was made, by message index and ``version_key`` of the version.
+    reply_stats: dict[int, dict[str, ReplyStats]] = Field(default_factory=dict, max_length=100_000)
+    character: str | None = Field(None, max_length=80, description="The character this conversation is with (its id).")
 
     @model_validator(mode="after")
     def _alternatives_follow_the_messages(self) -> Conversation:
@@ -55,7 +82,21 @@ class Conversation(BaseModel):
                 versions = [v for v in versions if isinstance(v, str)][-MAX_ALTERNATIVES:]
                 kept[index] = versions if current in versions else [*versions, current][-MAX_ALTERNATIVES:]
         self.alternatives = {i: v for i, v in kept.items() if len(v) > 1}
+        stats = {}
+        for index, by_version in self.reply_stats.items():
+            if 0 <= index < len(self.messages) and self.messages[index].role == "assistant":
+                known = {version_key(v) for v in self.alternatives.get(index) or [self.messages[index].content]}
+                mine = {key: value for key, value in by_version.items() if key in known}
+                if mine:
+                    stats[index] = mine
+        self.reply_stats = stats
         return self
+
+    def stats(self, index: int) -> ReplyStats | None:
+        """How the version in use of message ``index`` was made, when known."""
+        if not 0 <= index < len(self.messages):
+            return None
+        return (self.reply_stats.get(index) or {}).get(version_key(self.messages[index].content))
 
     def alternative(self, index: int) -> tuple[int, int]:
         """(position of the version in use, how many versions) of message ``index``; (0, 1) if one."""
@@ -107,14 +148,16 @@ class ConversationStore:
                 log.info("removed %d temporary files of interrupted saves in %s", removed, folder)
         return folder
 
-    def export_file(self, user: str | None, conversation: Conversation) -> Path:
-        """The conversation as JSON in the login's own exports folder (0700/0600), replacing the last export."""
+    def export_file(self, user: str | None, conversation: Conversation, extra: dict[str, Any] | None = None) -> Path:
+        """The conversation as JSON in the login's own exports folder (0700/0600), replacing the last
+        export. ``extra``: more top-level fields (the conversation's character)."""
         folder = private_folder(self.exports, login_folder_name(user), conversation.id)
         for old in folder.glob("*.json"):
             old.unlink()
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in conversation.title)[:40] or "chat"
         path = folder / f"{safe}.json"
-        write_atomic(path, conversation.model_dump_json(indent=1).encode("utf-8"))
+        data = conversation.model_dump(mode="json")
+        write_atomic(path, json.dumps({**data, **(extra or {})}, indent=1, ensure_ascii=False).encode("utf-8"))
         return path
 
     def summaries(self, user: str | None) -> list[ConversationSummary]:
@@ -172,8 +215,11 @@ class ConversationStore:
     def export(self, user: str | None, conversation_id: str) -> bytes:
         return self.load(user, conversation_id).model_dump_json(indent=1).encode("utf-8")
 
-    def import_(self, user: str | None, data: bytes) -> Conversation:
-        """Save an exported conversation as a new one (a fresh id: an import never overwrites)."""
+    def import_(
+        self, user: str | None, data: bytes, adopt: Callable[[dict[str, Any]], str | None] | None = None,
+    ) -> Conversation:
+        """Save an exported conversation as a new one (a fresh id: an import never overwrites).
+        ``adopt(raw)``: the id of the character the file brings (saved by the caller), or None."""
         _check_import_size(len(data))
         try:
             raw = json.loads(data.decode("utf-8"))
@@ -183,7 +229,9 @@ class ConversationStore:
             raw = {"messages": raw}
         if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list):
             raise BadRequestError("the file holds no conversation: expected an object with a 'messages' list")
-        raw = {key: value for key, value in raw.items() if key not in ("id", "format")}
+        character = adopt(raw) if adopt is not None and raw.get("character") else None
+        raw = {key: value for key, value in raw.items() if key not in ("id", "format", "character")}
+        raw["character"] = character
         try:
             conversation = Conversation.model_validate(raw)
         except ValidationError as error:
@@ -192,14 +240,16 @@ class ConversationStore:
             conversation = conversation.model_copy(update={"title": title_from(conversation.messages[0].content)})
         return self.save(user, conversation)
 
-    def import_file(self, user: str | None, path: Path) -> Conversation:
+    def import_file(
+        self, user: str | None, path: Path, adopt: Callable[[dict[str, Any]], str | None] | None = None,
+    ) -> Conversation:
         """``import_`` for a file, refused by its size before it is read into memory."""
         try:
             _check_import_size(path.stat().st_size)
             data = path.read_bytes()
         except OSError as error:
             raise BadRequestError(f"cannot read the file: {error.strerror or error}") from None
-        return self.import_(user, data)
+        return self.import_(user, data, adopt)
 
     def _path(self, user: str | None, conversation_id: str) -> Path:
         if not _ID.match(conversation_id or ""):

@@ -70,6 +70,7 @@ class RequestRun:
         self.logprobs: list[TokenLogprob] = []  # shown
         self._unshown: list[TokenLogprob] = []  # of text the stop-string filter still holds
         self.calls: tuple[ToolCall, ...] = ()
+        self.first_token_at: float | None = None  # perf_counter() when the first token came
 
     @property
     def params(self) -> SamplingParams:
@@ -164,6 +165,8 @@ class RequestRun:
                                        self.notices)
 
     def take(self, piece: StreamPiece) -> None:
+        if self.first_token_at is None and piece.tokens:
+            self.first_token_at = time.perf_counter()
         self.tokens += piece.tokens
         self._unshown.extend(piece.logprobs)
         self._show(self.stops.feed(piece.text))
@@ -243,6 +246,7 @@ class RequestRun:
             logprobs=tuple(self.logprobs) if self.handle.request.output.logprobs is not None else None,
             tool_calls=self.calls, bad_request=bad_request,
             stop_string=self.stops.matched if reason == "stop" else None,
+            first_token_seconds=self.first_token_at - self.started if prepared and self.first_token_at else None,
         )
 
 

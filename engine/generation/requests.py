@@ -93,6 +93,15 @@ class Finished:
     tool_calls: tuple[ToolCall, ...] = ()  # when reason == "tool_calls" (the text is what came besides them)
     bad_request: bool = False  # the error is the request's (the API answers 400), not the server's
     stop_string: str | None = None  # the stop string that ended the reply, when one did
+    first_token_seconds: float | None = None  # from the start (after the queue) to the first token made
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second after the first token: the model's writing speed, the prompt's read left out."""
+        if self.first_token_seconds is None or self.completion_tokens < 2:
+            return self.tokens_per_second
+        writing = self.seconds - self.first_token_seconds
+        return (self.completion_tokens - 1) / writing if writing > 0 else 0.0
 
     @property
     def tokens_per_second(self) -> float:
