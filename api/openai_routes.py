@@ -27,6 +27,7 @@ from loadstar.api.schemas import (
 )
 from loadstar.api.security import ApiKeys
 from loadstar.api.serving import ServingLimits, generate, load_named
+from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.errors import BadRequestError, LoadstarError, ModelNotFoundError, problem_line
 from loadstar.engine.facade import Engine
 from loadstar.engine.models.loader_api import OutputSpec
@@ -66,6 +67,9 @@ def build_router(
     async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str = user) -> Any:
         try:
             messages = tuple(chat_message(m) for m in body.messages)
+            if body.character is not None and not any(m.role == "system" for m in messages):
+                character = engine.characters.find(None, body.character)  # the folder of no login, and extensions'
+                messages = (ChatMessage(role="system", content=character.system_message()), *messages)
             tools = tool_use(body)
             output = OutputSpec(json_schema=body.json_schema(), logprobs=body.top_logprobs_wanted())
         except (BadRequestError, ValidationError, ValueError) as error:

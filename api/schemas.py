@@ -156,6 +156,9 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=10_000)
+    character: str | None = Field(None, min_length=1, max_length=100, description=(
+        "Loadstar's own: a character's name or id (the Characters tab's, without logins, or an extension's). "
+        "Its description (and example dialogue) is the system message when the request sends none."))
     response_format: ResponseFormat | None = Field(None, description=(
         "json_object or json_schema: the reply is JSON (grammar-constrained where the loader can, validated always)."))
     logprobs: bool = Field(False, description="Give each reply token's log probability.")

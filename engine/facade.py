@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from loadstar.engine.chat.attachments import AttachmentReader
-from loadstar.engine.chat.conversations import ConversationStore
+from loadstar.engine.chat.characters import FORMAT as CHARACTER_FORMAT
+from loadstar.engine.chat.characters import CharacterStore, read_character
+from loadstar.engine.chat.conversations import Conversation, ConversationStore
 from loadstar.engine.chat.format_detection import ChosenFormat, choose_format
 from loadstar.engine.chat.presets import PresetStore, generation_config_defaults, model_system_message
 from loadstar.engine.chat.prompt_formats import AUTO, COMPLETION, NAMED_FORMATS
@@ -79,8 +83,35 @@ class Engine:
         self.downloads = DownloadManager(settings.models_dir, settings.hub_endpoint, settings.hub_token)
         self.presets = PresetStore(settings.data_dir / "presets")
         self.conversations = ConversationStore(settings.data_dir / "conversations")
+        self.characters = CharacterStore(settings.data_dir / "characters", self.plugins.characters)
         self.attachments = AttachmentReader()  # each upload parsed once, in a child process with limits
         self.tools = ToolBox(self.plugins.tools, self.plugins.enabled_names, self.plugins.shutdown)
+
+    # -- conversations with their characters ---------------------------------------------------
+
+    def export_conversation(self, user: str | None, conversation: Conversation) -> Path:
+        """A conversation's export file; one with a character carries the character too."""
+        character = self.characters.get(user, conversation.character)
+        extra = {"character_card": character.model_dump(mode="json")} if character else None
+        return self.conversations.export_file(user, conversation, extra)
+
+    def import_conversation(self, user: str | None, path: Path) -> Conversation:
+        """Import an exported conversation; the character it carries is the user's own one of the
+        same name and description, else saved as a new character."""
+
+        def adopt(raw: dict[str, Any]) -> str | None:
+            card = raw.get("character_card")
+            if not isinstance(card, dict):
+                return None
+            try:
+                character = read_character(json.dumps({**card, "format": CHARACTER_FORMAT}).encode("utf-8"))
+            except LoadstarError:
+                return None
+            same = next((c for c in self.characters.all(user)
+                         if (c.name, c.context, c.greeting) == (character.name, character.context, character.greeting)), None)
+            return same.id if same else self.characters.save(user, character).id
+
+        return self.conversations.import_file(user, path, adopt)
 
     # -- models --------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ test checks it against the code.
 """
 
 from loadstar.engine.atomic import read_store, write_atomic
+from loadstar.engine.chat.characters import Character
 from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.chat.prompt_formats import PromptFormat
 from loadstar.engine.errors import (
@@ -82,7 +83,7 @@ __all__ = [
     "SamplingParams", "ALL_PARAMS", "prompt_budget",
     # extensions
     "RequestDraft", "ReplyDraft", "UIContribution", "PluginContext", "GenerationRequest", "ChatMessage",
-    "PromptFormat", "Settings", "MetricsSnapshot", "Tool",
+    "PromptFormat", "Settings", "MetricsSnapshot", "Tool", "Character",
     # errors and helpers
     "LoadstarError", "ModelLoadError", "BadRequestError", "GenerationFailed", "one_line", "problem_line",
     "first_problem", "load_failure", "load_error", "write_atomic", "read_store",

@@ -48,8 +48,13 @@ CAT = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clients")
+def server_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("clients")
+
+
+@pytest.fixture(scope="module")
+def server(server_root):
+    root = server_root
     models = default_and_tools_models(root / "models", TOOLS_MODEL)
     with running_server(root, "--models-dir", str(models), "--api-key", KEY, "--load-on-request",
                         "--api-max-tokens", "96") as url:
@@ -285,3 +290,32 @@ def test_langchain_chat_openai_chats_gets_structured_output_and_calls_tools(serv
     called = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Rome?")
     assert called.tool_calls and called.tool_calls[0]["name"] == "get_weather"
     assert isinstance(called.tool_calls[0]["args"]["city"], str)
+
+
+# -- characters -----------------------------------------------------------------------------------
+
+
+def test_a_character_named_in_the_request_is_the_system_message(client, server_root):
+    from loadstar.engine.chat.characters import Character, CharacterStore
+
+    store = CharacterStore(server_root / "data" / "characters")  # as the Characters tab saves one
+    store.save(None, Character(name="Parrot", context="{{char}} is a parrot. {{char}} answers every question "
+                               "with exactly one word: Squawk."))
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=ask("What is the capital of France?"), temperature=0, max_tokens=8,
+        extra_body={"character": "parrot"})  # a name, case ignored
+    said = "Parrot is a parrot. Parrot answers every question with exactly one word: Squawk."
+    explicit = client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=[{"role": "system", "content": said}, *ask("What is the capital of France?")],
+        temperature=0, max_tokens=8)
+    plain = client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=ask("What is the capital of France?"), temperature=0, max_tokens=8)
+    # exactly as if its description had been sent as the system message (greedy: the same reply)
+    assert reply.usage.prompt_tokens == explicit.usage.prompt_tokens != plain.usage.prompt_tokens
+    assert reply.choices[0].message.content == explicit.choices[0].message.content
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=ask("hi"), max_tokens=2,
+                                       extra_body={"character": "Nobody"})
+    assert "no character named 'Nobody'" in str(refused.value)

@@ -108,10 +108,10 @@ def test_the_engine_never_imports_gradio_or_the_faces():
 
 
 def test_the_ui_api_and_server_use_the_facade_without_reaching_inside():
-    """The faces call Engine's methods; besides those they may use only its two stores, which are
-    official parts (engine.conversations: saved chats; engine.presets: named parameter sets), and
+    """The faces call Engine's methods; besides those they may use only its three stores, which are
+    official parts (engine.conversations: saved chats; engine.presets: named parameter sets; engine.characters), and
     never the parts behind the facade."""
-    stores = {"conversations", "presets"}
+    stores = {"conversations", "presets", "characters"}
     public = {name for name in vars(Engine) if not name.startswith("_")} | stores | {"settings"}
     reaches = []
     for path in [*(ROOT / "webui").glob("*.py"), *(ROOT / "api").glob("*.py"), ROOT / "server.py"]:

@@ -2,7 +2,7 @@
 
 Tried in this order; the first that answers wins and is named to the user (``ChosenFormat.why``):
 
-1. the user's pin for this model (Parameters tab);
+1. the user's pin for this model (Parameters panel);
 2. the model's own chat template (``chat_template.jinja``, ``tokenizer_config.json``, GGUF metadata);
 3. the model card: a "Prompt template: X" line, as a markdown heading, bold text or plain text
    (cards are often copied as rendered text), with the template block that follows it; a block

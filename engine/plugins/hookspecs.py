@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from loadstar.engine.chat.characters import Character
     from loadstar.engine.chat.messages import ChatMessage
     from loadstar.engine.chat.prompt_formats import PromptFormat
     from loadstar.engine.generation.requests import GenerationRequest
@@ -131,6 +132,15 @@ def register_tools(register: Callable[[Tool], None], report: Callable[[str], Non
     object) and returns text; the user approves each call before it runs. Call ``report(line)``
     for a source of tools that cannot be used now (a server that does not answer), in one line
     the chat shows. Called once per set of enabled plugins, when the chat first needs tools.
+    """
+
+
+@hookspec
+def register_characters(register: Callable[[Character], None]) -> None:
+    """Offer characters for the chat: ``register(Character(name=..., greeting=..., context=...))``.
+
+    They are listed beside the user's own, read-only, with ids ``<plugin>:<name>``; the API finds
+    them by name too. Called each time the list is shown, for the enabled plugins.
     """
 
 

@@ -39,6 +39,7 @@ from loadstar.engine.models.loader_api import Loader
 from loadstar.engine.plugins import hookspecs
 
 if TYPE_CHECKING:
+    from loadstar.engine.chat.characters import Character
     from loadstar.engine.chat.messages import ChatMessage
     from loadstar.engine.chat.prompt_formats import PromptFormat
     from loadstar.engine.generation.requests import GenerationRequest
@@ -353,6 +354,16 @@ class PluginHost:
 
         self._invoke("register_tools", problems, register=register, report=report)
         return [(name, tool) for name, tool in found if name not in self._failed], problems
+
+    def characters(self) -> list[tuple[str, Character]]:
+        """(plugin name, character) for every enabled plugin's characters."""
+        found: list[tuple[str, Character]] = []
+
+        def register(character: Character) -> None:
+            found.append((_RUNNING.get() or "", character))
+
+        self._invoke("register_characters", register=register)
+        return [(name, character) for name, character in found if name not in self._failed]
 
     def shutdown(self) -> None:
         if self._loaded:
