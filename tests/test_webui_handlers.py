@@ -76,9 +76,9 @@ def test_regenerate_continue_remove_and_edit(engine):
     longer = last(chat.continue_(again, ME, DEFAULTS, "")).state
     reply = longer["messages"][-1]["content"]
     assert len(longer["messages"]) == 2 and reply.startswith(again["messages"][-1]["content"]) and len(reply) > len(again["messages"][-1]["content"])
-    edited = chat.edit(longer, ME, 0, [{"type": "text", "text": "three four"}]).state
+    edited = last(chat.edit(longer, ME, 0, [{"type": "text", "text": "three four"}], DEFAULTS, "")).state
     assert edited["messages"][0]["content"] == "three four"
-    assert "cannot be empty" in chat.edit(edited, ME, 0, "  ").status
+    assert "cannot be empty" in last(chat.edit(edited, ME, 0, "  ")).status
     removed = chat.remove_last(edited, ME).state
     assert removed["messages"] == [] and engine.conversations.load(None, removed["id"]).messages == []
 
@@ -187,7 +187,7 @@ def test_regenerate_keeps_versions_and_switching_picks_one(engine):
     state = {**first.state, "messages": [*first.state["messages"][:-1], {"role": "assistant", "content": "v1"}]}
     second = last(chat.regenerate(state, ME, DEFAULTS, ""))
     assert second.state["alternatives"] == {1: ["v1", second.state["messages"][1]["content"]]}
-    assert "Reply 2/2 (‹ and › switch)." in second.status
+    assert "Reply 2/2 (‹ and › under it switch)." in second.status
     back = chat.switch_reply(second.state, ME, -1)
     assert back.state["messages"][1]["content"] == "v1" and back.status.startswith("Reply 1/2")
     saved = engine.conversations.load(None, back.state["id"])
@@ -267,3 +267,64 @@ def test_a_double_click_on_run_it_runs_the_tool_once(tmp_path):
         assert again == ["These tool calls were answered already."] and len(runs) == 1
     finally:
         engine.close()
+
+
+def test_an_edited_question_is_answered_at_once_and_the_old_answer_stays_a_version(engine):
+    chat = ChatHandlers(engine)
+    first = last(chat.send("one two", new_state(), ME, DEFAULTS, "")).state
+    old_answer = first["messages"][1]["content"]
+    stats = first["reply_stats"][1]
+    made = next(iter(stats.values()))
+    assert made["tokens"] > 0 and made["end"] in ("stop", "length")
+    updates = list(chat.edit(first, ME, 0, "three four five", DEFAULTS, ""))
+    assert updates[0].running and not updates[-1].running  # Send shows as Stop while it answers
+    edited = updates[-1].state
+    assert [m["role"] for m in edited["messages"]] == ["user", "assistant"]
+    assert edited["messages"][0]["content"] == "three four five"
+    assert edited["alternatives"][1][0] == old_answer and edited["messages"][1]["content"] != old_answer
+    saved = engine.conversations.load(None, edited["id"])
+    assert saved.alternative(1) == (1, 2) and saved.stats(1) is not None
+    back = chat.switch_reply(edited, ME, -1, index=1)  # the version switcher under that reply
+    assert back.state["messages"][1]["content"] == old_answer and back.status.startswith("Reply 1/2")
+    assert engine.conversations.load(None, edited["id"]).stats(1).tokens == made["tokens"]
+    assert chat.switch_reply(back.state, ME, 1, index=0).status == "That reply no longer exists."
+
+
+def test_a_reply_cut_off_by_the_page_leaving_is_kept_marked_interrupted(engine):
+    chat = ChatHandlers(engine)
+    updates = chat.send("one two three four", new_state(), ME, DEFAULTS, "")
+    for update in updates:
+        if update.chatbot and update.chatbot[-1]["role"] == "assistant" and update.chatbot[-1]["content"]:
+            break
+    updates.close()  # what Gradio does when the page goes away
+    saved = engine.conversations.load(None, update.state["id"])
+    assert saved.messages[-1].role == "assistant" and saved.messages[-1].content
+    assert saved.stats(len(saved.messages) - 1).end == "interrupted"
+
+
+def test_a_message_that_cannot_be_answered_is_refused_before_it_is_saved(engine):
+    chat = ChatHandlers(engine)
+    tools = ChatHandlers(engine).refusal("auto")
+    assert tools is None or "takes no tools" in tools
+    engine.unload_model()
+    refused = last(chat.send("anyone there?", new_state(), ME, DEFAULTS, ""))
+    assert refused.keep_input and refused.state["messages"] == [] and "No model is loaded" in refused.status
+    assert "Model" in refused.status and engine.conversations.summaries(None) == []
+
+
+def test_a_character_opens_the_chat_with_its_greeting_and_is_who_the_model_is(engine):
+    from loadstar.engine.chat.characters import Character
+
+    chat = ChatHandlers(engine)
+    ada = engine.characters.save(None, Character(name="Ada Byron", greeting="Hello {{user}}, I am {{char}}.",
+                                                 context="{{char}} is a mathematician."))
+    assert ada.id == "ada-byron"
+    picked = chat.pick_character(new_state(), ME, ada.id)
+    assert picked.state["character"] == "ada-byron"
+    assert picked.state["messages"] == [{"role": "assistant", "content": "Hello You, I am Ada Byron."}]
+    prompt, _ = chat.preview("hi", picked.state, DEFAULTS, "")
+    assert prompt.startswith("<system>Ada Byron is a mathematician.<assistant>Hello You")
+    answered = last(chat.send("hi", picked.state, ME, DEFAULTS, "")).state
+    assert engine.conversations.load(None, answered["id"]).character == "ada-byron"
+    other = chat.pick_character(answered, ME, None)  # a begun conversation stays as it is
+    assert other.state["id"] != answered["id"] and other.state["messages"] == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +19,15 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from loadstar.engine.chat.attachments import MAX_FILES, ReadFile
-from loadstar.engine.chat.conversations import Conversation, title_from
+from loadstar.engine.chat.conversations import Conversation, ReplyStats, title_from, version_key
 from loadstar.engine.chat.retrieval import MARGIN, WRAPPER_TOKENS, Fitted, Overflow, fit_files
-from loadstar.engine.chat.tool_calls import ToolMode, ToolUse
+from loadstar.engine.chat.tool_calls import ToolMode, ToolUse, template_takes_tools
 from loadstar.engine.errors import BadRequestError, LoadstarError, problem_line
 from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started
 from loadstar.engine.models.loader_api import FEATURE_EMBEDDINGS
 from loadstar.engine.sampling import SamplingParams, parameter_specs
-from loadstar.webui.message_display import DECLINED, without_chips
+from loadstar.webui.message_display import DECLINED, own_text
 from loadstar.webui.reasoning import reasoning_source
 from loadstar.webui.streaming import redraws
 
@@ -51,11 +52,12 @@ class ChatUpdate:
     status: str
     prompt: str | None = None  # the prompt sent, for the prompt viewer (None: leave it)
     keep_input: bool = False  # the message was not taken: leave it in the textbox
+    running: bool = False  # a reply is being written (Send shows as Stop)
     asking: bool | None = None  # show the tool approval row (None: when the state has calls waiting)
 
 
 def sampling_from_values(values: tuple[Any, ...]) -> SamplingParams:
-    """Build SamplingParams from the Parameters tab's control values (in ``parameter_specs()`` order)."""
+    """Build SamplingParams from the Parameters panel's control values (in ``parameter_specs()`` order)."""
     names = [spec.name for spec in parameter_specs()]
     raw = {name: value for name, value in zip(names, values, strict=False) if value is not None}
     for spec in parameter_specs():
@@ -73,9 +75,37 @@ def stops_from_text(text: str | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-EDITED = "edited_user_message"  # in the page's state only: the user message Regenerate answers anew
 ToolChoice = Literal["off", "auto", "required"]  # "required": the first reply of a turn must call a tool
 MAX_TOOL_ROUNDS = 5  # tool calls run without asking (tools allowed always) before a reply, per turn
+
+
+class PagesLeft:
+    """The browser sessions whose page went away lately: a reply stopped then was interrupted, not
+    stopped by its user. Kept ``keep_seconds`` (a reply ends within a token of its page going)."""
+
+    def __init__(self, keep_seconds: float = 120.0) -> None:
+        self._when: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._keep = keep_seconds
+
+    def add(self, owner: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._when = {o: t for o, t in self._when.items() if now - t < self._keep}
+            self._when[owner] = now
+
+    def __contains__(self, owner: object) -> bool:
+        with self._lock:
+            when = self._when.get(str(owner))
+        return when is not None and time.monotonic() - when < self._keep
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """The versions a reply had before it is made again, and how each was made (by version key)."""
+
+    texts: list[str]
+    stats: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,7 @@ class ChatHandlers:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._answered = AnsweredCalls()
+        self._left = PagesLeft()
 
     # -- turns -----------------------------------------------------------------------------------
 
@@ -149,11 +180,14 @@ class ChatHandlers:
             yield ChatUpdate(chat_messages(state), state, "The model asked to run a tool: approve or reject it first.",
                              keep_input=True)
             return
-        state = {k: v for k, v in state.items() if k != EDITED}
+        refusal = self.refusal(options.tools)
+        if refusal:  # said before anything is saved: the message stays in the box
+            yield ChatUpdate(chat_messages(state), state, refusal, keep_input=True)
+            return
         message: dict[str, Any] = {"role": "user", "content": text or "Read the attached file."}
         if options.files:
             try:
-                fitted = self.fit(options.files, message["content"], state, params, stops, options.overflow)
+                fitted = self.fit(options.files, message["content"], state, params, stops, options.overflow, who.user)
             except (LoadstarError, ValidationError) as error:
                 yield ChatUpdate(chat_messages(state), state, f"⚠️ {problem_line(error)}", keep_input=True)
                 return
@@ -163,10 +197,24 @@ class ChatHandlers:
             state["title"] = title_from(text or options.files[0].rsplit("/", 1)[-1])
         yield from self._reply(state, who, params, stops, tools=options.tools)
 
+    def refusal(self, tools: ToolChoice = "off") -> str | None:
+        """Why a message cannot be answered now, with the way out; None when it can."""
+        if self.engine.loaded is None:
+            problem = self.engine.model_problem
+            why = f"No model is loaded ({problem})" if problem else "No model is loaded"
+            return f"⚠️ {why}: pick one in the switch above the chat, or in the **Model** tab."
+        if tools != "off":
+            chosen = self.engine.loaded_prompt_format()
+            if chosen is not None and not template_takes_tools(chosen.format.template):
+                return (f"⚠️ This model's prompt format ({chosen.format.name}) takes no tools: turn tools off in the "
+                        "**Tools** panel, or load a model whose chat template takes them.")
+        return None
+
     # -- attachments -----------------------------------------------------------------------------
 
     def _read(
         self, files: tuple[str, ...], text: str, state: State, params: tuple[Any, ...], stops: str,
+        user: str | None = None,
     ) -> tuple[list[ReadFile], int | None]:
         """The uploaded ``files`` read, and the prompt tokens a message of ``text`` leaves free."""
         from loadstar.webui.uploads import uploaded_file
@@ -175,15 +223,15 @@ class ChatHandlers:
             raise BadRequestError(f"attach at most {MAX_FILES} files to one message")
         read = [self.engine.attachments.read(uploaded_file(path), Path(path).name) for path in files]
         probe = {**state, "messages": [*chat_messages(state), {"role": "user", "content": text or "…"}]}
-        room, _ = self.engine.prompt_room(self._request(probe, "fit", params, stops))
+        room, _ = self.engine.prompt_room(self._request(probe, "fit", params, stops, user=user))
         return read, room
 
     def fit(
         self, files: tuple[str, ...], text: str, state: State, params: tuple[Any, ...], stops: str,
-        overflow: Overflow,
+        overflow: Overflow, user: str | None = None,
     ) -> Fitted:
         """The uploaded ``files`` read and fitted into the room ``text`` leaves in the context."""
-        read, room = self._read(files, text, state, params, stops)
+        read, room = self._read(files, text, state, params, stops, user)
         info = self.engine.loaded
         embed = None
         if info is not None and FEATURE_EMBEDDINGS in info.features:
@@ -194,13 +242,13 @@ class ChatHandlers:
 
     def fit_line(
         self, files: tuple[str, ...], text: str, state: State, params: tuple[Any, ...], stops: str,
-        overflow: Overflow,
+        overflow: Overflow, user: str | None = None,
     ) -> str:
         """Before sending: each file's tokens against the room left, and what happens to one that does not fit."""
         if not files:
             return ""
         try:
-            read, room = self._read(files, text, state, params, stops)
+            read, room = self._read(files, text, state, params, stops, user)
             sizes = self.engine.count_tokens([f.text for f in read])
         except (LoadstarError, ValidationError) as error:
             return f"⚠️ {problem_line(error)}"
@@ -245,39 +293,37 @@ class ChatHandlers:
     def regenerate(
         self, state: State, who: Who, params: tuple[Any, ...], stops: str, tools: ToolChoice = "off",
     ) -> Iterator[ChatUpdate]:
-        """Drop the last reply and generate it again; after a user message was edited, answer that
-        message anew (what came after it is replaced)."""
+        """Generate the last reply again; the one it replaces stays as an earlier version of it."""
         messages = chat_messages(state)
-        edited = state.get(EDITED)
-        state = {k: v for k, v in state.items() if k != EDITED}
-        previous: list[str] = []  # the versions of the reply being replaced, kept as alternatives
-        if isinstance(edited, int) and 0 <= edited < len(messages) and messages[edited]["role"] == "user":
-            messages = messages[: edited + 1]
-        elif messages and messages[-1]["role"] == "assistant":
-            index = len(messages) - 1
-            previous = list((state.get("alternatives") or {}).get(index) or [messages[index]["content"]])
+        earlier = self._versions(state, len(messages) - 1) if messages and messages[-1]["role"] == "assistant" else None
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()
         if not messages:
             yield ChatUpdate(chat_messages(state), state, "Nothing to regenerate yet.")
             return
-        yield from self._reply({**state, "messages": messages}, who, params, stops, earlier_versions=previous,
-                               tools=tools)
+        refusal = self.refusal(tools)
+        if refusal:
+            yield ChatUpdate(chat_messages(state), state, refusal)
+            return
+        yield from self._reply({**state, "messages": messages}, who, params, stops, earlier=earlier, tools=tools)
 
-    def switch_reply(self, state: State, who: Who, step: int) -> ChatUpdate:
-        """Show the previous (step -1) or next (+1) version of the last reply; the model sees it next."""
+    def switch_reply(self, state: State, who: Who, step: int, index: int | None = None) -> ChatUpdate:
+        """Show the previous (step -1) or next (+1) version of reply ``index`` (the last one when
+        None); the version shown is the one the model reads in later turns."""
         messages = chat_messages(state)
         if self.engine.has_work(who.owner):
             return ChatUpdate(messages, state, "Still answering: press Stop first.")
+        index = len(messages) - 1 if index is None else index
+        if not 0 <= index < len(messages) or messages[index]["role"] != "assistant":
+            return ChatUpdate(messages, state, "That reply no longer exists.")
         conversation = Conversation.model_validate(state)
-        index = len(messages) - 1
         position, count = conversation.alternative(index)
         if count < 2:
             return ChatUpdate(messages, state, "This reply has no other versions: Regenerate makes one.")
         position = min(max(position + step, 0), count - 1)
-        messages[index] = {"role": "assistant", "content": conversation.alternatives[index][position]}
+        messages[index] = {**messages[index], "content": conversation.alternatives[index][position]}
         state = self._save({**state, "messages": messages}, who)
-        return ChatUpdate(messages, state, _reply_position(state))
+        return ChatUpdate(messages, state, _reply_position(state, index))
 
     def continue_(self, state: State, who: Who, params: tuple[Any, ...], stops: str) -> Iterator[ChatUpdate]:
         """Make the last reply longer: the model goes on from its last word."""
@@ -301,32 +347,69 @@ class ChatHandlers:
         state = self._save({**state, "messages": messages}, who)
         return ChatUpdate(messages, state, "Removed the last exchange.")
 
-    def edit(self, state: State, who: Who, index: int, text: Any) -> ChatUpdate:
-        """Replace message ``index`` with ``text`` (the chat keeps everything after it)."""
+    def edit(
+        self, state: State, who: Who, index: int, text: Any, params: tuple[Any, ...] = (), stops: str = "",
+        tools: ToolChoice = "off",
+    ) -> Iterator[ChatUpdate]:
+        """Replace message ``index`` with ``text``. An edited question is answered again at once:
+        the answer it had becomes an earlier version of the new one, and what came after is replaced."""
         messages = chat_messages(state)
-        content = reasoning_source(_text_of(text))  # a reasoning block goes back to the model's <think>
+        content = reasoning_source(own_text(_text_of(text)))  # a reasoning block goes back to the model's <think>
         if not isinstance(index, int) or not 0 <= index < len(messages):
-            return ChatUpdate(messages, state, "That message no longer exists.")
+            yield ChatUpdate(messages, state, "That message no longer exists.")
+            return
         if not content.strip():
-            return ChatUpdate(messages, state, "A message cannot be empty: use Remove last instead.")
+            yield ChatUpdate(messages, state, "A message cannot be empty: use Remove last instead.")
+            return
         role = messages[index]["role"]
         if role == "tool" or messages[index].get("tool_calls"):
-            return ChatUpdate(messages, state, "Tool calls and their results cannot be edited.")
-        if role == "user":
-            content = without_chips(content)  # the files stay attached as they were sent
+            yield ChatUpdate(messages, state, "Tool calls and their results cannot be edited.")
+            return
+        if self.engine.has_work(who.owner):
+            yield ChatUpdate(messages, state, "Still answering: press Stop first.")
+            return
         messages[index] = {**messages[index], "content": content}
-        state = self._save({**state, "messages": messages}, who)
-        if role != "user":
-            return ChatUpdate(messages, state, "Message edited.")
-        later = len(messages) - index - 1
-        replaced = f" (the {later} message{'s' if later != 1 else ''} after it will be replaced)" if later else ""
-        return ChatUpdate(messages, {**state, EDITED: index},
-                          f"Message edited. Press **Regenerate** for a new reply to it{replaced}.")
+        refusal = self.refusal(tools) if role == "user" else None
+        if role != "user" or refusal:
+            state = self._save({**state, "messages": messages}, who)
+            yield ChatUpdate(messages, state, refusal or "Message edited.")
+            return
+        following = index + 1
+        answered = following < len(messages) and messages[following]["role"] == "assistant" \
+            and not messages[following].get("tool_calls")
+        earlier = self._versions(state, following) if answered else None
+        yield from self._reply({**state, "messages": messages[: index + 1]}, who, params, stops, earlier=earlier,
+                               tools=tools)
+
+    def pick_character(self, state: State, who: Who, character_id: str | None) -> ChatUpdate:
+        """Talk with a character (None: with none). A conversation that has begun is kept as it
+        is: the character gets a new one. Its greeting opens the chat."""
+        character = self.engine.characters.get(who.user, character_id) if character_id else None
+        if character_id and character is None:
+            return ChatUpdate(chat_messages(state), state, "That character no longer exists.")
+        if self.engine.has_work(who.owner):
+            return ChatUpdate(chat_messages(state), state, "Still answering: press Stop first.")
+        begun = any(m.get("role") != "assistant" for m in chat_messages(state))
+        fresh = new_state() if begun else {**state, "alternatives": {}, "reply_stats": {}}
+        greeting = character.opening() if character else ""
+        fresh = {**fresh, "character": character.id if character else None,
+                 "messages": [{"role": "assistant", "content": greeting}] if greeting else []}
+        if character is None:
+            return ChatUpdate(fresh["messages"], fresh, "No character: the model answers as itself.")
+        where = "A new conversation" if begun else "This conversation"
+        return ChatUpdate(fresh["messages"], fresh, f"{where} with **{character.name}**.")
 
     def stop(self, owner: str) -> str | None:
         return stop_status(self.engine, owner)
 
-    def preview(self, text: str, state: State, params: tuple[Any, ...], stops: str) -> tuple[str, str]:
+    def leave(self, owner: str) -> None:
+        """The page of ``owner`` went away (closed, reloaded): its reply stops, and is kept marked interrupted."""
+        self._left.add(owner)
+        self.engine.stop(owner)
+
+    def preview(
+        self, text: str, state: State, params: tuple[Any, ...], stops: str, user: str | None = None,
+    ) -> tuple[str, str]:
         """The exact prompt the next Send would use and its token count, without generating."""
         messages = chat_messages(state)
         if (text or "").strip():
@@ -334,7 +417,7 @@ class ChatHandlers:
         if not messages:
             return "", "Type a message to see its prompt."
         try:
-            request = self._request({**state, "messages": messages}, "preview", params, stops)
+            request = self._request({**state, "messages": messages}, "preview", params, stops, user=user)
             prepared = self.engine.preview(request)
         except (LoadstarError, ValidationError) as error:
             return "", f"⚠️ {problem_line(error)}"
@@ -346,9 +429,13 @@ class ChatHandlers:
 
     def _request(
         self, state: State, owner: str, params: tuple[Any, ...], stops: str, continue_last: bool = False,
-        tools: ToolChoice = "off",
+        tools: ToolChoice = "off", user: str | None = None,
     ) -> GenerationRequest:
         conversation = Conversation.model_validate(state)
+        if not conversation.system.strip() and conversation.character:  # the character is who the model is
+            character = self.engine.characters.get(user, conversation.character)
+            if character is not None:
+                conversation = conversation.model_copy(update={"system": character.system_message()})
         offered = self.engine.tools.specs() if tools != "off" else ()
         # "required" holds only for the reply to the user's message: after a tool's result the
         # model decides, or it would call tools for ever.
@@ -360,19 +447,25 @@ class ChatHandlers:
             tools=ToolUse(tools=offered, mode=mode) if offered else ToolUse(),
         )
 
+    def _versions(self, state: State, index: int) -> Earlier:
+        """The versions of reply ``index`` so far (and how each was made), before it is answered anew."""
+        messages = state.get("messages") or []
+        texts = list((state.get("alternatives") or {}).get(index) or [messages[index]["content"]])
+        return Earlier(texts, dict((state.get("reply_stats") or {}).get(index) or {}))
+
     def _reply(
         self, state: State, who: Who, params: tuple[Any, ...], stops: str, continue_last: bool = False,
-        earlier_versions: list[str] | None = None, tools: ToolChoice = "off", rounds: int = 0,
+        earlier: Earlier | None = None, tools: ToolChoice = "off", rounds: int = 0,
     ) -> Iterator[ChatUpdate]:
-        """Stream a reply to ``state``'s messages. ``earlier_versions``: the replies a Regenerate
-        replaces, kept with the new one as alternatives of the same message."""
+        """Stream a reply to ``state``'s messages. ``earlier``: the versions of the reply being
+        replaced (Regenerate, an edited question), kept with the new one as versions of one message."""
         messages = chat_messages(state)
         if self.engine.has_work(who.owner):
             shown = messages[:-1] if messages and messages[-1]["role"] == "user" and not continue_last else messages
             yield ChatUpdate(shown, state, "Still answering: press Stop first.")
             return
         try:
-            request = self._request(state, who.owner, params, stops, continue_last, tools)
+            request = self._request(state, who.owner, params, stops, continue_last, tools, user=who.user)
             handle = self.engine.submit(request)
         except (LoadstarError, ValidationError) as error:
             yield ChatUpdate(messages, state, f"⚠️ {problem_line(error)}")
@@ -380,10 +473,13 @@ class ChatHandlers:
         state = self._save(state, who)  # the user's message is safe before the reply starts
 
         prefix = messages.pop()["content"] if continue_last else ""
-        reply, status, prompt, format_note = "", "Queued…", None, ""
+        at = len(messages)  # the reply's index
+        reply, status, prompt, format_note, model = "", "Queued…", None, "", ""
         finished: Finished | None = None
         try:
-            yield ChatUpdate([*messages, {"role": "assistant", "content": prefix}], state, status)
+            # Until the first text, no empty reply bubble: the chat shows that it waits.
+            yield ChatUpdate([*messages, {"role": "assistant", "content": prefix}] if prefix else messages, state, status,
+                             running=True)
             for redraw in redraws(handle):
                 event, reply = redraw.event, redraw.text
                 if isinstance(event, Queued):
@@ -391,30 +487,30 @@ class ChatHandlers:
                 elif isinstance(event, Started):
                     format_note = f" Prompt format: {event.format_why}." if event.format_why else ""
                     status = f"Generating with {event.model}…" + _notices(event.notices) + format_note
-                    prompt = event.prompt
+                    prompt, model = event.prompt, event.model
                 elif isinstance(event, Finished):
                     finished = event
                     status = finished_status(event) + format_note
-                shown = [*messages, {"role": "assistant", "content": prefix + reply}]
+                shown = [*messages, {"role": "assistant", "content": prefix + reply}] if prefix + reply else messages
                 if isinstance(event, Finished) and event.tool_calls:
                     shown = [*messages, {"role": "assistant", "content": event.text.strip(),
                                          "tool_calls": [_call_dict(c) for c in event.tool_calls]}]
                     status = _asking(event, state)
                     state = self._save({**state, "messages": shown}, who)
                 elif isinstance(event, Finished):
-                    shown = shown if prefix + reply else messages
-                    state = {**state, "messages": shown}
-                    keep = bool(earlier_versions) and len(shown) > len(messages)
-                    if keep:  # the conversation adds the new reply to its versions (once) when it is saved
-                        state["alternatives"] = {**(state.get("alternatives") or {}), len(messages): earlier_versions}
+                    made = reply_stats(event, model)
+                    if event.reason == "cancelled" and who.owner in self._left:  # stopped as its page went
+                        made = made.model_copy(update={"end": "interrupted"})
+                    state = self._with_reply(state, shown, at, earlier, made)
                     state = self._save(state, who)
-                    if keep:
-                        status = f"{status} {_reply_position(state)}"
-                yield ChatUpdate(shown, state, status, prompt)
+                    if earlier and len(shown) > at:
+                        status = f"{status} {_reply_position(state, at)}".rstrip()
+                yield ChatUpdate(shown, state, status, prompt, running=not isinstance(event, Finished))
         finally:
             handle.cancel()  # the page went away or Gradio closed us: stop generating for nobody
-            if finished is None and prefix + reply:  # keep what was said before the page went away
-                self._save({**state, "messages": [*messages, {"role": "assistant", "content": prefix + reply}]}, who)
+            if finished is None and prefix + reply:  # keep what was said before the page went away, marked
+                shown = [*messages, {"role": "assistant", "content": prefix + reply}]
+                self._save(self._with_reply(state, shown, at, earlier, ReplyStats(end="interrupted", model=model)), who)
         calls = pending_calls(state) if finished is not None and finished.tool_calls else []
         allowed = set(state.get("allowed_tools") or [])
         if calls and all(c["name"] in allowed for c in calls):
@@ -423,6 +519,22 @@ class ChatHandlers:
                                  f"The model called tools {rounds} times in a row: approve or reject this call.")
                 return
             yield from self._run_allowed(state, who, params, stops, calls, rounds + 1)
+
+    @staticmethod
+    def _with_reply(
+        state: State, shown: list[dict[str, Any]], at: int, earlier: Earlier | None, stats: ReplyStats,
+    ) -> State:
+        """``state`` with its messages ``shown``: reply ``at`` (when there is one) gets ``stats``, and
+        the conversation keeps the ``earlier`` versions beside it (the new one is added when saved)."""
+        state = {**state, "messages": shown}
+        if len(shown) <= at:
+            return state
+        by_version = dict(earlier.stats) if earlier else dict((state.get("reply_stats") or {}).get(at) or {})
+        by_version[version_key(shown[at]["content"])] = stats.model_dump()
+        state["reply_stats"] = {**(state.get("reply_stats") or {}), at: by_version}
+        if earlier:
+            state["alternatives"] = {**(state.get("alternatives") or {}), at: earlier.texts}
+        return state
 
     def _run_allowed(
         self, state: State, who: Who, params: tuple[Any, ...], stops: str, calls: list[dict[str, Any]], rounds: int,
@@ -468,13 +580,21 @@ def model_line(engine: Engine) -> str:
     also = f" · also loaded: {', '.join(others)}" if others else ""
     problem = engine.model_problem  # a worker that is not responding
     trouble = f" · ⚠ {problem}" if problem else ""
-    return f"Model: **{info.name}** · {info.loader} on {info.device}{also}{trouble}"
+    context = f" · {info.context_length:,}-token context" if info.context_length else ""
+    return f"Model: **{info.name}** · {info.loader} on {info.device}{context}{also}{trouble}"
 
 
-def _reply_position(state: State) -> str:
+def _reply_position(state: State, index: int | None = None) -> str:
     conversation = Conversation.model_validate(state)
-    position, count = conversation.alternative(len(conversation.messages) - 1)
-    return f"Reply {position + 1}/{count} (‹ and › switch)." if count > 1 else ""
+    position, count = conversation.alternative(len(conversation.messages) - 1 if index is None else index)
+    return f"Reply {position + 1}/{count} (‹ and › under it switch)." if count > 1 else ""
+
+
+def reply_stats(event: Finished, model: str) -> ReplyStats:
+    """How a finished reply was made, as its message keeps it."""
+    end = "cancelled" if event.reason == "cancelled" else event.reason
+    return ReplyStats(first_token_s=event.first_token_seconds, tokens_per_s=round(event.decode_tokens_per_second, 2),
+                      tokens=event.completion_tokens, end=end, model=model)
 
 
 def stop_status(engine: Engine, owner: str) -> str | None:
@@ -515,7 +635,7 @@ def finished_status(event: Finished) -> str:
     if event.reason == "error":
         error = event.error or "generation failed"
         return f"⚠️ {error}" + ("" if error.endswith((".", "!", "?")) else ".")  # what follows is a sentence of its own
-    stats = f"{event.completion_tokens} tokens, {event.tokens_per_second:.1f} tokens/s, seed {event.seed}"
+    stats = f"{event.completion_tokens} tokens, {event.decode_tokens_per_second:.1f} tokens/s, seed {event.seed}"
     if event.reason == "cancelled":
         text = f"Stopped ({stats})." if event.seed is not None else "Stopped."
     elif event.reason == "length":

@@ -14,11 +14,12 @@ from loadstar.webui.chat_handlers import (
     TurnOptions,
     chat_messages,
     model_line,
+    new_state,
     pending_calls,
     who,
 )
 from loadstar.webui.conversation_handlers import ConversationHandlers
-from loadstar.webui.message_display import displayed
+from loadstar.webui.message_display import Speaker, displayed, reply_lines
 from loadstar.webui.parameters_tab import ParameterControls
 from loadstar.webui.remembered import CLOSE_SIDEBAR_ON_PHONE, remember, remembered
 from loadstar.webui.streaming import only_changes
@@ -44,6 +45,25 @@ def files_of(value: Any) -> tuple[str, ...]:
     """The paths of the files attached in the message box (Gradio's upload folder; checked again later)."""
     files = (value or {}).get("files") or [] if isinstance(value, dict) else []
     return tuple(str(f.get("path") if isinstance(f, dict) else getattr(f, "path", f)) for f in files)
+
+
+def controls(state: Any, running: bool) -> list[Any]:
+    """Send or Stop, and the buttons that act on the last reply: enabled only when they can act."""
+    messages = (state or {}).get("messages") or []
+    last = messages[-1] if messages else {}
+    answered = last.get("role") == "assistant" and not last.get("tool_calls") \
+        and any(m.get("role") == "user" for m in messages)
+    idle = not running
+    return [gr.update(visible=idle), gr.update(visible=running), gr.update(interactive=idle and answered),
+            gr.update(interactive=idle and answered), gr.update(interactive=idle and bool(messages))]
+
+
+def picture_style(character: Any) -> str:
+    """The CSS that shows ``character``'s picture beside its name (nothing without one)."""
+    if character is None or not character.picture:
+        return ""
+    return ("<style>#chatbot .speaker-picture { background-image: url(data:image/png;base64,"
+            f"{character.picture}); }}</style>")
 
 
 def build_chat_tab(engine: Engine) -> ChatTab:
@@ -72,16 +92,19 @@ def build_chat_tab(engine: Engine) -> ChatTab:
             model = gr.Markdown(elem_id="chat-model")
             model_switch = gr.Dropdown([], label="Switch model", show_label=False, elem_id="chat-model-switch",
                                        scale=0, min_width=200, interactive=True, container=False)
+            character = gr.Dropdown([("No character", "")], value="", label="Character", show_label=False,
+                                    elem_id="chat-character", scale=0, min_width=160, interactive=True,
+                                    container=False)
+        character_style = gr.HTML("", elem_id="character-style", padding=False)  # the character's picture (CSS)
         chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot", buttons=["copy", "copy_all"],
                              feedback_options=None, editable="all", latex_delimiters=LATEX)
-        with gr.Accordion("System message", open=False):
-            system = gr.Textbox(label="System message", lines=2, elem_id="system-message",
-                                placeholder="Empty: the model's default, if it has one")
+        # Feedback where the user looks: right above the box (a refusal, an error, the queue), dismissable.
+        status = gr.Markdown("", elem_id="chat-status")
         # lines=1 with room to grow: Gradio sends on Enter and leaves Shift+Enter to the textarea
         # (a new line); with lines > 1 it would send on Shift+Enter only. Files: its 📎 button, or
         # dropped onto the box; a chip for each shows above the text before sending.
         message = gr.MultimodalTextbox(
-            label="Message", show_label=False, placeholder="Message (Enter sends, Shift+Enter: new line)",
+            label="Message", show_label=False, placeholder="Message",
             lines=1, max_lines=10, elem_id="chat-input", file_count="multiple", sources=["upload"],
             submit_btn=False)
         with gr.Column(elem_id="attachment-row"):  # a column: on a phone the line needs the full width
@@ -97,15 +120,19 @@ def build_chat_tab(engine: Engine) -> ChatTab:
                                     scale=0)
                 always = gr.Button("Always run this tool", elem_id="tool-always", size="sm", min_width=90, scale=0)
                 reject = gr.Button("Reject", variant="stop", elem_id="tool-reject", size="sm", min_width=90, scale=0)
-        with gr.Row():
-            send_button = gr.Button("Send", variant="primary", elem_id="send", min_width=90)
-            stop_button = gr.Button("Stop", variant="stop", elem_id="stop", min_width=90)
-            regenerate_button = gr.Button("Regenerate", elem_id="regenerate", min_width=90)
-            continue_button = gr.Button("Continue", elem_id="continue", min_width=90)
-            remove_button = gr.Button("Remove last", elem_id="remove-last", min_width=90)
-            previous_reply = gr.Button("‹", elem_id="previous-reply", min_width=40, scale=0)
-            next_reply = gr.Button("›", elem_id="next-reply", min_width=40, scale=0)
-        status = gr.Markdown("", elem_id="chat-status")
+        # Send turns into Stop while the reply streams; the others act only when there is a reply.
+        with gr.Row(elem_id="chat-buttons"):
+            send_button = gr.Button("Send", variant="primary", elem_id="send", min_width=80)
+            stop_button = gr.Button("Stop", variant="stop", elem_id="stop", min_width=80, visible=False)
+            regenerate_button = gr.Button("Regenerate", elem_id="regenerate", min_width=80, interactive=False)
+            continue_button = gr.Button("Continue", elem_id="continue", min_width=80, interactive=False)
+            remove_button = gr.Button("Remove last", elem_id="remove-last", min_width=80, interactive=False)
+        # ‹ › under a reply: the page's script writes "index:step" here (webui.message_display).
+        version_request = gr.Textbox(visible="hidden", elem_id="version-request")
+        version_go = gr.Button(visible="hidden", elem_id="version-go")
+        with gr.Accordion("System message", open=False):  # under the buttons: the chat and box fit a phone's screen
+            system = gr.Textbox(label="System message", lines=2, elem_id="system-message",
+                                placeholder="Empty: the model's default, if it has one")
         with gr.Accordion("Tools", open=False, elem_id="tools-panel"):
             tools_on = gr.Checkbox(False, label="Let the model call tools (each call waits for your approval)",
                                    elem_id="tools-on")
@@ -123,7 +150,7 @@ def build_chat_tab(engine: Engine) -> ChatTab:
         engine, state, chatbot, conversation_list, new_button, title, rename_button, delete_button, search,
         export_button, export_file, import_file, conversation_status, system, message, send_button, stop_button,
         regenerate_button, continue_button, remove_button, status, preview_button, prompt_info, prompt_box, panels,
-        model, previous_reply, next_reply, sidebar, menu, model_switch, delete_confirm, confirm_delete, keep,
+        model, version_request, version_go, character, character_style, sidebar, menu, model_switch, delete_confirm, confirm_delete, keep,
         fitted_files, overflow, fit, approval, approval_text, approve, always, reject, tools_on, tool_mode, tools_info,
     )
 
@@ -156,8 +183,10 @@ class ChatTab:
     prompt_box: Any
     panels: Any  # where extensions' panels go
     model: Any  # the line above the chat naming the loaded model
-    previous_reply: Any  # ‹ and ›: the versions of a regenerated reply
-    next_reply: Any
+    version_request: Any  # "index:step" from a ‹ › under a reply
+    version_go: Any  # clicked by the page's script once version_request holds it
+    character: Any  # the character picker above the chat
+    character_style: Any  # the character's picture, as CSS
     sidebar: Any
     menu: Any  # the open conversation's menu
     model_switch: Any  # the dropdown beside the model line
@@ -182,9 +211,25 @@ class ChatTab:
         conversations = ConversationHandlers(self.engine)
         w = self
 
-        def shown(state):
-            """Everything that shows one conversation: chat, system, title."""
-            return displayed(chat_messages(state), bool(pending_calls(state))), state.get("system", ""), state.get("title", "")
+        def character_choices(user):
+            listed = [(c.name + (" (extension)" if ":" in c.id else ""), c.id) for c in self.engine.characters.all(user)]
+            return [("No character", ""), *listed]
+
+        def speaker(state, user):
+            """The character the conversation is with, as its replies show it (None: none)."""
+            found = self.engine.characters.get(user, (state or {}).get("character"))
+            return Speaker(found.name, bool(found.picture)) if found else None
+
+        def view(messages, state, user, waiting=False, said_by=None):
+            """The chat as shown: the messages, the line under each reply, the character's name."""
+            return displayed(messages, waiting, reply_lines(state, messages), said_by or speaker(state, user))
+
+        def shown(state, user):
+            """Everything that shows one conversation: chat, system, title, character, its picture, the buttons."""
+            found = self.engine.characters.get(user, state.get("character"))
+            said_by = Speaker(found.name, bool(found.picture)) if found else None
+            return (view(chat_messages(state), state, user, bool(pending_calls(state)), said_by), state.get("system", ""),
+                    state.get("title", ""), found.id if found else "", picture_style(found), *controls(state, False))
 
         def listing(request: gr.Request, state=None):
             user = who(request).user
@@ -209,14 +254,17 @@ class ChatTab:
             return gr.update(visible=True), f"Run **{names}** with the arguments shown above?"
 
         @only_changes
-        def stream(updates, clear_message: bool):
+        def stream(updates, clear_message: bool, user: str | None):
             empty = None  # the box cleared (text and files); None is one object: only_changes sends it once
+            said_by = None
             for update in updates:
                 assert isinstance(update, ChatUpdate)
+                said_by = said_by or speaker(update.state, user)
                 waiting = bool(pending_calls(update.state)) if update.asking is None else update.asking
                 row, question = asking(update.state) if waiting else (gr.update(visible=False), "")
-                out = [displayed(update.chatbot, waiting), update.state, update.status,
-                       gr.update() if update.prompt is None else update.prompt, row, question]
+                out = [view(update.chatbot, update.state, user, waiting, said_by), update.state, update.status,
+                       gr.update() if update.prompt is None else update.prompt, row, question,
+                       *controls(update.state, update.running)]
                 cleared = [gr.update()] * 3 if update.keep_input else [empty, "", ()]
                 yield (cleared if clear_message else []) + out
 
@@ -233,17 +281,18 @@ class ChatTab:
         def send(data, request: gr.Request):
             values, stops = parameters.read(data)
             yield from stream(chat.send(text_of(data[w.message]), with_system(data), who(request), values, stops,
-                                        options(data)), True)
+                                        options(data)), True, who(request).user)
 
         def regenerate(data, request: gr.Request):
             values, stops = parameters.read(data)
             yield from stream(chat.regenerate(with_system(data), who(request), values, stops,
-                                              tools=tool_choice(data)), False)
+                                              tools=tool_choice(data)), False, who(request).user)
 
         def decide(decision: str):
             def handler(data, request: gr.Request):
                 values, stops = parameters.read(data)
-                yield from stream(chat.decide(with_system(data), who(request), values, stops, decision), False)
+                yield from stream(chat.decide(with_system(data), who(request), values, stops, decision), False,
+                                  who(request).user)
             return handler
 
         def fit_line(data):
@@ -258,7 +307,7 @@ class ChatTab:
         def refit(data):
             values, stops = parameters.read(data)
             return chat.fit_line(files_of(data[w.message]), text_of(data[w.message]), with_system(data), values,
-                                 stops, data[w.overflow] or "search")
+                                 stops, data[w.overflow] or "search")  # (the character's system text aside)
 
         def tools_listing():
             offered = self.engine.tools.available()
@@ -269,37 +318,55 @@ class ChatTab:
 
         def continue_(data, request: gr.Request):
             values, stops = parameters.read(data)
-            yield from stream(chat.continue_(with_system(data), who(request), values, stops), False)
+            yield from stream(chat.continue_(with_system(data), who(request), values, stops), False, who(request).user)
+
+        def one_update(update: ChatUpdate, user):
+            return [view(update.chatbot, update.state, user), update.state, update.status,
+                    *controls(update.state, False)]
 
         def remove_last(state, request: gr.Request):
-            update = chat.remove_last(state, who(request))
-            return displayed(update.chatbot), update.state, update.status
+            return one_update(chat.remove_last(state, who(request)), who(request).user)
 
-        def edit(state, event: gr.EditData, request: gr.Request):
+        def edit(data, event: gr.EditData, request: gr.Request):
+            """Enter (or ✓) in a message's edit box: saved, and an edited question answered again."""
             index = event.index if isinstance(event.index, int) else event.index[0]
-            update = chat.edit(state, who(request), index, event.value)
-            return displayed(update.chatbot), update.state, update.status
+            values, stops = parameters.read(data)
+            yield from stream(chat.edit(with_system(data), who(request), index, event.value, values, stops,
+                                        tool_choice(data)), False, who(request).user)
+
+        def begin(data, request: gr.Request):
+            """At once on Enter: the user's own message in the chat and Stop in place of Send (the
+            turn itself follows, and says why when the message cannot be taken)."""
+            text, state = text_of(data[w.message]).strip(), data[w.state] or {}
+            if not (text or files_of(data[w.message])) or self.engine.has_work(who(request).owner) \
+                    or pending_calls(state) or chat.refusal(tool_choice(data)):
+                return [gr.skip()] * 3
+            messages = [*chat_messages(state), {"role": "user", "content": text or "Read the attached file."}]
+            return [view(messages, state, who(request).user), gr.update(visible=False), gr.update(visible=True)]
 
         def stop(request: gr.Request):
             status = chat.stop(who(request).owner)
             return gr.skip() if status is None else status  # the stopped reply says "Stopped" itself
 
-        def preview(data):
+        def preview(data, request: gr.Request):
             values, stops = parameters.read(data)
-            prompt, info = chat.preview(text_of(data[w.message]), with_system(data), values, stops)
-            return prompt, info
+            return chat.preview(text_of(data[w.message]), with_system(data), values, stops, who(request).user)
 
         def leave(request: gr.Request):
-            self.engine.stop(who(request).owner)
+            chat.leave(who(request).owner)
 
         inputs = {w.message, w.state, w.system, w.fitted_files, w.overflow, w.tools_on, w.tool_mode,
                   *parameters.inputs}
-        turn_outputs = [w.chatbot, w.state, w.status, w.prompt_box, w.approval, w.approval_text]
-        after = dict(fn=listing, inputs=[w.state], outputs=w.conversation_list)
-        after_turn = dict(fn=listing_and_title, inputs=[w.state], outputs=[w.conversation_list, w.title, w.model])
+        buttons = [w.send_button, w.stop_button, w.regenerate_button, w.continue_button, w.remove_button]
+        turn_outputs = [w.chatbot, w.state, w.status, w.prompt_box, w.approval, w.approval_text, *buttons]
+        one_outputs = [w.chatbot, w.state, w.status, *buttons]
+        after = dict(fn=listing, inputs=[w.state], outputs=w.conversation_list, show_progress="hidden")
+        after_turn = dict(fn=listing_and_title, inputs=[w.state], outputs=[w.conversation_list, w.title, w.model],
+                          show_progress="hidden")  # no spinner over the list after each reply
         for trigger in (w.send_button.click, w.message.submit):
-            trigger(send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs],
-                    concurrency_limit=UNLIMITED).then(**after_turn)
+            trigger(begin, inputs, [w.chatbot, w.send_button, w.stop_button], queue=False, show_progress="hidden").then(
+                send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs], concurrency_limit=UNLIMITED,
+                show_progress="minimal").then(**after_turn)
         for button, decision in ((w.approve, "approve"), (w.always, "always"), (w.reject, "reject")):
             button.click(decide(decision), inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
         w.message.change(fit_line, inputs, [w.fit, w.fitted_files, w.overflow], show_progress="hidden",
@@ -308,23 +375,25 @@ class ChatTab:
         w.tools_on.change(lambda on: tools_listing() if on else "", w.tools_on, w.tools_info)
         w.regenerate_button.click(regenerate, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
         w.continue_button.click(continue_, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
-        w.remove_button.click(remove_last, w.state, [w.chatbot, w.state, w.status]).then(**after)
-        w.chatbot.edit(edit, w.state, [w.chatbot, w.state, w.status])
+        w.remove_button.click(remove_last, w.state, one_outputs).then(**after)
+        w.chatbot.edit(edit, inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
 
-        def switch(step: int):
-            def handler(state, request: gr.Request):
-                update = chat.switch_reply(state, who(request), step)
-                return displayed(update.chatbot), update.state, update.status
-            return handler
+        def switch(request_text, state, request: gr.Request):
+            """A ‹ or › under a reply: "index:step[:nonce]" from the page's script."""
+            try:
+                index, step = (int(part) for part in str(request_text or "").split(":")[:2])
+            except ValueError:
+                return [gr.skip()] * len(one_outputs)
+            return one_update(chat.switch_reply(state, who(request), max(-1, min(1, step)), index), who(request).user)
 
-        w.previous_reply.click(switch(-1), w.state, [w.chatbot, w.state, w.status])
-        w.next_reply.click(switch(1), w.state, [w.chatbot, w.state, w.status])
+        w.version_go.click(switch, [w.version_request, w.state], one_outputs, show_progress="hidden")
         w.stop_button.click(stop, None, w.status, concurrency_limit=UNLIMITED)
         w.preview_button.click(preview, inputs, [w.prompt_box, w.prompt_info])
         demo.unload(leave)
 
         # -- conversations ------------------------------------------------------------------------
-        view = [w.state, w.chatbot, w.system, w.title]
+        view_outputs = [w.state, w.chatbot, w.system, w.title, w.character, w.character_style, *buttons]
+        unchanged = [gr.update()] * len(view_outputs)
 
         def start(memory_value, request: gr.Request):
             """A page opens the conversation this browser had open last, else a new one."""
@@ -335,10 +404,11 @@ class ChatTab:
             if opened is not None:
                 state = opened
             value = state["id"] if any(cid == state["id"] for _, cid in choices) else None
-            chat_view, system, title = shown(state)
+            chat_view, system, title, *rest = shown(state, user)
             # The box is empty when the page opens: writing "" again would wipe what the user typed
             # meanwhile, when this arrives late on a busy server.
-            return [state, chat_view, system or gr.update(), title, gr.update(choices=choices, value=value)]
+            return [state, chat_view, system or gr.update(), title, *rest, gr.update(choices=choices, value=value),
+                    gr.update(choices=character_choices(user), value=rest[0])]
 
         def keep_open(memory_value, state):
             return remember(memory_value, conversation=state.get("id") if state else None)
@@ -346,16 +416,16 @@ class ChatTab:
         def new(request: gr.Request):
             self.engine.stop(who(request).owner)
             state, status = conversations.new(who(request).user)
-            return [state, *shown(state), gr.update(value=None), status]
+            return [state, *shown(state, who(request).user), gr.update(value=None), status]
 
         def open_(conversation_id, state, request: gr.Request):
             if state and conversation_id == state.get("id"):
-                return [gr.update()] * 4 + [""]
+                return [*unchanged, ""]
             self.engine.stop(who(request).owner)
             opened, status = conversations.open(who(request).user, conversation_id)
             if opened is None:
-                return [gr.update()] * 4 + [status]
-            return [opened, *shown(opened), status]
+                return [*unchanged, status]
+            return [opened, *shown(opened, who(request).user), status]
 
         def rename(state, new_title, request: gr.Request):
             renamed, status = conversations.rename(who(request).user, state, new_title)
@@ -364,7 +434,7 @@ class ChatTab:
         def delete(state, request: gr.Request):
             self.engine.stop(who(request).owner)
             remaining, status = conversations.delete(who(request).user, state)
-            return [remaining, *shown(remaining), status, gr.update(visible=False)]
+            return [remaining, *shown(remaining, who(request).user), status, gr.update(visible=False)]
 
         def search(query, state, request: gr.Request):
             """Enter in the search box: the list shows the conversations that match (all when empty)."""
@@ -382,19 +452,32 @@ class ChatTab:
         def import_(file, request: gr.Request):
             imported, status = conversations.import_(who(request).user, file)
             if imported is None:
-                return [gr.update()] * 4 + [status]
-            return [imported, *shown(imported), status]
+                return [*unchanged, status]
+            return [imported, *shown(imported, who(request).user), status]
 
-        demo.load(start, memory, [*view, w.conversation_list])
+        def pick_character(character_id, state, request: gr.Request):
+            update = chat.pick_character(state or new_state(), who(request), character_id or None)
+            user = who(request).user
+            found = self.engine.characters.get(user, update.state.get("character"))
+            return [update.state, view(update.chatbot, update.state, user), update.state.get("system", ""),
+                    update.state.get("title", ""), found.id if found else "", picture_style(found),
+                    *controls(update.state, False), update.status]
+
+        def refresh_characters(request: gr.Request):
+            return gr.update(choices=character_choices(who(request).user))
+
+        demo.load(start, memory, [*view_outputs, w.conversation_list, w.character])
         w.state.change(keep_open, [memory, w.state], memory)
         for trigger in (w.new_button.click, w.chatbot.clear):  # the chat's own trash icon starts anew too
-            trigger(new, None, [*view, w.conversation_list, w.conversation_status]).then(None, js=CLOSE_SIDEBAR_ON_PHONE)
-        w.conversation_list.input(open_, [w.conversation_list, w.state], [*view, w.conversation_status]).then(
+            trigger(new, None, [*view_outputs, w.conversation_list, w.conversation_status]).then(None, js=CLOSE_SIDEBAR_ON_PHONE)
+        w.conversation_list.input(open_, [w.conversation_list, w.state], [*view_outputs, w.conversation_status]).then(
             None, js=CLOSE_SIDEBAR_ON_PHONE)
         w.rename_button.click(rename, [w.state, w.title], [w.state, w.conversation_status]).then(**after)
         w.delete_button.click(lambda: gr.update(visible=True), None, w.delete_confirm)
         w.keep.click(lambda: gr.update(visible=False), None, w.delete_confirm)
-        w.confirm_delete.click(delete, w.state, [*view, w.conversation_status, w.delete_confirm]).then(**after)
+        w.confirm_delete.click(delete, w.state, [*view_outputs, w.conversation_status, w.delete_confirm]).then(**after)
         w.search.submit(search, [w.search, w.state], [w.conversation_list, w.conversation_status])  # reads every file
         w.export_button.click(export, w.state, [w.export_file, w.conversation_status])
-        w.import_file.upload(import_, w.import_file, [*view, w.conversation_status]).then(**after)
+        w.import_file.upload(import_, w.import_file, [*view_outputs, w.conversation_status]).then(**after)
+        w.character.focus(refresh_characters, None, w.character, queue=False)
+        w.character.input(pick_character, [w.character, w.state], [*view_outputs, w.status]).then(**after)

@@ -74,7 +74,7 @@ class ConversationHandlers:
         if not chat_messages(state):
             return None, "Nothing to export yet."
         try:
-            path = self.store.export_file(user, Conversation.model_validate(state))
+            path = self.engine.export_conversation(user, Conversation.model_validate(state))
         except (OSError, ValueError) as error:
             return None, f"⚠️ cannot export: {one_line(error)}"
         return str(path), "Exported."
@@ -84,6 +84,6 @@ class ConversationHandlers:
         if not path:
             return None, ""
         try:
-            return self.store.import_file(user, uploaded_file(path)).model_dump(), "Imported as a new conversation."
+            return self.engine.import_conversation(user, uploaded_file(path)).model_dump(), "Imported as a new conversation."
         except LoadstarError as error:
             return None, f"⚠️ {error}"

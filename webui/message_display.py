@@ -5,7 +5,13 @@ Edits and ‹ › address messages by index, so nothing here adds or drops a mes
   passages sent, quoted with file and page, folded);
 - an assistant message's reasoning is collapsed (``webui.reasoning``);
 - a tool call shows as a titled box with its arguments (open while it waits for the user's
-  approval), a tool's result as a folded box under it.
+  approval), a tool's result as a folded box under it;
+- a reply shows the character's name and picture above it (in a conversation with one), and a
+  line under it: its versions (‹ 2/3 ›, the page's script sends clicks on them to the server)
+  and how it was made (time to first token, decode speed, tokens, how it ended).
+
+What is added around a message's own text is marked (``<!--/speaker-->``, ``<!--/meta-->``):
+``own_text`` removes it for an edit, and the page's script for the copy buttons and the edit box.
 """
 
 from __future__ import annotations
@@ -13,12 +19,26 @@ from __future__ import annotations
 import html
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
+from loadstar.engine.chat.conversations import version_key
 from loadstar.webui.reasoning import OPEN, show_reasoning
 
 DECLINED = "The user declined this call: it did not run. Answer without it."  # the tool message of a rejected call
 _CHIPS = re.compile(r'^<div class="attachments">.*?</div><!--/attachments-->\n\n', re.DOTALL)
+_SPEAKER = re.compile(r'^<div class="speaker">.*?</div><!--/speaker-->\n\n', re.DOTALL)
+_META = re.compile(r'\n\n<div class="reply-meta[^"]*">.*?</div><!--/meta-->$', re.DOTALL)
+ENDINGS = {"length": "cut at max new tokens", "cancelled": "stopped", "error": "failed",
+           "interrupted": "interrupted: the page was left while it was written"}
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """Who the replies are from, in a conversation with a character."""
+
+    name: str
+    has_picture: bool = False
 
 
 def chips(attachments: list[dict[str, Any]]) -> str:
@@ -41,6 +61,63 @@ def chips(attachments: list[dict[str, Any]]) -> str:
 def without_chips(text: str) -> str:
     """A displayed user message's own text (the inverse of what ``chips`` added)."""
     return _CHIPS.sub("", text, count=1)
+
+
+def own_text(text: str) -> str:
+    """A displayed message's own text: without file chips, speaker line and reply line."""
+    return _META.sub("", _SPEAKER.sub("", without_chips(text), count=1), count=1)
+
+
+def speaker_line(speaker: Speaker) -> str:
+    picture = '<span class="speaker-picture"></span>' if speaker.has_picture else ""
+    return f'<div class="speaker">{picture}<b>{html.escape(speaker.name)}</b></div><!--/speaker-->\n\n'
+
+
+def reply_line(index: int, position: int, count: int, stats: dict[str, Any] | None) -> str:
+    """Under a reply: its versions with ‹ › (when it has several) and how it was made."""
+    parts = []
+    if count > 1:
+        prev_off = " ls-off" if position == 0 else ""
+        next_off = " ls-off" if position >= count - 1 else ""
+        parts.append(f'<span class="versions"><button class="ls-prev{prev_off}" title="Previous version">‹</button>'
+                     f"<span>{position + 1}/{count}</span>"
+                     f'<button class="ls-next{next_off}" title="Next version">›</button></span>')
+    if stats:
+        made = []
+        if stats.get("first_token_s") is not None:
+            made.append(f"{stats['first_token_s']:.2f} s to first token")
+        if stats.get("tokens"):
+            made.append(f"{stats.get('tokens_per_s', 0):.1f} tokens/s")
+            made.append(f"{stats['tokens']} tokens")
+        ending = ENDINGS.get(str(stats.get("end")))
+        if made:
+            parts.append(f'<span class="stats">{" · ".join(made)}</span>')
+        if ending:
+            parts.append(f'<span class="ending">{html.escape(ending)}</span>')
+    if not parts:
+        return ""
+    return f'\n\n<div class="reply-meta ls-at-{index}">{"".join(parts)}</div><!--/meta-->'
+
+
+def reply_lines(state: dict[str, Any], messages: list[dict[str, Any]]) -> dict[int, str]:
+    """The line under each reply of ``messages`` that is the saved one in ``state`` (not one being written)."""
+    saved = state.get("messages") or []
+    alternatives = state.get("alternatives") or {}
+    stats = state.get("reply_stats") or {}
+    lines = {}
+    for index, m in enumerate(messages):
+        if m.get("role") != "assistant" or m.get("tool_calls") or index >= len(saved):
+            continue
+        content = m.get("content") or ""
+        if saved[index].get("content") != content:
+            continue
+        versions = alternatives.get(index) or []
+        position = versions.index(content) if content in versions else 0
+        made = (stats.get(index) or {}).get(version_key(content))
+        line = reply_line(index, position, max(len(versions), 1), made)
+        if line:
+            lines[index] = line
+    return lines
 
 
 def _summary(a: dict[str, Any]) -> str:
@@ -66,8 +143,14 @@ def call_text(call: dict[str, Any]) -> str:
     return f"```json\n{arguments}\n```"
 
 
-def displayed(messages: list[dict[str, Any]], waiting: bool = False) -> list[dict[str, Any]]:
-    """Conversation messages as the chat shows them. ``waiting``: the last tool calls await approval."""
+def displayed(
+    messages: list[dict[str, Any]], waiting: bool = False, lines: dict[int, str] | None = None,
+    speaker: Speaker | None = None,
+) -> list[dict[str, Any]]:
+    """Conversation messages as the chat shows them. ``waiting``: the last tool calls await
+    approval; ``lines``: the line under each reply (``reply_lines``); ``speaker``: the character."""
+    lines = lines or {}
+    said_by = speaker_line(speaker) if speaker else ""
     names = {c["id"]: c["name"] for m in messages for c in m.get("tool_calls") or []}
     shown: list[dict[str, Any]] = []
     for index, m in enumerate(messages):
@@ -89,7 +172,8 @@ def displayed(messages: list[dict[str, Any]], waiting: bool = False) -> list[dic
             shown.append({"role": "assistant", "content": said + "\n\n".join(call_text(c) for c in calls),
                           "metadata": {"title": title, "status": "pending" if pending else "done"}})
         elif role == "assistant":
-            shown.append({"role": "assistant", "content": show_reasoning(content) if OPEN in content else content})
+            text = show_reasoning(content) if OPEN in content else content
+            shown.append({"role": "assistant", "content": said_by + text + lines.get(index, "")})
         else:
             shown.append({"role": "assistant", "content": content})
     return shown
