@@ -67,16 +67,16 @@ Backend = Literal[
 class AutoGPTQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
-    backend: Backend = Field("auto", description=(
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", title='Device', description="auto = CUDA when present, else CPU.")
+    backend: Backend = Field("auto", title='Kernel', description=(
         "Kernel; auto = on CUDA gptqmodel's pick, on CPU the fastest within 0.05 logits of the exact model "
         "(dense_float32: the layers dequantized to float32 once, exact, 32/bits times the memory)."))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Activation dtype; auto = float16 on CUDA, on CPU the kernel's measured dtype."
     )
-    allow_pt: bool = Field(False, description="Allow a pickled .pt weights file (read with torch weights_only).")
-    scratch_dir: Path | None = Field(None, description="Where derived files go (set by Loadstar to its data folder).")
-    max_batch: int = Field(4, ge=1, le=64, description=(
+    allow_pt: bool = Field(False, title='Allow pickled .pt weights', description="Allow a pickled .pt weights file (read with torch weights_only).")
+    scratch_dir: Path | None = Field(None, title='Folder for derived files', description="Where derived files go (set by Loadstar to its data folder).")
+    max_batch: int = Field(4, ge=1, le=64, title='Requests decoded together', description=(
         "Requests decoded together (continuous batching; a request waits while its KV cache would not "
         "fit in half the free memory); 1 = one at a time."))
 

@@ -48,9 +48,9 @@ SUPPORTED_ARCHITECTURES = frozenset({
 class ExLlamaV2Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_seq_len: int | None = Field(None, ge=256, le=1_048_576, description="KV cache length; default: the model's context length.")
-    cache: Literal["fp16", "q8", "q4"] = Field("fp16", description="KV cache precision (q4/q8 save VRAM).")
-    scratch_dir: Path | None = Field(None, description="Where derived files go (set by Loadstar to its data folder).")
+    max_seq_len: int | None = Field(None, ge=256, le=1_048_576, title='Context size (tokens)', description="KV cache length; default: the model's context length.")
+    cache: Literal["fp16", "q8", "q4"] = Field("fp16", title='KV cache precision', description="KV cache precision (q4/q8 save VRAM).")
+    scratch_dir: Path | None = Field(None, title='Folder for derived files', description="Where derived files go (set by Loadstar to its data folder).")
 
 
 def rope_fix(config: dict[str, Any]) -> dict[str, Any] | None:

@@ -80,18 +80,18 @@ MAX_TEMPLATE_BYTES = 1024 * 1024  # real chat templates are a few kB; the larges
 class LlamaCppOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_ctx: int = Field(0, ge=0, le=1_048_576, description=(
+    n_ctx: int = Field(0, ge=0, le=1_048_576, title="Context size (tokens, 0 = the model's own)", description=(
         "Context length in tokens, for each request; 0 = the model's own, capped so the KV caches of "
         "max_batch requests fit in half the free memory."))
-    n_threads: int = Field(0, ge=0, le=512, description="CPU threads; 0 = the physical cores.")
-    n_batch: int = Field(512, ge=1, le=65_536, description="Prompt tokens evaluated per batch.")
-    use_mmap: bool = Field(True, description="Memory-map the file (shared with the page cache, loads at once).")
-    use_mlock: bool = Field(False, description="Lock the weights in RAM so they are never swapped out.")
-    n_gpu_layers: int = Field(-1, ge=-1, le=100_000, description=(
+    n_threads: int = Field(0, ge=0, le=512, title='CPU threads', description="CPU threads; 0 = the physical cores.")
+    n_batch: int = Field(512, ge=1, le=65_536, title='Prompt batch size', description="Prompt tokens evaluated per batch.")
+    use_mmap: bool = Field(True, title='Map the file into memory', description="Memory-map the file (shared with the page cache, loads at once).")
+    use_mlock: bool = Field(False, title='Lock the weights in RAM', description="Lock the weights in RAM so they are never swapped out.")
+    n_gpu_layers: int = Field(-1, ge=-1, le=100_000, title='Layers on the GPU', description=(
         "Layers on the GPU; -1 = all when this build has a GPU backend, else 0."))
-    flash_attn: bool = Field(True, description="Flash attention (used where the build supports it).")
-    gguf_file: str | None = Field(None, description="Which model to load when the folder holds several.")
-    max_batch: int = Field(4, ge=1, le=64, description=(
+    flash_attn: bool = Field(True, title='Flash attention', description="Flash attention (used where the build supports it).")
+    gguf_file: str | None = Field(None, title='GGUF file', description="Which model to load when the folder holds several.")
+    max_batch: int = Field(4, ge=1, le=64, title='Requests decoded together', description=(
         "Requests decoded together (continuous batching), each with a KV cache of n_ctx tokens; 1 = one at a time."))
 
 

@@ -33,12 +33,12 @@ from loadstar.loaders.weight_bytes import loaded_bytes
 class TransformersOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", title='Device', description="auto = CUDA when present, else CPU.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto = float32 for GGUF on CPU, bfloat16 otherwise (float16 on GPUs without bf16)."
     )
-    gguf_file: str | None = Field(None, description="Which .gguf file to load when the folder has several.")
-    max_batch: int = Field(4, ge=1, le=64, description=(
+    gguf_file: str | None = Field(None, title='GGUF file', description="Which .gguf file to load when the folder has several.")
+    max_batch: int = Field(4, ge=1, le=64, title='Requests decoded together', description=(
         "Requests decoded together (continuous batching; a request waits while its KV cache would not "
         "fit in half the free memory); 1 = one at a time."))
 

@@ -9,7 +9,7 @@ from starlette.routing import Mount
 from loadstar.api.host_guard import HostGuard
 from loadstar.engine.facade import Engine
 from loadstar.webui.session_binding import SessionBinding
-from loadstar.webui.ui import CSS, build_ui
+from loadstar.webui.ui import CSS, HEAD, build_ui
 
 MAX_UPLOAD = "20mb"  # the largest file a page may upload (a conversation import is at most 20 MiB)
 
@@ -32,6 +32,7 @@ def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
         server_port=settings.port,
         footer_links=[],
         css=CSS,
+        head=HEAD,
         max_file_size=MAX_UPLOAD,
         allowed_paths=[str(engine.conversations.exports.resolve())],
     )

@@ -86,7 +86,8 @@ def build_loader_options(loaders: Mapping[str, Any]) -> LoaderOptionsPanel:
 
 def _control(loader: str, name: str, info: Any) -> Any:
     kind, choices = _kind(info.annotation)
-    common = {"label": name, "info": info.description, "elem_id": f"option-{_slug(loader)}-{name}"}
+    label = f"{info.title} ({name})" if info.title else name  # the words, and the name the API and files use
+    common = {"label": label, "info": info.description, "elem_id": f"option-{_slug(loader)}-{name}"}
     if kind == "choice":
         return gr.Dropdown(choices=[str(c) for c in choices], value=str(info.default), **common)
     if kind == "bool":

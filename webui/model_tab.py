@@ -36,7 +36,7 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
         load_button = gr.Button("Load", variant="primary", elem_id="load-model")
         reload_button = gr.Button("Reload", elem_id="reload-model")
         unload_button = gr.Button("Unload", elem_id="unload-model")
-        cancel_load = gr.Button("Cancel load", variant="stop", elem_id="cancel-load")
+        cancel_load = gr.Button("Cancel load", variant="stop", elem_id="cancel-load", interactive=False)  # during a load
     with gr.Accordion("Loader options", open=False, elem_id="loader-options"):
         gr.Markdown("For the loader that Load will use; the model remembers them for its next load.")
         options_panel = build_loader_options(engine.loaders())
@@ -52,7 +52,8 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
     with gr.Row():
         branches_button = gr.Button("List branches", elem_id="list-branches")
         download_button = gr.Button("Download", variant="primary", elem_id="start-download")
-        cancel_download = gr.Button("Cancel download", variant="stop", elem_id="cancel-download")
+        cancel_download = gr.Button("Cancel download", variant="stop", elem_id="cancel-download",
+                                    interactive=False)  # during a download
     # Progress right under the buttons, above the (possibly long) branch table.
     download_status = gr.Markdown(elem_id="download-status")
     download_bars = gr.HTML(elem_id="download-progress")
@@ -95,7 +96,10 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
         (reload_button, models.reload, None),
         (unload_button, models.unload, None),
     ):
-        after_load(button.click(action, inputs, loaded))
+        started = button.click(lambda: gr.update(interactive=True), None, cancel_load, queue=False,
+                               show_progress="hidden")
+        after_load(started.then(action, inputs, loaded)).then(lambda: gr.update(interactive=False), None, cancel_load,
+                                                               show_progress="hidden")
 
     def cancel():
         return gr.update() if models.cancel_load() else f"Nothing is loading. {models.loaded_status()}"
@@ -119,18 +123,19 @@ def build_model_tab(engine: Engine, demo: gr.Blocks, after_load: Callable[[Any],
 
     def start_download(name, token, gguf):
         job_id, status = downloads.start(name, token, gguf)
-        return job_id, status, gr.Timer(active=job_id is not None)
+        return job_id, status, gr.Timer(active=job_id is not None), gr.update(interactive=job_id is not None)
 
     def poll_download(job_id):
         status, bars, finished = downloads.poll(job_id)
         choices = gr.update(choices=models.model_names()) if finished else gr.update()
-        return status, bars, gr.Timer(active=not finished), choices
+        return status, bars, gr.Timer(active=not finished), choices, gr.update(interactive=not finished)
 
     branches_button.click(downloads.branches, [download_name, download_token], [branch_table, download_status])
     branch_table.select(pick_branch, [download_name, gguf_file], [download_name, gguf_file])
     # A new name typed: the previous repo's branches no longer apply (.input: typing, not a picked row).
     download_name.input(lambda: [], None, branch_table, queue=False)
     download_button.click(start_download, [download_name, download_token, gguf_file],
-                          [download_job, download_status, download_timer])
-    download_timer.tick(poll_download, download_job, [download_status, download_bars, download_timer, model_choice])
+                          [download_job, download_status, download_timer, cancel_download])
+    download_timer.tick(poll_download, download_job,
+                        [download_status, download_bars, download_timer, model_choice, cancel_download])
     cancel_download.click(downloads.cancel, download_job, download_status)

@@ -1,4 +1,4 @@
-"""The Parameters tab: sampling controls drawn from ``parameter_specs()``, presets, stop strings, prompt format."""
+"""The Parameters panel (beside the chat): sampling controls drawn from ``parameter_specs()``, presets, stop strings, prompt format."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from loadstar.engine.facade import Engine
 from loadstar.engine.sampling import parameter_specs
 from loadstar.webui.chat_handlers import who
 from loadstar.webui.preset_handlers import MODEL_DEFAULTS, PresetHandlers
+
+PRESET = "Preset"
+CHANGED = "Preset · changed (values set by hand)"
 
 
 @dataclass
@@ -47,31 +50,29 @@ def _control(spec: Any) -> Any:
 
 def build_parameters_tab(engine: Engine) -> ParameterControls:
     presets = PresetHandlers(engine)
+    preset = gr.Dropdown(presets.names(None), value=MODEL_DEFAULTS, label=PRESET, elem_id="preset-choice")
     with gr.Row():
-        preset = gr.Dropdown(presets.names(None), value=MODEL_DEFAULTS, label="Preset", elem_id="preset-choice", scale=3)
-        load = gr.Button("Load preset", elem_id="preset-load", scale=1)
-        delete = gr.Button("Delete preset", elem_id="preset-delete", scale=1)
-    with gr.Row():
+        load = gr.Button("Load preset", elem_id="preset-load", size="sm", min_width=80)
+        delete = gr.Button("Delete preset", elem_id="preset-delete", size="sm", min_width=80)
+    with gr.Row(equal_height=True):
         name = gr.Textbox(label="Save the values below as", placeholder="preset name", elem_id="preset-name", scale=3)
-        save = gr.Button("Save preset", elem_id="preset-save", scale=1)
+        save = gr.Button("Save", elem_id="preset-save", scale=1, min_width=60)
     preset_status = gr.Markdown(elem_id="preset-status")
-    with gr.Row():
+    with gr.Column():
         fmt = gr.Dropdown([AUTO, *NAMED_FORMATS], value=AUTO, label="Prompt format (loaded model)",
                           info="auto: the model's own chat template, else the card's named format, else completion",
                           elem_id="prompt-format", scale=2)
         fmt_status = gr.Markdown(elem_id="prompt-format-status")
     controls: list[Any] = []
     specs = parameter_specs()
-    for start in range(0, len(specs), 3):
-        with gr.Row():
-            controls.extend(_control(spec) for spec in specs[start : start + 3])
+    controls.extend(_control(spec) for spec in specs)  # one under another: the panel is narrow
     stops = gr.Textbox(label="Custom stop strings", lines=2, elem_id="param-stop",
                        info=r"One per line; \n means a line break. The reply ends before the first one.")
     parameters = ParameterControls(controls, stops)
 
     def load_preset(chosen, request: gr.Request):
         values, status = presets.load(who(request).user, chosen)
-        return [*(gr.update() if v is None else v for v in values), status]
+        return [*(gr.update() if v is None else v for v in values), status, gr.update(label=PRESET)]
 
     def save_preset(data, request: gr.Request):
         values, _ = parameters.read(data)
@@ -108,7 +109,9 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
                 gr.update(choices=presets.names(user))]
 
     parameters.preset = preset
-    parameters.preset_loaded = load.click(load_preset, preset, [*controls, preset_status])
+    parameters.preset_loaded = load.click(load_preset, preset, [*controls, preset_status, preset])
+    for control in parameters.inputs:  # a value set by hand: the preset box says the values are its own no more
+        control.input(lambda: gr.update(label=CHANGED), None, preset, queue=False, show_progress="hidden")
     save.click(save_preset, {name, preset, *parameters.inputs}, [preset_status, preset])
     delete.click(delete_preset, preset, [preset_status, preset])
     fmt.input(pick_format, fmt, [fmt, fmt_status])

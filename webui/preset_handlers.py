@@ -1,4 +1,4 @@
-"""Parameters tab handlers: presets (load, save, delete), the model's defaults, ignored parameters."""
+"""Parameters panel handlers: presets (load, save, delete), the model's defaults, ignored parameters."""
 
 from __future__ import annotations
 

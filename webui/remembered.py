@@ -22,7 +22,7 @@ PAGE_SCRIPT = """() => {
     const saved = localStorage.getItem('loadstar-sidebar');
     const wanted = saved === null ? window.innerWidth > 768 : saved === '1';
     const apply = (tries) => {
-        const sidebar = document.querySelector('.sidebar');
+        const sidebar = document.querySelector('#conversation-sidebar');
         const button = sidebar && sidebar.querySelector('.toggle-button');
         if (!button) { if (tries > 0) setTimeout(() => apply(tries - 1), 100); return; }
         if (sidebar.classList.contains('open') !== wanted) button.click();
@@ -31,7 +31,7 @@ PAGE_SCRIPT = """() => {
 }"""
 # On a phone the open sidebar covers the chat: it closes once a conversation is picked.
 CLOSE_SIDEBAR_ON_PHONE = """() => {
-    const sidebar = document.querySelector('.sidebar');
+    const sidebar = document.querySelector('#conversation-sidebar');
     if (window.innerWidth <= 768 && sidebar && sidebar.classList.contains('open'))
         sidebar.querySelector('.toggle-button').click();
 }"""
