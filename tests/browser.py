@@ -63,13 +63,24 @@ def open_tab(page, name: str) -> None:
     page.locator(".overflow-dropdown button").filter(has_text=name).first.click()
 
 
+def parameters_open(page) -> bool:
+    return page.evaluate("document.querySelector('#parameters-panel').classList.contains('open')")
+
+
+def open_parameters(page, wanted: bool = True) -> None:
+    """Open (or close) the Parameters panel beside the chat."""
+    if parameters_open(page) != wanted:
+        page.locator("#parameters-panel .toggle-button").click()
+        wait_until(lambda: parameters_open(page) == wanted, "the Parameters panel " + ("open" if wanted else "closed"))
+
+
 def set_parameter(page, name: str, value) -> None:
-    page.get_by_role("tab", name="Parameters").click()
+    open_parameters(page)
     box = page.locator(f"#param-{name} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
     box.blur()
-    page.get_by_role("tab", name="Chat").click()
+    open_parameters(page, False)
 
 
 def send(page, text: str) -> None:
@@ -81,13 +92,25 @@ def bot_messages(page):
     return page.locator('#chatbot [data-testid="bot"]')
 
 
+def reply_text(message) -> str:
+    """A message's text as shown, without the lines the chat adds (the character's name above a
+    reply, its versions and stats under it)."""
+    return message.evaluate("""m => {
+        const added = [...m.querySelectorAll('.reply-meta, .speaker')];
+        added.forEach(a => { a.style.display = 'none'; });
+        const text = m.innerText;
+        added.forEach(a => { a.style.display = ''; });
+        return text.trim();
+    }""")
+
+
 def start_long_story(page, max_new_tokens: int):
     """Ask for a long greedy story and wait until its reply shows text; returns the bot messages."""
     set_parameter(page, "temperature", 0)
     set_parameter(page, "max_new_tokens", max_new_tokens)
     send(page, "Write a very long story about a dragon who learns to bake bread.")
     bot = bot_messages(page)
-    wait_until(lambda: bot.count() and len(bot.last.inner_text()) > 5, "a reply to start", timeout=120)
+    wait_until(lambda: bot.count() and len(reply_text(bot.last)) > 5, "a reply to start", timeout=120)
     return bot
 
 

@@ -16,6 +16,7 @@ from tests.browser import (
     ARTEFACTS,
     bot_messages,
     open_page,
+    reply_text,
     send,
     set_parameter,
     user_messages,
@@ -80,7 +81,7 @@ def shots(page, name: str, focus=None) -> None:
         focus.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTEFACTS / f"{name}-390.png"))
     page.set_viewport_size({"width": 1440, "height": 900})
-    page.evaluate("""() => { const s = document.querySelector('.sidebar');
+    page.evaluate("""() => { const s = document.querySelector('#conversation-sidebar');
         if (s && !s.classList.contains('open')) s.querySelector('.toggle-button').click(); }""")
     page.wait_for_timeout(300)
 
@@ -99,7 +100,7 @@ def test_a_text_file_and_a_pdf_are_attached_and_answered_from(page, tmp_path):
     wait_for_status(page, FINISHED)
     chip = user_messages(page).last.locator(".attachment-chip")
     assert "notes.txt" in chip.inner_text()
-    assert "BLUE HERON" in bot_messages(page).last.inner_text().upper()
+    assert "BLUE HERON" in reply_text(bot_messages(page).last).upper()
     assert page.locator("#attachment-fit").inner_text().strip() == ""  # the files went with the message
     assert page.locator("#chat-input textarea").input_value() == ""  # and the box is empty again
     assert page.locator("#chat-input .thumbnail-item, #chat-input .thumbnails button").count() == 0
@@ -111,7 +112,7 @@ def test_a_text_file_and_a_pdf_are_attached_and_answered_from(page, tmp_path):
     send(page, "How many crates does the Lyon warehouse hold?")
     wait_for_status(page, FINISHED)
     assert "report.pdf" in user_messages(page).last.inner_text()
-    assert "4417" in bot_messages(page).last.inner_text()
+    assert "4417" in reply_text(bot_messages(page).last)
 
 
 def test_an_over_long_file_is_searched_and_the_passage_is_quoted(page, tmp_path):
@@ -164,14 +165,14 @@ def test_a_tool_call_is_approved_and_its_result_used_and_a_hanging_server_is_ref
     send(page, "What is today's special?")
     wait_until(lambda: page.locator("#tool-approval").is_visible(), "the approval row", timeout=180)
     assert "kitchen_todays_special" in page.locator("#tool-question").inner_text()
-    assert "Tool call: kitchen_todays_special" in bot_messages(page).last.inner_text()
+    assert "Tool call: kitchen_todays_special" in reply_text(bot_messages(page).last)
     shots(page, "tool-call", bot_messages(page).last)
     page.locator("#tool-approve").click()
     wait_for_status(page, FINISHED, timeout=180)
     wait_until(lambda: not page.locator("#tool-approval").is_visible(), "the approval row to go", timeout=30)
     text = page.locator("#chatbot").inner_text()
     assert "Result of: kitchen_todays_special" in text
-    assert "mushroom risotto" in bot_messages(page).last.inner_text().lower()
+    assert "mushroom risotto" in reply_text(bot_messages(page).last).lower()
     shots(page, "tool-result", bot_messages(page).last)
 
 

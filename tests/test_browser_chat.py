@@ -10,7 +10,9 @@ from tests.browser import (
     ARTEFACTS,
     bot_messages,
     open_page,
+    open_parameters,
     reload,
+    reply_text,
     send,
     set_parameter,
     user_messages,
@@ -34,10 +36,10 @@ def test_continue_edit_copy_and_remove_last(browser, ui_server):
     try:
         status = chat_once(page, "What is the capital of France?", max_new_tokens=4)
         assert status.startswith("Reached max new tokens (4 tokens")
-        short = bot_messages(page).last.inner_text()
+        short = reply_text(bot_messages(page).last)
         page.locator("#continue").click()
         wait_for_status(page, FINISHED)
-        longer = bot_messages(page).last.inner_text()
+        longer = reply_text(bot_messages(page).last)
         assert bot_messages(page).count() == 1 and longer.startswith(short) and len(longer) > len(short)
 
         bot_messages(page).last.hover()
@@ -47,12 +49,11 @@ def test_continue_edit_copy_and_remove_last(browser, ui_server):
         user_messages(page).last.hover()
         page.locator('#chatbot button[aria-label="Edit"]').first.click()
         page.locator("#chatbot textarea").first.fill("What is the capital of Italy?")
-        page.locator('#chatbot button[aria-label="Submit"]').first.click()
-        wait_for_status(page, "Message edited")
+        page.locator("#regenerate").click()  # with the edit box open: the edited text is saved and answered
+        wait_for_status(page, FINISHED)  # one step: saved and answered at once
         assert user_messages(page).last.inner_text() == "What is the capital of Italy?"
-        page.locator("#regenerate").click()
-        wait_for_status(page, FINISHED)
-        assert bot_messages(page).last.inner_text() != longer  # answered the edited question
+        assert reply_text(bot_messages(page).last) != longer  # answered the edited question
+        assert bot_messages(page).last.locator(".reply-meta .versions").inner_text().replace("\n", "") == "‹2/2›"
         page.get_by_text("Prompt sent").click()
         assert "capital of Italy?<|im_end|>" in page.locator("#prompt-text textarea").input_value()
 
@@ -98,7 +99,7 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
     # the list is refreshed by an event chained after the reply
     wait_until(lambda: any(o.startswith("Tell me about zebrafish.") for o in conversation_options(page)),
                "the conversation in the list")
-    first_reply = bot_messages(page).last.inner_text()
+    first_reply = reply_text(bot_messages(page).last)
     open_menu(page)
     title = page.locator("#conversation-title input, #conversation-title textarea").first
     # The Title box follows the automatic title, so Rename starts from it (it used to stay "New chat").
@@ -114,7 +115,7 @@ def test_conversations_are_saved_searched_renamed_reopened_and_deleted(page):
     assert len(hits) == 1 and "zebrafish" in hits[0].lower(), hits  # the list shows the matches only
     page.locator("#conversation-list label").first.click()
     wait_until(lambda: user_messages(page).count() == 1, "the conversation to reopen")
-    assert bot_messages(page).last.inner_text() == first_reply
+    assert reply_text(bot_messages(page).last) == first_reply
     search.fill("")
     search.press("Enter")
 
@@ -157,7 +158,8 @@ def test_export_and_import_a_conversation(page, tmp_path):
 def test_preset_save_and_load_changes_the_reply_length(page):
     set_parameter(page, "temperature", 0)
     set_parameter(page, "max_new_tokens", 7)
-    page.get_by_role("tab", name="Parameters").click()
+    open_parameters(page)
+    assert "changed" in page.locator("#preset-choice").inner_text()  # the values are no preset's now
     page.locator("#preset-name input, #preset-name textarea").first.fill("seven tokens")
     page.locator("#preset-save").click()
     wait_for_status(page, "Saved “seven tokens”", selector="#preset-status")
@@ -166,6 +168,7 @@ def test_preset_save_and_load_changes_the_reply_length(page):
     page.locator('li[role=option][aria-label="Default"]').click()
     page.locator("#preset-load").click()
     wait_for_status(page, "Loaded “Default”", selector="#preset-status")
+    assert "changed" not in page.locator("#preset-choice").inner_text()
     assert page.locator("#param-max_new_tokens input[type=number]").input_value() == "512"
     # the generic preset changes nothing the model's generation_config.json sets (temperature 0.2)
     assert page.locator("#param-temperature input[type=number]").input_value() == "0.2"
@@ -179,7 +182,7 @@ def test_preset_save_and_load_changes_the_reply_length(page):
     send(page, "Write a poem about the sea.")
     assert wait_for_status(page, FINISHED).startswith("Reached max new tokens (7 tokens")
 
-    page.get_by_role("tab", name="Parameters").click()
+    open_parameters(page)
     page.locator("#preset-delete").click()
     wait_for_status(page, "Deleted “seven tokens”", selector="#preset-status")
 
@@ -217,7 +220,7 @@ def test_enabling_an_extension_shows_its_tab_and_panel(page):
     assert page.get_by_text("Reply rules").count() >= 1
     send(page, "/ping")
     wait_for_status(page, FINISHED)
-    assert bot_messages(page).last.inner_text() == "pong"  # the example's generate hook answered
+    assert reply_text(bot_messages(page).last) == "pong"  # the example's generate hook answered
 
     page.get_by_role("tab", name="Extensions").click()
     switches.get_by_label("example", exact=True).uncheck()
@@ -225,25 +228,34 @@ def test_enabling_an_extension_shows_its_tab_and_panel(page):
     wait_until(lambda: page.get_by_role("tab", name="Example").count() == 0, "the Example tab to go")
 
 
-def test_editing_an_earlier_message_then_regenerate_answers_it_anew(page):
+def test_an_edit_is_one_step_and_keeps_the_old_reply_as_a_version(page):
     from tests.helpers import CAPITAL_QUESTION
 
     set_parameter(page, "temperature", 0)
     chat_once(page, "Say hello.", max_new_tokens=8)
     chat_once(page, "Say goodbye.", max_new_tokens=8)
     assert user_messages(page).count() == 2
+    first_reply = reply_text(bot_messages(page).first)
     set_parameter(page, "max_new_tokens", 30)
     user_messages(page).first.hover()
     page.locator('#chatbot button[aria-label="Edit"]').first.click()
-    page.locator("#chatbot textarea").first.fill(CAPITAL_QUESTION)
-    page.locator('#chatbot button[aria-label="Submit"]').first.click()
-    status = wait_for_status(page, "Message edited")
-    assert "the 3 messages after it will be replaced" in status
-    page.locator("#regenerate").click()
+    box = page.locator("#chatbot textarea.edit-textarea").first
+    # as wide as the chat, not the old ~150 px
+    assert box.bounding_box()["width"] > 0.6 * page.locator("#chatbot").bounding_box()["width"]
+    box.fill(CAPITAL_QUESTION)
+    page.screenshot(path=str(ARTEFACTS / "chat-edit-1440.png"))
+    box.press("Enter")  # Enter saves and answers again (Shift+Enter would add a line)
     wait_for_status(page, FINISHED)
     wait_until(lambda: user_messages(page).count() == 1, "the later messages replaced")
     assert user_messages(page).first.inner_text() == CAPITAL_QUESTION
-    assert "Paris" in bot_messages(page).last.inner_text()  # the new reply answers the edited text
+    reply = bot_messages(page).last
+    assert "Paris" in reply_text(reply)  # the new reply answers the edited text
+    meta = reply.locator(".reply-meta")
+    assert re.search(r"\d+\.\d\d s to first token · \d+\.\d tokens/s · \d+ tokens", meta.inner_text())
+    reply.locator(".ls-prev").click()  # the old answer is the reply's first version
+    wait_until(lambda: reply_text(bot_messages(page).last) == first_reply, "the earlier version")
+    assert bot_messages(page).last.locator(".versions").inner_text().replace("\n", "") == "‹1/2›"
+    page.screenshot(path=str(ARTEFACTS / "chat-versions-1440.png"))
 
 
 def test_regenerate_keeps_the_earlier_replies_and_they_survive_a_reload(browser, ui_server):
@@ -251,25 +263,25 @@ def test_regenerate_keeps_the_earlier_replies_and_they_survive_a_reload(browser,
     try:
         chat_once(page, "Name a colour.", max_new_tokens=16)  # greedy
         set_parameter(page, "temperature", 2)  # then replies that differ
-        replies = [bot_messages(page).last.inner_text()]
+        replies = [reply_text(bot_messages(page).last)]
         for count in (2, 3):
             page.locator("#regenerate").click()
             wait_for_status(page, rf"Reply {count}/{count} ")  # the status of this Regenerate, not the last one
-            replies.append(bot_messages(page).last.inner_text())
+            replies.append(reply_text(bot_messages(page).last))
         assert bot_messages(page).count() == 1
-        page.locator("#previous-reply").click()
+        bot_messages(page).last.locator(".ls-prev").click()  # the switcher under the reply
         wait_for_status(page, r"^Reply 2/3")
-        assert bot_messages(page).last.inner_text() == replies[1]
-        page.locator("#previous-reply").click()
+        assert reply_text(bot_messages(page).last) == replies[1]
+        bot_messages(page).last.locator(".ls-prev").click()
         wait_for_status(page, r"^Reply 1/3")
-        assert bot_messages(page).last.inner_text() == replies[0]
+        assert reply_text(bot_messages(page).last) == replies[0]
         reload(page)  # a new page: the browser reopens the conversation it had open
         wait_until(lambda: bot_messages(page).count() == 1, "the conversation to reopen")
         assert page.locator("#conversation-list label.selected").inner_text().startswith("Name a colour.")
-        assert bot_messages(page).last.inner_text() == replies[0]  # the version in use was saved
-        page.locator("#next-reply").click()
+        assert reply_text(bot_messages(page).last) == replies[0]  # the version in use was saved
+        bot_messages(page).last.locator(".ls-next").click()
         wait_for_status(page, r"^Reply 2/3")
-        assert bot_messages(page).last.inner_text() == replies[1]
+        assert reply_text(bot_messages(page).last) == replies[1]
     finally:
         page.context.close()
 
@@ -286,7 +298,7 @@ def test_a_reasoning_block_shows_collapsed_and_opens_on_a_click(page):
     block = bot_messages(page).last.locator("details.reasoning")
     block.wait_for()
     assert block.locator("summary").inner_text() == "Reasoning"
-    assert not block.evaluate("b => b.open") and "Yes." in bot_messages(page).last.inner_text()
+    assert not block.evaluate("b => b.open") and "Yes." in reply_text(bot_messages(page).last)
     # a code block in a reply comes with its own copy button
     code = bot_messages(page).last.locator("pre")
     code.hover()

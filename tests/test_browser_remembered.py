@@ -6,7 +6,19 @@ import re
 
 import pytest
 
-from tests.browser import ARTEFACTS, MODEL, bot_messages, open_page, open_tab, reload, send, wait_for_status, wait_until
+from tests.browser import (
+    ARTEFACTS,
+    MODEL,
+    bot_messages,
+    open_page,
+    open_parameters,
+    open_tab,
+    reload,
+    reply_text,
+    send,
+    wait_for_status,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 FINISHED = r"^(Done|Reached|Stopped)"
@@ -14,12 +26,12 @@ PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touc
 
 
 def sidebar_open(page) -> bool:
-    return page.evaluate("document.querySelector('.sidebar').classList.contains('open')")
+    return page.evaluate("document.querySelector('#conversation-sidebar').classList.contains('open')")
 
 
 def test_the_first_question_at_default_settings_names_paris_ten_times_out_of_ten(page):
     # The embedded model's defaults: its card's sampling (temperature 0.2, top_p 0.9) and a system message.
-    page.get_by_role("tab", name="Parameters").click()
+    open_parameters(page)
     temperature = page.locator("#param-temperature input[type=number]")
     wait_until(lambda: temperature.input_value() == "0.2", "the model's own temperature")
     assert page.locator("#param-top_p input[type=number]").input_value() == "0.9"
@@ -30,7 +42,7 @@ def test_the_first_question_at_default_settings_names_paris_ten_times_out_of_ten
         wait_until(lambda: bot_messages(page).count() == 0, "a new chat")
         send(page, "What is the capital of France?")
         wait_for_status(page, FINISHED)
-        answers.append(bot_messages(page).last.inner_text())
+        answers.append(reply_text(bot_messages(page).last))
         seeds.append(re.search(r"seed (\d+)", page.locator("#chat-status").inner_text()).group(1))
     assert all("Paris" in answer for answer in answers), answers
     assert len(set(seeds)) > 1  # sampled, not greedy
@@ -39,7 +51,7 @@ def test_the_first_question_at_default_settings_names_paris_ten_times_out_of_ten
 def test_a_reload_brings_back_the_conversation_the_parameters_and_the_preset(browser, ui_server):
     page = open_page(browser, ui_server)
     try:
-        page.get_by_role("tab", name="Parameters").click()
+        open_parameters(page)
         page.locator("#preset-choice input").click()
         page.locator('li[role=option][aria-label="Precise"]').click()
         page.locator("#preset-load").click()
@@ -51,12 +63,12 @@ def test_a_reload_brings_back_the_conversation_the_parameters_and_the_preset(bro
         page.get_by_role("tab", name="Chat").click()
         send(page, "Name a fruit.")
         assert wait_for_status(page, FINISHED).startswith("Reached max new tokens (6 tokens")
-        reply = bot_messages(page).last.inner_text()
+        reply = reply_text(bot_messages(page).last)
 
         reload(page)
         wait_until(lambda: bot_messages(page).count() == 1, "the conversation this browser had open")
-        assert bot_messages(page).last.inner_text() == reply
-        page.get_by_role("tab", name="Parameters").click()
+        assert reply_text(bot_messages(page).last) == reply
+        open_parameters(page)
         wait_until(lambda: tokens.input_value() == "6", "max_new_tokens as this browser left it")
         assert page.locator("#param-temperature input[type=number]").input_value() == "0.3"  # from Precise
         assert page.locator("#preset-choice input").input_value() == "Precise"
@@ -64,7 +76,7 @@ def test_a_reload_brings_back_the_conversation_the_parameters_and_the_preset(bro
         page.context.close()
     other = open_page(browser, ui_server)  # another browser remembers nothing of this one
     try:
-        other.get_by_role("tab", name="Parameters").click()
+        open_parameters(other)
         wait_until(lambda: other.locator("#param-temperature input[type=number]").input_value() == "0.2",
                    "the model's defaults")
         assert other.locator("#param-max_new_tokens input[type=number]").input_value() == "512"
@@ -79,7 +91,7 @@ def test_the_sidebar_is_open_on_a_desk_closed_on_a_phone_and_stays_as_left(brows
         wait_until(lambda: sidebar_open(page), "the sidebar open on a wide screen")
         assert page.locator("#new-chat").is_visible()
         page.screenshot(path=str(ARTEFACTS / "sidebar-1440.png"))
-        page.locator(".sidebar .toggle-button").click()
+        page.locator("#conversation-sidebar .toggle-button").click()
         wait_until(lambda: not sidebar_open(page), "the sidebar closed")
         reload(page)
         page.wait_for_timeout(1500)  # the page script has run by now
@@ -95,12 +107,12 @@ def test_the_sidebar_is_open_on_a_desk_closed_on_a_phone_and_stays_as_left(brows
         for selector in ("#chat-input textarea", "#send"):  # on the first screen, no scrolling
             box = phone.locator(selector).bounding_box()
             assert box["y"] + box["height"] <= 844, (selector, box)
-        phone.locator(".sidebar .toggle-button").click()
+        phone.locator("#conversation-sidebar .toggle-button").click()
         wait_until(lambda: phone.locator("#new-chat").is_visible(), "the conversations")
         phone.screenshot(path=str(ARTEFACTS / "sidebar-390.png"))
         phone.locator("#new-chat").click()
         wait_until(lambda: not sidebar_open(phone), "the sidebar to close after New chat")
-        phone.locator(".sidebar .toggle-button").click()
+        phone.locator("#conversation-sidebar .toggle-button").click()
         phone.locator("#conversation-list label").filter(has_text="Say hi.").first.click()
         wait_until(lambda: bot_messages(phone).count() == 1, "the picked conversation")
         wait_until(lambda: not sidebar_open(phone), "the sidebar to close after a pick")
@@ -127,11 +139,16 @@ def test_the_model_can_be_switched_from_above_the_chat(page):
 def test_every_tab_fits_the_screen_width_and_is_saved_as_a_screenshot(browser, ui_server, viewport):
     page = open_page(browser, ui_server, viewport=viewport)
     try:
-        for tab in ("Chat", "Notebook", "Parameters", "Model", "Extensions"):
+        for tab in ("Chat", "Notebook", "Model", "Characters", "Extensions"):
             open_tab(page, tab)
             page.wait_for_timeout(500)
             page.screenshot(path=str(ARTEFACTS / f"tab-{tab.lower()}-{viewport['width']}.png"), full_page=True)
             overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"the {tab} tab is {overflow} px wider than the screen"
+        open_tab(page, "Chat")
+        open_parameters(page)  # the Parameters panel beside the chat (a sheet on a phone)
+        page.screenshot(path=str(ARTEFACTS / f"parameters-{viewport['width']}.png"))
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the Parameters panel is {overflow} px wider than the screen"
     finally:
         page.context.close()
