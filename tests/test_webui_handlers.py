@@ -1,5 +1,7 @@
 """The web UI's handlers are plain functions over the engine: tested here without a browser."""
 
+import time
+
 import pytest
 
 from loadstar.engine.sampling import SamplingParams, parameter_specs
@@ -328,3 +330,38 @@ def test_a_character_opens_the_chat_with_its_greeting_and_is_who_the_model_is(en
     assert engine.conversations.load(None, answered["id"]).character == "ada-byron"
     other = chat.pick_character(answered, ME, None)  # a begun conversation stays as it is
     assert other.state["id"] != answered["id"] and other.state["messages"] == []
+
+
+def test_a_queue_position_and_the_start_wait_for_the_first_text_unless_it_is_slow():
+    import threading
+
+    from loadstar.engine.generation.handle import GenerationHandle
+    from loadstar.engine.generation.requests import Finished, GenerationRequest, Queued, Started, TextDelta
+    from loadstar.webui.streaming import redraws
+
+    def handle():
+        return GenerationHandle(GenerationRequest(prompt="x"), 1, lambda _h: None)
+
+    started = Started(model="m", prompt="x", prompt_tokens=1, seed=1)
+    quick = handle()
+    for event in (Queued(1), started, TextDelta("Hi"), Finished(reason="stop", text="Hi")):
+        quick.emit(event)
+    kinds = [type(r.event).__name__ for r in redraws(quick, hold=5.0)]
+    # held while the prompt was read, then sent just before the first text (a position passed is not)
+    assert kinds == ["Started", "TextDelta", "Finished"]
+
+    slow = handle()
+    slow.emit(Queued(2))
+    seen = []
+
+    def late():
+        time.sleep(0.6)
+        slow.emit(Queued(1))
+        slow.emit(Finished(reason="stop", text=""))
+
+    threading.Thread(target=late).start()
+    began = time.monotonic()
+    for redraw in redraws(slow, hold=0.2):
+        seen.append((type(redraw.event).__name__, round(time.monotonic() - began, 1)))
+    assert seen[0][0] == "Queued" and 0.15 <= seen[0][1] < 0.5  # a wait that lasts is shown, after the hold
+    assert [kind for kind, _ in seen] == ["Queued", "Queued", "Finished"]

@@ -24,6 +24,9 @@ from loadstar.webui.parameters_tab import ParameterControls
 from loadstar.webui.remembered import CLOSE_SIDEBAR_ON_PHONE, remember, remembered
 from loadstar.webui.streaming import only_changes
 
+# Between the user's bubble and the turn: the browser lays out the chat first, so that it does not
+# do so beside the model reading the prompt on the same cores (a long chat took ~0.2 s of CPU).
+AFTER_PAINT = "() => new Promise(done => requestAnimationFrame(() => setTimeout(done, 0)))"
 # Chat events run concurrently in Gradio; the engine's own queue orders generation fairly and
 # reports positions, and Stop must never wait behind a running reply.
 UNLIMITED = None
@@ -254,15 +257,27 @@ class ChatTab:
             return gr.update(visible=True), f"Run **{names}** with the arguments shown above?"
 
         @only_changes
-        def stream(updates, clear_message: bool, user: str | None):
+        def stream(updates, clear_message: bool, user: str | None, drawn: int | None = None):
+            """The outputs of a turn's updates. The chat is drawn again only when its messages or
+            state changed (a queue position or "Generating…" redraws the status alone: a chat of
+            many messages costs the browser, beside the model, to lay out). ``drawn``: the messages
+            ``begin`` already shows (the user's own bubble): the turn's first drawing of that same
+            chat is not sent again."""
             empty = None  # the box cleared (text and files); None is one object: only_changes sends it once
-            said_by = None
+            said_by, made_of, chat_view = None, None, None
             for update in updates:
                 assert isinstance(update, ChatUpdate)
                 said_by = said_by or speaker(update.state, user)
                 waiting = bool(pending_calls(update.state)) if update.asking is None else update.asking
                 row, question = asking(update.state) if waiting else (gr.update(visible=False), "")
-                out = [view(update.chatbot, update.state, user, waiting, said_by), update.state, update.status,
+                if made_of is None or made_of[0] is not update.chatbot or made_of[1] is not update.state \
+                        or made_of[2] != waiting:
+                    first = made_of is None
+                    made_of = (update.chatbot, update.state, waiting)
+                    chat_view = view(update.chatbot, update.state, user, waiting, said_by)
+                    if first and drawn is not None and update.running and len(update.chatbot) == drawn:
+                        chat_view = gr.skip()  # begin drew exactly this
+                out = [chat_view, update.state, update.status,
                        gr.update() if update.prompt is None else update.prompt, row, question,
                        *controls(update.state, update.running)]
                 cleared = [gr.update()] * 3 if update.keep_input else [empty, "", ()]
@@ -280,8 +295,9 @@ class ChatTab:
 
         def send(data, request: gr.Request):
             values, stops = parameters.read(data)
+            drawn = None if files_of(data[w.message]) else len(chat_messages(data[w.state] or {})) + 1
             yield from stream(chat.send(text_of(data[w.message]), with_system(data), who(request), values, stops,
-                                        options(data)), True, who(request).user)
+                                        options(data)), True, who(request).user, drawn)
 
         def regenerate(data, request: gr.Request):
             values, stops = parameters.read(data)
@@ -365,7 +381,7 @@ class ChatTab:
                           show_progress="hidden")  # no spinner over the list after each reply
         for trigger in (w.send_button.click, w.message.submit):
             trigger(begin, inputs, [w.chatbot, w.send_button, w.stop_button], queue=False, show_progress="hidden").then(
-                send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs], concurrency_limit=UNLIMITED,
+                None, js=AFTER_PAINT).then(send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs], concurrency_limit=UNLIMITED,
                 show_progress="minimal").then(**after_turn)
         for button, decision in ((w.approve, "approve"), (w.always, "always"), (w.reject, "reject")):
             button.click(decide(decision), inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
@@ -411,7 +427,12 @@ class ChatTab:
                     gr.update(choices=character_choices(user), value=rest[0])]
 
         def keep_open(memory_value, state):
-            return remember(memory_value, conversation=state.get("id") if state else None)
+            """The browser keeps the open conversation's id (written only when it changes: every
+            write is encrypted and stored by the page, beside the model on a busy machine)."""
+            wanted = state.get("id") if state else None
+            if remembered(memory_value, "conversation") == wanted:
+                return gr.skip()
+            return remember(memory_value, conversation=wanted)
 
         def new(request: gr.Request):
             self.engine.stop(who(request).owner)
@@ -467,7 +488,7 @@ class ChatTab:
             return gr.update(choices=character_choices(who(request).user))
 
         demo.load(start, memory, [*view_outputs, w.conversation_list, w.character])
-        w.state.change(keep_open, [memory, w.state], memory)
+        w.state.change(keep_open, [memory, w.state], memory, show_progress="hidden")
         for trigger in (w.new_button.click, w.chatbot.clear):  # the chat's own trash icon starts anew too
             trigger(new, None, [*view_outputs, w.conversation_list, w.conversation_status]).then(None, js=CLOSE_SIDEBAR_ON_PHONE)
         w.conversation_list.input(open_, [w.conversation_list, w.state], [*view_outputs, w.conversation_status]).then(

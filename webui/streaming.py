@@ -4,7 +4,9 @@ redraw sends.
 Every update re-renders the whole chat (or notebook) in the browser, about 40 ms of CPU each on
 our 2-core machines, taken from the model when the browser runs beside it. So streamed text goes
 out at most once per ``UPDATE_INTERVAL``; the first text goes at once (time to first token is what
-users feel), and the queue position, the start and the finish always do. Measured (bench/NOTES.md,
+users feel), and the finish always does. A queue position or the start is shown only when the
+first text has not come within ``HOLD`` (a prompt read from the cache takes tens of ms: a
+"Generating…" flashing meanwhile is a redraw for nothing, beside the model). Measured (bench/NOTES.md,
 128 tokens, browser on the same 2 cores): 0.04 s gave 47 tokens/s, 0.08 s 77, 0.12 s 87, 0.16 s 96,
 against 113 for llama.cpp alone. 0.12 s (~8 redraws a second) still reads as a stream.
 
@@ -25,10 +27,14 @@ from typing import Any
 
 import gradio as gr
 
-from loadstar.engine.generation.requests import Finished, GenerationEvent, TextDelta
+from loadstar.engine.generation.requests import Finished, GenerationEvent, Queued, Started, TextDelta
 from loadstar.engine.generation.service import GenerationHandle
 
 UPDATE_INTERVAL = 0.12  # seconds between streamed text updates
+# A queue position or "Generating…" is shown only when the reply's first text has not come
+# within this: a prompt read from the cache takes a few tens of ms, and a redraw meanwhile costs
+# the browser (beside the model, on the same cores) a layout of the whole chat.
+HOLD = 0.3
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,26 @@ class Redraw:
     text: str  # the reply so far; once Finished, its final text (what had come, after an error)
 
 
-def redraws(handle: GenerationHandle, interval: float = UPDATE_INTERVAL) -> Iterator[Redraw]:
+def redraws(handle: GenerationHandle, interval: float = UPDATE_INTERVAL, hold: float = HOLD) -> Iterator[Redraw]:
     text, last, text_shown = "", 0.0, False
-    for event in handle.events():
+    held: list[GenerationEvent] = []  # a queue position or the start, while the prompt is read
+    held_since = 0.0
+    while True:
+        wait = max(0.0, held_since + hold - time.monotonic()) if held else None
+        event = handle.next_event(wait)
+        if event is None:  # nothing came while they were held: show them
+            for kept in held:
+                yield Redraw(kept, text)
+            held, last = [], time.monotonic()
+            continue
+        if isinstance(event, Queued | Started) and not text_shown:
+            if not held:
+                held_since = time.monotonic()
+            held = [e for e in held if not isinstance(e, Queued)] + [event]  # a position passed is not shown
+            continue
+        for kept in held:  # the reply's first text (or its end) came: they go first, in order
+            yield Redraw(kept, text)
+        held = []
         if isinstance(event, TextDelta):
             text += event.text
             if text_shown and time.monotonic() - last < interval:
@@ -49,6 +72,8 @@ def redraws(handle: GenerationHandle, interval: float = UPDATE_INTERVAL) -> Iter
             text = event.text
         last = time.monotonic()
         yield Redraw(event, text)
+        if isinstance(event, Finished):
+            return
 
 
 def only_changes(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[list[Any]]]:

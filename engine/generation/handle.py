@@ -60,6 +60,14 @@ class GenerationHandle:
             if isinstance(event, Finished):
                 return
 
+    def next_event(self, timeout: float | None = None) -> GenerationEvent | None:
+        """The next event, or None when none came within ``timeout`` seconds (None: wait for one).
+        Mixing this with ``events()`` on one handle is the consumer's business: each event comes once."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
     def result(self) -> Finished:
         """Wait for the end and return the ``Finished`` event (with the whole text)."""
         if self._finished is not None:
