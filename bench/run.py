@@ -73,6 +73,7 @@ def main(argv: list[str]) -> int:
         "streams": lambda: SECTIONS["streams"](),
         "serving": lambda: SECTIONS["serving"](args.tokens),
         "gpu": lambda: SECTIONS["gpu"](args.runs, args.tokens),
+        "chat_latency": lambda: SECTIONS["chat_latency"](args.runs),
     }
     previous = _latest()
     results: dict[str, Any] = dict(previous.get("sections", {}))
@@ -230,6 +231,17 @@ def render(report: dict[str, Any]) -> str:
                   "", f"8 API clients (--max-batch 8): {_f(row['api_8_clients_tps'], 1)} tokens/s; raw `llama_decode` with 8 "
                   f"sequences in the same run: {_f(row['raw_llama_decode_8_sequences_tps'], 1)} tokens/s "
                   f"({_f(row['api_8_clients_vs_raw_8'])}x).", ""]
+    if "chat_latency" in s:
+        row = s["chat_latency"]
+        first, late = row["message_1"], row["message_15"]
+        lines += ["## A long chat in the browser (default model, 8-token greedy replies, one page)", "",
+                  "| message | prompt tokens | Enter to own bubble (s) | Enter to first reply text (s) |",
+                  "|---|---|---|---|",
+                  f"| 1 (with a system message as long as the chat below) | {first['prompt_tokens']} | "
+                  f"{_f(first['bubble_seconds'], 3)} | {_f(first['ttft_seconds'], 3)} |",
+                  f"| 15 of one chat | {late['prompt_tokens']} | {_f(late['bubble_seconds'], 3)} | "
+                  f"{_f(late['ttft_seconds'], 3)} |",
+                  "", f"Message 15 vs message 1: {_f(row['ttft_ratio'])}x (goal <= 1.2x).", ""]
     if "gpu" in s:
         lines += ["## GPU", "", "```", json.dumps(s["gpu"], indent=2, default=str), "```", ""]
     notes = ROOT / "bench" / "NOTES.md"

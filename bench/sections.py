@@ -286,6 +286,118 @@ UI_TIMES_JS = """() => new Promise(resolve => {
 })"""
 
 
+def _ui_settings(page: Any, values: dict[str, Any], ban_eos: bool = False) -> None:
+    """Set parameters in the Parameters panel beside the chat, then close it."""
+    from tests.browser import open_parameters
+
+    page.locator("#chat-input textarea").wait_for()
+    open_parameters(page)
+    for name, value in values.items():
+        box = page.locator(f"#param-{name} input[type=number]")
+        box.fill(str(value))
+        box.press("Enter")
+    if ban_eos:
+        page.locator("#param-ban_eos input[type=checkbox]").check()
+    open_parameters(page, False)
+
+
+# Enter to the user's own bubble, to the first reply text drawn, and to the reply done (ms, in the page).
+TURN_TIMES_JS = """() => new Promise(resolve => {
+  const chat = document.querySelector('#chatbot'), status = document.querySelector('#chat-status');
+  const users = () => chat.querySelectorAll('[data-testid="user"]').length;
+  const bots = () => chat.querySelectorAll('[data-testid="bot"]');
+  const usersBefore = users(), botsBefore = bots().length;
+  let bubble = null, first = null;
+  // textContent, not innerText: reading innerText lays the page out, on every change, beside the model
+  const watch = new MutationObserver(() => {
+    const now = performance.now() - start;
+    if (bubble === null && users() > usersBefore) bubble = now;
+    const b = bots();
+    if (first === null && b.length > botsBefore && b[b.length - 1].textContent.trim()) first = now;
+    if (first !== null && /^\s*(Done|Reached)/.test(status.textContent)) { watch.disconnect(); resolve([bubble, first, now]); }
+  });
+  watch.observe(document.body, {subtree: true, childList: true, characterData: true});
+  const start = performance.now();
+  document.querySelector('#send').click();
+})"""
+
+
+def _chat_latency(port: int, runs: int = 3, turns: int = 15) -> dict[str, Any]:
+    """Enter to first reply text for message 1 and message ``turns`` of one chat in the browser, at an
+    equal prompt size: message 1 is sent with a system message as long (in tokens) as the 14 earlier
+    exchanges of the long chat. Replies are greedy and short (8 tokens); timed in the page."""
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS, bot_messages, reply_text
+
+    def turn(page: Any, text: str) -> list[float]:
+        page.locator("#chat-input textarea").fill(text)
+        page.wait_for_timeout(300)
+        return [t / 1000 for t in page.evaluate(TURN_TIMES_JS)]
+
+    def count(messages: list[dict[str, str]]) -> int:
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=300, json={
+            "model": "current", "messages": messages, "max_tokens": 1, "temperature": 0})
+        answer.raise_for_status()
+        return int(answer.json()["usage"]["prompt_tokens"])
+
+    long_chat: list[list[float]] = []
+    first_message: list[list[float]] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"http://127.0.0.1:{port}/")
+        _ui_settings(page, {"temperature": 0, "max_new_tokens": 8})
+        history: list[dict[str, str]] = []
+        for number in range(1, turns + 1):
+            question = f"Question {number}: name a fruit."
+            times = turn(page, question)
+            if number == turns:
+                long_chat.append(times)
+            history.append({"role": "user", "content": question})
+            history.append({"role": "assistant", "content": reply_text(bot_messages(page).last)})
+        for _ in range(runs - 1):  # message 15 again: Regenerate would not time Enter, so Remove last, then send
+            page.locator("#remove-last").click()
+            page.wait_for_timeout(1500)
+            long_chat.append(turn(page, f"Question {turns}: name a fruit."))
+        target = count(history[:-1])
+        filler = " ".join(["The orchard keeps apples, pears and plums in tidy rows."] * 200)
+        words = filler.split()
+        system = " ".join(words[: max(1, len(words) * target // max(count([{"role": "system", "content": filler},
+                                                                             {"role": "user", "content": "q"}]), 1))])
+        equal = count([{"role": "system", "content": system}, {"role": "user", "content": "Question 1: name a fruit."}])
+        for _ in range(runs):
+            page.locator("#new-chat").click()
+            page.wait_for_timeout(1000)
+            page.get_by_text("System message").first.click()
+            page.locator("#system-message textarea").fill(system)
+            page.get_by_text("System message").first.click()
+            first_message.append(turn(page, "Question 1: name a fruit."))
+        browser.close()
+    first_ttft = median([t[1] for t in first_message])
+    long_ttft = median([t[1] for t in long_chat])
+    return {
+        "message_1": {"bubble_seconds": median([t[0] for t in first_message]), "ttft_seconds": first_ttft,
+                      "prompt_tokens": equal},
+        f"message_{turns}": {"bubble_seconds": median([t[0] for t in long_chat]), "ttft_seconds": long_ttft,
+                             "prompt_tokens": target},
+        "ttft_ratio": long_ttft / first_ttft,
+        "goals": {"message_15_ttft_le_1.2x_message_1": long_ttft / first_ttft <= 1.2},
+        "runs": runs,
+    }
+
+
+def chat_latency(runs: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-chat-"))
+    models = _default_models(tmp)
+    port, server = _start_server(models, tmp / "data")
+    try:
+        return _chat_latency(port, max(runs, 2))
+    finally:
+        _stop(server)
+
+
 def _ui_decode(port: int, runs: int, tokens: int) -> dict[str, list[float]]:
     """Send in the browser UI, as raw is measured: greedy, end-of-sequence banned, ``tokens`` new
     tokens. Timed in the page (each poll from here would be a round trip taking CPU from the
@@ -301,13 +413,7 @@ def _ui_decode(port: int, runs: int, tokens: int) -> dict[str, list[float]]:
         for _ in range(runs):
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
-            page.get_by_role("tab", name="Parameters").click()
-            for name, value in (("temperature", 0), ("max_new_tokens", tokens)):
-                box = page.locator(f"#param-{name} input[type=number]")
-                box.fill(str(value))
-                box.press("Enter")
-            page.locator("#param-ban_eos input[type=checkbox]").check()
-            page.get_by_role("tab", name="Chat").click()
+            _ui_settings(page, {"temperature": 0, "max_new_tokens": tokens}, ban_eos=True)
             page.locator("#chat-input textarea").fill(PROMPT)
             page.wait_for_timeout(1000)  # as after typing: the settings' own events are done
             first, done = page.evaluate(UI_TIMES_JS)
@@ -844,5 +950,5 @@ def serving(tokens: int) -> dict[str, Any]:
 
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "decode": decode, "kernels": kernels, "gptq_accuracy": gptq_accuracy, "loading": loading, "llamacpp_build": llamacpp_build, "downloads": downloads,
-    "concurrency": concurrency, "streams": streams, "serving": serving, "gpu": gpu,
+    "concurrency": concurrency, "streams": streams, "serving": serving, "gpu": gpu, "chat_latency": chat_latency,
 }
