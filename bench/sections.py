@@ -302,7 +302,7 @@ def _ui_settings(page: Any, values: dict[str, Any], ban_eos: bool = False) -> No
 
 
 # Enter to the user's own bubble, to the first reply text drawn, and to the reply done (ms, in the page).
-TURN_TIMES_JS = """() => new Promise(resolve => {
+TURN_TIMES_JS = r"""() => new Promise(resolve => {
   const chat = document.querySelector('#chatbot'), status = document.querySelector('#chat-status');
   const users = () => chat.querySelectorAll('[data-testid="user"]').length;
   const bots = () => chat.querySelectorAll('[data-testid="bot"]');
