@@ -270,15 +270,16 @@ def _api_stream(
     return (first - start) if first else float("nan"), tps, total
 
 
-UI_TIMES_JS = """() => new Promise(resolve => {
+UI_TIMES_JS = r"""() => new Promise(resolve => {
   const chat = document.querySelector('#chatbot'), status = document.querySelector('#chat-status');
   let first = null;
+  // textContent, not innerText: innerText lays the page out on every change, beside the model
   const shown = () => { const bots = chat.querySelectorAll('[data-testid="bot"]');
-                        return bots.length && bots[bots.length - 1].innerText.trim(); };
+                        return bots.length && bots[bots.length - 1].textContent.trim(); };
   const watch = new MutationObserver(() => {
     const now = performance.now() - start;
     if (first === null && shown()) first = now;
-    if (first !== null && /^(Done|Reached)/.test(status.innerText)) { watch.disconnect(); resolve([first, now]); }
+    if (first !== null && /^\s*(Done|Reached)/.test(status.textContent)) { watch.disconnect(); resolve([first, now]); }
   });
   watch.observe(document.body, {subtree: true, childList: true, characterData: true});
   const start = performance.now();

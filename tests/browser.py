@@ -72,6 +72,7 @@ def open_parameters(page, wanted: bool = True) -> None:
     if parameters_open(page) != wanted:
         page.locator("#parameters-panel .toggle-button").click()
         wait_until(lambda: parameters_open(page) == wanted, "the Parameters panel " + ("open" if wanted else "closed"))
+        page.wait_for_timeout(400)  # it slides in or out
 
 
 def set_parameter(page, name: str, value) -> None:

@@ -54,9 +54,8 @@ def build_parameters_tab(engine: Engine) -> ParameterControls:
     with gr.Row():
         load = gr.Button("Load preset", elem_id="preset-load", size="sm", min_width=80)
         delete = gr.Button("Delete preset", elem_id="preset-delete", size="sm", min_width=80)
-    with gr.Row(equal_height=True):
-        name = gr.Textbox(label="Save the values below as", placeholder="preset name", elem_id="preset-name", scale=3)
-        save = gr.Button("Save", elem_id="preset-save", scale=1, min_width=60)
+    name = gr.Textbox(label="Save the values below as", placeholder="preset name", elem_id="preset-name")
+    save = gr.Button("Save preset", elem_id="preset-save", size="sm")
     preset_status = gr.Markdown(elem_id="preset-status")
     with gr.Column():
         fmt = gr.Dropdown([AUTO, *NAMED_FORMATS], value=AUTO, label="Prompt format (loaded model)",
