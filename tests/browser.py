@@ -8,6 +8,8 @@ from pathlib import Path
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 MODEL = "SmolLM2-135M-Instruct"
+FINISHED = r"^(Done|Reached|Stopped)"  # the chat's status once a reply has ended
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}  # a browser context's options
 # Screenshots the browser tests take, to look at (git-ignored).
 ARTEFACTS = Path(os.environ.get("LOADSTAR_TEST_ARTEFACTS", Path(__file__).resolve().parent.parent / "test-artefacts"))
 ARTEFACTS.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import pytest
 from loadstar.webui.remembered import CLOSE_SIDEBAR_ON_PHONE
 from tests.browser import (
     ARTEFACTS,
+    FINISHED,
     bot_messages,
     open_page,
     reply_text,
@@ -26,7 +27,6 @@ from tests.browser import (
 from tests.documents import long_text, write_docx, write_pdf
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-FINISHED = r"^(Done|Reached|Stopped)"
 SERVER = str(Path(__file__).with_name("mcp_test_server.py"))
 TOOLS_MODEL = "smol-tools"
 

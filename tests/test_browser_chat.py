@@ -8,6 +8,7 @@ import pytest
 
 from tests.browser import (
     ARTEFACTS,
+    FINISHED,
     bot_messages,
     open_page,
     open_parameters,
@@ -21,7 +22,6 @@ from tests.browser import (
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-FINISHED = r"^(Done|Reached|Stopped)"
 
 
 def chat_once(page, text, max_new_tokens=20):

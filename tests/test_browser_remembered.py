@@ -8,7 +8,9 @@ import pytest
 
 from tests.browser import (
     ARTEFACTS,
+    FINISHED,
     MODEL,
+    PHONE,
     bot_messages,
     open_page,
     open_parameters,
@@ -21,8 +23,6 @@ from tests.browser import (
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-FINISHED = r"^(Done|Reached|Stopped)"
-PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
 
 
 def sidebar_open(page) -> bool:
