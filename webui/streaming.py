@@ -58,7 +58,8 @@ def redraws(handle: GenerationHandle, interval: float = UPDATE_INTERVAL, hold: f
         if isinstance(event, Queued | Started) and not text_shown:
             if not held:
                 held_since = time.monotonic()
-            held = [e for e in held if not isinstance(e, Queued)] + [event]  # a position passed is not shown
+            held = [e for e in held if not isinstance(e, Queued)]  # a position passed is not shown
+            held.append(event)
             continue
         for kept in held:  # the reply's first text (or its end) came: they go first, in order
             yield Redraw(kept, text)
