@@ -116,11 +116,14 @@ class LlamaCppBatch:
         cached = shared[slot.seq_id]
         others = [s for s in self._slots if s is not slot and s.seq_id not in self._copied]
         source = max(others, key=lambda s: shared[s.seq_id], default=None)
-        if source is not None and shared[source.seq_id] >= cached + MIN_SHARED:
+        # The same prompt being read by another (maybe partly read, in chunks): wait for it and copy
+        # its whole cache then, rather than copy the part read so far and read the rest again.
+        reading = next((s for s in others if s.sequence is not None and s.sequence.tokens == tokens
+                        and s.sequence.follows is None and s.sequence.last is None), None)
+        if reading is not None and len(tokens) - cached >= MIN_SHARED:
+            sequence.follows = reading
+        elif source is not None and shared[source.seq_id] >= cached + MIN_SHARED:
             cached = self._copy(source, slot, shared[source.seq_id])
-        elif len(tokens) - cached >= MIN_SHARED:  # the same prompt being read by another: wait for it
-            sequence.follows = next((s for s in others if s.sequence is not None and s.sequence.tokens == tokens
-                                     and s.sequence.follows is None and s.sequence.last is None), None)
         cached = min(cached, len(tokens) - 1)  # the last prompt token is read again: logits to sample from
         self._forget(slot, cached)
         sequence.fed = cached

@@ -74,16 +74,17 @@ def open_parameters(page, wanted: bool = True) -> None:
     if parameters_open(page) != wanted:
         page.locator("#parameters-panel .toggle-button").click()
         wait_until(lambda: parameters_open(page) == wanted, "the Parameters panel " + ("open" if wanted else "closed"))
-        page.wait_for_timeout(400)  # it slides in or out
 
 
 def set_parameter(page, name: str, value) -> None:
+    """Set a parameter in the panel beside the chat; on a phone, where it covers the chat, close it again."""
     open_parameters(page)
     box = page.locator(f"#param-{name} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
     box.blur()
-    open_parameters(page, False)
+    if page.viewport_size and page.viewport_size["width"] <= 768:
+        open_parameters(page, False)
 
 
 def send(page, text: str) -> None:

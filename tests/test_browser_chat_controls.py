@@ -16,7 +16,6 @@ from tests.browser import (
     PHONE,
     bot_messages,
     open_page,
-    open_parameters,
     open_tab,
     reload,
     reply_text,
@@ -72,9 +71,6 @@ def test_notices_show_by_the_box_on_a_phone_and_no_model_means_a_refusal_not_a_s
         phone.screenshot(path=str(ARTEFACTS / "chat-notice-390.png"))
         notice.click(position={"x": box["width"] - 12, "y": box["height"] / 2})  # its ×
         wait_until(lambda: not notice.is_visible(), "the notice dismissed")
-        open_parameters(phone)  # the Parameters sheet on a phone
-        phone.screenshot(path=str(ARTEFACTS / "parameters-390.png"))
-        open_parameters(phone, False)
     finally:
         phone.context.close()
     page = open_page(browser, ui_server)
@@ -145,3 +141,14 @@ def test_an_imported_character_card_greets_with_its_name_and_picture_and_is_who_
     reload(page)  # the conversation remembers its character
     wait_until(lambda: bot_messages(page).count() == 2, "the conversation reopened")
     assert bot_messages(page).first.locator(".speaker").inner_text() == "Captain Vex"
+    open_tab(page, "Characters")
+    listing = page.locator("#character-list")
+    listing.get_by_text("Captain Vex").click()
+    wait_until(lambda: name.input_value() == "Captain Vex", "the character picked")
+    page.locator("#character-delete").click()
+    page.locator("#character-keep").click()  # a second thought: nothing is deleted
+    assert listing.get_by_text("Captain Vex").count() == 1
+    page.locator("#character-delete").click()
+    page.locator("#character-confirm-delete").click()
+    wait_for_status(page, "Deleted", selector="#character-status")
+    wait_until(lambda: listing.get_by_text("Captain Vex").count() == 0, "the character gone from the list")

@@ -147,6 +147,7 @@ def test_every_tab_fits_the_screen_width_and_is_saved_as_a_screenshot(browser, u
             assert overflow <= 0, f"the {tab} tab is {overflow} px wider than the screen"
         open_tab(page, "Chat")
         open_parameters(page)  # the Parameters panel beside the chat (a sheet on a phone)
+        page.wait_for_timeout(400)  # its slide in
         page.screenshot(path=str(ARTEFACTS / f"parameters-{viewport['width']}.png"))
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"the Parameters panel is {overflow} px wider than the screen"

@@ -27,7 +27,7 @@ PLUGIN = textwrap.dedent('''
     from pydantic import BaseModel, ConfigDict
 
     from loadstar import (
-        Assessment, Availability, LoadedModel, LoadedModelInfo, PluginContext, ReplyDraft, RequestDraft,
+        Assessment, Availability, Character, LoadedModel, LoadedModelInfo, PluginContext, ReplyDraft, RequestDraft,
         StreamPiece, Tool, UIContribution, hookimpl,
     )
 
@@ -118,6 +118,11 @@ PLUGIN = textwrap.dedent('''
 
 
     @hookimpl
+    def register_characters(register):
+        register(Character(name="Polly", greeting="Squawk!", context="{{char}} is a parrot."))
+
+
+    @hookimpl
     def shutdown():
         SEEN["shutdown"] = True
 ''')
@@ -173,6 +178,8 @@ def test_a_plugin_package_exercises_every_hook(installed, tmp_path):
         assert (data_dir, loaded.name, requests) == (tmp_path / "data", "polly", {"stop": 2})
         assert engine.tools.run("squawk", '{"word": "hi"}').text == "hihi"  # register_tools
         assert "the parrot's second tool is asleep" in engine.tools.problems()
+        polly = engine.characters.find(None, "polly")  # register_characters
+        assert (polly.id, polly.opening(), polly.system_message()) == ("everyhook:polly", "Squawk!", "Polly is a parrot.")
         assert engine.plugin_problems() == []
     finally:
         engine.close()

@@ -51,11 +51,14 @@ def build_characters_tab(engine: Engine) -> CharactersTab:
                                   elem_id="character-examples")
             with gr.Row():
                 save = gr.Button("Save", variant="primary", elem_id="character-save", min_width=80)
-                export = gr.Button("Export JSON", elem_id="character-export", min_width=80)
+                export = gr.Button("Export", elem_id="character-export", min_width=80)
                 delete = gr.Button("Delete", variant="stop", elem_id="character-delete", min_width=80)
+            with gr.Row(visible=False) as confirm_row:  # a second click, so one slip loses nothing
+                confirm = gr.Button("Yes, delete it", variant="stop", elem_id="character-confirm-delete", size="sm")
+                keep = gr.Button("Keep it", elem_id="character-keep", size="sm")
             status = gr.Markdown(elem_id="character-status")
     return CharactersTab(engine, listing, importer, export_file, picture, name, greeting, context, examples, save,
-                         export, delete, status)
+                         export, delete, confirm_row, confirm, keep, status)
 
 
 @dataclass
@@ -72,6 +75,9 @@ class CharactersTab:
     save: Any
     export: Any
     delete: Any
+    confirm_row: Any  # asks again before deleting
+    confirm: Any
+    keep: Any
     status: Any
 
     def wire(self, demo: gr.Blocks, chat: Any) -> None:
@@ -163,6 +169,8 @@ class CharactersTab:
         w.listing.change(show, w.listing, [*fields, w.status])
         w.save.click(save, [w.listing, *fields], changed)
         w.importer.upload(import_, w.importer, changed)
-        w.delete.click(delete, w.listing, changed)
+        w.delete.click(lambda: gr.update(visible=True), None, w.confirm_row)
+        w.keep.click(lambda: gr.update(visible=False), None, w.confirm_row)
+        w.confirm.click(delete, w.listing, changed).then(lambda: gr.update(visible=False), None, w.confirm_row)
         w.export.click(export, w.listing, [w.export_file, w.status])
         demo.load(opened, None, w.listing)

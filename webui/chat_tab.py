@@ -356,9 +356,11 @@ class ChatTab:
             text, state = text_of(data[w.message]).strip(), data[w.state] or {}
             if not (text or files_of(data[w.message])) or self.engine.has_work(who(request).owner) \
                     or pending_calls(state) or chat.refusal(tool_choice(data)):
-                return [gr.skip()] * 3
+                return [gr.skip()] * 4
             messages = [*chat_messages(state), {"role": "user", "content": text or "Read the attached file."}]
-            return [view(messages, state, who(request).user), gr.update(visible=False), gr.update(visible=True)]
+            # The status too: the last reply's "Done (…)" must not stand for this one's.
+            return [view(messages, state, who(request).user), gr.update(visible=False), gr.update(visible=True),
+                    "Sending…"]
 
         def stop(request: gr.Request):
             status = chat.stop(who(request).owner)
@@ -380,8 +382,10 @@ class ChatTab:
         after_turn = dict(fn=listing_and_title, inputs=[w.state], outputs=[w.conversation_list, w.title, w.model],
                           show_progress="hidden")  # no spinner over the list after each reply
         for trigger in (w.send_button.click, w.message.submit):
-            trigger(begin, inputs, [w.chatbot, w.send_button, w.stop_button], queue=False, show_progress="hidden").then(
-                None, js=AFTER_PAINT).then(send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs], concurrency_limit=UNLIMITED,
+            started = trigger(begin, inputs, [w.chatbot, w.send_button, w.stop_button, w.status], queue=False,
+                              show_progress="hidden")
+            started.then(None, js=AFTER_PAINT).then(
+                send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs], concurrency_limit=UNLIMITED,
                 show_progress="minimal").then(**after_turn)
         for button, decision in ((w.approve, "approve"), (w.always, "always"), (w.reject, "reject")):
             button.click(decide(decision), inputs, turn_outputs, concurrency_limit=UNLIMITED).then(**after_turn)
