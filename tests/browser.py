@@ -77,14 +77,13 @@ def open_parameters(page, wanted: bool = True) -> None:
 
 
 def set_parameter(page, name: str, value) -> None:
-    """Set a parameter in the panel beside the chat; on a phone, where it covers the chat, close it again."""
+    """Set a parameter in the panel beside the chat, then close it (open, it covers the chat's right edge)."""
     open_parameters(page)
     box = page.locator(f"#param-{name} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
     box.blur()
-    if page.viewport_size and page.viewport_size["width"] <= 768:
-        open_parameters(page, False)
+    open_parameters(page, False)
 
 
 def send(page, text: str) -> None:
