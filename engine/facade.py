@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 from loadstar.engine.chat.attachments import AttachmentReader
 from loadstar.engine.chat.characters import FORMAT as CHARACTER_FORMAT
-from loadstar.engine.chat.characters import CharacterStore, read_character
+from loadstar.engine.chat.characters import CharacterStore, character_from
 from loadstar.engine.chat.conversations import Conversation, ConversationStore
 from loadstar.engine.chat.format_detection import ChosenFormat, choose_format
 from loadstar.engine.chat.presets import PresetStore, generation_config_defaults, model_system_message
@@ -104,7 +103,7 @@ class Engine:
             if not isinstance(card, dict):
                 return None
             try:
-                character = read_character(json.dumps({**card, "format": CHARACTER_FORMAT}).encode("utf-8"))
+                character = character_from({**card, "format": CHARACTER_FORMAT}, "a conversation's import")
             except LoadstarError:
                 return None
             same = next((c for c in self.characters.all(user)

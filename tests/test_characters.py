@@ -81,6 +81,8 @@ def test_ccv3_wins_over_chara_in_one_png():
     (b"\xff\xfe\x00binary", "neither a PNG card nor text"),
     (b"{not json", "not valid JSON"),
     (b"- a\n- list\n", "expected YAML keys"),
+    (b'{"name": ' + b"[" * 50_000 + b"1" + b"]" * 50_000 + b"}", "nested too deeply"),  # was a RecursionError
+    (b"[" * 100_000, "nested too deeply"),  # YAML: PyYAML composes recursively
     (b"name: [unclosed", "not valid YAML"),
     (json.dumps({"name": "x" * 5000}).encode(), None),  # a name cut to 100 characters, not refused
 ])
@@ -156,6 +158,8 @@ def test_extensions_offer_characters_through_the_hook(tmp_path):
         assert engine.plugins.register(Plugin(), name="guides")
         found = engine.characters.find(None, "guide")
         assert found.id == "guides:guide" and found.source == "extension guides"
+        assert engine.plugins.register(Plugin(), name="../up")  # a plugin's name is no path in the id
+        assert {c.id for c in engine.characters.all(None)} == {"guides:guide", "up:guide"}
         assert engine.characters.get(None, "guides:guide").opening() == "Welcome!"
         with pytest.raises(BadRequestError, match="cannot be changed"):
             engine.characters.save(None, found, replace=found.id)
@@ -185,5 +189,9 @@ def test_a_conversation_exported_with_its_character_brings_it_to_another_login(t
         plain = tmp_path / "plain.json"
         plain.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}], "character": "../../x"}))
         assert engine.import_conversation("bob", plain).character is None  # an id from a file is never trusted
+        deep = tmp_path / "deep.json"
+        deep.write_text("[" * 100_000)
+        with pytest.raises(BadRequestError, match="nested too deeply"):  # one line, not a RecursionError
+            engine.import_conversation("bob", deep)
     finally:
         engine.close()

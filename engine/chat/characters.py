@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import re
 import struct
 import zlib
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loadstar.engine.atomic import login_folder_name, private_folder, write_atomic
 from loadstar.engine.errors import BadRequestError, problem_line
+from loadstar.engine.untrusted_json import UntrustedJsonError, parse_untrusted_json
 
 FORMAT = "loadstar-character/1"
 MAX_IMPORT_BYTES = 20 * 1024 * 1024  # a card PNG with a large picture
@@ -173,8 +173,8 @@ class CharacterStore:
         found = []
         for plugin, character in self._provided():
             try:
-                checked = Character.model_validate({**character.model_dump(), "format": FORMAT,
-                                                    "id": f"{plugin}:{character_id(character.name)}",
+                checked = Character.model_validate({**character.model_dump(), "format": FORMAT,  # ids become file names
+                                                    "id": f"{character_id(plugin)}:{character_id(character.name)}",
                                                     "source": f"extension {plugin}"})
             except ValidationError:
                 continue
@@ -197,19 +197,22 @@ def read_character(data: bytes, file_name: str = "") -> Character:
         raise BadRequestError(f"the file is larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB")
     if data.startswith(_PNG):
         card, picture = card_from_png(data), thumbnail(data)
-        return _from_fields(card, f"card {file_name}".strip(), picture)
+        return character_from(card, f"card {file_name}".strip(), picture)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise BadRequestError("the file is neither a PNG card nor text (YAML or JSON)") from None
     stripped = text.lstrip()
     if stripped.startswith("{"):
-        try:
-            raw = json.loads(text)
-        except ValueError:
-            raise BadRequestError("the file is not valid JSON") from None
-        return _from_fields(raw, f"card {file_name}".strip())
-    return _from_fields(_yaml(text), f"text-generation-webui {file_name}".strip())
+        return character_from(_json(text, "the file"), f"card {file_name}".strip())
+    return character_from(_yaml(text), f"text-generation-webui {file_name}".strip())
+
+
+def _json(text: str | bytes, name: str) -> Any:
+    try:
+        return parse_untrusted_json(text, name)  # bounded in depth: a deep file is one line, not a RecursionError
+    except UntrustedJsonError as error:
+        raise BadRequestError(str(error)) from None
 
 
 def _yaml(text: str) -> dict[str, Any]:
@@ -219,6 +222,8 @@ def _yaml(text: str) -> dict[str, Any]:
         raw = yaml.safe_load(text)
     except yaml.YAMLError:
         raise BadRequestError("the file is not valid YAML or JSON") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise BadRequestError("the file's YAML is nested too deeply") from None
     if not isinstance(raw, dict):
         raise BadRequestError("the file holds no character: expected YAML keys such as name, greeting, context")
     return raw
@@ -232,7 +237,8 @@ def _text(raw: dict[str, Any], *keys: str) -> str:
     return ""
 
 
-def _from_fields(raw: Any, source: str, picture: str | None = None) -> Character:
+def character_from(raw: Any, source: str, picture: str | None = None) -> Character:
+    """A character from a parsed file (a card's fields, text-generation-webui's keys, our own export)."""
     if not isinstance(raw, dict):
         raise BadRequestError("the file holds no character")
     if raw.get("format") == FORMAT:  # our own export
@@ -309,9 +315,10 @@ def card_from_png(data: bytes) -> dict[str, Any]:
     if len(text) > MAX_CARD_BYTES * 2:
         raise BadRequestError("the card in the PNG is too large")
     try:
-        card = json.loads(base64.b64decode(text, validate=False).decode("utf-8"))
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise BadRequestError("the PNG's character card is not base64 JSON") from None
+        decoded = base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise BadRequestError("the PNG's character card is not base64") from None
+    card = _json(decoded, "the PNG's character card")
     if not isinstance(card, dict):
         raise BadRequestError("the PNG's character card is not an object")
     return card
@@ -338,7 +345,7 @@ def thumbnail(data: bytes) -> str | None:
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             out = io.BytesIO()
             image.convert("RGBA").save(out, format="PNG", optimize=True)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except Exception:  # an untrusted image: whatever its decoder raises (PIL raises SyntaxError too), no picture
         return None
     small = out.getvalue()
     return base64.b64encode(small).decode("ascii") if len(small) <= MAX_THUMBNAIL_BYTES else None

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from loadstar.engine.atomic import login_folder_name, private_folder, remove_stale_temps, write_atomic
 from loadstar.engine.chat.messages import ChatMessage
 from loadstar.engine.errors import BadRequestError, problem_line
+from loadstar.engine.untrusted_json import UntrustedJsonError, parse_untrusted_json
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +223,10 @@ class ConversationStore:
         ``adopt(raw)``: the id of the character the file brings (saved by the caller), or None."""
         _check_import_size(len(data))
         try:
-            raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise BadRequestError("the file is not JSON: export a conversation from Loadstar to import it") from None
+            raw = parse_untrusted_json(data, "the file")  # bounded in depth: never a RecursionError
+        except UntrustedJsonError as error:
+            raise BadRequestError(f"the file is not JSON that can be read ({error.why}): export a conversation "
+                                  "from Loadstar to import it") from None
         if isinstance(raw, list):  # a bare list of {"role", "content"} messages
             raw = {"messages": raw}
         if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list):
