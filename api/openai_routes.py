@@ -68,7 +68,8 @@ def build_router(
         try:
             messages = tuple(chat_message(m) for m in body.messages)
             if body.character is not None and not any(m.role == "system" for m in messages):
-                character = engine.characters.find(None, body.character)  # the folder of no login, and extensions'
+                # the folder of no login, and extensions': files and hooks, read off the event loop
+                character = await anyio.to_thread.run_sync(engine.characters.find, None, body.character)
                 messages = (ChatMessage(role="system", content=character.system_message()), *messages)
             tools = tool_use(body)
             output = OutputSpec(json_schema=body.json_schema(), logprobs=body.top_logprobs_wanted())

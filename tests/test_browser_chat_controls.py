@@ -120,6 +120,10 @@ def test_an_imported_character_card_greets_with_its_name_and_picture_and_is_who_
     assert "{{char}} is a cheerful sky pirate" in page.locator("#character-context textarea").input_value()
     page.locator("#character-picture img").wait_for()
     page.screenshot(path=str(ARTEFACTS / "characters-1440.png"))
+    page.locator("#character-examples textarea").fill("<START>\n{{user}}: Hello\n{{char}}: Arr, hello!")
+    page.locator("#character-save").click()  # an edit of a character with a picture: saved, picture kept
+    wait_for_status(page, "Saved Captain Vex", selector="#character-status")
+    page.locator("#character-picture img").wait_for()
     open_tab(page, "Chat")
     set_parameter(page, "temperature", 0)
     set_parameter(page, "max_new_tokens", 24)

@@ -23,9 +23,13 @@ from loadstar.webui.uploads import uploaded_file
 NEW = ""  # the list's entry for a character not saved yet
 
 
+def character_entries(engine: Engine, user: str | None) -> list[tuple[str, str]]:
+    """(label, id) of every character ``user`` may pick: their own, then the extensions' (marked)."""
+    return [(c.name + (" (extension)" if ":" in c.id else ""), c.id) for c in engine.characters.all(user)]
+
+
 def choices(engine: Engine, user: str | None) -> list[tuple[str, str]]:
-    return [("+ New character", NEW),
-            *((c.name + (" (extension)" if ":" in c.id else ""), c.id) for c in engine.characters.all(user))]
+    return [("+ New character", NEW), *character_entries(engine, user)]
 
 
 def build_characters_tab(engine: Engine) -> CharactersTab:
@@ -108,7 +112,7 @@ class CharactersTab:
             return gr.update(choices=choices(engine, user), value=value)
 
         def pickers(user):
-            return gr.update(choices=[("No character", ""), *choices(engine, user)[1:]])
+            return gr.update(choices=[("No character", ""), *character_entries(engine, user)])
 
         def save(character_id, name, greeting, context, examples, picture, request: gr.Request):
             user = who(request).user
@@ -119,11 +123,11 @@ class CharactersTab:
                     drawn = thumbnail(uploaded_file(picture).read_bytes())
                     if drawn is None:
                         raise LoadstarError("the picture cannot be read: use a PNG, JPEG, WebP or GIF under 40 megapixels")
-                character = Character(name=(name or "").strip() or "?", greeting=greeting or "", context=context or "",
-                                      example_dialogue=examples or "", picture=drawn,
-                                      source=picked.source if picked else "created here")
                 if not (name or "").strip():
                     raise LoadstarError("a character needs a name")
+                character = Character(name=name.strip(), greeting=greeting or "", context=context or "",
+                                      example_dialogue=examples or "", picture=drawn,
+                                      source=picked.source if picked else "created here")
                 replace = character_id if character_id and ":" not in character_id else None
                 saved = engine.characters.save(user, character, replace=replace)
             except (LoadstarError, ValueError) as error:

@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from loadstar.engine.facade import Engine
+from loadstar.webui.characters_tab import character_entries
 from loadstar.webui.chat_handlers import (
     ChatHandlers,
     ChatUpdate,
@@ -24,9 +25,6 @@ from loadstar.webui.parameters_tab import ParameterControls
 from loadstar.webui.remembered import CLOSE_SIDEBAR_ON_PHONE, remember, remembered
 from loadstar.webui.streaming import only_changes
 
-# Between the user's bubble and the turn: the browser lays out the chat first, so that it does not
-# do so beside the model reading the prompt on the same cores (a long chat took ~0.2 s of CPU).
-AFTER_PAINT = "() => new Promise(done => requestAnimationFrame(() => setTimeout(done, 0)))"
 # Chat events run concurrently in Gradio; the engine's own queue orders generation fairly and
 # reports positions, and Stop must never wait behind a running reply.
 UNLIMITED = None
@@ -215,12 +213,11 @@ class ChatTab:
         w = self
 
         def character_choices(user):
-            listed = [(c.name + (" (extension)" if ":" in c.id else ""), c.id) for c in self.engine.characters.all(user)]
-            return [("No character", ""), *listed]
+            return [("No character", ""), *character_entries(self.engine, user)]
 
-        def speaker(state, user):
+        def speaker(state, user, found=None):
             """The character the conversation is with, as its replies show it (None: none)."""
-            found = self.engine.characters.get(user, (state or {}).get("character"))
+            found = found or self.engine.characters.get(user, (state or {}).get("character"))
             return Speaker(found.name, bool(found.picture)) if found else None
 
         def view(messages, state, user, waiting=False, said_by=None):
@@ -230,7 +227,7 @@ class ChatTab:
         def shown(state, user):
             """Everything that shows one conversation: chat, system, title, character, its picture, the buttons."""
             found = self.engine.characters.get(user, state.get("character"))
-            said_by = Speaker(found.name, bool(found.picture)) if found else None
+            said_by = speaker(state, user, found)
             return (view(chat_messages(state), state, user, bool(pending_calls(state)), said_by), state.get("system", ""),
                     state.get("title", ""), found.id if found else "", picture_style(found), *controls(state, False))
 
@@ -384,7 +381,7 @@ class ChatTab:
         for trigger in (w.send_button.click, w.message.submit):
             started = trigger(begin, inputs, [w.chatbot, w.send_button, w.stop_button, w.status], queue=False,
                               show_progress="hidden")
-            started.then(None, js=AFTER_PAINT).then(
+            started.then(
                 send, inputs, [w.message, w.fit, w.fitted_files, *turn_outputs], concurrency_limit=UNLIMITED,
                 show_progress="minimal").then(**after_turn)
         for button, decision in ((w.approve, "approve"), (w.always, "always"), (w.reject, "reject")):
@@ -482,11 +479,7 @@ class ChatTab:
 
         def pick_character(character_id, state, request: gr.Request):
             update = chat.pick_character(state or new_state(), who(request), character_id or None)
-            user = who(request).user
-            found = self.engine.characters.get(user, update.state.get("character"))
-            return [update.state, view(update.chatbot, update.state, user), update.state.get("system", ""),
-                    update.state.get("title", ""), found.id if found else "", picture_style(found),
-                    *controls(update.state, False), update.status]
+            return [update.state, *shown(update.state, who(request).user), update.status]
 
         def refresh_characters(request: gr.Request):
             return gr.update(choices=character_choices(who(request).user))
