@@ -124,3 +124,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str, co
 # a loader's arithmetic could tip. (With the template's own SmolLM system message the first token was a
 # 0.06-logit tie between "L'Étoile…" and "The", and "Answer in one word." added ties of 0.02.)
 CAPITAL_QUESTION = "What is the capital of France?"
+
+
+def main_thread_wakeups(pid: int, seconds: float = 2.0) -> float:
+    """How often a process's main thread went to sleep and woke, per second, over ``seconds``
+    (its context switches, from /proc): an idle event loop that polls shows it."""
+    def switches() -> int:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+        return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
+
+    before = switches()
+    time.sleep(seconds)
+    return (switches() - before) / seconds

@@ -168,7 +168,7 @@ def test_the_server_outlives_its_worker_and_answers_after_the_reload(tmp_path, d
     import httpx
     import openai
 
-    from tests.helpers import free_port, start_server, stop_server, wait_for_health
+    from tests.helpers import free_port, main_thread_wakeups, start_server, stop_server, wait_for_health
 
     port = free_port()
     log = tmp_path / "server.log"
@@ -176,6 +176,9 @@ def test_the_server_outlives_its_worker_and_answers_after_the_reload(tmp_path, d
                           "--port", str(port), log=log)
     try:
         wait_for_health(port, server, log)
+        # Idle, the event loop sleeps: Gradio's queue polled every 1 ms (about 1,100 wakes a second),
+        # each taking a core from the model's threads on a small machine (webui.asgi._calm_queue).
+        assert main_thread_wakeups(server.pid) < 300
         base = f"http://127.0.0.1:{port}"
         worker = next(p for p in psutil.Process(server.pid).children() if "worker_main" in " ".join(p.cmdline()))
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=300, max_retries=0)

@@ -12,6 +12,12 @@ from loadstar.webui.session_binding import SessionBinding
 from loadstar.webui.ui import CSS, HEAD, build_ui
 
 MAX_UPLOAD = "20mb"  # the largest file a page may upload (a conversation import is at most 20 MiB)
+# How often Gradio's queue looks for a new event, and for progress to send, when it has none: its own
+# defaults (1 ms and 10 ms) wake the server's event loop 1,100 times a second, idle or not, and on a
+# 2-core machine each wake takes a core from the model's threads (API decode 124 -> 140 tok/s measured
+# with these). A click waits 10 ms more on average before its handler starts.
+QUEUE_POLL_SECONDS = 0.02
+PROGRESS_POLL_SECONDS = 0.1
 
 
 def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
@@ -19,6 +25,7 @@ def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
     auth = list(settings.auth) or None
     demo = build_ui(engine)
     demo.queue(default_concurrency_limit=1)
+    _calm_queue(demo)
     app = gr.mount_gradio_app(
         app,
         demo,
@@ -44,6 +51,15 @@ def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
         app.add_middleware(SessionBinding, user_of=lambda cookies: _login(gradio_app, cookies))
     app.add_middleware(HostGuard, loopback_only=settings.is_loopback, cors_origins=settings.cors_origins)
     return app
+
+
+def _calm_queue(demo: gr.Blocks) -> None:
+    """Gradio's queue polls; poll less often (see QUEUE_POLL_SECONDS)."""
+    queue = getattr(demo, "_queue", None)
+    if queue is None or not hasattr(queue, "sleep_when_free"):
+        return  # another Gradio: nothing to calm
+    queue.sleep_when_free = QUEUE_POLL_SECONDS
+    queue.progress_update_sleep_when_free = PROGRESS_POLL_SECONDS
 
 
 def _login(gradio_app: object, cookies: dict[str, str]) -> str | None:
