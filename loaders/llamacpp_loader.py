@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,6 +72,7 @@ SUPPORTED = frozenset({
 ALONE = -1  # the batch key of a request run through ``stream`` (not through the engine's batch)
 KV_SHARE_OF_FREE_MEMORY = 0.5  # the default context is capped so the KV caches take at most this much
 MIN_CONTEXT = 512
+GPU_BACKENDS = ("cuda", "hip", "vulkan", "metal", "sycl", "musa", "cann")  # libggml-<backend> in a GPU build
 
 
 EMBED_MAX_TOKENS = 512  # tokens per embedded text, read in one pass
@@ -148,7 +150,8 @@ class LlamaCppLoader:
         n_ctx, _ = _context_length(options.n_ctx, folder.context_length, folder.kv_bytes_per_token, options.max_batch)
         per_token = folder.kv_bytes_per_token
         return MemoryEstimate(sum(sizes.get(p, 0) for p in model_file.parts),
-                              per_token * n_ctx * options.max_batch if per_token else None, n_ctx, options.max_batch)
+                              per_token * n_ctx * options.max_batch if per_token else None, n_ctx, options.max_batch,
+                              gpu_share=_gpu_share(options.n_gpu_layers, folder.layers))
 
     def load(self, folder: ModelFolder, options: BaseModel) -> LlamaCppModel:
         assert isinstance(options, LlamaCppOptions)
@@ -317,6 +320,28 @@ def _context_length(
         return full, ""
     capped = max(MIN_CONTEXT, fits // 256 * 256)
     return capped, f"capped from {full}: the KV caches of {sequences} requests must fit in free memory"
+
+
+def _gpu_share(requested: int, layers: int | None, *, backend: bool | None = None) -> float:
+    """The share of the model that ``n_gpu_layers`` puts on the GPU (its layers' weights and KV cache),
+    told without importing llama_cpp into the server: 0 when the build has no GPU backend (``backend``:
+    whether it has; None: the installed one's, ``gpu_backend_installed``)."""
+    if requested == 0 or not (gpu_backend_installed() if backend is None else backend):
+        return 0.0
+    if requested == -1 or not layers or layers <= 0:
+        return 1.0  # every layer (or a count that cannot be weighed: the whole model, to be safe)
+    return min(1.0, requested / layers)
+
+
+def gpu_backend_installed() -> bool:
+    """Whether the installed llama-cpp-python was built with a GPU backend (its package holds the
+    backend's library: libggml-cuda, -hip, -vulkan, -metal, -sycl), found without importing it."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return False
+    lib = Path(spec.origin).parent / "lib"
+    return lib.is_dir() and any(
+        f.name.startswith(f"libggml-{backend}") for f in lib.iterdir() for backend in GPU_BACKENDS)
 
 
 def _gpu_layers(requested: int) -> int:

@@ -291,3 +291,68 @@ def test_a_load_that_would_not_fit_is_refused_naming_the_numbers(tmp_path):
     assert message.startswith("giant needs about 1048577.0 GiB (1048576.0 GiB of weights + 1.0 GiB of KV cache), but ")
     assert "of memory is free" in message and "\n" not in message
     assert loader.loaded == []  # refused before loading
+
+
+def fake_nvidia_smi(tmp_path, monkeypatch, free_mib: int) -> None:
+    """An ``nvidia-smi`` on PATH that reports ``free_mib`` MiB free (what the real one prints for
+    --query-gpu=memory.free --format=csv,noheader,nounits): no GPU here, the check's code is real."""
+    tools = tmp_path / "bin"
+    tools.mkdir(exist_ok=True)
+    tool = tools / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\necho {free_mib}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize(("share", "refused"), [
+    (1.0, "whole needs about 2.0 GiB (2.0 GiB of weights), but 1.0 GiB of GPU memory is free: unload a model, "
+          "put fewer layers on the GPU, or lower the context or batch in its loader options"),
+    (0.75, "whole needs about 1.5 GiB of GPU memory (the 75% of its 2.0 GiB (2.0 GiB of weights) on the GPU), "
+           "but 1.0 GiB of GPU memory is free"),
+    (0.25, None),  # 512 MiB on the GPU, the rest in RAM: it fits
+])
+def test_a_load_that_offloads_layers_is_checked_against_the_gpu_memory(tmp_path, monkeypatch, share, refused):
+    """llama.cpp's options name no device: its estimate says what share goes to the GPU (n_gpu_layers),
+    and that share is checked against the GPU's free memory, the rest against RAM."""
+    from loadstar import MemoryEstimate
+    from tests.fakes import FakeLoader
+
+    class Offloading(FakeLoader):
+        def estimate_memory(self, folder, options):
+            return MemoryEstimate(weights=2 * 2**30, gpu_share=share)
+
+    fake_nvidia_smi(tmp_path, monkeypatch, free_mib=1024)
+    loader = Offloading("Offloading")
+    engine = engine_with(tmp_path, loader)
+    hf_folder(engine.settings.models_dir, "whole")
+    if refused is None:
+        engine.load_model("whole")
+        assert engine.loaded is not None and engine.loaded.name == "whole"
+        return
+    with pytest.raises(ModelLoadError) as error:
+        engine.load_model("whole")
+    assert str(error.value).startswith(refused)
+    assert loader.loaded == []
+
+
+def test_llama_cpp_estimates_its_gpu_share_from_n_gpu_layers(default_models_dir):
+    """The default GGUF's 30 layers are read from its header; this CPU build of llama.cpp has no GPU
+    backend, so nothing goes to a GPU whatever n_gpu_layers says."""
+    from loadstar.engine.models.folder import inspect_model_folder
+    from loadstar.loaders.llamacpp_loader import LlamaCppLoader, LlamaCppOptions, _gpu_share, gpu_backend_installed
+
+    folder = inspect_model_folder(default_models_dir / DEFAULT_MODEL_NAME)
+    assert folder.layers == 30
+    assert gpu_backend_installed() is False
+    assert LlamaCppLoader().estimate_memory(folder, LlamaCppOptions(n_gpu_layers=-1)).gpu_share == 0.0
+    assert _gpu_share(-1, 30, backend=True) == 1.0
+    assert _gpu_share(15, 30, backend=True) == 0.5
+    assert _gpu_share(99, 30, backend=True) == 1.0
+    assert _gpu_share(0, 30, backend=True) == 0.0
+    assert _gpu_share(10, None, backend=True) == 1.0  # unknown layers: counted whole
+    from loadstar import MemoryEstimate
+
+    half = MemoryEstimate(weights=2 * 2**30, gpu_share=0.5)  # the Model tab's line says where it goes
+    assert half.describe(8 * 2**30, 512 * 2**20) == (
+        "About 2.0 GiB: 2.0 GiB of weights (free now: 8.0 GiB); 50% of it on the GPU (1.0 GiB, 512.0 MiB free "
+        "there, too little).")

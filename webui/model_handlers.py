@@ -14,6 +14,7 @@ from loadstar.engine.errors import LoadCancelled, LoadstarError, problem_line
 from loadstar.engine.facade import Engine
 from loadstar.engine.models.choice import LoaderCandidate
 from loadstar.engine.models.folder import ModelFolder, format_size
+from loadstar.engine.models.manager import gpu_free_memory
 
 AUTO_LOADER = "auto"
 
@@ -203,7 +204,8 @@ class ModelHandlers:
             return f"Memory: {loader} gives no estimate for this model before loading."
         import psutil
 
-        return f"Memory: {found.describe(psutil.virtual_memory().available)}"
+        gpu_free = gpu_free_memory() if found.gpu_share else None
+        return f"Memory: {found.describe(psutil.virtual_memory().available, gpu_free)}"
 
     def cancel_load(self) -> str | None:
         """Cancel the running loads; None when nothing is loading."""

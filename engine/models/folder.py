@@ -96,6 +96,7 @@ class ModelFolder:
     chat_template_source: str | None = None  # where the chat template was found, if anywhere
     context_length: int | None = None
     kv_bytes_per_token: int | None = None  # f16 keys and values per token of context (from the GGUF header or config.json)
+    layers: int | None = None  # transformer blocks (GGUF block_count, config.json num_hidden_layers)
     size_bytes: int = 0
     has_config: bool = False
     has_tokenizer: bool = False
@@ -208,12 +209,13 @@ def inspect_model_folder(path: Path) -> ModelFolder:
     weights = _weight_files(path)
 
     architecture = model_type = None
-    context_length = None
+    context_length = layers = None
     if config:
         archs = config.get("architectures") or []
         architecture = archs[0] if archs and isinstance(archs[0], str) else None
         model_type = config.get("model_type")
         context_length = _int_or_none(config.get("max_position_embeddings"))
+        layers = _int_or_none(config.get("num_hidden_layers"))
 
     quantization = _quantization(path, config, problems)
     chat_template_source = _chat_template_source(path, tokenizer_config)
@@ -241,6 +243,7 @@ def inspect_model_folder(path: Path) -> ModelFolder:
             model_type = model_type or meta.get("architecture")
             context_length = context_length or meta.get("context_length")
             kv_bytes_per_token = meta.get("kv_bytes_per_token") or kv_bytes_per_token
+            layers = meta.get("layers") or layers
             # llama.cpp reads the GGUF's own template: in a folder of GGUF weights alone, that is the
             # one in use, whatever tokenizer_config.json beside it says.
             if meta.get("chat_template") and (chat_template_source is None or len(gguf_files) == len(weights)):
@@ -262,6 +265,7 @@ def inspect_model_folder(path: Path) -> ModelFolder:
         chat_template_source=chat_template_source,
         context_length=context_length,
         kv_bytes_per_token=kv_bytes_per_token,
+        layers=layers,
         size_bytes=_folder_size(path),
         has_config=config is not None,
         has_tokenizer=has_tokenizer,
@@ -445,6 +449,7 @@ def gguf_facts(meta: dict[str, Any], name: str) -> dict[str, Any]:
     return {
         "architecture": architecture,
         "context_length": _int_or_none(of_arch("context_length")),
+        "layers": _int_or_none(of_arch("block_count")),
         "file_type": file_type_name,
         "chat_template": template if isinstance(template, str) else None,
         "kv_bytes_per_token": kv_bytes_per_token(

@@ -326,8 +326,13 @@ class MemoryEstimate:
     context: int | None = None
     sequences: int = 1  # requests decoded together, each with ``context`` tokens of KV cache
     grows: bool = False  # the KV cache is allocated as requests use it (else all of it at load)
+    # The share of it (weights and KV cache alike) that goes to a GPU, 0 to 1: set by a loader whose
+    # options place layers rather than name a device (llama.cpp's n_gpu_layers). None: the options'
+    # ``device`` says where all of it goes.
+    gpu_share: float | None = None
 
-    def describe(self, free: int | None = None) -> str:
+    def describe(self, free: int | None = None, gpu_free: int | None = None) -> str:
+        """One line for the Model tab; ``free``: the free RAM, ``gpu_free``: the GPU's free memory."""
         parts, after = [f"{format_size(self.weights)} of weights"], ""
         kv = self.kv_cache if self.context else None
         if kv is not None and self.grows:
@@ -339,7 +344,13 @@ class MemoryEstimate:
             each = f" ({self.sequences} requests × {self.context:,} tokens)" if self.sequences > 1 else f" for {self.context:,} tokens"
             parts.append(f"{format_size(kv)} of KV cache{each}")
         total = self.weights + (kv or 0)
-        room = f" (free now: {format_size(free)}{'' if free >= total else ', too little'})" if free else ""
+        share = self.gpu_share or 0.0
+        in_ram = round(total * (1 - share))
+        room = f" (free now: {format_size(free)}{'' if free >= in_ram else ', too little'})" if free and in_ram else ""
+        if share:
+            on_gpu = round(total * share)
+            there = f", {format_size(gpu_free)} free there{'' if gpu_free >= on_gpu else ', too little'}" if gpu_free else ""
+            room += f"; {'all' if share >= 1 else f'{share:.0%}'} of it on the GPU ({format_size(on_gpu)}{there})"
         return f"About {format_size(total)}: {' + '.join(parts)}{room}.{after}"
 
 

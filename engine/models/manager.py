@@ -231,13 +231,14 @@ class ModelManager:
             validated = plugin.Options.model_validate(merged)
         except ValidationError as error:
             raise ModelLoadError(f"{chosen.loader} option {problem_line(error)}") from None
-        for leaving in self._check_memory(name, plugin, folder, validated):
-            log.info("unloading %s first: %s needs the memory it holds", leaving.name, name)
-            self._retire(leaving, wait=True)
+        leaving, on_gpu = self._check_memory(name, plugin, folder, validated)
+        for resident in leaving:
+            log.info("unloading %s first: %s needs the memory it holds", resident.name, name)
+            self._retire(resident, wait=True)
         if self._closed:  # Ctrl+C came while the model being replaced drained
             raise LoadCancelled(f"not loading {name}: the server is shutting down")
         log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
-        gpu_before = gpu_free_memory() if _on_gpu(validated) else None
+        gpu_before = gpu_free_memory() if on_gpu else None
         try:
             if self._workers and getattr(plugin, "runs_in_worker", True):  # optional in the Loader protocol
                 model: CoreClient = start_worker(plugin, folder, validated, on_exit=self._worker_exited,
@@ -295,44 +296,58 @@ class ModelManager:
                 gone.append(name)
         return gone
 
-    def _check_memory(self, name: str, plugin: Loader, folder: ModelFolder, options: Any) -> list[_Resident]:
-        """Refuse a load whose estimate does not fit, naming the numbers; the models that must be
-        unloaded first (the one it replaces, or the least recently used past ``max_models``) when it
-        fits only with the memory they free. A GPU load is checked against the GPU's free memory."""
+    def _check_memory(self, name: str, plugin: Loader, folder: ModelFolder, options: Any) -> tuple[list[_Resident], bool]:
+        """Refuse a load whose estimate does not fit, naming the numbers. Returns the models that must
+        be unloaded first (the one it replaces, or the least recently used past ``max_models``) when it
+        fits only with the memory they free, and whether the load puts anything on a GPU. The share
+        on a GPU (the estimate's ``gpu_share``, else all of it when the options' device is a GPU) is
+        checked against the GPU's free memory, the rest against free RAM."""
         estimate_memory = getattr(plugin, "estimate_memory", None)  # optional in the Loader protocol
-        if estimate_memory is None:
-            return []
-        try:
-            estimate = estimate_memory(folder, options)
-        except Exception:
-            log.exception("%s failed to estimate %s", plugin.name, name)
-            return []
+        estimate = None
+        if estimate_memory is not None:
+            try:
+                estimate = estimate_memory(folder, options)
+            except Exception:
+                log.exception("%s failed to estimate %s", plugin.name, name)
+        share = estimate.gpu_share if estimate is not None and estimate.gpu_share is not None else (
+            1.0 if _on_gpu(options) else 0.0)
         if estimate is None:
-            return []
+            return [], share > 0
         needed = estimate.weights + (0 if estimate.grows else (estimate.kv_cache or 0))
         lru = self._least_recently_used() if len(self._resident) >= self.max_models else None
         leaving = [r for r in self._resident.values() if r.name == name] or ([lru] if lru is not None else [])
-        if _on_gpu(options):
-            free = gpu_free_memory()
-            if free is None:
-                log.warning("cannot tell the GPU's free memory (no nvidia-smi): %s is loaded unchecked", name)
-                return []
-            where, freed = "GPU memory", sum(r.gpu_bytes for r in leaving)
-        else:
+        places = []
+        if share > 0:
+            gpu_free = gpu_free_memory()
+            if gpu_free is None:
+                log.warning("cannot tell the GPU's free memory (no nvidia-smi): %s is loaded unchecked there", name)
+            else:
+                places.append((round(needed * share), gpu_free, "GPU memory", sum(r.gpu_bytes for r in leaving)))
+        if share < 1:
             import psutil
 
-            free, where, freed = psutil.virtual_memory().available, "memory", sum(_process_memory(r.model) for r in leaving)
-        if needed <= free:
-            return []
-        if needed > free + freed:
-            parts = f"{format_size(estimate.weights)} of weights"
-            if needed > estimate.weights:
-                parts += f" + {format_size(needed - estimate.weights)} of KV cache"
-            also = f" (+ {format_size(freed)} that unloading {leaving[0].name} would free)" if freed else ""
-            raise ModelLoadError(
-                f"{name} needs about {format_size(needed)} ({parts}), but {format_size(free)} of {where} is free{also}: "
-                "unload a model, or lower the context or batch in its loader options")
-        return leaving
+            places.append((round(needed * (1 - share)), psutil.virtual_memory().available, "memory",
+                           sum(_process_memory(r.model) for r in leaving)))
+        must_leave = False
+        for part, free, where, freed in places:
+            if part <= free:
+                continue
+            if part > free + freed:
+                parts = f"{format_size(estimate.weights)} of weights"
+                if needed > estimate.weights:
+                    parts += f" + {format_size(needed - estimate.weights)} of KV cache"
+                whole = f"{format_size(needed)} ({parts})"
+                if part < needed:  # a share of it here, the rest in the other place
+                    what = "on the GPU" if where == "GPU memory" else "not on the GPU"
+                    whole = f"{format_size(part)} of {where} (the {part / needed:.0%} of its {whole} {what})"
+                also = f" (+ {format_size(freed)} that unloading {leaving[0].name} would free)" if freed else ""
+                hint = ("put fewer layers on the GPU, " if where == "GPU memory" and estimate.gpu_share is not None
+                        else "")
+                raise ModelLoadError(
+                    f"{name} needs about {whole}, but {format_size(free)} of {where} is free{also}: "
+                    f"unload a model, {hint}or lower the context or batch in its loader options")
+            must_leave = True
+        return (leaving if must_leave else []), share > 0
 
     def _least_recently_used(self) -> _Resident | None:
         return min(self._resident.values(), key=lambda r: r.last_used, default=None)
