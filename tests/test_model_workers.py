@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from loadstar.engine.chat.messages import ChatMessage
-from loadstar.engine.errors import ModelLoadError
+from loadstar.engine.errors import LoadCancelled, ModelLoadError
 from loadstar.engine.facade import Engine
 from loadstar.engine.generation.requests import GenerationRequest, Started, TextDelta
 from loadstar.engine.models.core_client import CoreClient
@@ -293,13 +293,14 @@ def test_a_load_that_would_not_fit_is_refused_naming_the_numbers(tmp_path):
     assert loader.loaded == []  # refused before loading
 
 
-def fake_nvidia_smi(tmp_path, monkeypatch, free_mib: int) -> None:
+def fake_nvidia_smi(tmp_path, monkeypatch, free_mib: int = 0, command: str | None = None) -> None:
     """An ``nvidia-smi`` on PATH that reports ``free_mib`` MiB free (what the real one prints for
-    --query-gpu=memory.free --format=csv,noheader,nounits): no GPU here, the check's code is real."""
+    --query-gpu=memory.free --format=csv,noheader,nounits), or what ``command`` prints: no GPU here,
+    the check's code is real."""
     tools = tmp_path / "bin"
     tools.mkdir(exist_ok=True)
     tool = tools / "nvidia-smi"
-    tool.write_text(f"#!/bin/sh\necho {free_mib}\n")
+    tool.write_text(f"#!/bin/sh\n{command or f'echo {free_mib}'}\n")
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
 
@@ -333,6 +334,70 @@ def test_a_load_that_offloads_layers_is_checked_against_the_gpu_memory(tmp_path,
         engine.load_model("whole")
     assert str(error.value).startswith(refused)
     assert loader.loaded == []
+
+
+def gpu_swap_engine(tmp_path, monkeypatch):
+    """Two fake 2 GiB models for a GPU with 3 GiB (a stand-in nvidia-smi reading a file the fake
+    loads and unloads write): the second fits only once the first is unloaded."""
+    from loadstar import MemoryEstimate
+    from loadstar.engine.models import manager
+    from tests.fakes import FakeLoader, FakeModel
+
+    free = tmp_path / "gpu-free-mib"
+    free.write_text("3072")
+    fake_nvidia_smi(tmp_path, monkeypatch, command=f"cat {free}")
+    monkeypatch.setattr(manager, "SWAP_WAIT_S", 1.5)
+
+    def take(mib: int) -> None:
+        free.write_text(str(int(free.read_text()) - mib))
+
+    class GpuModel(FakeModel):
+        def unload(self) -> None:
+            super().unload()
+            take(-2048)
+
+    class OnGpu(FakeLoader):
+        def estimate_memory(self, folder, options):
+            return MemoryEstimate(weights=2 * 2**30)
+
+        def load(self, folder, options):
+            take(2048)
+            model = GpuModel(name=folder.name, loader=self.name, reply="word " * 400, delay=0.02)
+            self.loaded.append(model)
+            return model
+
+    engine = engine_with(tmp_path, OnGpu("OnGpu"))
+    for name in ("first", "second"):
+        hf_folder(engine.settings.models_dir, name)
+    engine.load_model("first")
+    busy = engine.submit(GenerationRequest(prompt="tell me", params=SamplingParams(max_new_tokens=400)))
+    next(e for e in busy.events() if isinstance(e, TextDelta))
+    return engine, busy
+
+
+def test_a_load_that_needs_a_busy_models_memory_waits_briefly_then_ends_its_requests(tmp_path, monkeypatch):
+    """Not 10 minutes with the load lock held: the running request gets SWAP_WAIT_S, then one line."""
+    engine, busy = gpu_swap_engine(tmp_path, monkeypatch)
+    started = time.monotonic()
+    engine.load_model("second")
+    took = time.monotonic() - started
+    done = busy.result()
+    assert 1.4 < took < 60
+    assert (done.reason, done.error) == ("error", "the model was unloaded to make room for second")
+    assert [m.name for m in engine.resident_models()] == ["second"]
+
+
+def test_a_load_cancelled_while_it_waits_for_memory_keeps_the_model_it_would_replace(tmp_path, monkeypatch):
+    import threading
+
+    engine, busy = gpu_swap_engine(tmp_path, monkeypatch)
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    with pytest.raises(LoadCancelled, match=r"^loading second was cancelled$"):
+        engine.load_model("second", cancel=cancel)
+    assert [m.name for m in engine.resident_models()] == ["first"] and engine.loaded.name == "first"
+    done = busy.result()  # its request went on to the end
+    assert done.error is None and done.completion_tokens == 400
 
 
 def test_llama_cpp_estimates_its_gpu_share_from_n_gpu_layers(default_models_dir):

@@ -236,6 +236,8 @@ class EngineCore:
         if unsent:
             self._failed(key, WorkerError(f"the model's output: {unsent[0]}"))
             return
+        if self._ended:
+            return  # cut short by the end: the client ends it with why, not as a finished reply
         self._send({"op": "step", "out": [[key, None, True]]})
 
     def _failed(self, key: int, error: BaseException) -> None:

@@ -238,10 +238,11 @@ class CoreClient(LoadedModel):
         for piece in self.stream(prompt, params, cancel, seed=seed, output=output):
             emit(piece)
 
-    def unload(self) -> None:
-        """End the core (it unloads the model; a worker ends, so all its memory comes back)."""
+    def unload(self, reason: str = "the model was unloaded") -> None:
+        """End the core (it unloads the model; a worker ends, so all its memory comes back); its running
+        requests end with ``reason`` (told first: the core's own end would tell them it was unloaded)."""
+        self.end_all(WorkerCrashed(reason))
         self._link.end()
-        self.end_all(WorkerCrashed("the model was unloaded"))
 
 
 # -- a core on a thread of this process ----------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A load builds the new model first and only then swaps it in, so a failed load leaves the
 previously loaded model in place, unless memory is short: then the model it replaces goes first
-(the memory check counts on what it frees, and both are never in memory at once). One load runs
+(the memory check counts on what it frees, and both are never in memory at once; its running
+requests get ``SWAP_WAIT_S`` to end, and a load cancelled meanwhile keeps it). One load runs
 at a time, and a model asked for by two requests at once is loaded once.
 
 Each loaded model is served by its engine core (core.py), in a worker process of its own with
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 CRASH_WINDOW_S = 60.0  # a model whose worker crashes again within this long is not loaded again
 RECOVERY_WAIT_S = 900.0  # how long generation waits for a crashed model's reload
 RETIRE_WAIT_S = 600.0  # how long a replaced model's running requests may go on before it is unloaded anyway
+SWAP_WAIT_S = 30.0  # how long a load that needs a model's memory waits for that model's running requests
 GPU_DEVICES = ("cuda", "gpu", "rocm", "hip")  # device strings (any index after ':') that put a model on a GPU
 
 
@@ -234,9 +236,7 @@ class ModelManager:
         leaving, on_gpu = self._check_memory(name, plugin, folder, validated)
         for resident in leaving:
             log.info("unloading %s first: %s needs the memory it holds", resident.name, name)
-            self._retire(resident, wait=True)
-        if self._closed:  # Ctrl+C came while the model being replaced drained
-            raise LoadCancelled(f"not loading {name}: the server is shutting down")
+            self._make_room(resident, name, cancel)
         log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
         gpu_before = gpu_free_memory() if on_gpu else None
         try:
@@ -368,11 +368,11 @@ class ModelManager:
             log.info("unloading %s to make room for %s (--max-models %d)", victim.name, new.name, self.max_models)
         for leaving in [old, *evicted]:
             if leaving is not None:
-                self._retire(leaving, wait=False)
+                self._retire(leaving)
 
-    def _retire(self, resident: _Resident, *, wait: bool) -> None:
+    def _retire(self, resident: _Resident) -> None:
         """Take ``resident`` out (if still in) and unload it once its running requests have ended
-        (at most ``RETIRE_WAIT_S``); ``wait``: here and now, else on a thread of its own."""
+        (at most ``RETIRE_WAIT_S``, on a thread of its own)."""
         with self._lock:
             if self._resident.get(resident.name) is resident:
                 del self._resident[resident.name]
@@ -385,13 +385,42 @@ class ModelManager:
             self._unload(resident.model)
             _release_memory()
 
-        if wait or resident.users == 0:  # nobody holds it: unloaded here and now
+        if resident.users == 0:  # nobody holds it: unloaded here and now
             unload_when_idle()
         else:
             threading.Thread(target=unload_when_idle, name=f"loadstar-retire-{resident.name}", daemon=True).start()
 
-    def _take_out(self, name: str, model: LoadedModel | None = None) -> bool:
-        """Unload resident ``name`` now (only if it still is ``model``, when given): its running requests end."""
+    def _make_room(self, leaving: _Resident, name: str, cancel: threading.Event | None) -> None:
+        """Unload ``leaving`` so that ``name`` fits. It takes no new requests at once; its running ones get
+        ``SWAP_WAIT_S`` to end (the load lock is held meanwhile, so that is short), then end with one
+        line. A load cancelled meanwhile puts it back as it was; Ctrl+C unloads it and stops the load."""
+        with self._lock:
+            if self._resident.get(leaving.name) is not leaving:
+                return
+            was_current = self._current == leaving.name
+            del self._resident[leaving.name]
+            if was_current:
+                self._current = max(self._resident.values(), key=lambda r: r.last_used).name if self._resident else None
+            deadline = time.monotonic() + SWAP_WAIT_S
+
+            def cancelled() -> bool:
+                return cancel is not None and cancel.is_set()
+
+            while leaving.users and not cancelled() and not self._closed and (left := deadline - time.monotonic()) > 0:
+                self._lock.wait(min(left, 0.25))  # ``use()`` notifies as each request lets go
+            if cancelled() and not self._closed and leaving.name not in self._resident:
+                self._resident[leaving.name] = leaving  # nothing was unloaded: all stays as it was
+                if was_current:
+                    self._current = leaving.name
+                raise LoadCancelled(f"loading {name} was cancelled")
+        self._unload(leaving.model, f"the model was unloaded to make room for {name}")
+        _release_memory()
+        if self._closed:  # Ctrl+C came while it drained
+            raise LoadCancelled(f"not loading {name}: the server is shutting down")
+
+    def _take_out(self, name: str, model: LoadedModel | None = None, reason: str = "the model was unloaded") -> bool:
+        """Unload resident ``name`` now (only if it still is ``model``, when given): its running requests
+        end with ``reason``."""
         with self._lock:
             resident = self._resident.get(name)
             if resident is None or (model is not None and resident.model is not model):
@@ -399,7 +428,7 @@ class ModelManager:
             del self._resident[name]
             if self._current == name:
                 self._current = max(self._resident.values(), key=lambda r: r.last_used).name if self._resident else None
-        self._unload(resident.model)
+        self._unload(resident.model, reason)
         del resident
         _release_memory()
         return True
@@ -421,12 +450,13 @@ class ModelManager:
         again = now - self._crashed_at.get(name, -CRASH_WINDOW_S) < CRASH_WINDOW_S
         self._crashed_at[name] = now
         self._recovering[name] = threading.Event()
-        threading.Thread(target=self._recover, args=(resident, reason, again), name="loadstar-recover", daemon=True).start()
-        if again:
-            return f"; it crashed twice within {CRASH_WINDOW_S:.0f} s, so {name} stays unloaded"
-        return f"; reloading {name}"
+        then = f"; it crashed twice within {CRASH_WINDOW_S:.0f} s, so {name} stays unloaded" if again else f"; reloading {name}"
+        threading.Thread(target=self._recover, args=(resident, reason, again, reason + then), name="loadstar-recover",
+                         daemon=True).start()
+        return then
 
-    def _recover(self, crashed: _Resident, reason: str, again: bool) -> None:
+    def _recover(self, crashed: _Resident, reason: str, again: bool, line: str) -> None:
+        """``line``: what the crashed model's requests are told (whoever tells them first)."""
         name = crashed.name
         try:
             if again:
@@ -434,7 +464,7 @@ class ModelManager:
                                 "(load it again when the cause is fixed)")
                 log.error("%s", self.problem)
                 with self._load_lock:
-                    self._take_out(name, crashed.model)
+                    self._take_out(name, crashed.model, line)
                 return
             log.warning("%s: loading %s again", reason, name)
             try:
@@ -443,13 +473,13 @@ class ModelManager:
                 self.problem = f"{reason}, and loading {name} again failed: {error}"
                 log.error("%s", self.problem)
                 with self._load_lock:
-                    self._take_out(name, crashed.model)
+                    self._take_out(name, crashed.model, line)
         finally:
             self._recovering.pop(name).set()
 
-    def _unload(self, model: LoadedModel) -> None:
+    def _unload(self, model: CoreClient, reason: str = "the model was unloaded") -> None:
         try:
-            model.unload()  # ends its core (and its worker): needs nothing else
+            model.unload(reason)  # ends its core (and its worker): needs nothing else
         except Exception:
             log.exception("unloading %s failed", model.info.name)
 
