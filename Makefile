@@ -28,7 +28,7 @@ test: install-test lint
 
 # The quick loop: lint, then every test that needs neither Chromium nor a real model load.
 test-fast: install $(VENV)/.test-installed lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not browser" $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not browser" $(ARGS)
 
 # ruff on the whole tree and mypy on the whole package by its import names (tools/typecheck.py;
 # rules and reasons in pyproject.toml): zero findings. Needs no browser.

@@ -54,7 +54,10 @@ def main(argv: list[str]) -> int:
     if "-m" in argv:
         phases = [(argv, reports / "selected.xml")]
     else:
-        parallel = ["-n", workers, "--dist", "loadfile"] if workers not in ("0", "1") else []
+        # --no-loadscope-reorder: xdist would sort the files by their number of tests, and the GPTQ
+        # files (few tests, minutes each) would start last; tests/conftest.py puts the longest first.
+        parallel = (["-n", workers, "--dist", "loadfile", "--no-loadscope-reorder"]
+                    if workers not in ("0", "1") else [])
         phases = [([*parallel, "-m", "not browser and not whole_machine", *argv], reports / "parallel.xml"),
                   (["-m", "browser or whole_machine", *argv], reports / "browser.xml")]
     started = time.monotonic()
