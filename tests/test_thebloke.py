@@ -27,6 +27,7 @@ FORMAT_REPOS = {
     "TheBloke/Smol-135M-fp16": ("bf16", None, "ChatML, from the tokenizer's special tokens (<|im_start|>, <|im_end|>)"),
     "TheBloke/WizardSmol-135M-fp16": ("bf16", "Vicuna", 'Vicuna v1.1, from the model card\'s "Prompt template: Vicuna" line'),
 }
+BROWSER_REPO = "TheBloke/CausalSmol-135M-GPTQ"  # also asked in the chat, as a user would (the API asks all)
 
 
 def files_of(folder: Path, *, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
@@ -159,6 +160,8 @@ def test_a_chat_model_without_a_template_finds_its_format_and_answers(server, br
     assert extra["prompt_format_source"] == expected_source, extra
     assert not any("no chat format" in n for n in extra["notices"]), extra
     assert "USER:" not in reply.choices[0].message.content  # the format's own turn end stops the reply
+    if repo != BROWSER_REPO:
+        return  # the API said where each format came from; the chat shows it as it does for any
 
     page = open_page(browser, server + "/")
     try:
