@@ -142,6 +142,17 @@ def test_the_store_keeps_each_logins_characters_apart_and_never_overwrites_on_im
     assert [c.id for c in store.all("ann")] == ["ada-lovelace-2"]
 
 
+def test_saves_of_one_name_at_once_keep_every_character(tmp_path):
+    """Eight imports of one card at once (eight users' tabs, one login): eight characters, none lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = CharacterStore(tmp_path / "characters")
+    with ThreadPoolExecutor(8) as pool:
+        saved = list(pool.map(lambda i: store.save("ann", Character(name="Ada", greeting=f"Hi {i}")), range(8)))
+    assert len({c.id for c in saved}) == 8
+    assert sorted(c.greeting for c in store.all("ann")) == sorted(f"Hi {i}" for i in range(8))
+
+
 def test_extensions_offer_characters_through_the_hook(tmp_path):
     from loadstar import hookimpl
     from loadstar.engine.facade import Engine

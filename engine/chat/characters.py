@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 import struct
 import zlib
@@ -137,12 +138,14 @@ class CharacterStore:
         if replace is not None and (":" in replace or not _ID.match(replace)):
             raise BadRequestError("characters from extensions cannot be changed: save a copy under another name")
         folder = self.folder(user)
-        new_id = replace or _free_id(folder, character_id(character.name))
         try:
-            saved = Character.model_validate({**character.model_dump(), "id": new_id, "format": FORMAT})
+            saved = Character.model_validate({**character.model_dump(), "id": replace or character_id(character.name),
+                                              "format": FORMAT})
         except ValidationError as error:
             raise BadRequestError(f"the character is not valid: {problem_line(error)}") from None
-        write_atomic(folder / f"{new_id}.json", saved.model_dump_json(indent=1).encode("utf-8"))
+        if replace is None:  # (a slug of at most 48 characters: a suffix keeps it within the id's 64)
+            saved = saved.model_copy(update={"id": _free_id(folder, saved.id)})
+        write_atomic(folder / f"{saved.id}.json", saved.model_dump_json(indent=1).encode("utf-8"))
         return saved
 
     def delete(self, user: str | None, character_id: str) -> None:
@@ -183,10 +186,15 @@ class CharacterStore:
 
 
 def _free_id(folder: Path, wanted: str) -> str:
+    """A new id from ``wanted`` (``wanted-2``, ``-3``... when taken), claimed by creating its file, empty
+    until the save replaces it: two saves of one name at once get two ids, never one file."""
     candidate, number = wanted, 2
-    while (folder / f"{candidate}.json").exists():
-        candidate, number = f"{wanted}-{number}", number + 1
-    return candidate
+    while True:
+        try:
+            os.close(os.open(folder / f"{candidate}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return candidate
+        except FileExistsError:
+            candidate, number = f"{wanted}-{number}", number + 1
 
 
 # -- reading what people have ---------------------------------------------------------------------
