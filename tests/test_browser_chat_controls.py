@@ -119,6 +119,8 @@ def test_an_imported_character_card_greets_with_its_name_and_picture_and_is_who_
     wait_until(lambda: name.input_value() == "Captain Vex", "the card's name in the form")
     assert "{{char}} is a cheerful sky pirate" in page.locator("#character-context textarea").input_value()
     page.locator("#character-picture img").wait_for()
+    wait_until(lambda: page.locator("#character-source").inner_text().startswith("From "), "where it came from")
+    assert "Imported" in page.locator("#character-status").inner_text()  # picking it did not hide that
     page.screenshot(path=str(ARTEFACTS / "characters-1440.png"))
     page.locator("#character-examples textarea").fill("<START>\n{{user}}: Hello\n{{char}}: Arr, hello!")
     page.locator("#character-save").click()  # an edit of a character with a picture: saved, picture kept
@@ -155,4 +157,6 @@ def test_an_imported_character_card_greets_with_its_name_and_picture_and_is_who_
     page.locator("#character-delete").click()
     page.locator("#character-confirm-delete").click()
     wait_for_status(page, "Deleted", selector="#character-status")
+    wait_until(lambda: name.input_value() == "", "the form emptied")
+    assert page.locator("#character-status").inner_text() == "Deleted."  # it stays to be read
     wait_until(lambda: listing.get_by_text("Captain Vex").count() == 0, "the character gone from the list")

@@ -49,6 +49,7 @@ def build_characters_tab(engine: Engine) -> CharactersTab:
                     name = gr.Textbox(label="Name", elem_id="character-name", max_length=100)
                     greeting = gr.Textbox(label="Greeting (the first message of a new chat)", lines=2,
                                           elem_id="character-greeting")
+                    source = gr.Markdown(elem_id="character-source")  # where the picked one came from
             context = gr.Textbox(label="Who it is (the system message; {{char}} and {{user}} are filled in)",
                                  lines=5, max_lines=20, elem_id="character-context")
             examples = gr.Textbox(label="Example dialogue (optional)", lines=3, max_lines=20,
@@ -62,7 +63,7 @@ def build_characters_tab(engine: Engine) -> CharactersTab:
                 keep = gr.Button("Keep it", elem_id="character-keep", size="sm")
             status = gr.Markdown(elem_id="character-status")
     return CharactersTab(engine, listing, importer, export_file, picture, name, greeting, context, examples, save,
-                         export, delete, confirm_row, confirm, keep, status)
+                         export, delete, confirm_row, confirm, keep, status, source)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class CharactersTab:
     confirm_row: Any  # asks again before deleting
     confirm: Any
     keep: Any
-    status: Any
+    status: Any  # what the last action did (Saved, Imported, Deleted, or why not)
+    source: Any  # where the picked character came from: its own line, so that picking never hides a status
 
     def wire(self, demo: gr.Blocks, chat: Any) -> None:
         """``chat``: the Chat tab, whose character picker follows every change here."""
@@ -101,6 +103,7 @@ class CharactersTab:
             return str(path)
 
         def show(character_id, request: gr.Request):
+            """The picked character's fields and where it came from (the status line is left as it is)."""
             user = who(request).user
             found = engine.characters.get(user, character_id) if character_id else None
             if found is None:
@@ -170,7 +173,7 @@ class CharactersTab:
             return listed(who(request).user, NEW)
 
         changed = [w.listing, w.status, chat.character]
-        w.listing.change(show, w.listing, [*fields, w.status])
+        w.listing.change(show, w.listing, [*fields, w.source])
         w.save.click(save, [w.listing, *fields], changed)
         w.importer.upload(import_, w.importer, changed)
         w.delete.click(lambda: gr.update(visible=True), None, w.confirm_row)
