@@ -405,9 +405,11 @@ def test_llama_cpp_estimates_its_gpu_share_from_n_gpu_layers(default_models_dir)
     backend, so nothing goes to a GPU whatever n_gpu_layers says."""
     from loadstar.engine.models.folder import inspect_model_folder
     from loadstar.loaders.llamacpp_loader import LlamaCppLoader, LlamaCppOptions, _gpu_share, gpu_backend_installed
+    from loadstar.webui.model_handlers import folder_details
 
     folder = inspect_model_folder(default_models_dir / DEFAULT_MODEL_NAME)
     assert folder.layers == 30
+    assert "\n- Layers: 30" in folder_details(folder)  # the Model tab says what n_gpu_layers counts
     assert gpu_backend_installed() is False
     assert LlamaCppLoader().estimate_memory(folder, LlamaCppOptions(n_gpu_layers=-1)).gpu_share == 0.0
     assert _gpu_share(-1, 30, backend=True) == 1.0

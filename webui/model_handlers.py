@@ -42,6 +42,8 @@ def folder_details(folder: ModelFolder) -> str:
         f"- Chat template: {folder.chat_template_source or 'none'}",
         f"- Context length: {folder.context_length or 'unknown'}",
     ]
+    if folder.layers:  # what llama.cpp's "Layers on the GPU" counts
+        lines.append(f"- Layers: {folder.layers}")
     if folder.quantization:
         lines.append(f"- Quantization: {folder.quantization.describe()} (from {folder.quantization.source})")
     lines.extend(f"- ⚠️ {problem}" for problem in folder.problems)
