@@ -375,9 +375,7 @@ class ModelManager:
         (at most ``RETIRE_WAIT_S``, on a thread of its own)."""
         with self._lock:
             if self._resident.get(resident.name) is resident:
-                del self._resident[resident.name]
-                if self._current == resident.name:
-                    self._current = max(self._resident.values(), key=lambda r: r.last_used).name if self._resident else None
+                self._drop(resident.name)
 
         def unload_when_idle() -> None:
             with self._lock:
@@ -390,6 +388,13 @@ class ModelManager:
         else:
             threading.Thread(target=unload_when_idle, name=f"loadstar-retire-{resident.name}", daemon=True).start()
 
+    def _drop(self, name: str) -> None:
+        """Take resident ``name`` out of the list (under ``_lock``); the most recently used one left
+        becomes current if it was."""
+        del self._resident[name]
+        if self._current == name:
+            self._current = max(self._resident.values(), key=lambda r: r.last_used).name if self._resident else None
+
     def _make_room(self, leaving: _Resident, name: str, cancel: threading.Event | None) -> None:
         """Unload ``leaving`` so that ``name`` fits. It takes no new requests at once; its running ones get
         ``SWAP_WAIT_S`` to end (the load lock is held meanwhile, so that is short), then end with one
@@ -398,9 +403,7 @@ class ModelManager:
             if self._resident.get(leaving.name) is not leaving:
                 return
             was_current = self._current == leaving.name
-            del self._resident[leaving.name]
-            if was_current:
-                self._current = max(self._resident.values(), key=lambda r: r.last_used).name if self._resident else None
+            self._drop(leaving.name)
             deadline = time.monotonic() + SWAP_WAIT_S
 
             def cancelled() -> bool:
@@ -425,9 +428,7 @@ class ModelManager:
             resident = self._resident.get(name)
             if resident is None or (model is not None and resident.model is not model):
                 return False
-            del self._resident[name]
-            if self._current == name:
-                self._current = max(self._resident.values(), key=lambda r: r.last_used).name if self._resident else None
+            self._drop(name)
         self._unload(resident.model, reason)
         del resident
         _release_memory()
