@@ -246,7 +246,7 @@ def test_with_tools_offered_prose_still_streams_as_it_comes(client):
     stream = client.chat.completions.create(model=TOOLS_MODEL, messages=question, tools=[TIME], temperature=0,
                                             max_tokens=40, stream=True)
     pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
-    assert len(pieces) > 5  # token by token, not one chunk at the end
+    assert len(pieces) > 3  # as it comes (a few tokens a chunk at most), not one chunk at the end
     assert "".join(pieces) == whole.choices[0].message.content
 
 

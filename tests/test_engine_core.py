@@ -194,3 +194,44 @@ def test_output_that_is_not_plain_data_ends_the_request_not_the_worker(tmp_path)
         assert done.reason == "error" and "not plain data" in done.error and "\n" not in done.error
     with engine.models.use() as model:
         assert model.pid == pid and engine.model_problem is None  # the same worker, never taken for crashed
+
+
+def _core_messages(model, interval, words):
+    """Run one sequence of ``words`` tokens through an engine core on a thread; the core's step messages."""
+    import queue
+
+    from loadstar.engine.models.core import EngineCore
+
+    sent, inbox = [], queue.SimpleQueue()
+    core = threading.Thread(target=EngineCore(model, sent.append, inbox, stream_interval=interval).run, daemon=True)
+    core.start()
+    inbox.put({"op": "add", "key": 7, "prompt": "go", "params": wire.params_data(SamplingParams(max_new_tokens=words)),
+               "seed": 0, "output": None})
+    deadline = time.monotonic() + 60
+    while not any(entry[2] for m in list(sent) if m["op"] == "step" for entry in m["out"]):
+        assert time.monotonic() < deadline, "the sequence did not end"
+        time.sleep(0.01)
+    inbox.put(None)
+    core.join(30)
+    return [m["out"] for m in sent if m["op"] == "step"]
+
+
+@pytest.mark.parametrize("kind", ["batch", "alone"])
+def test_a_core_sends_steps_together_but_first_text_and_end_at_once(kind):
+    reply = " ".join(f"w{i}" for i in range(60))
+
+    def model(delay):
+        if kind == "batch":
+            return FakeBatchModel(max_batch=2, delay=delay, reply=reply)
+        from tests.fakes import FakeModel
+        return FakeModel(reply=reply, delay=delay)
+
+    fast = _core_messages(model(0.001), 0.05, 60)  # ~1 ms a token, 50 ms a message at most
+    entries = [entry for message in fast for entry in message]
+    assert "".join(e[1]["text"] for e in entries if e[1]) == reply + " "  # every piece, in order
+    assert [e[0] for e in entries] == [7] * len(entries)
+    assert len(fast[0]) == 1 and fast[0][0][1]["text"] == "w0 "  # the first text went alone, at once
+    assert fast[-1][-1][2] and len(fast) < 20  # held together: far fewer messages than 60 tokens
+    # without a hold, or with steps slower than it, every step is its own message
+    assert len(_core_messages(model(0.001), 0.0, 60)) == len(_core_messages(model(0.03), 0.02, 60))
+    assert len(_core_messages(model(0.001), 0.0, 20)) >= 20

@@ -58,7 +58,8 @@ def test_remote_model_is_chosen_and_chats_streaming(engine, remote):
     events = list(handle.events())
     done = events[-1]
     assert isinstance(done, Finished) and done.reason == "stop" and "Paris" in done.text
-    assert len([e for e in events if isinstance(e, TextDelta)]) > 3  # it streamed
+    # it streamed: the first text alone, the rest in pieces (held up to 20 ms together: engine/models/core.py)
+    assert len([e for e in events if isinstance(e, TextDelta)]) > 1
     # the remote server rendered the chat with the model's own template: same answer as locally
     assert done.text.startswith("The capital of France is Paris")
     params = SamplingParams(temperature=1.0, min_p=0.2, presence_penalty=1.0, max_new_tokens=5)

@@ -15,12 +15,18 @@ sleeps on its inbox.
 A model that does not batch (``max_batch`` 1) runs one sequence at a time with its
 ``stream_to``; between two of its tokens the core takes its messages the same way, so a
 question is answered and a cancel lands at the next token.
+
+Steps are held together for up to ``stream_interval`` seconds (as vLLM's ``stream_interval``):
+each message wakes three threads of the server and writes an HTTP chunk, on cores the model
+needs, and a few tokens a message read as the same stream. A sequence's first text and its end
+are sent at once; a step is held only when the next one will still come within the interval.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], None]
 
+STREAM_INTERVAL_S = 0.02  # how long a core may hold a sequence's text to send it with the next steps'
+
 
 @dataclass
 class _Sequence:
@@ -48,7 +56,10 @@ class _Sequence:
 class EngineCore:
     """Serves ``model`` from ``inbox`` (messages, None to end) until told to end; ``send`` takes its output."""
 
-    def __init__(self, model: LoadedModel, send: Send, inbox: queue.SimpleQueue[dict[str, Any] | None]) -> None:
+    def __init__(
+        self, model: LoadedModel, send: Send, inbox: queue.SimpleQueue[dict[str, Any] | None], *,
+        stream_interval: float = STREAM_INTERVAL_S,
+    ) -> None:
         self._model = model
         self._send = send
         self._inbox = inbox
@@ -58,12 +69,20 @@ class EngineCore:
         self._running: set[int] = set()  # keys in the batch
         self._alone: tuple[int, CancelToken] | None = None  # the sequence a non-batching model runs now
         self._ended = False
+        self._interval = stream_interval
+        self._held: list[list[Any]] = []  # steps' [key, piece, done] not sent yet
+        self._held_since = 0.0
+        self._lost: set[int] = set()  # sequences ended because their output could not be sent
+        self._fresh: set[int] = set()  # sequences in the batch whose first text has not come
 
     def run(self) -> None:
         """The loop (see the module's docstring); the model is unloaded when it ends."""
         try:
             while not self._ended:
-                self._take_messages(block=not (self._running or self._waiting))
+                idle = not (self._running or self._waiting)
+                if idle:
+                    self._flush()
+                self._take_messages(block=idle)
                 if self._ended:
                     break
                 if self._batch is not None:
@@ -129,6 +148,7 @@ class EngineCore:
                 return
         if key in self._running:
             self._running.discard(key)
+            self._fresh.discard(key)
             assert self._batch is not None
             self._batch.remove(key)
         elif self._alone is not None and self._alone[0] == key:
@@ -179,9 +199,11 @@ class EngineCore:
                 self._failed(sequence.key, error)
                 continue
             self._running.add(sequence.key)
+            self._fresh.add(sequence.key)
 
     def _step(self) -> None:
         assert self._batch is not None
+        started = time.monotonic()
         try:
             steps = self._batch.step()
         except Exception as error:
@@ -193,34 +215,30 @@ class EngineCore:
                     log.exception("removing sequence %s failed", key)
                 self._failed(key, error)
             self._running.clear()
+            self._fresh.clear()
             return
         for key, step in steps.items():
             if step.done:
                 self._running.discard(key)
         if steps:
-            try:
-                self._send({"op": "step", "out": wire.steps_data(steps)})
-            except wire.WireError as error:  # what the model gave is not plain data: those sequences end
-                for key in steps:
-                    if key in self._running:
-                        self._running.discard(key)
-                        self._batch.remove(key)
-                    self._failed(key, WorkerError(f"the model's output: {error}"))
+            self._hold([wire.step_data(key, step) for key, step in steps.items()],
+                       urgent=any(step.done or key in self._fresh for key, step in steps.items()),
+                       step_s=time.monotonic() - started)
+            self._fresh.difference_update(key for key, step in steps.items() if step.piece is not None or step.done)
 
     def _run_alone(self, sequence: _Sequence) -> None:
         """A non-batching model's sequence: its tokens streamed, messages taken between them."""
         token = CancelToken()
         self._alone = (sequence.key, token)
         key = sequence.key
-        unsent: list[wire.WireError] = []
+        last, first = time.monotonic(), True
 
         def emit(piece: StreamPiece) -> None:
+            nonlocal last, first
             if not token.cancelled:
-                try:
-                    self._send({"op": "step", "out": [[key, wire.piece_data(piece), False]]})
-                except wire.WireError as error:  # not plain data: the sequence ends with why
-                    unsent.append(error)
-                    token.cancel()
+                now = time.monotonic()
+                self._hold([[key, wire.piece_data(piece), False]], urgent=first, step_s=now - last)
+                last, first = now, False
             self._take_messages(block=False)
 
         try:
@@ -229,18 +247,55 @@ class EngineCore:
         except Exception as error:
             if not isinstance(error, BadRequestError):
                 log.exception("sequence %s failed in the model", key)
-            self._failed(key, error)
+            if key not in self._lost:
+                self._failed(key, error)
             return
         finally:
             self._alone = None
-        if unsent:
-            self._failed(key, WorkerError(f"the model's output: {unsent[0]}"))
+            lost = key in self._lost
+            self._lost.discard(key)
+        if self._ended or lost:
+            return  # cut short by the end (the client ends it with why, not as a finished reply), or told
+        self._hold([[key, None, True]], urgent=True, step_s=0.0)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _hold(self, entries: list[list[Any]], *, urgent: bool, step_s: float) -> None:
+        """Send a step's ``entries`` ([key, piece, done]) with the held ones, now when ``urgent`` or
+        when the next step (taking about ``step_s``) would come after the interval, else later."""
+        now = time.monotonic()
+        if not self._held:
+            self._held_since = now
+        self._held.extend(entries)
+        if urgent or now - self._held_since + step_s >= self._interval:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._held:
             return
-        if self._ended:
-            return  # cut short by the end: the client ends it with why, not as a finished reply
-        self._send({"op": "step", "out": [[key, None, True]]})
+        held, self._held = self._held, []
+        try:
+            self._send({"op": "step", "out": held})
+        except wire.WireError:  # what a model gave is not plain data: that sequence ends, the others go on
+            for key in dict.fromkeys(entry[0] for entry in held):
+                try:
+                    self._send({"op": "step", "out": [entry for entry in held if entry[0] == key]})
+                except wire.WireError as error:
+                    self._lose(key)
+                    self._failed(key, WorkerError(f"the model's output: {error}"))
+
+    def _lose(self, key: int) -> None:
+        if key in self._running:
+            self._running.discard(key)
+            self._fresh.discard(key)
+            assert self._batch is not None
+            self._batch.remove(key)
+        elif self._alone is not None and self._alone[0] == key:
+            self._lost.add(key)
+            self._alone[1].cancel()
 
     def _failed(self, key: int, error: BaseException) -> None:
+        self._flush()  # what it made goes first
         self._send({"op": "failed", "key": key, "error": wire.error_data(error)})
 
 

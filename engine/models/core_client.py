@@ -92,8 +92,7 @@ class CoreClient(LoadedModel):
         op = message["op"]
         if op == "step":
             steps = wire.read_steps(message.get("out"))
-            ended = [key for key, step in steps.items() if step.done]
-            self._deliver([(key, step) for key, step in steps.items()], ended)
+            self._deliver(list(steps), [key for key, step in steps if step.done])
         elif op == "failed":
             key = wire.field_of(message, "key", int)
             self._deliver([(key, wire.read_error(message.get("error")))], [key])

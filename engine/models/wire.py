@@ -110,18 +110,20 @@ def _read_choice(data: Any) -> TokenChoice:
     return TokenChoice(data[0], raw, float(data[2]))
 
 
-def steps_data(steps: Mapping[int, SequenceStep]) -> list[list[Any]]:
-    return [[key, piece_data(step.piece) if step.piece is not None else None, step.done] for key, step in steps.items()]
+def step_data(key: int, step: SequenceStep) -> list[Any]:
+    return [key, piece_data(step.piece) if step.piece is not None else None, step.done]
 
 
-def read_steps(data: Any) -> dict[int, SequenceStep]:
+def read_steps(data: Any) -> list[tuple[int, SequenceStep]]:
+    """A ``step`` message's sequences, in order (one sequence may come more than once: steps held
+    together, see core.py)."""
     if not isinstance(data, list):
         raise WireError("a step's output is a list")
-    steps = {}
+    steps = []
     for item in data:
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int) and isinstance(item[2], bool)):
             raise WireError("a sequence's step is [key, piece, done]")
-        steps[item[0]] = SequenceStep(read_piece(item[1]) if item[1] is not None else None, item[2])
+        steps.append((item[0], SequenceStep(read_piece(item[1]) if item[1] is not None else None, item[2])))
     return steps
 
 
