@@ -251,6 +251,38 @@ def test_the_chat_names_the_model_renders_math_and_dark_mode_is_remembered(brows
         page.context.close()
 
 
+# Counts the animation frames Gradio's status trackers ask for (their timer loop).
+COUNT_TRACKER_FRAMES = """
+  window.__trackerFrames = 0;
+  const ask = window.requestAnimationFrame.bind(window);
+  window.requestAnimationFrame = (callback) => {
+    if ((new Error().stack || '').includes('statustracker')) window.__trackerFrames++;
+    return ask(callback);
+  };
+"""
+
+
+def test_an_idle_page_asks_for_no_animation_frames(browser, ui_server):
+    # Gradio's app-wide loading tracker used to leave a 60-frames-a-second timer running forever
+    # (about 10 % of a core, idle): webui/frontend_fixes.py mends it.
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.add_init_script(COUNT_TRACKER_FRAMES)
+        page.goto(ui_server)
+        wait_until(lambda: MODEL in page.locator("#chat-model").inner_text(), "the model above the chat")
+        page.wait_for_timeout(3000)
+        page.evaluate("() => { window.__trackerFrames = 0; }")
+        page.wait_for_timeout(2000)
+        assert page.evaluate("() => window.__trackerFrames") < 10  # 120 before the mend
+        from loadstar.webui.frontend_fixes import mended_assets
+
+        for name, body in mended_assets().items():  # the mended files are the ones served
+            assert page.request.get(f"{ui_server.rstrip('/')}/assets/{name}").body() == body
+    finally:
+        context.close()
+
+
 def test_on_a_phone_the_chat_and_message_box_are_on_the_first_screen(browser, ui_server):
     from tests.browser import open_page
 

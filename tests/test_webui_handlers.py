@@ -41,6 +41,14 @@ def test_parameter_specs_come_from_the_sampling_model():
     assert sampling_from_values(DEFAULTS).temperature == specs["temperature"].default
 
 
+def test_every_mend_to_gradios_page_applies_to_the_installed_gradio():
+    from loadstar.webui.frontend_fixes import MENDS, mended_assets
+
+    mended = mended_assets()
+    assert len(mended) == len(MENDS)  # a new Gradio: look at what the mends mend again
+    assert all(b"isConnected" in body for body in mended.values())
+
+
 def test_stop_strings_text_is_one_per_line_with_escapes():
     assert stops_from_text("END\n\\nUser:\n\n  \n") == ("END", "\nUser:")
 

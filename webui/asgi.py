@@ -8,6 +8,7 @@ from starlette.routing import Mount
 
 from loadstar.api.host_guard import HostGuard
 from loadstar.engine.facade import Engine
+from loadstar.webui.frontend_fixes import serve_mended
 from loadstar.webui.session_binding import SessionBinding
 from loadstar.webui.ui import CSS, HEAD, build_ui
 
@@ -26,6 +27,7 @@ def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
     demo = build_ui(engine)
     demo.queue(default_concurrency_limit=1)
     _calm_queue(demo)
+    serve_mended(app)  # before the mount: these routes come first
     app = gr.mount_gradio_app(
         app,
         demo,
