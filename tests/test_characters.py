@@ -206,3 +206,31 @@ def test_a_conversation_exported_with_its_character_brings_it_to_another_login(t
             engine.import_conversation("bob", deep)
     finally:
         engine.close()
+
+
+def test_a_save_the_disk_refuses_says_why_in_one_line_and_leaves_nothing(tmp_path):
+    from loadstar.engine.errors import LoadstarError
+
+    store = CharacterStore(tmp_path / "characters")
+    kept = store.save("ann", Character(name="Kept", context="first"))
+    folder = store.folder("ann")
+    (folder / "blocked.json").mkdir()  # what the OS refuses to replace: a folder where the file goes
+    with pytest.raises(LoadstarError) as refused:
+        store.save("ann", Character(name="Blocked", context="x"), replace="blocked")
+    assert "could not be saved" in str(refused.value) and "\n" not in str(refused.value)
+    # a new character the disk takes no more bytes for (a file size limit: writes fail with EFBIG):
+    # the id it claimed is not left behind as an empty file
+    import resource
+    import signal
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, limits[1]))
+    try:
+        with pytest.raises(LoadstarError, match="could not be saved"):
+            store.save("ann", Character(name="Too Big", context="x" * 100))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(p.name for p in folder.iterdir()) == ["blocked.json", f"{kept.id}.json"]
+    assert store.get("ann", kept.id).context == "first"

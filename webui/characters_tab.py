@@ -164,9 +164,12 @@ class CharactersTab:
                 data = engine.characters.export(user, character_id)
             except LoadstarError as error:
                 return gr.update(visible=False), f"⚠️ {problem_line(error)}"
-            folder = private_folder(engine.conversations.exports, login_folder_name(user), "characters")
-            path = folder / f"{character_id.replace(':', '_')}.json"
-            write_atomic(path, data)
+            try:
+                folder = private_folder(engine.conversations.exports, login_folder_name(user), "characters")
+                path = folder / f"{character_id.replace(':', '_')}.json"
+                write_atomic(path, data)
+            except OSError as error:
+                return gr.update(visible=False), f"⚠️ the export could not be written: {error.strerror or error}"
             return gr.update(value=str(path), visible=True), "Exported: download it above."
 
         def opened(request: gr.Request):

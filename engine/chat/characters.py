@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loadstar.engine.atomic import login_folder_name, private_folder, write_atomic
-from loadstar.engine.errors import BadRequestError, problem_line
+from loadstar.engine.errors import BadRequestError, LoadstarError, problem_line
 from loadstar.engine.untrusted_json import UntrustedJsonError, parse_untrusted_json
 
 FORMAT = "loadstar-character/1"
@@ -137,24 +137,34 @@ class CharacterStore:
         """Write ``character``; ``replace``: the id of the one it updates (else a new id from its name)."""
         if replace is not None and (":" in replace or not _ID.match(replace)):
             raise BadRequestError("characters from extensions cannot be changed: save a copy under another name")
-        folder = self.folder(user)
         try:
             saved = Character.model_validate({**character.model_dump(), "id": replace or character_id(character.name),
                                               "format": FORMAT})
         except ValidationError as error:
             raise BadRequestError(f"the character is not valid: {problem_line(error)}") from None
-        if replace is None:  # (a slug of at most 48 characters: a suffix keeps it within the id's 64)
-            saved = saved.model_copy(update={"id": _free_id(folder, saved.id)})
-        write_atomic(folder / f"{saved.id}.json", saved.model_dump_json(indent=1).encode("utf-8"))
+        claimed = None
+        try:
+            folder = self.folder(user)
+            if replace is None:  # (a slug of at most 48 characters: a suffix keeps it within the id's 64)
+                claimed = folder / f"{_free_id(folder, saved.id)}.json"
+                saved = saved.model_copy(update={"id": claimed.stem})
+            write_atomic(folder / f"{saved.id}.json", saved.model_dump_json(indent=1).encode("utf-8"))
+        except OSError as error:  # a full or refusing disk: nothing half-written stays
+            if claimed is not None:
+                claimed.unlink(missing_ok=True)
+            raise LoadstarError(f"{saved.name} could not be saved: {error.strerror or error}") from None
         return saved
 
     def delete(self, user: str | None, character_id: str) -> None:
         if not _ID.match(character_id or ""):
             raise BadRequestError("characters from extensions cannot be deleted")
-        path = self.folder(user) / f"{character_id}.json"
-        if not path.exists():
-            raise BadRequestError(f"no character {character_id}")
-        path.unlink()
+        try:
+            path = self.folder(user) / f"{character_id}.json"
+            if not path.exists():
+                raise BadRequestError(f"no character {character_id}")
+            path.unlink()
+        except OSError as error:
+            raise LoadstarError(f"{character_id} could not be deleted: {error.strerror or error}") from None
 
     def export(self, user: str | None, character_id: str) -> bytes:
         found = self.get(user, character_id)
