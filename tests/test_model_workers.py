@@ -89,9 +89,12 @@ def test_kill_9_mid_stream_ends_it_in_one_line_and_the_model_comes_back(worker_e
 @pytest.mark.slow
 def test_unloading_ends_the_worker_and_gives_back_the_memory(default_models_dir, tmp_path):
     me = psutil.Process()
-    before = me.memory_info().rss
     engine = Engine(Settings(models_dir=default_models_dir, data_dir=tmp_path / "data", model_workers=True))
     try:
+        engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp")  # a first load and reply import what the server
+        assert ask(engine, "Hi").error is None             # imports for any model (run first, 200 MiB)
+        engine.unload_model()
+        before = me.memory_info().rss
         engine.load_model(DEFAULT_MODEL_NAME, "llama.cpp")
         assert ask(engine, "Hi").error is None
         with engine.models.use() as model:
@@ -322,13 +325,16 @@ def test_a_load_that_offloads_layers_is_checked_against_the_gpu_memory(tmp_path,
         def estimate_memory(self, folder, options):
             return MemoryEstimate(weights=2 * 2**30, gpu_share=share)
 
-    fake_nvidia_smi(tmp_path, monkeypatch, free_mib=1024)
+    asked = tmp_path / "asked"
+    fake_nvidia_smi(tmp_path, monkeypatch, command=f"echo >> {asked}; echo 1024")
     loader = Offloading("Offloading")
     engine = engine_with(tmp_path, loader)
     hf_folder(engine.settings.models_dir, "whole")
     if refused is None:
-        engine.load_model("whole")
+        engine.load_model("whole")  # (device "auto": the fake loader's default)
         assert engine.loaded is not None and engine.loaded.name == "whole"
+        # once for the check (and the free memory before), once after the load: what it took
+        assert len(asked.read_text().splitlines()) == 2
         return
     with pytest.raises(ModelLoadError) as error:
         engine.load_model("whole")

@@ -19,6 +19,7 @@ worker, so all its memory comes back. A cancelled load ends its worker at once.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -233,12 +234,14 @@ class ModelManager:
             validated = plugin.Options.model_validate(merged)
         except ValidationError as error:
             raise ModelLoadError(f"{chosen.loader} option {problem_line(error)}") from None
-        leaving, on_gpu = self._check_memory(name, plugin, folder, validated)
+        gpu = functools.cache(gpu_free_memory)  # nvidia-smi once for the check and the count below
+        leaving, on_gpu = self._check_memory(name, plugin, folder, validated, gpu)
         for resident in leaving:
             log.info("unloading %s first: %s needs the memory it holds", resident.name, name)
             self._make_room(resident, name, cancel)
         log.info("loading %s with %s (%s)", name, chosen.loader, chosen.reason)
-        gpu_before = gpu_free_memory() if on_gpu else None
+        # what the GPU had free before this load (asked again once a model left: it gave memory back)
+        gpu_before = (gpu_free_memory() if leaving else gpu()) if on_gpu else None
         try:
             if self._workers and getattr(plugin, "runs_in_worker", True):  # optional in the Loader protocol
                 model: CoreClient = start_worker(plugin, folder, validated, on_exit=self._worker_exited,
@@ -296,12 +299,14 @@ class ModelManager:
                 gone.append(name)
         return gone
 
-    def _check_memory(self, name: str, plugin: Loader, folder: ModelFolder, options: Any) -> tuple[list[_Resident], bool]:
+    def _check_memory(
+        self, name: str, plugin: Loader, folder: ModelFolder, options: Any, gpu: Callable[[], int | None],
+    ) -> tuple[list[_Resident], bool]:
         """Refuse a load whose estimate does not fit, naming the numbers. Returns the models that must
         be unloaded first (the one it replaces, or the least recently used past ``max_models``) when it
         fits only with the memory they free, and whether the load puts anything on a GPU. The share
         on a GPU (the estimate's ``gpu_share``, else all of it when the options' device is a GPU) is
-        checked against the GPU's free memory, the rest against free RAM."""
+        checked against the GPU's free memory (``gpu()``), the rest against free RAM."""
         estimate_memory = getattr(plugin, "estimate_memory", None)  # optional in the Loader protocol
         estimate = None
         if estimate_memory is not None:
@@ -310,7 +315,7 @@ class ModelManager:
             except Exception:
                 log.exception("%s failed to estimate %s", plugin.name, name)
         share = estimate.gpu_share if estimate is not None and estimate.gpu_share is not None else (
-            1.0 if _on_gpu(options) else 0.0)
+            1.0 if _on_gpu(options, gpu) else 0.0)
         if estimate is None:
             return [], share > 0
         needed = estimate.weights + (0 if estimate.grows else (estimate.kv_cache or 0))
@@ -318,7 +323,7 @@ class ModelManager:
         leaving = [r for r in self._resident.values() if r.name == name] or ([lru] if lru is not None else [])
         places = []
         if share > 0:
-            gpu_free = gpu_free_memory()
+            gpu_free = gpu()
             if gpu_free is None:
                 log.warning("cannot tell the GPU's free memory (no nvidia-smi): %s is loaded unchecked there", name)
             else:
@@ -499,11 +504,11 @@ class _Resident:
     gpu_bytes: int = 0  # what it took of the GPU's memory when it loaded (0: none, or not known)
 
 
-def _on_gpu(options: Any) -> bool:
+def _on_gpu(options: Any, gpu: Callable[[], int | None]) -> bool:
     """Whether a load with ``options`` goes to a GPU: its device names one (any index), or is "auto"
-    on a machine with one."""
+    on a machine with one (``gpu()``: its free memory, None without one)."""
     device = str(getattr(options, "device", "cpu")).lower()
-    return device.split(":")[0] in GPU_DEVICES or (device == "auto" and gpu_free_memory() is not None)
+    return device.split(":")[0] in GPU_DEVICES or (device == "auto" and gpu() is not None)
 
 
 def gpu_free_memory() -> int | None:
