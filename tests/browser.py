@@ -45,9 +45,11 @@ def reload(page) -> None:
         page.loadstar_leaving = False
 
 
-def open_page(browser, url, **context_options):
+def open_page(browser, url, init_script: str | None = None, **context_options):
     context = browser.new_context(**context_options)
     page = context.new_page()
+    if init_script is not None:  # runs in the page before its own scripts
+        page.add_init_script(init_script)
     watch_console(page)
     page.set_default_timeout(60_000)
     page.goto(url)

@@ -109,7 +109,8 @@ def test_chat_streaming_equals_the_plain_answer(client):
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["stop"]
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # streamed in pieces
+    # streamed in pieces: the first text alone, then what came within each 20 ms (engine/models/core.py)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
 
 
 def test_text_completion_plain_and_streaming(client):

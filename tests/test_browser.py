@@ -225,14 +225,35 @@ def test_loading_shows_what_is_loading_then_the_loaded_model(page):
     wait_until(lambda: page.locator("#cancel-load").is_disabled(), "Cancel load off once nothing loads")
 
 
-def test_the_chat_names_the_model_renders_math_and_dark_mode_is_remembered(browser, ui_server):
+# Counts the animation frames Gradio's status trackers ask for (their timer loop).
+COUNT_TRACKER_FRAMES = """
+  window.__trackerFrames = 0;
+  const ask = window.requestAnimationFrame.bind(window);
+  window.requestAnimationFrame = (callback) => {
+    if ((new Error().stack || '').includes('statustracker')) window.__trackerFrames++;
+    return ask(callback);
+  };
+"""
+
+
+def test_the_chat_names_the_model_is_idle_when_idle_renders_math_and_keeps_dark_mode(browser, ui_server):
     from tests.browser import open_page
 
-    page = open_page(browser, ui_server)
+    page = open_page(browser, ui_server, init_script=COUNT_TRACKER_FRAMES)
     try:
         line = page.locator("#chat-model")
         wait_until(lambda: MODEL in line.inner_text(), "the model above the chat")
         assert "llama.cpp" in line.inner_text()
+        # Idle, the page asks for no animation frames: Gradio's app-wide loading tracker used to leave
+        # a 60-frames-a-second timer running forever (10 % of a core): webui/frontend_fixes.py mends it.
+        page.wait_for_timeout(1000)  # the page's own load events are done
+        page.evaluate("() => { window.__trackerFrames = 0; }")
+        page.wait_for_timeout(1000)
+        assert page.evaluate("() => window.__trackerFrames") < 5  # 60 a second before the mend
+        from loadstar.webui.frontend_fixes import mended_assets
+
+        for name, body in mended_assets().items():  # the mended files are the ones served
+            assert page.request.get(f"{ui_server.rstrip('/')}/assets/{name}").body() == body
         # Inline and display math in a message render with KaTeX (an edited reply is enough: no model needed).
         set_parameter(page, "max_new_tokens", 1)
         send(page, "Inline $x^2$ and display $$\\int_0^1 x\\,dx$$")
@@ -249,38 +270,6 @@ def test_the_chat_names_the_model_renders_math_and_dark_mode_is_remembered(brows
         page.screenshot(path=str(ARTEFACTS / "chat-dark-1440.png"))
     finally:
         page.context.close()
-
-
-# Counts the animation frames Gradio's status trackers ask for (their timer loop).
-COUNT_TRACKER_FRAMES = """
-  window.__trackerFrames = 0;
-  const ask = window.requestAnimationFrame.bind(window);
-  window.requestAnimationFrame = (callback) => {
-    if ((new Error().stack || '').includes('statustracker')) window.__trackerFrames++;
-    return ask(callback);
-  };
-"""
-
-
-def test_an_idle_page_asks_for_no_animation_frames(browser, ui_server):
-    # Gradio's app-wide loading tracker used to leave a 60-frames-a-second timer running forever
-    # (about 10 % of a core, idle): webui/frontend_fixes.py mends it.
-    context = browser.new_context()
-    try:
-        page = context.new_page()
-        page.add_init_script(COUNT_TRACKER_FRAMES)
-        page.goto(ui_server)
-        wait_until(lambda: MODEL in page.locator("#chat-model").inner_text(), "the model above the chat")
-        page.wait_for_timeout(3000)
-        page.evaluate("() => { window.__trackerFrames = 0; }")
-        page.wait_for_timeout(2000)
-        assert page.evaluate("() => window.__trackerFrames") < 10  # 120 before the mend
-        from loadstar.webui.frontend_fixes import mended_assets
-
-        for name, body in mended_assets().items():  # the mended files are the ones served
-            assert page.request.get(f"{ui_server.rstrip('/')}/assets/{name}").body() == body
-    finally:
-        context.close()
 
 
 def test_on_a_phone_the_chat_and_message_box_are_on_the_first_screen(browser, ui_server):
