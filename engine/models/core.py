@@ -146,13 +146,7 @@ class EngineCore:
             if sequence.key == key:
                 self._waiting.remove(sequence)
                 return
-        if key in self._running:
-            self._running.discard(key)
-            self._fresh.discard(key)
-            assert self._batch is not None
-            self._batch.remove(key)
-        elif self._alone is not None and self._alone[0] == key:
-            self._alone[1].cancel()
+        self._stop(key)
 
     def _answer(self, call_id: int, method: str, args: list[Any]) -> None:
         try:
@@ -281,17 +275,19 @@ class EngineCore:
                 try:
                     self._send({"op": "step", "out": [entry for entry in held if entry[0] == key]})
                 except wire.WireError as error:
-                    self._lose(key)
+                    self._stop(key, lost=True)
                     self._failed(key, WorkerError(f"the model's output: {error}"))
 
-    def _lose(self, key: int) -> None:
+    def _stop(self, key: int, *, lost: bool = False) -> None:
+        """Take ``key`` out of the batch, or stop it where it runs alone (``lost``: its end was told already)."""
         if key in self._running:
             self._running.discard(key)
             self._fresh.discard(key)
             assert self._batch is not None
             self._batch.remove(key)
         elif self._alone is not None and self._alone[0] == key:
-            self._lost.add(key)
+            if lost:
+                self._lost.add(key)
             self._alone[1].cancel()
 
     def _failed(self, key: int, error: BaseException) -> None:
