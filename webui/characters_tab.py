@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from loadstar.engine.atomic import login_folder_name, private_folder, write_atomic
-from loadstar.engine.chat.characters import Character, read_character, thumbnail
+from loadstar.engine.chat.characters import Character, thumbnail
 from loadstar.engine.errors import LoadstarError, problem_line
 from loadstar.engine.facade import Engine
 from loadstar.webui.chat_handlers import who
@@ -133,15 +133,14 @@ class CharactersTab:
                                       source=picked.source if picked else "created here")
                 replace = character_id if character_id and ":" not in character_id else None
                 saved = engine.characters.save(user, character, replace=replace)
-            except (LoadstarError, ValueError) as error:
+            except (LoadstarError, ValueError, OSError) as error:  # (OSError: the picture's upload went)
                 return gr.update(), f"⚠️ {problem_line(error)}", gr.update()
             return listed(user, saved.id), f"Saved **{saved.name}**.", pickers(user)
 
         def import_(file, request: gr.Request):
             user = who(request).user
             try:
-                path = uploaded_file(file)
-                character = engine.characters.save(user, read_character(path.read_bytes(), Path(file).name))
+                character = engine.characters.import_file(user, uploaded_file(file), Path(file).name)
             except LoadstarError as error:
                 return gr.update(), f"⚠️ {problem_line(error)}", gr.update()
             return listed(user, character.id), f"Imported **{character.name}**.", pickers(user)

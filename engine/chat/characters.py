@@ -159,10 +159,9 @@ class CharacterStore:
         if not _ID.match(character_id or ""):
             raise BadRequestError("characters from extensions cannot be deleted")
         try:
-            path = self.folder(user) / f"{character_id}.json"
-            if not path.exists():
-                raise BadRequestError(f"no character {character_id}")
-            path.unlink()
+            (self.folder(user) / f"{character_id}.json").unlink()
+        except FileNotFoundError:
+            raise BadRequestError(f"no character {character_id}") from None
         except OSError as error:
             raise LoadstarError(f"{character_id} could not be deleted: {error.strerror or error}") from None
 
