@@ -54,15 +54,11 @@ def mended_assets() -> dict[str, bytes]:
     return out
 
 
-def serve_mended(app: FastAPI, root: str = "/") -> list[str]:
-    """Serve the mended files at their paths under ``root`` (before Gradio is mounted there, so these
-    routes come first); the paths served."""
-    paths = []
+def serve_mended(app: FastAPI) -> None:
+    """Serve the mended files at Gradio's asset paths (call before Gradio is mounted at ``/``, so
+    these routes come first)."""
     for name, body in mended_assets().items():
-        path = f"{root.rstrip('/')}/assets/{name}"
-        app.add_api_route(path, _responder(body), methods=["GET"], include_in_schema=False)
-        paths.append(path)
-    return paths
+        app.add_api_route(f"/assets/{name}", _responder(body), methods=["GET"], include_in_schema=False)
 
 
 def _responder(body: bytes) -> Callable[[], Awaitable[Response]]:
