@@ -128,6 +128,9 @@ def render(report: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {names[face]} | {_f(row['tokens_per_second'], 1)} | {_f(row['ttft_seconds'], 3)} | "
                          f"{_f(row.get('decode_vs_raw', 1.0))} | {_f(row.get('ttft_vs_raw', 1.0))} |")
+        if any("decode_vs_raw_runs" in row for row in d.values() if isinstance(row, dict)):
+            lines += ["", "Decode vs raw for the engine, API and browser: the median of each run over a raw run "
+                      "measured just before it (the machine's speed drifts within a minute)."]
         if "load_seconds" in d:
             ls = d["load_seconds"]
             lines += ["", f"Load of the default model (llama.cpp): {_f(ls['in_process'])} s in process, "

@@ -113,7 +113,8 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
                 return first - start, (event.completion_tokens - 1) / (done - first)
         raise RuntimeError("no Finished event")
 
-    for run in range(runs):
+    def raw_run(run: int) -> float:
+        """One run of llama.cpp's own generate; its decode tokens/s."""
         with engine.models.local() as model:
             prompt_tokens = model.encode(_prompt(run))
             start = time.perf_counter()
@@ -124,39 +125,61 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
             # llama.cpp's generate wrote sequence 0 behind the engine's back: the engine's slots forget
             # their caches (it gets no head start from them either)
             model_call(engine, model.clear_cache)
-        ttft, tps = timed_engine(engine, _prompt(run))
-        results["engine"]["ttft"].append(ttft)
-        results["engine"]["tps"].append(tps)
+        return results["raw"]["tps"][-1]
+
+    # Every face's run comes right after a raw run, and its ratio is the median of those pairs': on
+    # a shared machine the speed drifts by tens of percent within a minute, which faces measured
+    # one after another (raw first, the browser a minute later) would take for their own.
+    ratios: dict[str, list[float]] = {face: [] for face in ("engine", "worker_engine", "api", "ui")}
+
+    def paired(face: str, run: int, measure: Callable[..., tuple[float, float]], *args: Any) -> None:
+        raw_tps = raw_run(run)
+        ttft, tps = measure(*args)
+        results[face]["ttft"].append(ttft)
+        results[face]["tps"].append(tps)
+        ratios[face].append(tps / raw_tps)
+
+    # The same engine as the server runs it: the model in a worker process, every call over a socket.
+    in_worker = _engine(models, tmp / "worker-data")
+    started = time.perf_counter()
+    in_worker.load_model(DEFAULT_MODEL_NAME, "llama.cpp")
+    load_seconds["worker"] = time.perf_counter() - started  # the worker's start included
+
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS
+
+    port, server = _start_server(models, tmp / "api-data")
+    try:
+        client = httpx.Client()
+        _api_stream(port, prompt="Hello", tokens=2, client=client)  # the connection is open before timing
+
+        def api_run(prompt: str) -> tuple[float, float]:
+            ttft, tps, _ = _api_stream(port, prompt=prompt, tokens=tokens, client=client)
+            return ttft, tps
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            for run in range(runs):
+                paired("engine", run, timed_engine, engine, _prompt(run))
+                paired("worker_engine", run, timed_engine, in_worker, _prompt(run))
+                paired("api", run, api_run, _prompt(run))
+                page = _ui_page(browser, port, tokens)
+                try:
+                    paired("ui", run, _ui_decode, page)
+                finally:
+                    page.close()
+            browser.close()
+    finally:
+        _stop(server)
+        in_worker.close()
     engine.load_model(DEFAULT_MODEL_NAME, "Transformers")  # the same file, dequantized by transformers
     for run in range(runs):
         ttft, tps = timed_engine(engine, _prompt(run))
         results["transformers_engine"]["ttft"].append(ttft)
         results["transformers_engine"]["tps"].append(tps)
     engine.close()
-    # The same engine as the server runs it: the model in a worker process, every call over a socket.
-    in_worker = _engine(models, tmp / "worker-data")
-    started = time.perf_counter()
-    in_worker.load_model(DEFAULT_MODEL_NAME, "llama.cpp")
-    load_seconds["worker"] = time.perf_counter() - started  # the worker's start included
-    for run in range(runs):
-        ttft, tps = timed_engine(in_worker, _prompt(run))
-        results["worker_engine"]["ttft"].append(ttft)
-        results["worker_engine"]["tps"].append(tps)
-    in_worker.close()
-
-    import httpx
-
-    port, server = _start_server(models, tmp / "api-data")
-    try:
-        client = httpx.Client()
-        _api_stream(port, prompt="Hello", tokens=2, client=client)  # the connection is open before timing
-        for run in range(runs):
-            ttft, tps, _ = _api_stream(port, prompt=_prompt(run), tokens=tokens, client=client)
-            results["api"]["ttft"].append(ttft)
-            results["api"]["tps"].append(tps)
-        results["ui"] = _ui_decode(port, runs, tokens)
-    finally:
-        _stop(server)
 
     summary: dict[str, Any] = {}
     for face, values in results.items():
@@ -164,7 +187,11 @@ def decode(runs: int, tokens: int) -> dict[str, Any]:
                          "runs": len(values["tps"])}
     raw = summary["raw"]
     for face in ("engine", "worker_engine", "api", "ui", "transformers_engine"):
-        summary[face]["decode_vs_raw"] = summary[face]["tokens_per_second"] / raw["tokens_per_second"]
+        if face in ratios:  # each run over the raw run just before it
+            summary[face]["decode_vs_raw"] = median(ratios[face])
+            summary[face]["decode_vs_raw_runs"] = ratios[face]
+        else:
+            summary[face]["decode_vs_raw"] = summary[face]["tokens_per_second"] / raw["tokens_per_second"]
         summary[face]["ttft_vs_raw"] = summary[face]["ttft_seconds"] / raw["ttft_seconds"]
     llama_vs_hf = summary["engine"]["tokens_per_second"] / summary["transformers_engine"]["tokens_per_second"]
     summary["llama_cpp_vs_transformers_decode"] = llama_vs_hf
@@ -399,31 +426,24 @@ def chat_latency(runs: int) -> dict[str, Any]:
         _stop(server)
 
 
-def _ui_decode(port: int, runs: int, tokens: int) -> dict[str, list[float]]:
-    """Send in the browser UI, as raw is measured: greedy, end-of-sequence banned, ``tokens`` new
-    tokens. Timed in the page (each poll from here would be a round trip taking CPU from the
-    model): click to the first reply text drawn, and decode as raw's, tokens after the first over
-    the time from the first text to the finished status."""
-    from playwright.sync_api import sync_playwright
+def _ui_page(browser: Any, port: int, tokens: int) -> Any:
+    """A chat page set as raw is measured (greedy, end-of-sequence banned, ``tokens`` new tokens),
+    the prompt typed, the settings' own events done."""
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/")
+    _ui_settings(page, {"temperature": 0, "max_new_tokens": tokens}, ban_eos=True)
+    page.locator("#chat-input textarea").fill(PROMPT)
+    page.wait_for_timeout(1000)  # as after typing: the settings' own events are done
+    return page
 
-    from tests.browser import CHROMIUM, CHROMIUM_ARGS
 
-    out: dict[str, list[float]] = {"tps": [], "ttft": []}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        for _ in range(runs):
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            _ui_settings(page, {"temperature": 0, "max_new_tokens": tokens}, ban_eos=True)
-            page.locator("#chat-input textarea").fill(PROMPT)
-            page.wait_for_timeout(1000)  # as after typing: the settings' own events are done
-            first, done = page.evaluate(UI_TIMES_JS)
-            made = int(re.search(r"\((\d+) tokens", page.locator("#chat-status").inner_text()).group(1))
-            out["ttft"].append(first / 1000)
-            out["tps"].append((made - 1) / ((done - first) / 1000))
-            page.close()
-        browser.close()
-    return out
+def _ui_decode(page: Any) -> tuple[float, float]:
+    """Send on a ``_ui_page``: (click to the first reply text drawn, decode tokens/s as raw's: tokens
+    after the first over the time from the first text to the finished status). Timed in the page
+    (each poll from here would be a round trip taking CPU from the model)."""
+    first, done = page.evaluate(UI_TIMES_JS)
+    made = int(re.search(r"\((\d+) tokens", page.locator("#chat-status").inner_text()).group(1))
+    return first / 1000, (made - 1) / ((done - first) / 1000)
 
 
 # -- 2. CPU GPTQ kernels vs fp32 and bf16 ----------------------------------------------------------
