@@ -386,3 +386,15 @@ def test_a_queue_position_and_the_start_wait_for_the_first_text_unless_it_is_slo
         seen.append((type(redraw.event).__name__, round(time.monotonic() - began, 1)))
     assert seen[0][0] == "Queued" and 0.15 <= seen[0][1] < 0.5  # a wait that lasts is shown, after the hold
     assert [kind for kind, _ in seen] == ["Queued", "Queued", "Finished"]
+
+
+def test_a_reply_from_a_cpu_model_is_redrawn_less_often_than_one_from_a_gpu():
+    from loadstar.engine.models.loader_api import LoadedModelInfo
+    from loadstar.webui.streaming import CPU_UPDATE_INTERVAL, UPDATE_INTERVAL, update_interval
+
+    def on(device):
+        return LoadedModelInfo(name="m", loader="llama.cpp", device=device, dtype="q4_1", context_length=8192)
+
+    # the browser shares a CPU model's cores: each redraw (about 20 ms of CPU) is taken from the model
+    assert update_interval(on("cpu")) == update_interval(None) == CPU_UPDATE_INTERVAL
+    assert update_interval(on("cuda")) == update_interval(on("cuda:1")) == UPDATE_INTERVAL < CPU_UPDATE_INTERVAL

@@ -29,7 +29,7 @@ from loadstar.engine.models.loader_api import FEATURE_EMBEDDINGS
 from loadstar.engine.sampling import SamplingParams, parameter_specs
 from loadstar.webui.message_display import DECLINED, own_text
 from loadstar.webui.reasoning import reasoning_source
-from loadstar.webui.streaming import redraws
+from loadstar.webui.streaming import redraws, update_interval
 
 State = dict[str, Any]  # a Conversation as a dict, kept per browser session
 
@@ -480,7 +480,7 @@ class ChatHandlers:
             # Until the first text, no empty reply bubble: the chat shows that it waits.
             yield ChatUpdate([*messages, {"role": "assistant", "content": prefix}] if prefix else messages, state, status,
                              running=True)
-            for redraw in redraws(handle):
+            for redraw in redraws(handle, update_interval(self.engine.loaded)):
                 event, reply = redraw.event, redraw.text
                 if isinstance(event, Queued):
                     status = f"Waiting in the queue: position {event.position}."

@@ -16,7 +16,7 @@ from loadstar.webui.chat_handlers import (
     stop_status,
     stops_from_text,
 )
-from loadstar.webui.streaming import redraws
+from loadstar.webui.streaming import redraws, update_interval
 
 
 class NotebookHandlers:
@@ -43,7 +43,7 @@ class NotebookHandlers:
             return
         status = "Queued…"
         try:
-            for redraw in redraws(handle):
+            for redraw in redraws(handle, update_interval(self.engine.loaded)):
                 event = redraw.event
                 if isinstance(event, Queued):
                     status = f"Waiting in the queue: position {event.position}."

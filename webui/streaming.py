@@ -1,14 +1,17 @@
 """The web UI's streaming: which of a generation's events are worth a redraw, and what each
 redraw sends.
 
-Every update re-renders the whole chat (or notebook) in the browser, about 40 ms of CPU each on
-our 2-core machines, taken from the model when the browser runs beside it. So streamed text goes
-out at most once per ``UPDATE_INTERVAL``; the first text goes at once (time to first token is what
-users feel), and the finish always does. A queue position or the start is shown only when the
-first text has not come within ``HOLD`` (a prompt read from the cache takes tens of ms: a
-"Generating…" flashing meanwhile is a redraw for nothing, beside the model). Measured (bench/NOTES.md,
-128 tokens, browser on the same 2 cores): 0.04 s gave 47 tokens/s, 0.08 s 77, 0.12 s 87, 0.16 s 96,
-against 113 for llama.cpp alone. 0.12 s (~8 redraws a second) still reads as a stream.
+Every update re-renders the chat (or notebook) in the browser: about 20 ms of CPU each on our
+2-core machines, taken from the model when the browser runs beside it (it most often does: a
+local app). So streamed text goes out at most once per interval: ``CPU_UPDATE_INTERVAL`` for a
+model that decodes on the CPU, whose cores the browser shares, ``UPDATE_INTERVAL`` for one on a
+GPU. The first text goes at once (time to first token is what users feel), and the finish always
+does; a model slower than the interval shows every token as it comes. A queue position or the
+start is shown only when the first text has not come within ``HOLD`` (a prompt read from the
+cache takes tens of ms: a "Generating…" flashing meanwhile is a redraw for nothing, beside the
+model). Measured (bench/NOTES.md, 128 tokens, browser on the same 2 cores, decode vs llama.cpp
+alone): 0.12 s 0.67-0.72x, 0.16 s 0.77x, 0.2 s 0.81x; five redraws a second still read as a
+stream.
 
 A redraw names only the outputs that changed (``only_changes``): the browser lays out each output
 it is sent, and a box the user is typing in is left alone.
@@ -29,8 +32,10 @@ import gradio as gr
 
 from loadstar.engine.generation.requests import Finished, GenerationEvent, Queued, Started, TextDelta
 from loadstar.engine.generation.service import GenerationHandle
+from loadstar.engine.models.loader_api import LoadedModelInfo
 
-UPDATE_INTERVAL = 0.12  # seconds between streamed text updates
+UPDATE_INTERVAL = 0.12  # seconds between streamed text updates of a model on a GPU
+CPU_UPDATE_INTERVAL = 0.2  # of a model on the CPU: each redraw takes from the model's own cores
 # A queue position or "Generating…" is shown only when the reply's first text has not come
 # within this: a prompt read from the cache takes a few tens of ms, and a redraw meanwhile costs
 # the browser (beside the model, on the same cores) a layout of the whole chat.
@@ -41,6 +46,11 @@ HOLD = 0.3
 class Redraw:
     event: GenerationEvent
     text: str  # the reply so far; once Finished, its final text (what had come, after an error)
+
+
+def update_interval(model: LoadedModelInfo | None) -> float:
+    """Seconds between redraws of a reply from ``model`` (None: not known yet, as on the CPU)."""
+    return CPU_UPDATE_INTERVAL if model is None or model.device.startswith("cpu") else UPDATE_INTERVAL
 
 
 def redraws(handle: GenerationHandle, interval: float = UPDATE_INTERVAL, hold: float = HOLD) -> Iterator[Redraw]:
