@@ -233,7 +233,8 @@ COUNT_FRAMES = """
 """
 
 
-def test_the_chat_names_the_model_is_idle_when_idle_renders_math_and_keeps_dark_mode(browser, ui_server):
+def test_the_chat_names_the_model_is_idle_when_idle_renders_math_keeps_dark_mode_and_no_run_history(
+        browser, ui_server):
     from tests.browser import open_page
 
     page = open_page(browser, ui_server, init_script=COUNT_FRAMES)
@@ -259,6 +260,12 @@ def test_the_chat_names_the_model_is_idle_when_idle_renders_math_and_keeps_dark_
         user = page.locator('#chatbot [data-testid="user"]').last
         wait_until(lambda: user.locator(".katex").count() >= 2, "KaTeX in the message")
         assert user.locator(".katex-display").count() == 1  # $$…$$ is display math, $…$ inline
+        # Gradio's run history would copy each event's inputs and outputs (the whole conversation)
+        # into the browser's storage, rewritten on every update (a second of CPU a turn at message
+        # 15), and serve a page to send them to a Hugging Face bucket: off.
+        stored = page.evaluate("() => Object.keys(localStorage)")
+        assert stored and not [key for key in stored if key.startswith("gradio:run-history")], stored
+        assert page.request.get(f"{ui_server.rstrip('/')}/gradio_api/runs").status == 404
 
         assert not page.evaluate("document.body.classList.contains('dark')")
         page.locator("#dark-mode").click()

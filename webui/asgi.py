@@ -40,6 +40,10 @@ def mount_ui(app: FastAPI, engine: Engine) -> FastAPI:
         server_name=settings.host,
         server_port=settings.port,
         footer_links=[],
+        # Gradio would copy every event's inputs and outputs (whole conversations) into each browser's
+        # storage, rewriting it all on every streamed update, and offer to send them to a Hugging Face
+        # bucket: conversations are the app's own, kept on the server.
+        run_history=False,
         css=CSS,
         head=HEAD,
         max_file_size=MAX_UPLOAD,
