@@ -10,8 +10,7 @@ does; a model slower than the interval shows every token as it comes. A queue po
 start is shown only when the first text has not come within ``HOLD`` (a prompt read from the
 cache takes tens of ms: a "Generating…" flashing meanwhile is a redraw for nothing, beside the
 model). Measured (bench/NOTES.md, 128 tokens, browser on the same 2 cores, decode vs llama.cpp
-alone): 0.12 s 0.67-0.72x, 0.16 s 0.77x, 0.2 s 0.81x; five redraws a second still read as a
-stream.
+alone): 0.12 s 0.76x, 0.2 s 0.83x; five redraws a second still read as a stream.
 
 A redraw names only the outputs that changed (``only_changes``): the browser lays out each output
 it is sent, and a box the user is typing in is left alone.
