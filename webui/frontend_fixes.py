@@ -46,11 +46,12 @@ class Mend:
     new: str
 
 
-# A loading status equal to the one last applied to that component is not applied again (the
-# remembered ones are dropped when the components are made again: reload, rerender).
+# A loading status equal to the one last applied to that component is not applied again (a copy is
+# remembered, in case Gradio changes a status in place; dropped when the components are made
+# again: reload, rerender).
 _SAME_STATUS = (
     "__ls=new Map;__same_status(e,t){if(!(`loading_status`in t))return!1;let s=t.loading_status,p=this.__ls.get(e);"
-    "if(this.__ls.set(e,s),Object.keys(t).length!==1||!p||!s)return!1;let a=Object.keys(s);"
+    "if(this.__ls.set(e,s&&{...s}),Object.keys(t).length!==1||!p||!s)return!1;let a=Object.keys(s);"
     "return a.length===Object.keys(p).length&&a.every(k=>s[k]===p[k])}"
 )
 
