@@ -8,9 +8,11 @@ sampler chain with its own seed.
 One step is one ``llama_decode``: the next token of every generating sequence, then a chunk of
 the prompts being read (chunked prefill, as llama.cpp's server and vLLM do): the shortest left to
 read first, so a short question is read at once beside a long document. A prompt read alone
-takes ``n_batch`` tokens a step (fastest); while other sequences run, a step's prompt tokens are
-capped so that a step takes about ``STEP_TARGET_S`` (measured as it goes: attention over a long
-context makes each token dearer), and everyone's next token comes that often. A slot keeps its cache after its sequence ends, so the next turn of a
+takes up to ``n_batch`` tokens a step (fastest), as many as take about ``ALONE_STEP_S`` (a request
+that comes meanwhile waits for the step: deep in a long prompt, on one thread, 512 tokens took
+seconds); while other sequences run, a step's prompt tokens are capped so that a step takes about
+``STEP_TARGET_S``, and everyone's next token comes that often. Both from the prompt tokens a
+second measured on the last step (attention over a long context makes each token dearer). A slot keeps its cache after its sequence ends, so the next turn of a
 chat, which starts with the same tokens, only reads what is new: a new request takes the free slot
 whose cache shares the longest start with its prompt, else the one least recently used.
 
@@ -41,7 +43,10 @@ if TYPE_CHECKING:
 PENALTY_LAST_N = 64  # tokens the repetition penalties look back over (llama-cpp-python's default)
 MIN_SHARED = 16  # prompt tokens another slot must hold beyond a slot's own before its cache is copied
 STEP_TARGET_S = 0.4  # a shared step's prompt chunk is sized to take about this long
-MIN_CHUNK = 16  # prompt tokens a shared step reads at least (a long prompt always moves on)
+ALONE_STEP_S = 0.8  # and a step that reads a prompt alone, at most this long (up to n_batch tokens)
+MIN_CHUNK = 16  # prompt tokens a step reads at least (a long prompt always moves on)
+MIN_MEASURED = 64  # prompt tokens a step must read to measure the rate (a few are mostly overhead)
+FIRST_SHARED_CHUNK = 128  # a shared step's prompt tokens before any step was measured
 
 
 @dataclass
@@ -89,9 +94,18 @@ class LlamaCppBatch:
         self._by_key: dict[int, _Slot] = {}
         self._clock = 0
         self._pieces: dict[int, bytes] = {}  # token id -> its bytes, for log probabilities
-        self._chunk = min(128, self._n_batch)  # prompt tokens a shared step reads (adjusted to STEP_TARGET_S)
+        self._rate: float | None = None  # prompt tokens a second, measured on the last step that read some
         self._copied: set[int] = set()  # seq ids given a copy since the last decode (not a source until then)
         self.prompt_tokens_read = 0  # prompt tokens decoded since the batch was made (what sharing saves)
+
+    def _prompt_budget(self, shared: bool, generating: int) -> int:
+        """Prompt tokens the next step reads: sized to take about ``STEP_TARGET_S`` beside other
+        sequences, at most ``ALONE_STEP_S`` alone, never more than ``n_batch`` nor fewer than
+        ``MIN_CHUNK``."""
+        room = self._n_batch - generating
+        if self._rate is None:
+            return max(MIN_CHUNK, min(room, FIRST_SHARED_CHUNK)) if shared else room
+        return max(MIN_CHUNK, min(room, int(self._rate * (STEP_TARGET_S if shared else ALONE_STEP_S))))
 
     # -- DecodeBatch ---------------------------------------------------------------------------
 
@@ -173,7 +187,7 @@ class LlamaCppBatch:
                           and s.sequence.follows is None),
                          key=lambda s: (left(s), s.used))  # the shortest first: a short question is not held up
         shared = len(generating) + len(reading) > 1
-        budget = self._n_batch if not shared else max(MIN_CHUNK, min(self._chunk, self._n_batch - len(generating)))
+        budget = self._prompt_budget(shared, len(generating))
         read = 0
         for slot in reading:
             sequence = slot.sequence
@@ -191,9 +205,8 @@ class LlamaCppBatch:
         self.prompt_tokens_read += read
         code = llama_cpp.llama_decode(self._native.ctx, batch)
         self._copied.clear()  # the copies queued before this decode are done
-        if shared and read >= MIN_CHUNK:  # how many prompt tokens fit in a step of STEP_TARGET_S now
-            rate = read / max(time.perf_counter() - started, 1e-3)
-            self._chunk = max(MIN_CHUNK, min(self._n_batch, int(rate * STEP_TARGET_S)))
+        if read >= MIN_MEASURED:  # how fast prompt tokens are read now (the next steps' budgets)
+            self._rate = read / max(time.perf_counter() - started, 1e-3)
         if code != 0:
             for slot in active:  # what their caches hold is unknown now: start them afresh
                 self._forget(slot, 0)

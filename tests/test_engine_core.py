@@ -235,3 +235,45 @@ def test_a_core_sends_steps_together_but_first_text_and_end_at_once(kind):
     # without a hold, or with steps slower than it, every step is its own message
     assert len(_core_messages(model(0.001), 0.0, 60)) == len(_core_messages(model(0.03), 0.02, 60))
     assert len(_core_messages(model(0.001), 0.0, 20)) >= 20
+
+
+def test_a_request_counted_between_steps_joins_the_next_step():
+    """The server counts a prompt's tokens (a question, answered between two steps), then adds it; an
+    add that came a moment after the next step began used to wait that whole step (most of a second
+    deep in a long prompt read alone, on a slow CPU)."""
+    import queue
+
+    from loadstar.engine.models.core import EngineCore
+
+    sent, inbox = [], queue.SimpleQueue()
+    model = FakeBatchModel(max_batch=2, delay=0.3, reply=" ".join(["word"] * 50))  # 0.3 s a step
+    # a wide window here: the mechanism, not this machine's thread wake-ups (the server answers within ms)
+    core = threading.Thread(target=EngineCore(model, sent.append, inbox, stream_interval=0.0, add_follows=0.2).run,
+                            daemon=True)
+    core.start()
+
+    def add(key):
+        inbox.put({"op": "add", "key": key, "prompt": "go", "seed": 0, "output": None,
+                   "params": wire.params_data(SamplingParams(max_new_tokens=50))})
+
+    def wait_for(what, condition):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.001)
+
+    try:
+        add(1)
+        wait_for("the first sequence's text", lambda: any(m["op"] == "step" for m in list(sent)))
+        inbox.put({"op": "ask", "id": 5, "method": "count_tokens", "args": ["how many tokens"]})
+        wait_for("the count", lambda: any(m["op"] == "answer" for m in list(sent)))
+        answered = next(i for i, m in enumerate(list(sent)) if m["op"] == "answer")
+        time.sleep(0.01)  # the server's turn: the answer read, the request started, its add sent
+        add(2)
+        wait_for("the second sequence's text",
+                 lambda: any(e[0] == 2 for m in list(sent) if m["op"] == "step" for e in m["out"]))
+        steps = [m for m in list(sent)[answered + 1:] if m["op"] == "step"]
+        assert any(e[0] == 2 for e in steps[0]["out"]), "the added sequence missed the step after its count"
+    finally:
+        inbox.put(None)
+        core.join(30)

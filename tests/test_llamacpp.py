@@ -174,7 +174,9 @@ def test_cancel_reaches_a_long_prompt_between_chunks(engine):
     with watching_eval(engine, eval_then_cancel):
         done = handle.result()
     assert done.reason == "cancelled"
-    assert chunks == [512]  # one chunk read, then Stop was seen: not 6,000 tokens
+    # one chunk read (n_batch at most, fewer where a step of it would take long), then Stop was
+    # seen: not 6,000 tokens
+    assert len(chunks) == 1 and chunks[0] <= 512, chunks
 
 
 def test_split_gguf_parts_are_one_model():

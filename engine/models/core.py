@@ -9,8 +9,9 @@ The loop, as in vLLM's engine core or llama-server's slots: take every message t
 method), admit waiting sequences up to the model's ``max_batch``, run one step of the batch
 (the next token of every decoding sequence and the next chunk of the prompts being read, see the
 loader's ``DecodeBatch.step``), send what every sequence gained in one ``step`` message, again.
-A question waits for at most one step, whatever the batch holds. With nothing to do the loop
-sleeps on its inbox.
+A question waits for at most one step, whatever the batch holds; after a token count (a request's
+prompt, counted before it is added) the loop waits ``ADD_FOLLOWS_S`` for the add. With nothing to
+do the loop sleeps on its inbox.
 
 A model that does not batch (``max_batch`` 1) runs one sequence at a time with its
 ``stream_to``; between two of its tokens the core takes its messages the same way, so a
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], None]
 
 STREAM_INTERVAL_S = 0.02  # how long a core may hold a sequence's text to send it with the next steps'
+# After a token count the core waits this long for more messages before its next step: the server
+# counts a request's prompt, then adds it, and an add that came a moment after the step began
+# would wait a whole step (deep in a long prompt read alone, most of a second).
+ADD_FOLLOWS_S = 0.01
+COUNTS = ("count_tokens", "count_many")
 
 
 @dataclass
@@ -58,7 +64,7 @@ class EngineCore:
 
     def __init__(
         self, model: LoadedModel, send: Send, inbox: queue.SimpleQueue[dict[str, Any] | None], *,
-        stream_interval: float = STREAM_INTERVAL_S,
+        stream_interval: float = STREAM_INTERVAL_S, add_follows: float = ADD_FOLLOWS_S,
     ) -> None:
         self._model = model
         self._send = send
@@ -70,6 +76,7 @@ class EngineCore:
         self._alone: tuple[int, CancelToken] | None = None  # the sequence a non-batching model runs now
         self._ended = False
         self._interval = stream_interval
+        self._add_follows = add_follows
         self._held: list[list[Any]] = []  # steps' [key, piece, done] not sent yet
         self._held_since = 0.0
         self._lost: set[int] = set()  # sequences ended because their output could not be sent
@@ -105,12 +112,13 @@ class EngineCore:
     # -- messages ------------------------------------------------------------------------------
 
     def _take_messages(self, *, block: bool) -> None:
+        timeout: float | None = None  # blocking: as long as it takes
         while not self._ended:
             try:
-                message = self._inbox.get(block=block)
+                message = self._inbox.get(block=block, timeout=timeout)
             except queue.Empty:
                 return
-            block = False
+            block, timeout = False, None
             if message is None:
                 self._end()
                 return
@@ -118,6 +126,8 @@ class EngineCore:
                 self._handle(message)
             except wire.WireError as error:
                 log.error("a message the core cannot read: %s", error)
+            if message.get("op") == "ask" and message.get("method") in COUNTS:
+                block, timeout = True, self._add_follows  # the request's add follows (see ADD_FOLLOWS_S)
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
